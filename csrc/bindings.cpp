@@ -1,0 +1,376 @@
+// pybind11 bindings of the CPU kernels. Arrays cross as numpy arrays (torch tensors are
+// viewed with .numpy(); bf16 as uint16). Every structural property is checked here and
+// reported as ValueError naming the argument; the GIL is released around each kernel.
+// Dispatch to the active ISA happens here and nowhere else.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/ops.h"
+#include "cpu/parallel.h"
+
+namespace py = pybind11;
+using namespace edgeplaid;
+
+#if defined(EDGEPLAID_HAVE_AVX512)
+#define EP_IF_AVX512(...) __VA_ARGS__
+#else
+#define EP_IF_AVX512(...)
+#endif
+#if defined(EDGEPLAID_HAVE_AVX2)
+#define EP_IF_AVX2(...) __VA_ARGS__
+#else
+#define EP_IF_AVX2(...)
+#endif
+
+// Calls ns::fn(args...) for the active ISA's namespace ns.
+#define EP_DISPATCH(fn, ...)                                        \
+  do {                                                              \
+    switch (active_isa()) {                                         \
+      case Isa::avx512: EP_IF_AVX512(avx512::fn(__VA_ARGS__); break;) \
+        [[fallthrough]];                                            \
+      case Isa::avx2: EP_IF_AVX2(avx2::fn(__VA_ARGS__); break;)     \
+        [[fallthrough]];                                            \
+      default: scalar::fn(__VA_ARGS__);                             \
+    }                                                               \
+  } while (0)
+
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) { throw py::value_error(msg); }
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+void expect_rank(const py::array& a, const char* name, py::ssize_t ndim, const char* layout) {
+  if (a.ndim() != ndim)
+    fail(std::string(name) + ": expected a " + std::to_string(ndim) + "-D array " + layout + ", got shape " +
+         shape_str(a));
+  if (!(a.flags() & py::array::c_style)) fail(std::string(name) + ": expected a C-contiguous array");
+}
+
+void expect_dim(const py::array& a, const char* name, py::ssize_t axis, int64_t want, const char* what) {
+  if (a.shape(axis) != want)
+    fail(std::string(name) + ": expected size " + std::to_string(want) + " (" + what + ") on axis " +
+         std::to_string(axis) + ", got shape " + shape_str(a));
+}
+
+bool has_dtype(const py::array& a, char kind, py::ssize_t itemsize) {
+  return a.dtype().kind() == kind && a.itemsize() == itemsize;
+}
+
+DType parse_dtype(const py::array& a, const std::string& dtype, const char* name) {
+  if (dtype == "float32" && has_dtype(a, 'f', 4)) return DType::f32;
+  if (dtype == "float16" && has_dtype(a, 'f', 2)) return DType::f16;
+  if (dtype == "bfloat16" && has_dtype(a, 'u', 2)) return DType::bf16;
+  fail(std::string(name) + ": expected float32, float16 or bfloat16 (given as uint16) data matching dtype '" +
+       dtype + "'");
+}
+
+const float* f32_data(const py::array& a, const char* name) {
+  if (!has_dtype(a, 'f', 4)) fail(std::string(name) + ": expected float32");
+  return static_cast<const float*>(a.data());
+}
+
+// An optional (rows, cols) mask of bool or uint8.
+const uint8_t* mask_data(const py::object& mask, const char* name, int64_t rows, int64_t cols) {
+  if (mask.is_none()) return nullptr;
+  const py::array a = mask.cast<py::array>();
+  expect_rank(a, name, 2, "(n, length)");
+  if (!(has_dtype(a, 'b', 1) || has_dtype(a, 'u', 1))) fail(std::string(name) + ": expected bool");
+  expect_dim(a, name, 0, rows, "rows");
+  expect_dim(a, name, 1, cols, "tokens per row");
+  return static_cast<const uint8_t*>(a.data());
+}
+
+Queries queries_arg(const py::array& queries, const py::object& mask) {
+  expect_rank(queries, "queries", 3, "(n_queries, query_len, dim)");
+  const int64_t nq = queries.shape(0), lq = queries.shape(1), dim = queries.shape(2);
+  if (dim < 1) fail("queries: dim must be >= 1");
+  return Queries{f32_data(queries, "queries"), mask_data(mask, "queries_mask", nq, lq), nq, lq, dim};
+}
+
+const int64_t* offsets_arg(const py::array& offsets, int64_t* nd) {
+  expect_rank(offsets, "doc_offsets", 1, "(n_docs + 1,)");
+  if (!has_dtype(offsets, 'i', 8)) fail("doc_offsets: expected int64");
+  if (offsets.shape(0) < 1) fail("doc_offsets: expected at least one entry (n_docs + 1)");
+  *nd = offsets.shape(0) - 1;
+  return static_cast<const int64_t*>(offsets.data());
+}
+
+Candidates candidates_arg(const py::object& candidates, int64_t nq, int64_t nd) {
+  if (candidates.is_none()) return Candidates{nullptr, nd};
+  const py::array a = candidates.cast<py::array>();
+  expect_rank(a, "candidates", 2, "(n_queries, n_candidates)");
+  if (!has_dtype(a, 'i', 8)) fail("candidates: expected int64");
+  expect_dim(a, "candidates", 0, nq, "n_queries");
+  return Candidates{static_cast<const int64_t*>(a.data()), a.shape(1)};
+}
+
+Ids codes_arg(const py::array& codes) {
+  expect_rank(codes, "codes", 1, "(n_tokens,)");
+  if (!(has_dtype(codes, 'i', 4) || has_dtype(codes, 'i', 8))) fail("codes: expected int32 or int64");
+  return Ids{codes.data(), codes.itemsize() == 8, codes.shape(0)};
+}
+
+Codec codec_arg(const py::array& centroids, const std::string& dtype, const py::array& bucket_weights,
+                int nbits, int64_t dim) {
+  if (nbits != 1 && nbits != 2 && nbits != 4 && nbits != 8)
+    fail("nbits: expected one of 1, 2, 4, 8, got " + std::to_string(nbits));
+  expect_rank(centroids, "centroids", 2, "(n_centroids, dim)");
+  expect_dim(centroids, "centroids", 1, dim, "dim");
+  if ((dim * nbits) % 8 != 0) fail("nbits: dim * nbits must be a multiple of 8, got dim " + std::to_string(dim));
+  expect_rank(bucket_weights, "bucket_weights", 1, "(2**nbits,)");
+  expect_dim(bucket_weights, "bucket_weights", 0, int64_t(1) << nbits, "2**nbits");
+  const DType dt = parse_dtype(centroids, dtype, "centroids");
+  return Codec{Rows{centroids.data(), dt, centroids.shape(0), dim}, f32_data(bucket_weights, "bucket_weights"),
+               nbits};
+}
+
+const uint8_t* residuals_arg(const py::array& residuals, int64_t n, int64_t row_bytes) {
+  expect_rank(residuals, "residuals", 2, "(n_tokens, dim * nbits / 8)");
+  if (!has_dtype(residuals, 'u', 1)) fail("residuals: expected uint8");
+  expect_dim(residuals, "residuals", 0, n, "one row per code");
+  expect_dim(residuals, "residuals", 1, row_bytes, "dim * nbits / 8 bytes");
+  return static_cast<const uint8_t*>(residuals.data());
+}
+
+void raise_if(const KernelError& err) {
+  if (err.set()) fail(err.message());
+}
+
+py::array_t<float> maxsim_padded(const py::array& queries, const py::object& queries_mask, const py::array& docs,
+                                 const std::string& dtype, const py::object& docs_mask) {
+  const Queries q = queries_arg(queries, queries_mask);
+  expect_rank(docs, "documents", 3, "(n_docs, doc_len, dim)");
+  expect_dim(docs, "documents", 2, q.dim, "dim of queries");
+  const int64_t nd = docs.shape(0), ld = docs.shape(1);
+  const PaddedDocs d{docs.data(), parse_dtype(docs, dtype, "documents"),
+                     mask_data(docs_mask, "documents_mask", nd, ld), nd, ld, q.dim};
+  py::array_t<float> out({q.nq, nd});
+  float* o = out.mutable_data();
+  KernelError err;
+  {
+    py::gil_scoped_release release;
+    EP_DISPATCH(maxsim_padded, q, d, o, err);
+  }
+  raise_if(err);
+  return out;
+}
+
+py::array_t<float> maxsim_packed(const py::array& queries, const py::object& queries_mask, const py::array& tokens,
+                                 const std::string& dtype, const py::array& offsets, const py::object& candidates) {
+  const Queries q = queries_arg(queries, queries_mask);
+  expect_rank(tokens, "doc_tokens", 2, "(n_tokens, dim)");
+  expect_dim(tokens, "doc_tokens", 1, q.dim, "dim of queries");
+  int64_t nd = 0;
+  const int64_t* off = offsets_arg(offsets, &nd);
+  const PackedDocs d{Rows{tokens.data(), parse_dtype(tokens, dtype, "doc_tokens"), tokens.shape(0), q.dim}, off, nd};
+  const Candidates c = candidates_arg(candidates, q.nq, nd);
+  py::array_t<float> out({q.nq, c.nc});
+  float* o = out.mutable_data();
+  KernelError err;
+  {
+    py::gil_scoped_release release;
+    EP_DISPATCH(maxsim_packed, q, d, c, o, err);
+  }
+  raise_if(err);
+  return out;
+}
+
+py::tuple centroid_scores(const py::array& queries, const py::object& queries_mask, const py::array& centroids,
+                          const std::string& dtype, int64_t n_probe) {
+  const Queries q = queries_arg(queries, queries_mask);
+  expect_rank(centroids, "centroids", 2, "(n_centroids, dim)");
+  expect_dim(centroids, "centroids", 1, q.dim, "dim of queries");
+  const Rows c{centroids.data(), parse_dtype(centroids, dtype, "centroids"), centroids.shape(0), q.dim};
+  if (n_probe < 1 || n_probe > c.rows)
+    fail("n_probe: expected 1 <= n_probe <= n_centroids=" + std::to_string(c.rows) + ", got " +
+         std::to_string(n_probe));
+  py::array_t<float> scores({q.nq, q.lq, c.rows});
+  py::array_t<int64_t> ids({q.nq, q.lq, n_probe});
+  float* s = scores.mutable_data();
+  int64_t* i = ids.mutable_data();
+  KernelError err;
+  {
+    py::gil_scoped_release release;
+    EP_DISPATCH(centroid_scores, q, c, n_probe, s, i, err);
+  }
+  raise_if(err);
+  return py::make_tuple(scores, ids);
+}
+
+py::array decompress_residuals(const py::array& codes, const py::array& residuals, const py::array& centroids,
+                               const std::string& dtype, const py::array& bucket_weights, int nbits,
+                               const std::string& out_dtype) {
+  const Ids ids = codes_arg(codes);
+  if (centroids.ndim() != 2) expect_rank(centroids, "centroids", 2, "(n_centroids, dim)");
+  const Codec codec = codec_arg(centroids, dtype, bucket_weights, nbits, centroids.shape(1));
+  const Compressed tokens{ids, residuals_arg(residuals, ids.n, codec.centroids.dim * nbits / 8)};
+  DType odt;
+  py::array out;
+  const std::vector<py::ssize_t> shape{ids.n, codec.centroids.dim};
+  if (out_dtype == "float32") {
+    odt = DType::f32;
+    out = py::array_t<float>(shape);
+  } else if (out_dtype == "float16" || out_dtype == "bfloat16") {
+    odt = out_dtype == "float16" ? DType::f16 : DType::bf16;
+    out = py::array_t<uint16_t>(shape);
+  } else {
+    fail("out_dtype: expected float32, float16 or bfloat16, got '" + out_dtype + "'");
+  }
+  void* o = out.mutable_data();
+  KernelError err;
+  {
+    py::gil_scoped_release release;
+    EP_DISPATCH(decompress_residuals, tokens, codec, o, odt, err);
+  }
+  raise_if(err);
+  return out;
+}
+
+py::array_t<float> fused_decompress_maxsim(const py::array& queries, const py::object& queries_mask,
+                                           const py::array& codes, const py::array& residuals,
+                                           const py::array& offsets, const py::object& candidates,
+                                           const py::array& centroids, const std::string& dtype,
+                                           const py::array& bucket_weights, int nbits) {
+  const Queries q = queries_arg(queries, queries_mask);
+  const Ids ids = codes_arg(codes);
+  const Codec codec = codec_arg(centroids, dtype, bucket_weights, nbits, q.dim);
+  const Compressed tokens{ids, residuals_arg(residuals, ids.n, q.dim * nbits / 8)};
+  int64_t nd = 0;
+  const int64_t* off = offsets_arg(offsets, &nd);
+  const Candidates c = candidates_arg(candidates, q.nq, nd);
+  py::array_t<float> out({q.nq, c.nc});
+  float* o = out.mutable_data();
+  KernelError err;
+  {
+    py::gil_scoped_release release;
+    EP_DISPATCH(fused_decompress_maxsim, q, tokens, off, nd, codec, c, o, err);
+  }
+  raise_if(err);
+  return out;
+}
+
+py::array_t<float> centroid_interaction(const py::array& scores, const py::object& queries_mask,
+                                        const py::array& codes, const py::array& offsets,
+                                        const py::object& candidates, const py::object& threshold) {
+  expect_rank(scores, "centroid_scores", 3, "(n_queries, query_len, n_centroids)");
+  const float* s = f32_data(scores, "centroid_scores");
+  const int64_t nq = scores.shape(0), lq = scores.shape(1), n_cent = scores.shape(2);
+  const uint8_t* qmask = mask_data(queries_mask, "queries_mask", nq, lq);
+  const Ids ids = codes_arg(codes);
+  int64_t nd = 0;
+  const int64_t* off = offsets_arg(offsets, &nd);
+  const Candidates c = candidates_arg(candidates, nq, nd);
+  float thr = 0.0f;
+  const float* thr_ptr = nullptr;
+  if (!threshold.is_none()) {
+    thr = threshold.cast<float>();
+    thr_ptr = &thr;
+  }
+  py::array_t<float> out({nq, c.nc});
+  float* o = out.mutable_data();
+  KernelError err;
+  {
+    py::gil_scoped_release release;
+    EP_DISPATCH(centroid_interaction, s, qmask, nq, lq, n_cent, ids, off, nd, c, thr_ptr, o, err);
+  }
+  raise_if(err);
+  return out;
+}
+
+double probe_flops(int64_t iterations) {
+  double flops = 0;
+  switch (active_isa()) {
+    case Isa::avx512: EP_IF_AVX512(flops = avx512::fma_probe(iterations); break;) [[fallthrough]];
+    case Isa::avx2: EP_IF_AVX2(flops = avx2::fma_probe(iterations); break;) [[fallthrough]];
+    default: flops = scalar::fma_probe(iterations);
+  }
+  return flops;
+}
+
+// fp32 FMA peak in GFLOP/s of the active ISA on the pool's threads, measured by an FMA loop
+// with 10 independent accumulators per thread, for about `seconds`.
+double peak_gflops(double seconds) {
+  if (!(seconds > 0)) fail("seconds: expected > 0");
+  py::gil_scoped_release release;
+  // Calibrate one thread's iteration rate, then run every thread for ~seconds.
+  int64_t iters = 1 << 16;
+  for (;;) {
+    const auto t0 = std::chrono::steady_clock::now();
+    probe_flops(iters);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (dt > 0.02) {
+      iters = std::max<int64_t>(1, int64_t(double(iters) * seconds / dt));
+      break;
+    }
+    iters *= 4;
+  }
+  std::vector<double> flops(size_t(get_num_threads()), 0.0);
+  const auto t0 = std::chrono::steady_clock::now();
+  parallel_each_thread([&](int index, int) { flops[size_t(index)] = probe_flops(iters); });
+  const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  double total = 0;
+  for (double f : flops) total += f;
+  return total / dt * 1e-9;
+}
+
+py::dict cpu_info() {
+  const CpuFeatures& f = cpu_features();
+  py::dict features;
+  features["avx2"] = f.avx2 && f.os_avx;
+  features["fma"] = f.fma;
+  features["f16c"] = f.f16c;
+  features["avx512f"] = f.avx512f && f.os_avx512;
+  features["avx512bw"] = f.avx512bw && f.os_avx512;
+  features["avx512vl"] = f.avx512vl && f.os_avx512;
+  features["avx512dq"] = f.avx512dq && f.os_avx512;
+  features["avx512_vnni"] = f.avx512_vnni && f.os_avx512;
+  features["avx512_bf16"] = f.avx512_bf16 && f.os_avx512;
+  py::list compiled, supported;
+  for (Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512}) {
+    if (isa_compiled(isa)) compiled.append(isa_name(isa));
+    if (isa_supported(isa)) supported.append(isa_name(isa));
+  }
+  py::dict info;
+  info["features"] = features;
+  info["compiled_isas"] = compiled;
+  info["supported_isas"] = supported;
+  info["best_isa"] = isa_name(best_isa());
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "edgeplaid CPU kernels (scalar, AVX2, AVX-512), torch-free; see edgeplaid.ops for the API.";
+  m.def("maxsim_padded", &maxsim_padded, py::arg("queries"), py::arg("queries_mask"), py::arg("documents"),
+        py::arg("dtype"), py::arg("documents_mask"));
+  m.def("maxsim_packed", &maxsim_packed, py::arg("queries"), py::arg("queries_mask"), py::arg("doc_tokens"),
+        py::arg("dtype"), py::arg("doc_offsets"), py::arg("candidates"));
+  m.def("centroid_scores", &centroid_scores, py::arg("queries"), py::arg("queries_mask"), py::arg("centroids"),
+        py::arg("dtype"), py::arg("n_probe"));
+  m.def("decompress_residuals", &decompress_residuals, py::arg("codes"), py::arg("residuals"), py::arg("centroids"),
+        py::arg("dtype"), py::arg("bucket_weights"), py::arg("nbits"), py::arg("out_dtype"));
+  m.def("fused_decompress_maxsim", &fused_decompress_maxsim, py::arg("queries"), py::arg("queries_mask"),
+        py::arg("codes"), py::arg("residuals"), py::arg("doc_offsets"), py::arg("candidates"), py::arg("centroids"),
+        py::arg("dtype"), py::arg("bucket_weights"), py::arg("nbits"));
+  m.def("centroid_interaction", &centroid_interaction, py::arg("centroid_scores"), py::arg("queries_mask"),
+        py::arg("codes"), py::arg("doc_offsets"), py::arg("candidates"), py::arg("threshold"));
+  m.def("peak_gflops", &peak_gflops, py::arg("seconds") = 0.25,
+        "Measured fp32 FMA peak (GFLOP/s) of the active ISA on all pool threads.");
+  m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def("get_num_threads", &get_num_threads);
+  m.def("cpu_isa", [] { return std::string(isa_name(active_isa())); });
+  m.def("set_cpu_isa", &set_active_isa, py::arg("isa"));
+  m.def("cpu_info", &cpu_info);
+}

@@ -1,0 +1,81 @@
+// centroid_interaction: PLAID stages 2-3. Each document token is replaced by its centroid's
+// score: for query q and candidate document D,
+//   score(q, D) = sum over valid query tokens i of  max over kept tokens j of D  S[q, i, code_j]
+// where S = centroid_scores (nq, lq, n_centroids) and token j is kept when threshold is null
+// or max over valid i of S[q, i, code_j] >= threshold (PLAID's centroid pruning). No kept
+// token: -inf; no valid query token: 0; candidate -1: -inf.
+//
+// Per query the scores are transposed once to (n_centroids, lanes) so that one token costs
+// n_vec vector max operations on a contiguous row instead of lq strided loads.
+#pragma once
+#include "maxsim_core.h"
+
+namespace edgeplaid {
+namespace EDGEPLAID_ISA_NS {
+
+void centroid_interaction(const float* centroid_scores, const uint8_t* queries_mask, int64_t nq,
+                          int64_t lq, int64_t n_centroids, const Ids& codes, const int64_t* offsets,
+                          int64_t nd, const Candidates& cand, const float* threshold, float* out,
+                          KernelError& err) {
+  const int64_t nc = cand.ids == nullptr ? nd : cand.nc;
+  std::vector<float> transposed;
+  std::vector<uint8_t> keep(static_cast<size_t>(n_centroids));
+  std::vector<int64_t> valid;
+  for (int64_t qi = 0; qi < nq && !err.set(); ++qi) {
+    valid.clear();
+    for (int64_t i = 0; i < lq; ++i)
+      if (queries_mask == nullptr || queries_mask[qi * lq + i]) valid.push_back(qi * lq + i);
+    const int64_t n_valid = int64_t(valid.size());
+    const int64_t stride = std::max<int64_t>(1, (n_valid + W - 1) / W) * W;
+    transposed.assign(size_t(n_centroids * stride), 0.0f);
+    parallel_for(n_centroids, 1024, [&](int64_t c0, int64_t c1) {
+      for (int64_t j = 0; j < n_valid; ++j) {
+        const float* src = centroid_scores + valid[size_t(j)] * n_centroids;
+        for (int64_t c = c0; c < c1; ++c) transposed[size_t(c * stride + j)] = src[c];
+      }
+      for (int64_t c = c0; c < c1; ++c) {
+        float best = kNegInf;
+        for (int64_t j = 0; j < n_valid; ++j) best = std::max(best, transposed[size_t(c * stride + j)]);
+        keep[size_t(c)] = threshold == nullptr || best >= *threshold;
+      }
+    });
+    const float* table = transposed.data();
+    parallel_for(nc, grain_for(nc, 32), [&](int64_t j0, int64_t j1) {
+      std::vector<float> best_buf(static_cast<size_t>(stride));
+      float* best = best_buf.data();
+      for (int64_t j = j0; j < j1 && !err.set(); ++j) {
+        float* dst = out + qi * nc + j;
+        const int64_t doc = cand.ids == nullptr ? j : cand.ids[qi * nc + j];
+        if (doc == -1) {
+          *dst = kNegInf;
+          continue;
+        }
+        if (doc < 0 || doc >= nd) {
+          err.report("candidates: id " + std::to_string(doc) + " out of range, expected -1 or [0, " +
+                     std::to_string(nd) + ")");
+          return;
+        }
+        int64_t begin = 0, end = 0;
+        if (!doc_range(offsets, doc, codes.n, &begin, &end, err)) return;
+        for (int64_t i = 0; i < stride; i += W) Vec::set1(kNegInf).store(best + i);
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t code = codes[t];
+          if (code < 0 || code >= n_centroids) {
+            err.report("codes: token " + std::to_string(t) + " has centroid id " + std::to_string(code) +
+                       ", expected [0, " + std::to_string(n_centroids) + ")");
+            return;
+          }
+          if (!keep[size_t(code)]) continue;
+          const float* row = table + code * stride;
+          for (int64_t i = 0; i < stride; i += W) max(Vec::load(best + i), Vec::load(row + i)).store(best + i);
+        }
+        float s = 0.0f;
+        for (int64_t i = 0; i < n_valid; ++i) s += best[i];
+        *dst = s;
+      }
+    });
+  }
+}
+
+}  // namespace EDGEPLAID_ISA_NS
+}  // namespace edgeplaid

@@ -1,0 +1,3 @@
+// centroid_scores compiled for avx2 (ISA flags are set on this file only, by setup.py).
+#define EDGEPLAID_ISA_AVX2
+#include "centroid_scores_impl.h"

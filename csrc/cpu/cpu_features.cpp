@@ -1,0 +1,140 @@
+#include "cpu_features.h"
+
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <stdexcept>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#define EDGEPLAID_X86 1
+#endif
+
+namespace edgeplaid {
+namespace {
+
+#if defined(EDGEPLAID_X86)
+uint64_t read_xcr0() {
+  uint32_t lo, hi;
+  // xgetbv via inline asm: the intrinsic would need -mxsave on this (ISA-neutral) file.
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (uint64_t(hi) << 32) | lo;
+}
+#endif
+
+CpuFeatures detect() {
+  CpuFeatures f;
+#if defined(EDGEPLAID_X86)
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = c & (1u << 27);
+  f.fma = c & (1u << 12);
+  f.f16c = c & (1u << 29);
+  if (osxsave) {
+    const uint64_t xcr0 = read_xcr0();
+    f.os_avx = (xcr0 & 0x6) == 0x6;             // SSE + AVX state
+    f.os_avx512 = f.os_avx && (xcr0 & 0xe0) == 0xe0;  // opmask + zmm state
+  }
+  if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+    f.avx2 = b & (1u << 5);
+    f.avx512f = b & (1u << 16);
+    f.avx512dq = b & (1u << 17);
+    f.avx512bw = b & (1u << 30);
+    f.avx512vl = b & (1u << 31);
+    f.avx512_vnni = c & (1u << 11);
+  }
+  if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avx512_bf16 = a & (1u << 5);
+#endif
+  return f;
+}
+
+Isa parse_isa(const std::string& name) {
+  if (name == "scalar") return Isa::scalar;
+  if (name == "avx2") return Isa::avx2;
+  if (name == "avx512") return Isa::avx512;
+  throw std::invalid_argument("EDGEPLAID_CPU_ISA: expected one of scalar, avx2, avx512, got '" +
+                              name + "'");
+}
+
+Isa initial_isa() {
+  const char* env = std::getenv("EDGEPLAID_CPU_ISA");
+  if (env == nullptr || *env == '\0') return best_isa();
+  const Isa isa = parse_isa(env);
+  if (!isa_supported(isa))
+    throw std::invalid_argument(std::string("EDGEPLAID_CPU_ISA=") + env +
+                                ": this CPU or build does not support it");
+  return isa;
+}
+
+std::atomic<int> g_active{-1};
+
+}  // namespace
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures f = detect();
+  return f;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::scalar: return "scalar";
+    case Isa::avx2: return "avx2";
+    case Isa::avx512: return "avx512";
+  }
+  return "?";
+}
+
+bool isa_compiled(Isa isa) {
+  switch (isa) {
+    case Isa::scalar: return true;
+    case Isa::avx2:
+#if defined(EDGEPLAID_HAVE_AVX2)
+      return true;
+#else
+      return false;
+#endif
+    case Isa::avx512:
+#if defined(EDGEPLAID_HAVE_AVX512)
+      return true;
+#else
+      return false;
+#endif
+  }
+  return false;
+}
+
+bool isa_supported(Isa isa) {
+  if (!isa_compiled(isa)) return false;
+  const CpuFeatures& f = cpu_features();
+  switch (isa) {
+    case Isa::scalar: return true;
+    case Isa::avx2: return f.os_avx && f.avx2 && f.fma && f.f16c;
+    case Isa::avx512:
+      return f.os_avx512 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.fma && f.f16c;
+  }
+  return false;
+}
+
+Isa best_isa() {
+  if (isa_supported(Isa::avx512)) return Isa::avx512;
+  if (isa_supported(Isa::avx2)) return Isa::avx2;
+  return Isa::scalar;
+}
+
+Isa active_isa() {
+  int v = g_active.load(std::memory_order_relaxed);
+  if (v < 0) {
+    v = int(initial_isa());
+    g_active.store(v, std::memory_order_relaxed);
+  }
+  return Isa(v);
+}
+
+void set_active_isa(const std::string& name) {
+  const Isa isa = parse_isa(name);
+  if (!isa_supported(isa))
+    throw std::invalid_argument("isa: '" + name + "' is not supported by this CPU or build");
+  g_active.store(int(isa), std::memory_order_relaxed);
+}
+
+}  // namespace edgeplaid

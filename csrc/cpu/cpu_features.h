@@ -1,0 +1,27 @@
+// Which instruction sets this CPU and OS support, and which kernel set runs.
+#pragma once
+#include <string>
+
+namespace edgeplaid {
+
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
+
+struct CpuFeatures {
+  bool avx2 = false, fma = false, f16c = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512_vnni = false, avx512_bf16 = false;
+  bool os_avx = false, os_avx512 = false;  // XCR0 says the OS saves ymm / zmm state
+};
+
+const CpuFeatures& cpu_features();
+const char* isa_name(Isa isa);
+bool isa_compiled(Isa isa);   // built into this extension
+bool isa_supported(Isa isa);  // this CPU + OS can run it (and it was compiled)
+Isa best_isa();
+
+// The kernel set in use: EDGEPLAID_CPU_ISA at first use, else the best supported; changed by
+// set_active_isa. Throws std::invalid_argument for an unknown or unsupported name.
+Isa active_isa();
+void set_active_isa(const std::string& name);
+
+}  // namespace edgeplaid

@@ -1,0 +1,42 @@
+// decompress_residuals: codes + packed residuals -> normalised token vectors (see
+// residual_codec.h for the bit order and the formula).
+#pragma once
+#include "residual_codec.h"
+
+namespace edgeplaid {
+namespace EDGEPLAID_ISA_NS {
+
+void decompress_residuals(const Compressed& tokens, const Codec& codec, void* out, DType out_dtype,
+                          KernelError& err) {
+  const ByteTable table(codec.bucket_weights, codec.nbits);
+  const int64_t dim = codec.centroids.dim, n = tokens.codes.n;
+  const int64_t row_bytes = dim * codec.nbits / 8;
+  with_dtype(codec.centroids.dtype, [&](auto tag) {
+    constexpr DType T = decltype(tag)::value;
+    using E = typename Elem<T>::type;
+    const E* cents = static_cast<const E*>(codec.centroids.data);
+    parallel_for(n, 512, [&](int64_t t0, int64_t t1) {
+      DecodedRows<T> stream{cents, codec.centroids.rows, &tokens, &table, dim, row_bytes, t0, t1, &err};
+      Scratch& s = thread_scratch();
+      const int64_t cap = chunk_rows(dim);
+      if (s.rows.size() < size_t(cap * dim)) s.rows.resize(size_t(cap * dim));
+      int64_t at = t0;
+      const float* rows = nullptr;
+      for (int64_t got; (got = stream.next(s.rows.data(), cap, &rows)) > 0; at += got) {
+        const int64_t count = got * dim;
+        if (out_dtype == DType::f32) {
+          std::memcpy(static_cast<float*>(out) + at * dim, rows, sizeof(float) * size_t(count));
+        } else {
+          uint16_t* dst = static_cast<uint16_t*>(out) + at * dim;
+          if (out_dtype == DType::f16)
+            for (int64_t i = 0; i < count; ++i) dst[i] = float_to_f16(rows[i]);
+          else
+            for (int64_t i = 0; i < count; ++i) dst[i] = float_to_bf16(rows[i]);
+        }
+      }
+    });
+  });
+}
+
+}  // namespace EDGEPLAID_ISA_NS
+}  // namespace edgeplaid

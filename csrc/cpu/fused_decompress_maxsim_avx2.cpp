@@ -1,0 +1,3 @@
+// fused_decompress_maxsim compiled for avx2 (ISA flags are set on this file only, by setup.py).
+#define EDGEPLAID_ISA_AVX2
+#include "fused_decompress_maxsim_impl.h"

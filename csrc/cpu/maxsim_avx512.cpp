@@ -1,0 +1,3 @@
+// maxsim kernels compiled for avx512 (ISA flags are set on this file only, by setup.py).
+#define EDGEPLAID_ISA_AVX512
+#include "maxsim_impl.h"

@@ -1,0 +1,296 @@
+// The MaxSim micro-kernel shared by maxsim, maxsim_packed, fused_decompress_maxsim and
+// centroid_scores. Included by per-ISA translation units after simd.h.
+//
+// Layout. Query tokens sit on the vector lanes: a query is packed once, transposed, as
+//   qt[d * stride + i] = q[i][d]      (stride = n_vec * W; lanes past n_valid are zero)
+// and document tokens are rows of fp32 that the kernel broadcasts one element at a time. A
+// register tile holds NT document tokens x NQV query vectors of dot products; the running
+// max over document tokens is lane-wise, so there is no horizontal reduction and the
+// (query tokens x document tokens) score matrix never exists in memory.
+//
+// Summation order over `dim` is sequential on every ISA, so with the scalar path's fmaf the
+// three ISAs return bit-identical scores.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "ops.h"
+#include "parallel.h"
+#include "simd.h"
+
+namespace edgeplaid {
+namespace EDGEPLAID_ISA_NS {
+
+constexpr int W = Vec::W;
+constexpr int kMaxQueryVecs = 4;  // query vectors per register tile
+
+// One query's valid tokens, packed for the micro-kernel.
+struct PackedQuery {
+  const float* qt;  // [dim][stride]
+  int64_t n_valid;  // valid (unmasked) tokens, compacted to lanes [0, n_valid)
+  int64_t n_vec;    // ceil(n_valid / W)
+  int64_t stride;   // n_vec * W
+  int64_t dim;
+};
+
+// Calls f with the storage type as a compile-time constant.
+template <class F>
+EP_INLINE void with_dtype(DType t, F&& f) {
+  switch (t) {
+    case DType::f32: f(std::integral_constant<DType, DType::f32>{}); break;
+    case DType::f16: f(std::integral_constant<DType, DType::f16>{}); break;
+    case DType::bf16: f(std::integral_constant<DType, DType::bf16>{}); break;
+  }
+}
+
+// Packs the valid tokens of rows [first, first + count) of a (rows, dim) fp32 matrix, where
+// row r is valid when mask is null or mask[r] != 0. `rows_of` (optional) receives the
+// original row index of each packed lane.
+inline PackedQuery pack_rows(const float* data, const uint8_t* mask, int64_t first, int64_t count,
+                             int64_t dim, std::vector<float>& buf,
+                             std::vector<int64_t>* rows_of = nullptr) {
+  int64_t n_valid = 0;
+  for (int64_t r = first; r < first + count; ++r) n_valid += (mask == nullptr || mask[r]) ? 1 : 0;
+  const int64_t n_vec = (n_valid + W - 1) / W;
+  const int64_t stride = n_vec * W;
+  buf.assign(size_t(stride * dim), 0.0f);
+  if (rows_of) rows_of->clear();
+  int64_t lane = 0;
+  for (int64_t r = first; r < first + count; ++r) {
+    if (mask != nullptr && !mask[r]) continue;
+    const float* src = data + r * dim;
+    for (int64_t d = 0; d < dim; ++d) buf[size_t(d * stride + lane)] = src[d];
+    if (rows_of) rows_of->push_back(r);
+    ++lane;
+  }
+  return PackedQuery{buf.data(), n_valid, n_vec, stride, dim};
+}
+
+// acc[t][v] = sum_d qt[d][v*W : (v+1)*W] * rows[t][d]
+template <int NQV, int NT>
+EP_INLINE void dot_tile(const float* qt, int64_t qstride, const float* rows, int64_t dim,
+                        Vec (&acc)[NT][NQV]) {
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 8
+    for (int v = 0; v < NQV; ++v) acc[t][v] = Vec::zero();
+  for (int64_t d = 0; d < dim; ++d) {
+    Vec b[NT];
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) b[t] = Vec::set1(rows[t * dim + d]);
+    const float* q = qt + d * qstride;
+#pragma GCC unroll 8
+    for (int v = 0; v < NQV; ++v) {
+      const Vec qv = Vec::load(q + v * W);
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t) acc[t][v] = fmadd(qv, b[t], acc[t][v]);
+    }
+  }
+}
+
+template <int NQV>
+constexpr int tile_rows() {
+  return Vec::kAccRegs / NQV > 0 ? Vec::kAccRegs / NQV : 1;
+}
+
+// best[v*W + lane] = max(best, max_t <q lane, rows[t]>) for NQV query vectors.
+template <int NQV>
+EP_INLINE void max_block(const float* qt, int64_t qstride, const float* rows, int64_t n_rows,
+                         int64_t dim, float* best) {
+  constexpr int NT = tile_rows<NQV>();
+  Vec m[NQV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NQV; ++v) m[v] = Vec::load(best + v * W);
+  int64_t t = 0;
+  for (; t + NT <= n_rows; t += NT) {
+    Vec acc[NT][NQV];
+    dot_tile<NQV, NT>(qt, qstride, rows + t * dim, dim, acc);
+#pragma GCC unroll 16
+    for (int r = 0; r < NT; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NQV; ++v) m[v] = max(m[v], acc[r][v]);
+  }
+  for (; t < n_rows; ++t) {
+    Vec acc[1][NQV];
+    dot_tile<NQV, 1>(qt, qstride, rows + t * dim, dim, acc);
+#pragma GCC unroll 8
+    for (int v = 0; v < NQV; ++v) m[v] = max(m[v], acc[0][v]);
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NQV; ++v) m[v].store(best + v * W);
+}
+
+// Folds n_rows document tokens into one query's running maxima best[0 : q.stride].
+inline void max_rows(const PackedQuery& q, const float* rows, int64_t n_rows, float* best) {
+  for (int64_t v0 = 0; v0 < q.n_vec; v0 += kMaxQueryVecs) {
+    const float* qt = q.qt + v0 * W;
+    float* b = best + v0 * W;
+    switch (std::min<int64_t>(kMaxQueryVecs, q.n_vec - v0)) {
+      case 4: max_block<4>(qt, q.stride, rows, n_rows, q.dim, b); break;
+      case 3: max_block<3>(qt, q.stride, rows, n_rows, q.dim, b); break;
+      case 2: max_block<2>(qt, q.stride, rows, n_rows, q.dim, b); break;
+      default: max_block<1>(qt, q.stride, rows, n_rows, q.dim, b); break;
+    }
+  }
+}
+
+// Score = sum of the running maxima over valid query tokens, in token order. An empty
+// document leaves them at -inf (score -inf); a query with no valid token scores 0.
+inline float sum_best(const PackedQuery& q, const float* best) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < q.n_valid; ++i) s += best[i];
+  return s;
+}
+
+// Rows staged per chunk: fits L1/L2 and is reused by every query scored against it.
+inline int64_t chunk_rows(int64_t dim) { return std::max<int64_t>(16, 8192 / std::max<int64_t>(dim, 1)); }
+
+// Scratch reused by one thread across calls.
+struct Scratch {
+  std::vector<float> rows;  // staged fp32 document tokens
+  std::vector<float> best;  // running maxima, one stride per query
+};
+inline Scratch& thread_scratch() {
+  static thread_local Scratch s;
+  return s;
+}
+
+// Scores one document, delivered by `stream` in chunks of fp32 rows, against queries
+// qs[0 : n_queries]; writes out[k * out_stride].
+//   stream.next(float* buf, int64_t cap, const float** rows) -> rows delivered (0 at the end);
+//   *rows points either into buf or straight at fp32 storage.
+template <class Stream>
+void score_document(Stream& stream, const PackedQuery* qs, int64_t n_queries, float* out,
+                    int64_t out_stride) {
+  Scratch& s = thread_scratch();
+  int64_t max_stride = 0;
+  for (int64_t k = 0; k < n_queries; ++k) max_stride = std::max(max_stride, qs[k].stride);
+  s.best.assign(size_t(std::max<int64_t>(1, max_stride * n_queries)), kNegInf);
+  const int64_t dim = n_queries > 0 ? qs[0].dim : 0;
+  const int64_t cap = chunk_rows(dim);
+  if (s.rows.size() < size_t(cap * dim)) s.rows.resize(size_t(cap * dim));
+  const float* rows = nullptr;
+  for (int64_t n; (n = stream.next(s.rows.data(), cap, &rows)) > 0;)
+    for (int64_t k = 0; k < n_queries; ++k) max_rows(qs[k], rows, n, s.best.data() + k * max_stride);
+  for (int64_t k = 0; k < n_queries; ++k)
+    out[k * out_stride] = sum_best(qs[k], s.best.data() + k * max_stride);
+}
+
+// Stream over contiguous stored rows [begin, end) of a (rows, dim) matrix of type T.
+template <DType T>
+struct ContiguousRows {
+  using E = typename Elem<T>::type;
+  const E* base;
+  int64_t dim, next_row, end;
+  int64_t next(float* buf, int64_t cap, const float** rows) {
+    const int64_t n = std::min(cap, end - next_row);
+    if (n <= 0) return 0;
+    const E* src = base + next_row * dim;
+    next_row += n;
+    if constexpr (T == DType::f32) {
+      *rows = src;  // fp32 is read in place
+    } else {
+      widen_row<T>(src, n * dim, buf);
+      *rows = buf;
+    }
+    return n;
+  }
+};
+
+// Stream over the unmasked rows of one padded document.
+template <DType T>
+struct MaskedRows {
+  using E = typename Elem<T>::type;
+  const E* base;
+  const uint8_t* mask;
+  int64_t dim, next_row, end;
+  int64_t next(float* buf, int64_t cap, const float** rows) {
+    int64_t n = 0;
+    for (; next_row < end && n < cap; ++next_row) {
+      if (!mask[next_row]) continue;
+      widen_row<T>(base + next_row * dim, dim, buf + n * dim);
+      ++n;
+    }
+    *rows = buf;
+    return n;
+  }
+};
+
+// Packs every query of a batch; qs[k] views into buf.
+inline std::vector<PackedQuery> pack_queries(const Queries& q, std::vector<float>& buf) {
+  std::vector<std::vector<float>> parts(size_t(q.nq));
+  std::vector<PackedQuery> qs(size_t(q.nq));
+  int64_t total = 0;
+  for (int64_t k = 0; k < q.nq; ++k) {
+    qs[size_t(k)] = pack_rows(q.data, q.mask, k * q.lq, q.lq, q.dim, parts[size_t(k)]);
+    total += int64_t(parts[size_t(k)].size());
+  }
+  buf.resize(size_t(std::max<int64_t>(total, 1)));
+  int64_t at = 0;
+  for (int64_t k = 0; k < q.nq; ++k) {
+    std::copy(parts[size_t(k)].begin(), parts[size_t(k)].end(), buf.begin() + at);
+    qs[size_t(k)].qt = buf.data() + at;
+    at += int64_t(parts[size_t(k)].size());
+  }
+  return qs;
+}
+
+// Document ranges from offsets, checked: 0 <= begin <= end <= n_tokens.
+inline bool doc_range(const int64_t* offsets, int64_t doc, int64_t n_tokens, int64_t* begin,
+                      int64_t* end, KernelError& err) {
+  *begin = offsets[doc];
+  *end = offsets[doc + 1];
+  if (*begin < 0 || *begin > *end || *end > n_tokens) {
+    err.report("doc_offsets: document " + std::to_string(doc) + " spans [" +
+               std::to_string(*begin) + ", " + std::to_string(*end) +
+               "), expected non-decreasing offsets within [0, " + std::to_string(n_tokens) + "]");
+    return false;
+  }
+  return true;
+}
+
+// Tasks per parallel chunk so that each thread gets ~16 chunks.
+inline int64_t grain_for(int64_t n_tasks, int64_t max_grain) {
+  return std::clamp<int64_t>(n_tasks / 64, 1, max_grain);
+}
+
+// Runs `score(pair_index, query, doc)` over every (query, candidate) pair, or, when
+// cand.ids is null, over every document against all queries at once (each document is
+// staged once and reused by every query). make_stream(doc) returns the document's stream.
+template <class MakeStream>
+void run_maxsim(const std::vector<PackedQuery>& qs, int64_t nd, const Candidates& cand,
+                float* out, KernelError& err, const MakeStream& make_stream) {
+  const int64_t nq = int64_t(qs.size());
+  if (cand.ids == nullptr) {
+    parallel_for(nd, grain_for(nd, 16), [&](int64_t d0, int64_t d1) {
+      for (int64_t d = d0; d < d1 && !err.set(); ++d) {
+        auto stream = make_stream(d);
+        score_document(stream, qs.data(), nq, out + d, nd);
+      }
+    });
+    return;
+  }
+  const int64_t n_pairs = nq * cand.nc;
+  parallel_for(n_pairs, grain_for(n_pairs, 32), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1 && !err.set(); ++p) {
+      const int64_t doc = cand.ids[p];
+      if (doc == -1) {
+        out[p] = kNegInf;
+        continue;
+      }
+      if (doc < 0 || doc >= nd) {
+        err.report("candidates: id " + std::to_string(doc) + " out of range, expected -1 or [0, " +
+                   std::to_string(nd) + ")");
+        return;
+      }
+      auto stream = make_stream(doc);
+      score_document(stream, &qs[size_t(p / cand.nc)], 1, out + p, 1);
+    }
+  });
+}
+
+}  // namespace EDGEPLAID_ISA_NS
+}  // namespace edgeplaid

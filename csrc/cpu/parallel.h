@@ -1,0 +1,20 @@
+// One persistent thread pool per process. Idle workers sleep on a condition variable (no
+// spinning beside torch's or OpenBLAS's threads); the calling thread works too. A call made
+// while the pool is busy (another Python thread, or a nested call) runs inline instead of
+// queueing, so there is never oversubscription nor deadlock.
+#pragma once
+#include <cstdint>
+#include <functional>
+
+namespace edgeplaid {
+
+void set_num_threads(int n);  // n <= 0: one per hardware thread
+int get_num_threads();
+
+// Calls fn(begin, end) over [0, n) in chunks of `grain`, dynamically balanced.
+void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+
+// Calls fn(thread_index, n_threads) once on each of the pool's threads (for probes).
+void parallel_each_thread(const std::function<void(int, int)>& fn);
+
+}  // namespace edgeplaid

@@ -1,0 +1,3 @@
+// The FMA peak probe compiled for avx512 (ISA flags are set on this file only, by setup.py).
+#define EDGEPLAID_ISA_AVX512
+#include "peak_gflops_impl.h"

@@ -1,0 +1,3 @@
+// The FMA peak probe compiled for scalar (ISA flags are set on this file only, by setup.py).
+#define EDGEPLAID_ISA_SCALAR
+#include "peak_gflops_impl.h"

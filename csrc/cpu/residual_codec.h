@@ -1,0 +1,90 @@
+// Decoding of PLAID residuals, shared by decompress_residuals and fused_decompress_maxsim.
+//
+// Bit order (pinned by tests/ops/test_decompress_residuals.py::test_golden_bit_order): the
+// residual row of a token is a little-endian bit string; dimension d's bucket index occupies
+// bits [d * nbits, (d + 1) * nbits), i.e. byte d * nbits / 8, starting at bit
+// (d * nbits) % 8 counted from the least significant bit. For nbits = 4, byte 0 = dim 0 in
+// the low nibble and dim 1 in the high nibble.
+//
+// token = normalize(centroids[code] + bucket_weights[bucket index of each dimension]),
+// normalize(x) = x / max(||x||_2, 1e-12), as colbert-ai's ResidualCodec.decompress does.
+#pragma once
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "maxsim_core.h"
+
+namespace edgeplaid {
+namespace EDGEPLAID_ISA_NS {
+
+// byte value -> the (8 / nbits) bucket weights it encodes, in dimension order.
+struct ByteTable {
+  std::vector<float> weights;  // (256, per_byte)
+  int per_byte;
+  ByteTable(const float* bucket_weights, int nbits) : weights(size_t(256 * (8 / nbits))), per_byte(8 / nbits) {
+    const int mask = (1 << nbits) - 1;
+    for (int b = 0; b < 256; ++b)
+      for (int m = 0; m < per_byte; ++m) weights[size_t(b * per_byte + m)] = bucket_weights[(b >> (m * nbits)) & mask];
+  }
+};
+
+// Writes the decoded, normalised token (dim fp32 values) to out.
+template <DType T>
+EP_INLINE void decode_token(const typename Elem<T>::type* centroid, const uint8_t* residual,
+                            const ByteTable& table, int64_t dim, float* out) {
+  const int pb = table.per_byte;
+  const int64_t n_bytes = dim / pb;
+  const float* w = table.weights.data();
+  for (int64_t b = 0; b < n_bytes; ++b) std::memcpy(out + b * pb, w + residual[b] * pb, sizeof(float) * size_t(pb));
+  Vec ss = Vec::zero();
+  int64_t i = 0;
+  for (; i + W <= dim; i += W) {
+    const Vec x = Vec::load(out + i) + load_as_f32<T>(centroid + i);
+    x.store(out + i);
+    ss = fmadd(x, x, ss);
+  }
+  float sum = ss.sum();
+  for (; i < dim; ++i) {
+    const float x = out[i] + Elem<T>::to_float(centroid[i]);
+    out[i] = x;
+    sum += x * x;
+  }
+  const float norm = std::max(std::sqrt(sum), 1e-12f);
+  const Vec nv = Vec::set1(norm);
+  for (i = 0; i + W <= dim; i += W) (Vec::load(out + i) / nv).store(out + i);
+  for (; i < dim; ++i) out[i] /= norm;
+}
+
+// Stream of decoded tokens [next_row, end) for score_document.
+template <DType T>
+struct DecodedRows {
+  using E = typename Elem<T>::type;
+  const E* centroids;
+  int64_t n_centroids;
+  const Compressed* tokens;
+  const ByteTable* table;
+  int64_t dim, row_bytes, next_row, end;
+  KernelError* err;
+  int64_t next(float* buf, int64_t cap, const float** rows) {
+    const int64_t n = std::min(cap, end - next_row);
+    if (n <= 0) return 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t t = next_row + j;
+      const int64_t code = tokens->codes[t];
+      if (code < 0 || code >= n_centroids) {
+        err->report("codes: token " + std::to_string(t) + " has centroid id " + std::to_string(code) +
+                    ", expected [0, " + std::to_string(n_centroids) + ")");
+        return 0;
+      }
+      decode_token<T>(centroids + code * dim, tokens->residuals + t * row_bytes, *table, dim, buf + j * dim);
+    }
+    next_row += n;
+    *rows = buf;
+    return n;
+  }
+};
+
+}  // namespace EDGEPLAID_ISA_NS
+}  // namespace edgeplaid

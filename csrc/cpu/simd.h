@@ -1,0 +1,137 @@
+// One fp32 vector type per instruction set, chosen by the macro each translation unit
+// defines before including this header:
+//   EDGEPLAID_ISA_SCALAR  (W = 1, plain C++: the reference every SIMD path must match)
+//   EDGEPLAID_ISA_AVX2    (W = 8, AVX2 + FMA + F16C)
+//   EDGEPLAID_ISA_AVX512  (W = 16, AVX-512 F/BW/VL/DQ)
+// Kernels are written once against `Vec` and compiled three times; the ISA flags are set
+// on the per-ISA .cpp files only, so the extension runs on CPUs without AVX-512.
+// Half-precision inputs are widened in registers (vcvtph2ps / a 16-bit shift for bf16).
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "dtypes.h"
+
+#if defined(EDGEPLAID_ISA_AVX2) || defined(EDGEPLAID_ISA_AVX512)
+#include <immintrin.h>
+#endif
+
+#define EP_INLINE inline __attribute__((always_inline))
+
+#if defined(EDGEPLAID_ISA_AVX512)
+#define EDGEPLAID_ISA_NS avx512
+#elif defined(EDGEPLAID_ISA_AVX2)
+#define EDGEPLAID_ISA_NS avx2
+#elif defined(EDGEPLAID_ISA_SCALAR)
+#define EDGEPLAID_ISA_NS scalar
+#else
+#error "define EDGEPLAID_ISA_SCALAR, EDGEPLAID_ISA_AVX2 or EDGEPLAID_ISA_AVX512 before simd.h"
+#endif
+
+namespace edgeplaid {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Everything compiled with ISA flags lives in the ISA's own namespace: two translation units
+// must never define the same inline symbol with different instructions, or the linker could
+// hand the AVX-512 copy to the AVX2 path (tests/test_isa_isolation.py checks the binary).
+namespace EDGEPLAID_ISA_NS {
+
+#if defined(EDGEPLAID_ISA_AVX512)
+struct Vec {
+  static constexpr int W = 16;
+  // Accumulator registers the MaxSim micro-tile may use (of 32 zmm).
+  static constexpr int kAccRegs = 24;
+  __m512 v;
+  static EP_INLINE Vec zero() { return {_mm512_setzero_ps()}; }
+  static EP_INLINE Vec set1(float x) { return {_mm512_set1_ps(x)}; }
+  static EP_INLINE Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static EP_INLINE Vec load_f16(const uint16_t* p) {
+    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+  static EP_INLINE Vec load_bf16(const uint16_t* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+  }
+  EP_INLINE void store(float* p) const { _mm512_storeu_ps(p, v); }
+  friend EP_INLINE Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  friend EP_INLINE Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
+  friend EP_INLINE Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
+  friend EP_INLINE Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  friend EP_INLINE Vec operator/(Vec a, Vec b) { return {_mm512_div_ps(a.v, b.v)}; }
+  // Bit i set where a[i] > b[i].
+  friend EP_INLINE uint32_t gt_mask(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ); }
+  EP_INLINE float sum() const { return _mm512_reduce_add_ps(v); }
+};
+#elif defined(EDGEPLAID_ISA_AVX2)
+struct Vec {
+  static constexpr int W = 8;
+  static constexpr int kAccRegs = 12;  // of 16 ymm: 12 accumulators + broadcasts + one query vector
+  __m256 v;
+  static EP_INLINE Vec zero() { return {_mm256_setzero_ps()}; }
+  static EP_INLINE Vec set1(float x) { return {_mm256_set1_ps(x)}; }
+  static EP_INLINE Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static EP_INLINE Vec load_f16(const uint16_t* p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+  }
+  static EP_INLINE Vec load_bf16(const uint16_t* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+  }
+  EP_INLINE void store(float* p) const { _mm256_storeu_ps(p, v); }
+  friend EP_INLINE Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  friend EP_INLINE Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
+  friend EP_INLINE Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
+  friend EP_INLINE Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  friend EP_INLINE Vec operator/(Vec a, Vec b) { return {_mm256_div_ps(a.v, b.v)}; }
+  friend EP_INLINE uint32_t gt_mask(Vec a, Vec b) {
+    return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ)));
+  }
+  EP_INLINE float sum() const {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+  }
+};
+#else
+struct Vec {
+  static constexpr int W = 1;
+  static constexpr int kAccRegs = 8;
+  float v;
+  static EP_INLINE Vec zero() { return {0.0f}; }
+  static EP_INLINE Vec set1(float x) { return {x}; }
+  static EP_INLINE Vec load(const float* p) { return {*p}; }
+  static EP_INLINE Vec load_f16(const uint16_t* p) { return {f16_to_float(*p)}; }
+  static EP_INLINE Vec load_bf16(const uint16_t* p) { return {bf16_to_float(*p)}; }
+  EP_INLINE void store(float* p) const { *p = v; }
+  // A fused multiply-add, as the SIMD paths do: one rounding per step, so that integer-valued
+  // inputs give bit-identical scores on every ISA.
+  friend EP_INLINE Vec fmadd(Vec a, Vec b, Vec c) { return {__builtin_fmaf(a.v, b.v, c.v)}; }
+  friend EP_INLINE Vec max(Vec a, Vec b) { return {a.v > b.v ? a.v : b.v}; }
+  friend EP_INLINE Vec operator+(Vec a, Vec b) { return {a.v + b.v}; }
+  friend EP_INLINE Vec operator*(Vec a, Vec b) { return {a.v * b.v}; }
+  friend EP_INLINE Vec operator/(Vec a, Vec b) { return {a.v / b.v}; }
+  friend EP_INLINE uint32_t gt_mask(Vec a, Vec b) { return a.v > b.v ? 1u : 0u; }
+  EP_INLINE float sum() const { return v; }
+};
+#endif
+
+// Loads W elements of storage type T widened to fp32.
+template <DType T>
+EP_INLINE Vec load_as_f32(const typename Elem<T>::type* p) {
+  if constexpr (T == DType::f32) return Vec::load(p);
+  else if constexpr (T == DType::f16) return Vec::load_f16(p);
+  else return Vec::load_bf16(p);
+}
+
+// Widens n elements of type T to fp32 (n need not be a multiple of W).
+template <DType T>
+EP_INLINE void widen_row(const typename Elem<T>::type* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + Vec::W <= n; i += Vec::W) load_as_f32<T>(src + i).store(dst + i);
+  for (; i < n; ++i) dst[i] = Elem<T>::to_float(src[i]);
+}
+
+}  // namespace EDGEPLAID_ISA_NS
+}  // namespace edgeplaid
