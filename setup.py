@@ -1,10 +1,10 @@
 """Build of edgeplaid's C++ extension `edgeplaid._C` (pybind11, C++17, no torch ABI).
 
-One translation unit per ISA: `csrc/cpu/*_avx2.cpp` and `*_avx512.cpp` get their ISA flags,
-every other file is compiled for the baseline x86-64, so the extension loads on any CPU and
-picks its kernels at run time. Baseline objects are linked first: where two objects hold the
-same inline library function (e.g. a std::vector method), the linker keeps the first, the
-baseline one.
+One translation unit per ISA: `csrc/cpu/*_avx2.cpp` and `*_avx512.cpp` switch their ISA on
+with a target pragma after the library headers (csrc/cpu/isa_begin.h), so that only
+edgeplaid's own code in those files uses AVX2/AVX-512 and library templates stay baseline;
+everything is compiled for the baseline x86-64 otherwise. The extension loads on any CPU and
+picks its kernels at run time. ISA files whose instructions the compiler lacks are left out.
 
 Environment:
   EDGEPLAID_REQUIRE_CPP=1   a failed C++ build is fatal (CI sets it); otherwise it warns and
@@ -47,9 +47,7 @@ def isa_of(source: str) -> str:
 
 
 def sources() -> list[str]:
-    cpu = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
-    order = {"baseline": 0, "avx2": 1, "avx512": 2}
-    return ["csrc/bindings.cpp"] + sorted(cpu, key=lambda s: (order[isa_of(s)], s))
+    return ["csrc/bindings.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
 
 
 def required() -> bool:
@@ -60,6 +58,7 @@ class BuildExt(build_ext):
     """Adds ISA flags per file, drops ISAs the compiler lacks, and makes failure optional."""
 
     def _compiler_accepts(self, flags: list[str]) -> bool:
+        """Whether the compiler knows these ISA flags (and so the matching target pragma)."""
         with tempfile.TemporaryDirectory() as tmp:
             src = Path(tmp) / "probe.cpp"
             src.write_text("int main() { return 0; }\n")
@@ -80,7 +79,7 @@ class BuildExt(build_ext):
         original = self.compiler._compile
 
         def compile_one(obj, src, ext, cc_args, extra_postargs, pp_opts):
-            flags = list(extra_postargs) + COMMON_FLAGS + ISA_FLAGS.get(isa_of(src), [])
+            flags = list(extra_postargs) + COMMON_FLAGS
             if sanitize:
                 flags += SANITIZE_FLAGS
             original(obj, src, ext, cc_args, flags, pp_opts)

@@ -1,3 +1,4 @@
-// centroid_interaction compiled for avx2 (ISA flags are set on this file only, by setup.py).
+// centroid_interaction compiled for avx2.
 #define EDGEPLAID_ISA_AVX2
+#include "isa_begin.h"
 #include "centroid_interaction_impl.h"

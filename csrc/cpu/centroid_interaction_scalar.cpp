@@ -1,3 +1,4 @@
-// centroid_interaction compiled for scalar (ISA flags are set on this file only, by setup.py).
+// centroid_interaction compiled for scalar.
 #define EDGEPLAID_ISA_SCALAR
+#include "isa_begin.h"
 #include "centroid_interaction_impl.h"

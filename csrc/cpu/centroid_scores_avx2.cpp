@@ -1,3 +1,4 @@
-// centroid_scores compiled for avx2 (ISA flags are set on this file only, by setup.py).
+// centroid_scores compiled for avx2.
 #define EDGEPLAID_ISA_AVX2
+#include "isa_begin.h"
 #include "centroid_scores_impl.h"

@@ -1,3 +1,4 @@
-// centroid_scores compiled for scalar (ISA flags are set on this file only, by setup.py).
+// centroid_scores compiled for scalar.
 #define EDGEPLAID_ISA_SCALAR
+#include "isa_begin.h"
 #include "centroid_scores_impl.h"

@@ -1,3 +1,4 @@
-// decompress_residuals compiled for avx512 (ISA flags: setup.py).
+// decompress_residuals compiled for avx512.
 #define EDGEPLAID_ISA_AVX512
+#include "isa_begin.h"
 #include "decompress_residuals_impl.h"

@@ -1,3 +1,4 @@
-// decompress_residuals compiled for scalar (ISA flags: setup.py).
+// decompress_residuals compiled for scalar.
 #define EDGEPLAID_ISA_SCALAR
+#include "isa_begin.h"
 #include "decompress_residuals_impl.h"

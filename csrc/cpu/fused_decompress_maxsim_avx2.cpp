@@ -1,3 +1,4 @@
-// fused_decompress_maxsim compiled for avx2 (ISA flags are set on this file only, by setup.py).
+// fused_decompress_maxsim compiled for avx2.
 #define EDGEPLAID_ISA_AVX2
+#include "isa_begin.h"
 #include "fused_decompress_maxsim_impl.h"

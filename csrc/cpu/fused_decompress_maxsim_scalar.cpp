@@ -1,3 +1,4 @@
-// fused_decompress_maxsim compiled for scalar (ISA flags are set on this file only, by setup.py).
+// fused_decompress_maxsim compiled for scalar.
 #define EDGEPLAID_ISA_SCALAR
+#include "isa_begin.h"
 #include "fused_decompress_maxsim_impl.h"

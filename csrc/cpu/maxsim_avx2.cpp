@@ -1,3 +1,4 @@
-// maxsim kernels compiled for avx2 (ISA flags are set on this file only, by setup.py).
+// maxsim kernels compiled for avx2.
 #define EDGEPLAID_ISA_AVX2
+#include "isa_begin.h"
 #include "maxsim_impl.h"

@@ -1,3 +1,4 @@
-// maxsim kernels compiled for scalar (ISA flags are set on this file only, by setup.py).
+// maxsim kernels compiled for scalar.
 #define EDGEPLAID_ISA_SCALAR
+#include "isa_begin.h"
 #include "maxsim_impl.h"

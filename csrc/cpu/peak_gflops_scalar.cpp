@@ -1,3 +1,4 @@
-// The FMA peak probe compiled for scalar (ISA flags are set on this file only, by setup.py).
+// The FMA peak probe compiled for scalar.
 #define EDGEPLAID_ISA_SCALAR
+#include "isa_begin.h"
 #include "peak_gflops_impl.h"

@@ -7,15 +7,13 @@
 // on the per-ISA .cpp files only, so the extension runs on CPUs without AVX-512.
 // Half-precision inputs are widened in registers (vcvtph2ps / a 16-bit shift for bf16).
 #pragma once
+#include "isa_begin.h"
+
 #include <cstdint>
 #include <cstring>
 #include <limits>
 
 #include "dtypes.h"
-
-#if defined(EDGEPLAID_ISA_AVX2) || defined(EDGEPLAID_ISA_AVX512)
-#include <immintrin.h>
-#endif
 
 #define EP_INLINE inline __attribute__((always_inline))
 

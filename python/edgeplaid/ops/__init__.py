@@ -1,1 +1,22 @@
+"""edgeplaid's ops: one public function per op, each with a pure-PyTorch twin in
+:mod:`edgeplaid.ops.reference` and a backend picked by :func:`edgeplaid.ops.dispatch.resolve`.
+"""
 
+from edgeplaid.ops.centroid_interaction import centroid_interaction
+from edgeplaid.ops.centroid_scores import centroid_scores
+from edgeplaid.ops.decompress_residuals import decompress_residuals
+from edgeplaid.ops.dispatch import BackendUnavailableError, available_backends
+from edgeplaid.ops.fused_decompress_maxsim import fused_decompress_maxsim
+from edgeplaid.ops.maxsim import maxsim
+from edgeplaid.ops.maxsim_packed import maxsim_packed
+
+__all__ = [
+    "BackendUnavailableError",
+    "available_backends",
+    "centroid_interaction",
+    "centroid_scores",
+    "decompress_residuals",
+    "fused_decompress_maxsim",
+    "maxsim",
+    "maxsim_packed",
+]

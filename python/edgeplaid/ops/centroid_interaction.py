@@ -1,0 +1,57 @@
+"""centroid_interaction: PLAID stages 2-3, approximate scores from centroid scores only."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from edgeplaid.ops import _validate as v
+from edgeplaid.ops import cpp_backend, reference
+from edgeplaid.ops.dispatch import register, resolve
+
+
+def centroid_interaction(
+    centroid_scores: Any,
+    codes: Any,
+    doc_offsets: Any,
+    candidates: Any = None,
+    threshold: float | None = None,
+    queries_mask: Any = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """score[q, c] = Σ_{valid i} max_{kept t in doc} centroid_scores[q, i, codes[t]], doc = candidates[q, c].
+
+    Each document token is replaced by its centroid's score. With a threshold, token t is
+    kept only when max_{valid i} centroid_scores[q, i, codes[t]] >= threshold (PLAID's
+    centroid pruning, stage 2); without, every token counts (stage 3). A document with no
+    kept token scores -inf.
+
+    Args:
+        centroid_scores: (nq, Lq, C) float32, as returned by centroid_scores.
+        codes: (n_tokens,) int32 or int64 centroid ids; doc_offsets: (nd + 1,) int64.
+        candidates: (nq, nc) int64 (-1 = padding, scores -inf) or None for every document.
+        threshold: float or None.
+        queries_mask: (nq, Lq) bool or None; masked tokens neither score nor prune.
+        backend: "cpp", "triton" or "reference"; None picks by device.
+
+    Returns:
+        (nq, nc) float32.
+    """
+    cs = v.float_tensor(centroid_scores, "centroid_scores", 3, "(n_queries, query_len, n_centroids)")
+    v.check_dtype(cs, "centroid_scores", (torch.float32,))
+    nq, lq, _ = cs.shape
+    c = v.codes(codes, cs.device)
+    offsets = v.offsets(doc_offsets, c.shape[0], cs.device)
+    cand = v.candidates(candidates, nq, offsets.shape[0] - 1, cs.device)
+    qm = v.mask(queries_mask, "queries_mask", nq, lq, cs.device)
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
+            raise ValueError(f"threshold: expected a float or None, got {threshold!r}")
+        threshold = float(threshold)
+    return resolve("centroid_interaction", cs.device, backend)(cs, c, offsets, cand, threshold, qm)
+
+
+register("centroid_interaction", "reference", reference.centroid_interaction)
+register("centroid_interaction", "cpp", cpp_backend.centroid_interaction)

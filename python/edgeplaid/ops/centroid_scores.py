@@ -1,0 +1,46 @@
+"""centroid_scores: PLAID stage 1, every query token against every centroid, with top-n_probe."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from edgeplaid.ops import _validate as v
+from edgeplaid.ops import cpp_backend, reference
+from edgeplaid.ops.dispatch import register, resolve
+
+
+def centroid_scores(
+    queries: Any,
+    centroids: Any,
+    n_probe: int,
+    queries_mask: Any = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores[q, i, c] = ⟨queries[q, i], centroids[c]⟩, and each token's n_probe best centroids.
+
+    Args:
+        queries: (nq, Lq, dim) float32, float16 or bfloat16.
+        centroids: (C, dim) float32, float16 or bfloat16.
+        n_probe: centroids kept per query token, 1 <= n_probe <= C.
+        queries_mask: (nq, Lq) bool; masked tokens get scores 0 and ids -1.
+        backend: "cpp", "triton" or "reference"; None picks by device.
+
+    Returns:
+        scores (nq, Lq, C) float32 and top_ids (nq, Lq, n_probe) int64, best first; ties go
+        to the lower centroid id, so every backend returns the same ids.
+    """
+    q = v.queries(queries)
+    nq, lq, dim = q.shape
+    cents = v.float_tensor(centroids, "centroids", 2, "(n_centroids, dim)")
+    v.check_size(cents, "centroids", 1, dim, "dim of queries")
+    v.check_device("centroids", cents, q.device)
+    if isinstance(n_probe, bool) or not isinstance(n_probe, int) or not 1 <= n_probe <= cents.shape[0]:
+        raise ValueError(f"n_probe: expected an int in [1, n_centroids={cents.shape[0]}], got {n_probe!r}")
+    qm = v.mask(queries_mask, "queries_mask", nq, lq, q.device)
+    return resolve("centroid_scores", q.device, backend)(q, cents, n_probe, qm)
+
+
+register("centroid_scores", "reference", reference.centroid_scores)
+register("centroid_scores", "cpp", cpp_backend.centroid_scores)

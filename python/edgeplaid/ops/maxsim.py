@@ -1,0 +1,45 @@
+"""maxsim: late-interaction scores of padded queries against padded documents."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from edgeplaid.ops import _validate as v
+from edgeplaid.ops import cpp_backend, reference
+from edgeplaid.ops.dispatch import register, resolve
+
+
+def maxsim(
+    queries: Any,
+    documents: Any,
+    queries_mask: Any = None,
+    documents_mask: Any = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """score[q, n] = Σ_{valid i} max_{valid j} ⟨queries[q, i], documents[n, j]⟩.
+
+    Args:
+        queries: (nq, Lq, dim) float32, float16 or bfloat16.
+        documents: (nd, Ld, dim) float32, float16 or bfloat16 (may differ from queries).
+        queries_mask: (nq, Lq) bool, True = token counts; None = all.
+        documents_mask: (nd, Ld) bool, True = token counts; None = all.
+        backend: "cpp", "triton" or "reference"; None picks by device (see ops.dispatch).
+
+    Returns:
+        (nq, nd) float32. Accumulation is fp32; half inputs are widened exactly. A document
+        with no valid token scores -inf; a query with no valid token scores 0.
+    """
+    q = v.queries(queries)
+    nq, lq, dim = q.shape
+    d = v.float_tensor(documents, "documents", 3, "(n_docs, doc_len, dim)")
+    v.check_size(d, "documents", 2, dim, "dim of queries")
+    v.check_device("documents", d, q.device)
+    qm = v.mask(queries_mask, "queries_mask", nq, lq, q.device)
+    dm = v.mask(documents_mask, "documents_mask", d.shape[0], d.shape[1], q.device)
+    return resolve("maxsim", q.device, backend)(q, d, qm, dm)
+
+
+register("maxsim", "reference", reference.maxsim)
+register("maxsim", "cpp", cpp_backend.maxsim)

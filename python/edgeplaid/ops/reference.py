@@ -1,0 +1,208 @@
+"""Pure-PyTorch twins of every op: the specification, the fallback and the benchmark baseline.
+
+All arithmetic is fp32 whatever the input dtype. Conventions shared by every op:
+
+* A query token is valid where ``queries_mask`` is True (every token when it is None).
+* ``max`` over an empty set of document tokens is -inf, a sum over no valid query token is 0:
+  an empty document scores -inf, a query with no valid token scores 0 against everything.
+* Candidate id -1 is padding and scores -inf.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+# Bound on the (n_queries, n_docs, query_len, doc_len) similarity block held at once.
+_MAX_BLOCK_ELEMENTS = 1 << 26
+
+
+def maxsim(
+    queries: torch.Tensor,
+    documents: torch.Tensor,
+    queries_mask: torch.Tensor | None = None,
+    documents_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """score[q, n] = Σ_{valid i} max_{valid j} ⟨queries[q, i], documents[n, j]⟩.
+
+    queries (nq, Lq, dim), documents (nd, Ld, dim): float32/16/bf16; masks bool (nq, Lq),
+    (nd, Ld). Returns (nq, nd) float32.
+    """
+    nq, lq, _ = queries.shape
+    nd, ld, _ = documents.shape
+    q = queries.float()
+    out = torch.empty(nq, nd, dtype=torch.float32, device=queries.device)
+    chunk = max(1, _MAX_BLOCK_ELEMENTS // max(1, nq * lq * max(ld, 1)))
+    for start in range(0, nd, chunk):
+        d = documents[start : start + chunk].float()
+        if ld == 0:
+            best = torch.full((nq, d.shape[0], lq), NEG_INF, device=q.device)
+        else:
+            sim = torch.einsum("qid,njd->qnij", q, d)
+            if documents_mask is not None:
+                valid = documents_mask[start : start + chunk][None, :, None, :]
+                sim = sim.masked_fill(~valid, NEG_INF)
+            best = sim.amax(dim=-1)
+        if queries_mask is not None:
+            best = best.masked_fill(~queries_mask[:, None, :], 0.0)
+        out[:, start : start + chunk] = best.sum(dim=-1)
+    return out
+
+
+def pad_documents(
+    doc_tokens: torch.Tensor, doc_offsets: torch.Tensor, doc_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed documents doc_ids (n,) -> padded (n, max_len, dim) float32 and mask (n, max_len)."""
+    lengths = (doc_offsets[1:] - doc_offsets[:-1])[doc_ids]
+    max_len = int(lengths.max()) if lengths.numel() else 0
+    positions = torch.arange(max_len, device=doc_tokens.device)
+    mask = positions[None, :] < lengths[:, None]
+    index = torch.where(mask, doc_offsets[doc_ids][:, None] + positions[None, :], 0)
+    if doc_tokens.shape[0] == 0:
+        padded = torch.zeros(*index.shape, doc_tokens.shape[1], device=doc_tokens.device)
+    else:
+        padded = doc_tokens[index].float()
+    return padded, mask
+
+
+def maxsim_packed(
+    queries: torch.Tensor,
+    doc_tokens: torch.Tensor,
+    doc_offsets: torch.Tensor,
+    candidates: torch.Tensor | None = None,
+    queries_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MaxSim against packed documents: document n is doc_tokens[doc_offsets[n]:doc_offsets[n+1]].
+
+    candidates (nq, nc) int64 picks each query's documents (-1: padding, scores -inf); None
+    scores every document. Returns (nq, nc) or (nq, nd) float32.
+    """
+    nd = doc_offsets.shape[0] - 1
+    device = queries.device
+    if candidates is None:
+        docs, mask = pad_documents(doc_tokens, doc_offsets, torch.arange(nd, device=device))
+        return maxsim(queries, docs, queries_mask, mask)
+    out = torch.full(candidates.shape, NEG_INF, dtype=torch.float32, device=device)
+    for qi in range(queries.shape[0]):
+        keep = candidates[qi] >= 0
+        ids = candidates[qi][keep]
+        docs, mask = pad_documents(doc_tokens, doc_offsets, ids)
+        qmask = None if queries_mask is None else queries_mask[qi : qi + 1]
+        out[qi, keep] = maxsim(queries[qi : qi + 1], docs, qmask, mask)[0]
+    return out
+
+
+def centroid_scores(
+    queries: torch.Tensor,
+    centroids: torch.Tensor,
+    n_probe: int,
+    queries_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores[q, i, c] = ⟨queries[q, i], centroids[c]⟩ and each token's n_probe best centroids.
+
+    Returns scores (nq, Lq, C) float32 and top_ids (nq, Lq, n_probe) int64, best first, ties
+    to the lower centroid id. Masked query tokens get scores 0 and ids -1.
+    """
+    scores = torch.einsum("qid,cd->qic", queries.float(), centroids.float())
+    top_ids = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n_probe]
+    if queries_mask is not None:
+        scores = scores.masked_fill(~queries_mask[..., None], 0.0)
+        top_ids = top_ids.masked_fill(~queries_mask[..., None], -1)
+    return scores, top_ids
+
+
+def unpack_residuals(residuals: torch.Tensor, nbits: int) -> torch.Tensor:
+    """Packed residuals (n, dim * nbits / 8) uint8 -> bucket indices (n, dim) int64.
+
+    Bit order: a row is a little-endian bit string; dimension d's bucket index occupies bits
+    [d * nbits, (d + 1) * nbits) (byte d * nbits // 8, from the least significant bit).
+    """
+    shifts = torch.arange(0, 8, nbits, device=residuals.device)
+    buckets = (residuals.long()[..., None] >> shifts) & ((1 << nbits) - 1)
+    return buckets.reshape(residuals.shape[0], -1)
+
+
+def pack_residuals(buckets: torch.Tensor, nbits: int) -> torch.Tensor:
+    """Inverse of unpack_residuals: bucket indices (n, dim) -> packed (n, dim * nbits / 8) uint8."""
+    per_byte = 8 // nbits
+    shifts = torch.arange(0, 8, nbits, device=buckets.device)
+    grouped = buckets.long().reshape(buckets.shape[0], -1, per_byte)
+    return (grouped << shifts).sum(-1).to(torch.uint8)
+
+
+def decompress_residuals(
+    codes: torch.Tensor,
+    residuals: torch.Tensor,
+    centroids: torch.Tensor,
+    bucket_weights: torch.Tensor,
+    nbits: int,
+) -> torch.Tensor:
+    """token[t] = normalize(centroids[codes[t]] + bucket_weights[unpack_residuals(residuals)[t]]).
+
+    normalize(x) = x / max(‖x‖₂, 1e-12), as colbert-ai's ResidualCodec.decompress. Returns
+    (n, dim) in the dtype of centroids, computed in fp32.
+    """
+    buckets = unpack_residuals(residuals, nbits)
+    vectors = centroids.float()[codes.long()] + bucket_weights.float()[buckets]
+    return F.normalize(vectors, p=2, dim=-1).to(centroids.dtype)
+
+
+def fused_decompress_maxsim(
+    queries: torch.Tensor,
+    codes: torch.Tensor,
+    residuals: torch.Tensor,
+    doc_offsets: torch.Tensor,
+    candidates: torch.Tensor | None,
+    centroids: torch.Tensor,
+    bucket_weights: torch.Tensor,
+    nbits: int,
+    queries_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """maxsim_packed over the decompressed tokens (decompressed in fp32, not rounded)."""
+    tokens = decompress_residuals(codes, residuals, centroids.float(), bucket_weights, nbits)
+    return maxsim_packed(queries, tokens, doc_offsets, candidates, queries_mask)
+
+
+def centroid_interaction(
+    centroid_scores: torch.Tensor,
+    codes: torch.Tensor,
+    doc_offsets: torch.Tensor,
+    candidates: torch.Tensor | None = None,
+    threshold: float | None = None,
+    queries_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """PLAID stages 2-3: approximate scores from centroid scores alone.
+
+    score[q, n] = Σ_{valid i} max_{kept j in doc n} centroid_scores[q, i, codes[j]], where token j
+    is kept when threshold is None or max_{valid i} centroid_scores[q, i, codes[j]] >= threshold.
+    centroid_scores (nq, Lq, C) float32. Returns (nq, nc) or (nq, nd) float32.
+    """
+    nq, lq, n_cent = centroid_scores.shape
+    nd = doc_offsets.shape[0] - 1
+    device = centroid_scores.device
+    cand = torch.arange(nd, device=device).expand(nq, nd) if candidates is None else candidates
+    out = torch.full(cand.shape, NEG_INF, dtype=torch.float32, device=device)
+    for qi in range(nq):
+        valid = torch.ones(lq, dtype=torch.bool, device=device) if queries_mask is None else queries_mask[qi]
+        scores = centroid_scores[qi][valid].float()  # (n_valid, C)
+        table = torch.cat([scores, torch.full((scores.shape[0], 1), NEG_INF, device=device)], dim=1)
+        if threshold is not None and scores.shape[0] > 0:
+            pruned = scores.amax(dim=0) < threshold
+            table[:, :n_cent][:, pruned] = NEG_INF
+        keep = cand[qi] >= 0
+        ids = cand[qi][keep]
+        lengths = (doc_offsets[1:] - doc_offsets[:-1])[ids]
+        max_len = int(lengths.max()) if lengths.numel() else 0
+        positions = torch.arange(max_len, device=device)
+        in_doc = positions[None, :] < lengths[:, None]
+        token = torch.where(in_doc, doc_offsets[ids][:, None] + positions[None, :], 0)
+        doc_codes = codes.long()[token] if codes.numel() else torch.zeros_like(token)
+        doc_codes = torch.where(in_doc, doc_codes, n_cent)  # padding -> the -inf column
+        per_token = table[:, doc_codes]  # (n_valid, n, max_len)
+        if max_len == 0:
+            best = torch.full((scores.shape[0], ids.shape[0]), NEG_INF, device=device)
+        else:
+            best = per_token.amax(dim=-1)
+        out[qi, keep] = best.sum(dim=0)
+    return out

@@ -1,0 +1,56 @@
+"""Shared fixtures: the CPU ISAs to run, and input builders for the op tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgeplaid._native import C
+
+ISAS = ("scalar", "avx2", "avx512")
+
+
+@pytest.fixture(params=ISAS)
+def cpp_isa(request: pytest.FixtureRequest):
+    """Runs the test with the cpp backend forced to one ISA; skips ISAs this CPU lacks."""
+    if C is None:
+        pytest.skip("edgeplaid._C is not built")
+    isa = request.param
+    if isa not in C.cpu_info()["supported_isas"]:
+        pytest.skip(f"this CPU (or build) has no {isa}")
+    previous = C.cpu_isa()
+    C.set_cpu_isa(isa)
+    yield isa
+    C.set_cpu_isa(previous)
+
+
+@pytest.fixture(params=["cpp", "reference"])
+def any_backend(request: pytest.FixtureRequest) -> str:
+    if request.param == "cpp" and C is None:
+        pytest.skip("edgeplaid._C is not built")
+    return request.param
+
+
+def make_values(shape: tuple[int, ...], integer: bool, generator: torch.Generator) -> torch.Tensor:
+    """fp32 values; integer-valued in [-3, 3] when `integer` (then every sum is exact)."""
+    if integer:
+        return torch.randint(-3, 4, shape, generator=generator).float()
+    return torch.randn(shape, generator=generator)
+
+
+def make_query_mask(nq: int, lq: int, generator: torch.Generator) -> torch.Tensor:
+    """Random masks with one fully masked query row (and never a fully valid first row only)."""
+    mask = torch.rand(nq, lq, generator=generator) > 0.3
+    mask[0, :] = False  # a fully masked query scores 0
+    if nq > 1:
+        mask[1, :] = True
+    return mask
+
+
+def make_offsets(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
+
+
+# Awkward document lengths: empty, one token, around the vector widths, and one long document
+# that crosses the kernels' staging chunk.
+DOC_LENGTHS = [1, 0, 7, 8, 9, 16, 17, 33, 1, 300, 5]

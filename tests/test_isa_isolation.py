@@ -1,0 +1,39 @@
+"""The built extension keeps each ISA's instructions inside its own kernels.
+
+A function compiled with -mavx512f and shared by name with another translation unit (an
+inline helper, a std:: template) could be picked by the linker for the AVX2 or scalar path
+and crash a CPU without AVX-512. This disassembles edgeplaid._C and checks that zmm
+registers appear only in edgeplaid::avx512 code, and ymm only in avx2/avx512 code.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+C = pytest.importorskip("edgeplaid._C")
+
+
+def _functions_using(register: str) -> set[str]:
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", C.__file__], capture_output=True,
+                         text=True, check=True).stdout
+    users, current = set(), None
+    for line in out.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            current = header.group(1)
+        elif current and f"%{register}" in line:
+            users.add(current)
+    return users
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not installed")
+def test_wide_registers_stay_in_their_isa():
+    zmm = {f for f in _functions_using("zmm") if "edgeplaid::avx512::" not in f}
+    assert not zmm, f"AVX-512 instructions outside edgeplaid::avx512: {sorted(zmm)[:5]}"
+    ymm = {f for f in _functions_using("ymm")
+           if "edgeplaid::avx512::" not in f and "edgeplaid::avx2::" not in f}
+    assert not ymm, f"AVX instructions outside the avx2/avx512 kernels: {sorted(ymm)[:5]}"
