@@ -187,7 +187,7 @@ py::array_t<float> maxsim_packed(const py::array& queries, const py::object& que
 }
 
 py::tuple centroid_scores(const py::array& queries, const py::object& queries_mask, const py::array& centroids,
-                          const std::string& dtype, int64_t n_probe) {
+                          const std::string& dtype, int64_t n_probe, const py::object& scores_out) {
   const Queries q = queries_arg(queries, queries_mask);
   expect_rank(centroids, "centroids", 2, "(n_centroids, dim)");
   expect_dim(centroids, "centroids", 1, q.dim, "dim of queries");
@@ -195,7 +195,18 @@ py::tuple centroid_scores(const py::array& queries, const py::object& queries_ma
   if (n_probe < 1 || n_probe > c.rows)
     fail("n_probe: expected 1 <= n_probe <= n_centroids=" + std::to_string(c.rows) + ", got " +
          std::to_string(n_probe));
-  py::array_t<float> scores({q.nq, q.lq, c.rows});
+  py::array_t<float> scores;
+  if (scores_out.is_none()) {
+    scores = py::array_t<float>({q.nq, q.lq, c.rows});
+  } else {  // a caller's buffer, reused across calls (saves the page faults of a fresh one)
+    scores = scores_out.cast<py::array>();
+    expect_rank(scores, "out", 3, "(n_queries, query_len, n_centroids)");
+    f32_data(scores, "out");
+    expect_dim(scores, "out", 0, q.nq, "n_queries");
+    expect_dim(scores, "out", 1, q.lq, "query_len");
+    expect_dim(scores, "out", 2, c.rows, "n_centroids");
+    if (!scores.writeable()) fail("out: expected a writeable array");
+  }
   py::array_t<int64_t> ids({q.nq, q.lq, n_probe});
   float* s = scores.mutable_data();
   int64_t* i = ids.mutable_data();
@@ -342,6 +353,8 @@ py::dict cpu_info() {
     if (isa_supported(isa)) supported.append(isa_name(isa));
   }
   py::dict info;
+  info["vendor"] = f.amd ? "AMD" : "other";
+  info["family"] = f.family;
   info["features"] = features;
   info["compiled_isas"] = compiled;
   info["supported_isas"] = supported;
@@ -358,7 +371,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("maxsim_packed", &maxsim_packed, py::arg("queries"), py::arg("queries_mask"), py::arg("doc_tokens"),
         py::arg("dtype"), py::arg("doc_offsets"), py::arg("candidates"));
   m.def("centroid_scores", &centroid_scores, py::arg("queries"), py::arg("queries_mask"), py::arg("centroids"),
-        py::arg("dtype"), py::arg("n_probe"));
+        py::arg("dtype"), py::arg("n_probe"), py::arg("scores_out") = py::none());
   m.def("decompress_residuals", &decompress_residuals, py::arg("codes"), py::arg("residuals"), py::arg("centroids"),
         py::arg("dtype"), py::arg("bucket_weights"), py::arg("nbits"), py::arg("out_dtype"));
   m.def("fused_decompress_maxsim", &fused_decompress_maxsim, py::arg("queries"), py::arg("queries_mask"),

@@ -2,9 +2,11 @@
 // token's top-n_probe centroids (score descending, ties to the lower id).
 //
 // The GEMM reuses the MaxSim micro-kernel: query tokens on the lanes, centroids broadcast as
-// rows. A block of centroid scores lands in a small L1 tile; from there a lane-wise compare
-// against each token's current k-th best score (one vector compare for W tokens) finds the
-// rare entries for the per-token heaps, and the tile is copied out to the row-major output.
+// rows. A block of centroid scores lands in a small L1 tile, with each token's maximum over
+// the block kept in registers on the way; one lane-wise compare of those maxima against each
+// token's current k-th best score tells which tokens (rarely any) need their column of the
+// tile scanned for the per-token heaps. The tile reaches the row-major output by 8 x 8
+// register transposes.
 // Each thread owns a contiguous range of centroids, visited in increasing id order, so a
 // score equal to a heap's worst never displaces it (the lower id wins ties); the per-thread
 // heaps are merged at the end with the full (score, id) order.
@@ -20,16 +22,23 @@ struct ScoredId {
   float score;
   int64_t id;
 };
-// a ranks before b: higher score, then lower id.
-inline bool ranks_before(const ScoredId& a, const ScoredId& b) {
-  return a.score > b.score || (a.score == b.score && a.id < b.id);
-}
+// a ranks before b: higher score, then lower id. A functor, so the heap code inlines it.
+struct RanksBefore {
+  bool operator()(const ScoredId& a, const ScoredId& b) const {
+    return a.score > b.score || (a.score == b.score && a.id < b.id);
+  }
+};
+constexpr RanksBefore ranks_before{};
 
-// tile[t * ld + v * W + lane] = <query lane of vector v, rows[t]> for NQV query vectors.
+// tile[t * ld + v * W + lane] = <query lane of vector v, rows[t]> for NQV query vectors, and
+// block_max[v * W + lane] = max over t of the same.
 template <int NQV>
 void score_tile(const float* qt, int64_t qstride, const float* rows, int64_t n_rows, int64_t dim,
-                float* tile, int64_t ld) {
+                float* tile, int64_t ld, float* block_max) {
   constexpr int NT = tile_rows<NQV>();
+  Vec m[NQV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NQV; ++v) m[v] = Vec::set1(kNegInf);
   int64_t t = 0;
   for (; t + NT <= n_rows; t += NT) {
     Vec acc[NT][NQV];
@@ -37,14 +46,80 @@ void score_tile(const float* qt, int64_t qstride, const float* rows, int64_t n_r
 #pragma GCC unroll 16
     for (int r = 0; r < NT; ++r)
 #pragma GCC unroll 8
-      for (int v = 0; v < NQV; ++v) acc[r][v].store(tile + (t + r) * ld + v * W);
+      for (int v = 0; v < NQV; ++v) {
+        acc[r][v].store(tile + (t + r) * ld + v * W);
+        m[v] = max(m[v], acc[r][v]);
+      }
   }
   for (; t < n_rows; ++t) {
     Vec acc[1][NQV];
     dot_tile<NQV, 1>(qt, qstride, rows + t * dim, dim, acc);
 #pragma GCC unroll 8
-    for (int v = 0; v < NQV; ++v) acc[0][v].store(tile + t * ld + v * W);
+    for (int v = 0; v < NQV; ++v) {
+      acc[0][v].store(tile + t * ld + v * W);
+      m[v] = max(m[v], acc[0][v]);
+    }
   }
+#pragma GCC unroll 8
+  for (int v = 0; v < NQV; ++v) m[v].store(block_max + v * W);
+}
+
+// Replaces the root (the worst kept entry) of a full heap and restores the heap order.
+inline void replace_top(ScoredId* h, int64_t k, ScoredId e) {
+  int64_t i = 0;
+  for (;;) {
+    int64_t child = 2 * i + 1;
+    if (child >= k) break;
+    // the "larger" child in heap order is the one that ranks later (worse)
+    if (child + 1 < k && ranks_before(h[child], h[child + 1])) ++child;
+    if (!ranks_before(e, h[child])) break;
+    h[i] = h[child];
+    i = child;
+  }
+  h[i] = e;
+}
+
+// Offers scores[0:n] (ids first_id + c, increasing) to a heap of the k best; *thr is the
+// score an entry must beat (-inf until the heap is full).
+inline void scan_into_heap(const float* scores, int64_t n, int64_t first_id, ScoredId* h, int64_t k,
+                           int64_t* size, float* thr) {
+  auto offer = [&](int64_t c) {
+    const ScoredId e{scores[c], first_id + c};
+    if (*size < k) {
+      h[(*size)++] = e;
+      std::push_heap(h, h + *size, ranks_before);
+    } else {
+      replace_top(h, k, e);
+    }
+    if (*size == k) *thr = h[0].score;  // root = worst kept
+  };
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    uint32_t bits = gt_mask(Vec::load(scores + c), Vec::set1(*thr));
+    for (; bits; bits &= bits - 1) {
+      const int64_t j = c + __builtin_ctz(bits);
+      if (scores[j] > *thr) offer(j);  // the threshold may have risen within this vector
+    }
+  }
+  for (; c < n; ++c)
+    if (scores[c] > *thr) offer(c);
+}
+
+// out_rows[lane][c] = tile[c * ld + lane] for c < n_cols, lane < n_lanes.
+inline void copy_out(const float* tile, int64_t ld, int64_t n_cols, int64_t n_lanes, float* const* out_rows) {
+  int64_t lane = 0;
+  for (; lane + 8 <= n_lanes; lane += 8) {
+    int64_t c = 0;
+    for (; c + 8 <= n_cols; c += 8) {
+      float* dst[8];
+      for (int j = 0; j < 8; ++j) dst[j] = out_rows[lane + j] + c;
+      transpose_8x8(tile + c * ld + lane, ld, dst);
+    }
+    for (; c < n_cols; ++c)
+      for (int j = 0; j < 8; ++j) out_rows[lane + j][c] = tile[c * ld + lane + j];
+  }
+  for (; lane < n_lanes; ++lane)
+    for (int64_t c = 0; c < n_cols; ++c) out_rows[lane][c] = tile[c * ld + lane];
 }
 
 void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, float* scores,
@@ -84,6 +159,8 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, f
       std::vector<float> threshold(size_t(packed.stride), kNegInf);
       std::vector<float> staged(size_t(kBlock * dim));
       std::vector<float> tile(size_t(kBlock * kMaxQueryVecs * W));
+      std::vector<float> block_max(size_t(kMaxQueryVecs * W));
+      std::vector<float*> out_rows(size_t(kMaxQueryVecs * W));
       for (int64_t c0 = c_begin; c0 < c_end; c0 += kBlock) {
         const int64_t nc = std::min(kBlock, c_end - c0);
         ContiguousRows<T> stream{base, dim, c0, c0 + nc};
@@ -93,39 +170,27 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, f
           const int64_t nv = std::min<int64_t>(kMaxQueryVecs, packed.n_vec - v0);
           const int64_t ld = nv * W;
           const float* qt = packed.qt + v0 * W;
+          float* bm = block_max.data();
           switch (nv) {
-            case 4: score_tile<4>(qt, packed.stride, rows, nc, dim, tile.data(), ld); break;
-            case 3: score_tile<3>(qt, packed.stride, rows, nc, dim, tile.data(), ld); break;
-            case 2: score_tile<2>(qt, packed.stride, rows, nc, dim, tile.data(), ld); break;
-            default: score_tile<1>(qt, packed.stride, rows, nc, dim, tile.data(), ld); break;
+            case 4: score_tile<4>(qt, packed.stride, rows, nc, dim, tile.data(), ld, bm); break;
+            case 3: score_tile<3>(qt, packed.stride, rows, nc, dim, tile.data(), ld, bm); break;
+            case 2: score_tile<2>(qt, packed.stride, rows, nc, dim, tile.data(), ld, bm); break;
+            default: score_tile<1>(qt, packed.stride, rows, nc, dim, tile.data(), ld, bm); break;
           }
           const int64_t lanes = std::min(ld, n_valid - v0 * W);
-          // Top-k: only scores above a token's current k-th best reach the heap.
-          for (int64_t c = 0; c < nc; ++c) {
-            for (int64_t v = 0; v < nv; ++v) {
-              const float* s = tile.data() + c * ld + v * W;
-              float* thr = threshold.data() + (v0 + v) * W;
-              for (uint32_t bits = gt_mask(Vec::load(s), Vec::load(thr)); bits; bits &= bits - 1) {
-                const int64_t lane = v * W + __builtin_ctz(bits);
-                if (lane >= lanes) break;
-                const int64_t r = v0 * W + lane;
-                ScoredId* h = heap + r * k;
-                const ScoredId e{tile[size_t(c * ld + lane)], c0 + c};
-                if (size[r] < k) {
-                  h[size[r]++] = e;
-                  std::push_heap(h, h + size[r], ranks_before);
-                } else {
-                  std::pop_heap(h, h + k, ranks_before);
-                  h[k - 1] = e;
-                  std::push_heap(h, h + k, ranks_before);
-                }
-                if (size[r] == k) thr[lane - v * W] = h[0].score;  // root = worst kept
-              }
+          for (int64_t lane = 0; lane < lanes; ++lane)
+            out_rows[size_t(lane)] = scores + row_of[size_t(v0 * W + lane)] * n_cent + c0;
+          copy_out(tile.data(), ld, nc, lanes, out_rows.data());
+          // Top-k: only tokens whose block maximum beats their current k-th best scan their
+          // (contiguous, cache-hot) output row, W scores per compare.
+          for (int64_t v = 0; v < nv; ++v) {
+            float* thr = threshold.data() + (v0 + v) * W;
+            for (uint32_t bits = gt_mask(Vec::load(bm + v * W), Vec::load(thr)); bits; bits &= bits - 1) {
+              const int64_t lane = v * W + __builtin_ctz(bits);
+              if (lane >= lanes) break;
+              const int64_t r = v0 * W + lane;
+              scan_into_heap(out_rows[size_t(lane)], nc, c0, heap + r * k, k, size + r, thr + (lane - v * W));
             }
-          }
-          for (int64_t lane = 0; lane < lanes; ++lane) {
-            float* dst = scores + row_of[size_t(v0 * W + lane)] * n_cent + c0;
-            for (int64_t c = 0; c < nc; ++c) dst[c] = tile[size_t(c * ld + lane)];
           }
         }
       }

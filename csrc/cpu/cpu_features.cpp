@@ -26,7 +26,9 @@ CpuFeatures detect() {
   CpuFeatures f;
 #if defined(EDGEPLAID_X86)
   unsigned a, b, c, d;
+  if (__get_cpuid(0, &a, &b, &c, &d)) f.amd = b == 0x68747541u;  // "Auth"enticAMD
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  f.family = int((a >> 8) & 0xf) + ((((a >> 8) & 0xf) == 0xf) ? int((a >> 20) & 0xff) : 0);
   const bool osxsave = c & (1u << 27);
   f.fma = c & (1u << 12);
   f.f16c = c & (1u << 29);
@@ -116,7 +118,9 @@ bool isa_supported(Isa isa) {
 }
 
 Isa best_isa() {
-  if (isa_supported(Isa::avx512)) return Isa::avx512;
+  // On Zen 4 the AVX2 kernels measured 5-15% faster than the AVX-512 ones (benchmarks/).
+  const bool half_width_avx512 = cpu_features().amd && cpu_features().family == 0x19;
+  if (isa_supported(Isa::avx512) && !(half_width_avx512 && isa_supported(Isa::avx2))) return Isa::avx512;
   if (isa_supported(Isa::avx2)) return Isa::avx2;
   return Isa::scalar;
 }

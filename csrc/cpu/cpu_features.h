@@ -11,12 +11,16 @@ struct CpuFeatures {
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
   bool avx512_vnni = false, avx512_bf16 = false;
   bool os_avx = false, os_avx512 = false;  // XCR0 says the OS saves ymm / zmm state
+  bool amd = false;
+  int family = 0;  // display family (base + extended)
 };
 
 const CpuFeatures& cpu_features();
 const char* isa_name(Isa isa);
 bool isa_compiled(Isa isa);   // built into this extension
 bool isa_supported(Isa isa);  // this CPU + OS can run it (and it was compiled)
+// The fastest supported ISA: AVX-512 where its 512-bit units are full width, AVX2 on AMD
+// family 19h (Zen 3/4), whose AVX-512 runs on 256-bit halves and measured no faster.
 Isa best_isa();
 
 // The kernel set in use: EDGEPLAID_CPU_ISA at first use, else the best supported; changed by

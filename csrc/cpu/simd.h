@@ -131,5 +131,30 @@ EP_INLINE void widen_row(const typename Elem<T>::type* src, int64_t n, float* ds
   for (; i < n; ++i) dst[i] = Elem<T>::to_float(src[i]);
 }
 
+// Transposes an 8 x 8 block: dst[j][i] = src[i * src_ld + j], with dst[j] a row pointer.
+EP_INLINE void transpose_8x8(const float* src, int64_t src_ld, float* const* dst) {
+#if defined(EDGEPLAID_ISA_AVX2) || defined(EDGEPLAID_ISA_AVX512)
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * src_ld);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int h = 0; h < 8; h += 4) {
+    r[h + 0] = _mm256_shuffle_ps(t[h + 0], t[h + 2], 0x44);
+    r[h + 1] = _mm256_shuffle_ps(t[h + 0], t[h + 2], 0xee);
+    r[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
+    r[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xee);
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(dst[j], _mm256_permute2f128_ps(r[j], r[j + 4], 0x20));
+    _mm256_storeu_ps(dst[j + 4], _mm256_permute2f128_ps(r[j], r[j + 4], 0x31));
+  }
+#else
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) dst[j][i] = src[i * src_ld + j];
+#endif
+}
+
 }  // namespace EDGEPLAID_ISA_NS
 }  // namespace edgeplaid
