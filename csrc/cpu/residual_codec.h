@@ -30,14 +30,26 @@ struct ByteTable {
   }
 };
 
-// Writes the decoded, normalised token (dim fp32 values) to out.
-template <DType T>
-EP_INLINE void decode_token(const typename Elem<T>::type* centroid, const uint8_t* residual,
-                            const ByteTable& table, int64_t dim, float* out) {
-  const int pb = table.per_byte;
-  const int64_t n_bytes = dim / pb;
+// Writes the residual part of a token, bucket_weights[b_t[d]] for each d, to out (dim fp32).
+template <int PB>
+EP_INLINE void copy_byte_weights(const uint8_t* residual, const float* w, int64_t n_bytes, float* out) {
+  // A constant size: the copy is one or two moves, not a call to memcpy.
+  for (int64_t b = 0; b < n_bytes; ++b) std::memcpy(out + b * PB, w + residual[b] * PB, sizeof(float) * PB);
+}
+
+EP_INLINE void decode_residual(const uint8_t* residual, const ByteTable& table, int64_t dim, float* out) {
   const float* w = table.weights.data();
-  for (int64_t b = 0; b < n_bytes; ++b) std::memcpy(out + b * pb, w + residual[b] * pb, sizeof(float) * size_t(pb));
+  switch (table.per_byte) {
+    case 1: copy_byte_weights<1>(residual, w, dim, out); break;
+    case 2: copy_byte_weights<2>(residual, w, dim / 2, out); break;
+    case 4: copy_byte_weights<4>(residual, w, dim / 4, out); break;
+    default: copy_byte_weights<8>(residual, w, dim / 8, out); break;
+  }
+}
+
+// out = normalize(centroid + out), in place (out holds the decoded residual).
+template <DType T>
+EP_INLINE void add_centroid_and_normalize(const typename Elem<T>::type* centroid, int64_t dim, float* out) {
   Vec ss = Vec::zero();
   int64_t i = 0;
   for (; i + W <= dim; i += W) {
@@ -70,6 +82,10 @@ struct DecodedRows {
   int64_t next(float* buf, int64_t cap, const float** rows) {
     const int64_t n = std::min(cap, end - next_row);
     if (n <= 0) return 0;
+    // Two passes: the table writes of every token retire before the vector reads of the
+    // second pass (reading a token right after its piecewise writes stalls store forwarding).
+    for (int64_t j = 0; j < n; ++j)
+      decode_residual(tokens->residuals + (next_row + j) * row_bytes, *table, dim, buf + j * dim);
     for (int64_t j = 0; j < n; ++j) {
       const int64_t t = next_row + j;
       const int64_t code = tokens->codes[t];
@@ -78,7 +94,7 @@ struct DecodedRows {
                     ", expected [0, " + std::to_string(n_centroids) + ")");
         return 0;
       }
-      decode_token<T>(centroids + code * dim, tokens->residuals + t * row_bytes, *table, dim, buf + j * dim);
+      add_centroid_and_normalize<T>(centroids + code * dim, dim, buf + j * dim);
     }
     next_row += n;
     *rows = buf;
