@@ -47,7 +47,8 @@ def isa_of(source: str) -> str:
 
 
 def sources() -> list[str]:
-    return ["csrc/bindings.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
+    cpu = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
+    return ["csrc/bindings.cpp", *cpu]
 
 
 def required() -> bool:
@@ -90,15 +91,16 @@ class BuildExt(build_ext):
         except Exception as exc:  # compiler missing or failing
             if required():
                 raise
-            print(f"WARNING: edgeplaid C++ extension not built ({exc}); "
-                  "only the reference backend will be available.", file=sys.stderr)
+            print(
+                f"WARNING: edgeplaid C++ extension not built ({exc}); "
+                "only the reference backend will be available.",
+                file=sys.stderr,
+            )
 
 
 ext_modules = []
 if Pybind11Extension is not None:
-    ext_modules.append(
-        Pybind11Extension("edgeplaid._C", sources(), include_dirs=["csrc"], cxx_std=17)
-    )
+    ext_modules.append(Pybind11Extension("edgeplaid._C", sources(), include_dirs=["csrc"], cxx_std=17))
 elif required():
     raise RuntimeError("EDGEPLAID_REQUIRE_CPP=1 but pybind11 is not installed")
 

@@ -18,8 +18,9 @@ C = pytest.importorskip("edgeplaid._C")
 
 
 def _functions_using(register: str) -> set[str]:
-    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", C.__file__], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", "-C", C.__file__], capture_output=True, text=True, check=True
+    ).stdout
     users, current = set(), None
     for line in out.splitlines():
         header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
@@ -34,6 +35,7 @@ def _functions_using(register: str) -> set[str]:
 def test_wide_registers_stay_in_their_isa():
     zmm = {f for f in _functions_using("zmm") if "edgeplaid::avx512::" not in f}
     assert not zmm, f"AVX-512 instructions outside edgeplaid::avx512: {sorted(zmm)[:5]}"
-    ymm = {f for f in _functions_using("ymm")
-           if "edgeplaid::avx512::" not in f and "edgeplaid::avx2::" not in f}
+    ymm = {
+        f for f in _functions_using("ymm") if "edgeplaid::avx512::" not in f and "edgeplaid::avx2::" not in f
+    }
     assert not ymm, f"AVX instructions outside the avx2/avx512 kernels: {sorted(ymm)[:5]}"

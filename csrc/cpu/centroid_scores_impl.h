@@ -163,7 +163,7 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, f
       std::vector<float*> out_rows(size_t(kMaxQueryVecs * W));
       for (int64_t c0 = c_begin; c0 < c_end; c0 += kBlock) {
         const int64_t nc = std::min(kBlock, c_end - c0);
-        ContiguousRows<T> stream{base, dim, c0, c0 + nc};
+        ContiguousRows<T, false> stream{base, dim, c0, c0 + nc};
         const float* rows = nullptr;
         stream.next(staged.data(), nc, &rows);
         for (int64_t v0 = 0; v0 < packed.n_vec; v0 += kMaxQueryVecs) {

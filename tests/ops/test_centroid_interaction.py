@@ -23,7 +23,9 @@ def test_exact(cpp_isa, lq, threshold, with_candidates, code_dtype):
     if with_candidates:
         cand = torch.randint(0, len(DOC_LENGTHS), (nq, 11), generator=g)
         cand[:, 2] = -1
-    got = ops.centroid_interaction(scores, codes.to(code_dtype), offsets, cand, threshold, mask, backend="cpp")
+    got = ops.centroid_interaction(
+        scores, codes.to(code_dtype), offsets, cand, threshold, mask, backend="cpp"
+    )
     want = reference.centroid_interaction(scores, codes, offsets, cand, threshold, mask)
     assert torch.equal(got, want)
 

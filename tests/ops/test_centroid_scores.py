@@ -33,6 +33,8 @@ def test_ranked_on_float_inputs(cpp_isa):
     torch.testing.assert_close(scores, want_scores, rtol=1e-5, atol=1e-4)
     # Rounding may swap near-equal neighbours at the cut; any difference is such a pair.
     flat = want_scores.reshape(-1, 4096)
-    for row, (a, b) in enumerate(zip(ids.reshape(-1, 16).tolist(), want_ids.reshape(-1, 16).tolist(), strict=True)):
+    for row, (a, b) in enumerate(
+        zip(ids.reshape(-1, 16).tolist(), want_ids.reshape(-1, 16).tolist(), strict=True)
+    ):
         for c in set(a) ^ set(b):
             assert abs(float(flat[row, c] - flat[row, b[-1]])) < 1e-4

@@ -31,8 +31,9 @@ def test_golden_bit_order(any_backend):
     }
     for nbits, (row, buckets) in cases.items():
         weights = torch.arange(1 << nbits, dtype=torch.float32) + 1.0  # bucket b -> weight b + 1
-        got = ops.decompress_residuals(codes, torch.tensor([row], dtype=torch.uint8), zero, weights, nbits,
-                                       backend=any_backend)
+        got = ops.decompress_residuals(
+            codes, torch.tensor([row], dtype=torch.uint8), zero, weights, nbits, backend=any_backend
+        )
         expected = torch.tensor(buckets, dtype=torch.float32) + 1.0
         torch.testing.assert_close(got[0], expected / expected.norm(), rtol=0, atol=1e-7)
         packed = reference.pack_residuals(torch.tensor([buckets]), nbits)
@@ -45,8 +46,9 @@ def test_golden_bit_order(any_backend):
 @pytest.mark.parametrize("code_dtype", [torch.int32, torch.int64], ids=str)
 def test_matches_reference(cpp_isa, nbits, dim, dtype, code_dtype):
     codes, residuals, centroids, weights = _codec(301, dim, nbits, seed=nbits + dim)
-    got = ops.decompress_residuals(codes.to(code_dtype), residuals, centroids.to(dtype), weights, nbits,
-                                   backend="cpp")
+    got = ops.decompress_residuals(
+        codes.to(code_dtype), residuals, centroids.to(dtype), weights, nbits, backend="cpp"
+    )
     want = reference.decompress_residuals(codes, residuals, centroids.to(dtype), weights, nbits)
     assert got.dtype == dtype and got.shape == (301, dim)
     if dtype == torch.float32:
@@ -59,7 +61,9 @@ def test_roundtrip_pack_unpack():
     g = torch.Generator().manual_seed(0)
     for nbits in (1, 2, 4, 8):
         buckets = torch.randint(0, 1 << nbits, (50, 64), generator=g)
-        assert torch.equal(reference.unpack_residuals(reference.pack_residuals(buckets, nbits), nbits), buckets)
+        assert torch.equal(
+            reference.unpack_residuals(reference.pack_residuals(buckets, nbits), nbits), buckets
+        )
 
 
 def test_empty(cpp_isa):

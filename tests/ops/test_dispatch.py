@@ -26,8 +26,11 @@ def test_unknown_backend_name():
 
 def test_environment_variable_picks_the_backend(monkeypatch):
     calls = []
-    monkeypatch.setitem(dispatch._registry["maxsim_packed"], "reference",
-                        lambda *a: calls.append("reference") or torch.zeros(1, 2))
+    monkeypatch.setitem(
+        dispatch._registry["maxsim_packed"],
+        "reference",
+        lambda *a: calls.append("reference") or torch.zeros(1, 2),
+    )
     monkeypatch.setenv("EDGEPLAID_BACKEND", "reference")
     ops.maxsim_packed(*_args())
     assert calls == ["reference"]

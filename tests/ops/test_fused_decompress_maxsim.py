@@ -32,10 +32,12 @@ def test_matches_reference(cpp_isa, nbits, dim, dtype, with_candidates):
     if with_candidates:
         cand = torch.randint(0, len(DOC_LENGTHS), (3, 11), generator=g)
         cand[:, 0] = -1
-    got = ops.fused_decompress_maxsim(queries, codes, residuals, offsets, cand, centroids, weights, nbits, mask,
-                                      backend="cpp")
-    want = reference.fused_decompress_maxsim(queries, codes, residuals, offsets, cand, centroids, weights, nbits,
-                                             mask)
+    got = ops.fused_decompress_maxsim(
+        queries, codes, residuals, offsets, cand, centroids, weights, nbits, mask, backend="cpp"
+    )
+    want = reference.fused_decompress_maxsim(
+        queries, codes, residuals, offsets, cand, centroids, weights, nbits, mask
+    )
     assert torch.equal(torch.isfinite(got), torch.isfinite(want))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -43,14 +45,24 @@ def test_matches_reference(cpp_isa, nbits, dim, dtype, with_candidates):
 def test_equals_decompress_then_maxsim(cpp_isa):
     codes, residuals, offsets, centroids, weights = _index(64, 4, torch.float32)
     queries = torch.randn(2, 32, 64)
-    fused = ops.fused_decompress_maxsim(queries, codes, residuals, offsets, None, centroids, weights, 4,
-                                        backend="cpp")
+    fused = ops.fused_decompress_maxsim(
+        queries, codes, residuals, offsets, None, centroids, weights, 4, backend="cpp"
+    )
     tokens = ops.decompress_residuals(codes, residuals, centroids, weights, 4, backend="cpp")
     assert torch.equal(fused, ops.maxsim_packed(queries, tokens, offsets, backend="cpp"))
 
 
 def test_empty_candidate_lists(cpp_isa):
     codes, residuals, offsets, centroids, weights = _index(48, 2, torch.float32)
-    got = ops.fused_decompress_maxsim(torch.randn(2, 4, 48), codes, residuals, offsets,
-                                      torch.empty(2, 0, dtype=torch.int64), centroids, weights, 2, backend="cpp")
+    got = ops.fused_decompress_maxsim(
+        torch.randn(2, 4, 48),
+        codes,
+        residuals,
+        offsets,
+        torch.empty(2, 0, dtype=torch.int64),
+        centroids,
+        weights,
+        2,
+        backend="cpp",
+    )
     assert got.shape == (2, 0)

@@ -44,7 +44,7 @@ def test_exact_on_integer_inputs(cpp_isa, dim, dtype, lq, with_candidates):
 
 
 def test_empty_candidate_lists(cpp_isa):
-    queries, tokens, offsets, mask, _ = _inputs(48, 5, integer=True)
+    queries, tokens, offsets, _, _ = _inputs(48, 5, integer=True)
     got = ops.maxsim_packed(queries, tokens, offsets, torch.empty(3, 0, dtype=torch.int64), backend="cpp")
     assert got.shape == (3, 0)
 
@@ -69,7 +69,9 @@ def test_low_precision_error_within_twice_torch(cpp_isa, dtype, dim):
             if doc < 0:
                 continue
             sim = (q_lp[qi][mask[qi]] @ t_lp[offsets[doc] : offsets[doc + 1]].T).float()
-            torch_lp[qi, ci] = sim.amax(-1).sum() if sim.shape[1] else (0.0 if not mask[qi].any() else -torch.inf)
+            torch_lp[qi, ci] = (
+                sim.amax(-1).sum() if sim.shape[1] else (0.0 if not mask[qi].any() else -torch.inf)
+            )
     finite = torch.isfinite(exact)
     assert torch.equal(finite, torch.isfinite(got))
     torch_err = (torch_lp[finite] - exact[finite]).abs().max()

@@ -27,42 +27,73 @@ def _q(queries: torch.Tensor) -> np.ndarray:
 
 
 def maxsim(queries, documents, queries_mask=None, documents_mask=None) -> torch.Tensor:
-    out = C.maxsim_padded(_q(queries), _np(queries_mask), _np(documents), _DTYPE_NAMES[documents.dtype],
-                          _np(documents_mask))
+    out = C.maxsim_padded(
+        _q(queries), _np(queries_mask), _np(documents), _DTYPE_NAMES[documents.dtype], _np(documents_mask)
+    )
     return torch.from_numpy(out)
 
 
 def maxsim_packed(queries, doc_tokens, doc_offsets, candidates=None, queries_mask=None) -> torch.Tensor:
-    out = C.maxsim_packed(_q(queries), _np(queries_mask), _np(doc_tokens), _DTYPE_NAMES[doc_tokens.dtype],
-                          _np(doc_offsets), _np(candidates))
+    out = C.maxsim_packed(
+        _q(queries),
+        _np(queries_mask),
+        _np(doc_tokens),
+        _DTYPE_NAMES[doc_tokens.dtype],
+        _np(doc_offsets),
+        _np(candidates),
+    )
     return torch.from_numpy(out)
 
 
 def centroid_scores(queries, centroids, n_probe, queries_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-    scores, ids = C.centroid_scores(_q(queries), _np(queries_mask), _np(centroids),
-                                    _DTYPE_NAMES[centroids.dtype], int(n_probe))
+    scores, ids = C.centroid_scores(
+        _q(queries), _np(queries_mask), _np(centroids), _DTYPE_NAMES[centroids.dtype], int(n_probe)
+    )
     return torch.from_numpy(scores), torch.from_numpy(ids)
 
 
 def decompress_residuals(codes, residuals, centroids, bucket_weights, nbits) -> torch.Tensor:
     name = _DTYPE_NAMES[centroids.dtype]
-    out = C.decompress_residuals(_np(codes), _np(residuals), _np(centroids), name,
-                                 _np(bucket_weights.float().contiguous()), int(nbits), name)
+    out = C.decompress_residuals(
+        _np(codes),
+        _np(residuals),
+        _np(centroids),
+        name,
+        _np(bucket_weights.float().contiguous()),
+        int(nbits),
+        name,
+    )
     # Half-precision results come back as uint16 bit patterns.
     return torch.from_numpy(out).view(centroids.dtype)
 
 
-def fused_decompress_maxsim(queries, codes, residuals, doc_offsets, candidates, centroids, bucket_weights,
-                            nbits, queries_mask=None) -> torch.Tensor:
-    out = C.fused_decompress_maxsim(_q(queries), _np(queries_mask), _np(codes), _np(residuals),
-                                    _np(doc_offsets), _np(candidates), _np(centroids),
-                                    _DTYPE_NAMES[centroids.dtype], _np(bucket_weights.float().contiguous()),
-                                    int(nbits))
+def fused_decompress_maxsim(
+    queries, codes, residuals, doc_offsets, candidates, centroids, bucket_weights, nbits, queries_mask=None
+) -> torch.Tensor:
+    out = C.fused_decompress_maxsim(
+        _q(queries),
+        _np(queries_mask),
+        _np(codes),
+        _np(residuals),
+        _np(doc_offsets),
+        _np(candidates),
+        _np(centroids),
+        _DTYPE_NAMES[centroids.dtype],
+        _np(bucket_weights.float().contiguous()),
+        int(nbits),
+    )
     return torch.from_numpy(out)
 
 
-def centroid_interaction(centroid_scores, codes, doc_offsets, candidates=None, threshold=None,
-                         queries_mask=None) -> torch.Tensor:
-    out = C.centroid_interaction(_np(centroid_scores.float().contiguous()), _np(queries_mask), _np(codes),
-                                 _np(doc_offsets), _np(candidates), threshold)
+def centroid_interaction(
+    centroid_scores, codes, doc_offsets, candidates=None, threshold=None, queries_mask=None
+) -> torch.Tensor:
+    out = C.centroid_interaction(
+        _np(centroid_scores.float().contiguous()),
+        _np(queries_mask),
+        _np(codes),
+        _np(doc_offsets),
+        _np(candidates),
+        threshold,
+    )
     return torch.from_numpy(out)

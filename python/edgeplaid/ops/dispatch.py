@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from edgeplaid._native import C, IMPORT_ERROR
+from edgeplaid._native import IMPORT_ERROR, C
 
 BACKENDS = ("triton", "cpp", "reference")
 _registry: dict[str, dict[str, Callable[..., Any]]] = {}

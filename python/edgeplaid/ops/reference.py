@@ -112,6 +112,14 @@ def centroid_scores(
     return scores, top_ids
 
 
+def check_codes(codes: torch.Tensor, n_centroids: int) -> None:
+    """ValueError unless every code is a centroid id in [0, n_centroids)."""
+    if codes.numel():
+        low, high = int(codes.min()), int(codes.max())
+        if low < 0 or high >= n_centroids:
+            raise ValueError(f"codes: centroid ids must be in [0, {n_centroids}), got range [{low}, {high}]")
+
+
 def unpack_residuals(residuals: torch.Tensor, nbits: int) -> torch.Tensor:
     """Packed residuals (n, dim * nbits / 8) uint8 -> bucket indices (n, dim) int64.
 
@@ -143,6 +151,7 @@ def decompress_residuals(
     normalize(x) = x / max(‖x‖₂, 1e-12), as colbert-ai's ResidualCodec.decompress. Returns
     (n, dim) in the dtype of centroids, computed in fp32.
     """
+    check_codes(codes, centroids.shape[0])
     buckets = unpack_residuals(residuals, nbits)
     vectors = centroids.float()[codes.long()] + bucket_weights.float()[buckets]
     return F.normalize(vectors, p=2, dim=-1).to(centroids.dtype)
@@ -179,6 +188,7 @@ def centroid_interaction(
     centroid_scores (nq, Lq, C) float32. Returns (nq, nc) or (nq, nd) float32.
     """
     nq, lq, n_cent = centroid_scores.shape
+    check_codes(codes, n_cent)
     nd = doc_offsets.shape[0] - 1
     device = centroid_scores.device
     cand = torch.arange(nd, device=device).expand(nq, nd) if candidates is None else candidates
