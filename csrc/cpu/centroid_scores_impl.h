@@ -4,7 +4,7 @@
 // The GEMM reuses the MaxSim micro-kernel: query tokens on the lanes, centroids broadcast as
 // rows. A block of centroid scores lands in a small L1 tile, with each token's maximum over
 // the block kept in registers on the way; one lane-wise compare of those maxima against each
-// token's current k-th best score tells which tokens (rarely any) need their column of the
+// token's current k-th best score tells which tokens (rarely any) need their row of the
 // tile scanned for the per-token heaps. The tile reaches the row-major output by 8 x 8
 // register transposes.
 // Each thread owns a contiguous range of centroids, visited in increasing id order, so a
@@ -145,7 +145,8 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, f
   const int max_threads = get_num_threads();
   std::vector<ScoredId> heaps(size_t(max_threads * n_valid * k));
   std::vector<int64_t> heap_size(size_t(max_threads * n_valid), 0);
-  constexpr int64_t kBlock = 64;  // centroids per staged block
+  // Centroids per staged block: a multiple of every tile height (3, 4, 6, 8, 12) and of 8.
+  constexpr int64_t kBlock = 96;
 
   with_dtype(centroids.dtype, [&](auto tag) {
     constexpr DType T = decltype(tag)::value;
@@ -163,9 +164,9 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, f
       std::vector<float*> out_rows(size_t(kMaxQueryVecs * W));
       for (int64_t c0 = c_begin; c0 < c_end; c0 += kBlock) {
         const int64_t nc = std::min(kBlock, c_end - c0);
-        ContiguousRows<T, false> stream{base, dim, c0, c0 + nc};
+        ContiguousRows<T> rows_in{base, dim, c0, c0 + nc};
         const float* rows = nullptr;
-        stream.next(staged.data(), nc, &rows);
+        rows_in.next(staged.data(), nc, &rows);
         for (int64_t v0 = 0; v0 < packed.n_vec; v0 += kMaxQueryVecs) {
           const int64_t nv = std::min<int64_t>(kMaxQueryVecs, packed.n_vec - v0);
           const int64_t ld = nv * W;
