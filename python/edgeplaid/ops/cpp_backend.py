@@ -26,14 +26,28 @@ def _q(queries: torch.Tensor) -> np.ndarray:
     return queries.float().contiguous().numpy()
 
 
-def maxsim(queries, documents, queries_mask=None, documents_mask=None) -> torch.Tensor:
+Tensor = torch.Tensor
+
+
+def maxsim(
+    queries: Tensor,
+    documents: Tensor,
+    queries_mask: Tensor | None = None,
+    documents_mask: Tensor | None = None,
+) -> Tensor:
     out = C.maxsim_padded(
         _q(queries), _np(queries_mask), _np(documents), _DTYPE_NAMES[documents.dtype], _np(documents_mask)
     )
     return torch.from_numpy(out)
 
 
-def maxsim_packed(queries, doc_tokens, doc_offsets, candidates=None, queries_mask=None) -> torch.Tensor:
+def maxsim_packed(
+    queries: Tensor,
+    doc_tokens: Tensor,
+    doc_offsets: Tensor,
+    candidates: Tensor | None = None,
+    queries_mask: Tensor | None = None,
+) -> Tensor:
     out = C.maxsim_packed(
         _q(queries),
         _np(queries_mask),
@@ -45,14 +59,18 @@ def maxsim_packed(queries, doc_tokens, doc_offsets, candidates=None, queries_mas
     return torch.from_numpy(out)
 
 
-def centroid_scores(queries, centroids, n_probe, queries_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+def centroid_scores(
+    queries: Tensor, centroids: Tensor, n_probe: int, queries_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     scores, ids = C.centroid_scores(
         _q(queries), _np(queries_mask), _np(centroids), _DTYPE_NAMES[centroids.dtype], int(n_probe)
     )
     return torch.from_numpy(scores), torch.from_numpy(ids)
 
 
-def decompress_residuals(codes, residuals, centroids, bucket_weights, nbits) -> torch.Tensor:
+def decompress_residuals(
+    codes: Tensor, residuals: Tensor, centroids: Tensor, bucket_weights: Tensor, nbits: int
+) -> Tensor:
     name = _DTYPE_NAMES[centroids.dtype]
     out = C.decompress_residuals(
         _np(codes),
