@@ -20,12 +20,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(pytest.mark.benchmark)
 
 
-@pytest.fixture(scope="session")
-def peak_gflops() -> float:
-    """This machine's fp32 FMA peak on the kernels' threads, measured once per session."""
-    if C is None:
-        pytest.skip("edgeplaid._C is not built: nothing to compare with the peak")
-    return float(C.peak_gflops(0.5))
+_peaks: dict[str, float] = {}
 
 
 @pytest.fixture(params=["avx2", "avx512"])
@@ -37,3 +32,13 @@ def isa(request: pytest.FixtureRequest):
     C.set_cpu_isa(request.param)
     yield request.param
     C.set_cpu_isa(previous)
+
+
+@pytest.fixture
+def peak_gflops(isa: str) -> float:
+    """The fp32 FMA peak of the ISA under test on the kernels' threads, measured once per
+    session and ISA: an AVX2 kernel on an AVX-512 CPU is held to the AVX2 peak, as it would be
+    on the AVX2-only machines where it is the fast path."""
+    if isa not in _peaks:
+        _peaks[isa] = float(C.peak_gflops(0.5))
+    return _peaks[isa]

@@ -100,6 +100,13 @@ struct DecodedRows {
     *rows = buf;
     return n;
   }
+  void prefetch(int64_t cap) const {
+    const int64_t n = std::min(cap, end - next_row);
+    prefetch_bytes(tokens->residuals + next_row * row_bytes, n * row_bytes);
+    const Ids& codes = tokens->codes;
+    const int64_t code_bytes = codes.is64 ? 8 : 4;
+    prefetch_bytes(static_cast<const char*>(codes.data) + next_row * code_bytes, n * code_bytes);
+  }
 };
 
 }  // namespace EDGEPLAID_ISA_NS

@@ -41,6 +41,7 @@ struct Vec {
   static constexpr int W = 16;
   // Accumulator registers the MaxSim micro-tile may use (of 32 zmm).
   static constexpr int kAccRegs = 24;
+  static constexpr int kRegs = 32;  // zmm0-31
   __m512 v;
   static EP_INLINE Vec zero() { return {_mm512_setzero_ps()}; }
   static EP_INLINE Vec set1(float x) { return {_mm512_set1_ps(x)}; }
@@ -66,6 +67,7 @@ struct Vec {
 struct Vec {
   static constexpr int W = 8;
   static constexpr int kAccRegs = 12;  // of 16 ymm: 12 accumulators + broadcasts + one query vector
+  static constexpr int kRegs = 16;     // ymm0-15
   __m256 v;
   static EP_INLINE Vec zero() { return {_mm256_setzero_ps()}; }
   static EP_INLINE Vec set1(float x) { return {_mm256_set1_ps(x)}; }
@@ -96,6 +98,7 @@ struct Vec {
 struct Vec {
   static constexpr int W = 1;
   static constexpr int kAccRegs = 8;
+  static constexpr int kRegs = 16;
   float v;
   static EP_INLINE Vec zero() { return {0.0f}; }
   static EP_INLINE Vec set1(float x) { return {x}; }
