@@ -193,6 +193,8 @@ py::tuple centroid_scores(const py::array& queries, const py::object& queries_ma
   expect_rank(centroids, "centroids", 2, "(n_centroids, dim)");
   expect_dim(centroids, "centroids", 1, q.dim, "dim of queries");
   const Rows c{centroids.data(), parse_dtype(centroids, dtype, "centroids"), centroids.shape(0), q.dim};
+  if (c.rows > int64_t(UINT32_MAX))  // the top-k selection packs ids into 32 bits
+    fail("centroids: expected at most 2**32 - 1 centroids, got " + std::to_string(c.rows));
   if (n_probe < 1 || n_probe > c.rows)
     fail("n_probe: expected 1 <= n_probe <= n_centroids=" + std::to_string(c.rows) + ", got " +
          std::to_string(n_probe));

@@ -12,23 +12,37 @@
 // per-thread shortlists are merged at the end with the full (score, id) order.
 #pragma once
 #include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
 
 #include "maxsim_core.h"
 
 namespace edgeplaid {
 namespace EDGEPLAID_ISA_NS {
 
-struct ScoredId {
+// (score, centroid id) as one integer whose order is the ranking order: a higher key is a
+// higher score, then a lower id. Selection then compares plain integers, which the standard
+// algorithms (compiled for the baseline ISA, see isa_begin.h) inline; a comparator defined
+// under this file's ISA pragma cannot be inlined into them and cost a call per comparison
+// (40% of the time at n_probe 128). Ids must fit 32 bits.
+using RankKey = uint64_t;
+
+EP_INLINE RankKey rank_key(float score, int64_t id) {
+  uint32_t b;
+  std::memcpy(&b, &score, sizeof b);
+  b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);  // monotonic map of IEEE floats to uint32
+  return (RankKey(b) << 32) | RankKey(~uint32_t(id));
+}
+EP_INLINE float key_score(RankKey key) {
+  uint32_t b = uint32_t(key >> 32);
+  b = (b & 0x80000000u) ? (b & 0x7fffffffu) : ~b;
   float score;
-  int64_t id;
-};
-// a ranks before b: higher score, then lower id. A functor, so nth_element inlines it.
-struct RanksBefore {
-  bool operator()(const ScoredId& a, const ScoredId& b) const {
-    return a.score > b.score || (a.score == b.score && a.id < b.id);
-  }
-};
-constexpr RanksBefore ranks_before{};
+  std::memcpy(&score, &b, sizeof score);
+  return score;
+}
+EP_INLINE int64_t key_id(RankKey key) { return int64_t(~uint32_t(key)); }
 
 // One token's shortlist of centroids on one thread. Every score above the threshold is
 // appended (a store, no branches on the data); when the list is full, nth_element keeps the
@@ -37,20 +51,21 @@ constexpr RanksBefore ranks_before{};
 // call. Centroids arrive in increasing id order, so a later score equal to the threshold
 // loses to the kept one, as the lower id must.
 struct Shortlist {
-  ScoredId* items;
+  RankKey* items;
   int64_t size;
 };
 
 EP_INLINE void keep_best(Shortlist& list, int64_t k, float* thr) {
-  std::nth_element(list.items, list.items + (k - 1), list.items + list.size, ranks_before);
+  std::nth_element(list.items, list.items + (k - 1), list.items + list.size, std::greater<RankKey>());
   list.size = k;
-  *thr = list.items[k - 1].score;
+  *thr = key_score(list.items[k - 1]);
 }
 
 // Room per shortlist: each compaction drops at least k + 64 entries for O(2k + 64) work.
 inline int64_t shortlist_capacity(int64_t k) { return 2 * k + 64; }
 
 // out_rows[lane][c] = tile[c * ld + lane] for c < n_cols, lane < n_lanes.
+template <bool kStream>
 inline void copy_out(const float* tile, int64_t ld, int64_t n_cols, int64_t n_lanes, float* const* out_rows) {
   int64_t lane = 0;
   for (; lane + 8 <= n_lanes; lane += 8) {
@@ -58,7 +73,7 @@ inline void copy_out(const float* tile, int64_t ld, int64_t n_cols, int64_t n_la
     for (; c + 8 <= n_cols; c += 8) {
       float* dst[8];
       for (int j = 0; j < 8; ++j) dst[j] = out_rows[lane + j] + c;
-      transpose_8x8(tile + c * ld + lane, ld, dst);
+      transpose_8x8<kStream>(tile + c * ld + lane, ld, dst);
     }
     for (; c < n_cols; ++c)
       for (int j = 0; j < 8; ++j) out_rows[lane + j][c] = tile[c * ld + lane + j];
@@ -89,30 +104,36 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, f
 
   const int max_threads = get_num_threads();
   const int64_t cap = shortlist_capacity(k);
-  std::vector<ScoredId> items(size_t(max_threads * n_valid * cap));
+  std::vector<RankKey> items(size_t(max_threads * n_valid * cap));
   std::vector<Shortlist> lists(size_t(max_threads * n_valid));
   for (size_t i = 0; i < lists.size(); ++i) lists[i] = Shortlist{items.data() + i * size_t(cap), 0};
   // Centroids per staged block: a multiple of every tile height (3, 4, 6, 8, 12) and of 8.
   constexpr int64_t kBlock = 96;
+  // Non-temporal output stores need every block's row start 32-byte aligned (and a SIMD ISA).
+  // The (n_rows, C) output is written once here and read later by other code: streaming it
+  // skips the read-for-ownership of every line and keeps the centroids in cache.
+  const bool stream_out =
+      W > 1 && std::getenv("EP_NOSTREAM") == nullptr && reinterpret_cast<uintptr_t>(scores) % 32 == 0 && n_cent % 8 == 0;
 
   with_dtype(centroids.dtype, [&](auto tag) {
     constexpr DType T = decltype(tag)::value;
     using E = typename Elem<T>::type;
     const E* base = static_cast<const E*>(centroids.data);
     parallel_each_thread([&](int thread, int n_threads) {
-      const int64_t c_begin = n_cent * thread / n_threads;
-      const int64_t c_end = n_cent * (thread + 1) / n_threads;
+      // Ranges start at multiples of 8 so that streamed blocks stay aligned.
+      const auto split = [&](int t) { return t == n_threads ? n_cent : (n_cent * t / n_threads) & ~int64_t(7); };
+      const int64_t c_begin = split(thread), c_end = split(thread + 1);
       Shortlist* mine = lists.data() + thread * n_valid;
       std::vector<float> threshold(size_t(packed.stride), kNegInf);
       std::vector<float> staged(size_t(kBlock * dim));
       std::vector<float> tile(size_t(kBlock * kMaxQueryVecs * W));
       std::vector<float> block_max(size_t(kMaxQueryVecs * W));
       std::vector<float*> out_rows(size_t(kMaxQueryVecs * W));
+      ContiguousRows<T> rows_in{base, dim, c_begin, c_end};
       for (int64_t c0 = c_begin; c0 < c_end; c0 += kBlock) {
-        const int64_t nc = std::min(kBlock, c_end - c0);
-        ContiguousRows<T> rows_in{base, dim, c0, c0 + nc};
         const float* rows = nullptr;
-        rows_in.next(staged.data(), nc, &rows);
+        const int64_t nc = rows_in.next(staged.data(), kBlock, &rows);
+        rows_in.prefetch(kBlock);  // the next block, while this one is scored
         for (int64_t v0 = 0; v0 < packed.n_vec; v0 += kMaxQueryVecs) {
           const int64_t nv = std::min<int64_t>(kMaxQueryVecs, packed.n_vec - v0);
           const int64_t ld = nv * W;
@@ -125,7 +146,10 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, f
           const int64_t lanes = std::min(ld, n_valid - v0 * W);
           for (int64_t lane = 0; lane < lanes; ++lane)
             out_rows[size_t(lane)] = scores + row_of[size_t(v0 * W + lane)] * n_cent + c0;
-          copy_out(tile.data(), ld, nc, lanes, out_rows.data());
+          if (stream_out && nc == kBlock)
+            copy_out<true>(tile.data(), ld, nc, lanes, out_rows.data());
+          else
+            copy_out<false>(tile.data(), ld, nc, lanes, out_rows.data());
           // Top-k from the tile, still in L1; only tokens whose block maximum beats their
           // threshold take part, W of them per compare.
           for (int64_t v = 0; v < nv; ++v) {
@@ -139,19 +163,22 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, f
               for (uint32_t bits = gt_mask(Vec::load(col), Vec::load(thr)) & trig; bits; bits &= bits - 1) {
                 const int lane = __builtin_ctz(bits);
                 Shortlist& list = mine[(v0 + v) * W + lane];
-                list.items[list.size++] = ScoredId{col[lane], c0 + c};
+                list.items[list.size++] = rank_key(col[lane], c0 + c);
                 if (list.size == cap) keep_best(list, k, thr + lane);
               }
             }
           }
         }
       }
+#if defined(EDGEPLAID_ISA_AVX2) || defined(EDGEPLAID_ISA_AVX512)
+      if (stream_out) _mm_sfence();  // the non-temporal stores are visible before we return
+#endif
     });
   });
 
   // Merge the per-thread shortlists of each token.
   parallel_for(n_valid, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<ScoredId> all;
+    std::vector<RankKey> all;
     for (int64_t r = r0; r < r1; ++r) {
       all.clear();
       for (int t = 0; t < max_threads; ++t) {
@@ -159,9 +186,12 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, f
         all.insert(all.end(), list.items, list.items + list.size);
       }
       const int64_t keep = std::min<int64_t>(k, int64_t(all.size()));
-      std::partial_sort(all.begin(), all.begin() + keep, all.end(), ranks_before);
+      if (keep > 0) {
+        std::nth_element(all.begin(), all.begin() + (keep - 1), all.end(), std::greater<RankKey>());
+        std::sort(all.begin(), all.begin() + keep, std::greater<RankKey>());
+      }
       int64_t* dst = top_ids + row_of[size_t(r)] * k;
-      for (int64_t j = 0; j < k; ++j) dst[j] = j < keep ? all[size_t(j)].id : -1;
+      for (int64_t j = 0; j < k; ++j) dst[j] = j < keep ? key_id(all[size_t(j)]) : -1;
     }
   });
 }

@@ -63,10 +63,12 @@ EP_INLINE void add_centroid_and_normalize(const typename Elem<T>::type* centroid
     out[i] = x;
     sum += x * x;
   }
-  const float norm = std::max(std::sqrt(sum), 1e-12f);
-  const Vec nv = Vec::set1(norm);
-  for (i = 0; i + W <= dim; i += W) (Vec::load(out + i) / nv).store(out + i);
-  for (; i < dim; ++i) out[i] /= norm;
+  // One division, then multiplies: a vector division per W dims cost ~15% of the fused
+  // kernel's time on AVX2; x * (1 / n) is within one rounding of x / n.
+  const float inv = 1.0f / std::max(std::sqrt(sum), 1e-12f);
+  const Vec iv = Vec::set1(inv);
+  for (i = 0; i + W <= dim; i += W) (Vec::load(out + i) * iv).store(out + i);
+  for (; i < dim; ++i) out[i] *= inv;
 }
 
 // Stream of decoded tokens [next_row, end) for score_document.

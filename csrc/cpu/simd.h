@@ -135,6 +135,9 @@ EP_INLINE void widen_row(const typename Elem<T>::type* src, int64_t n, float* ds
 }
 
 // Transposes an 8 x 8 block: dst[j][i] = src[i * src_ld + j], with dst[j] a row pointer.
+// kStream writes with non-temporal stores (dst rows 32-byte aligned): no read for ownership
+// of lines that are only written, and no eviction of the caller's working set.
+template <bool kStream = false>
 EP_INLINE void transpose_8x8(const float* src, int64_t src_ld, float* const* dst) {
 #if defined(EDGEPLAID_ISA_AVX2) || defined(EDGEPLAID_ISA_AVX512)
   __m256 r[8], t[8];
@@ -150,8 +153,15 @@ EP_INLINE void transpose_8x8(const float* src, int64_t src_ld, float* const* dst
     r[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xee);
   }
   for (int j = 0; j < 4; ++j) {
-    _mm256_storeu_ps(dst[j], _mm256_permute2f128_ps(r[j], r[j + 4], 0x20));
-    _mm256_storeu_ps(dst[j + 4], _mm256_permute2f128_ps(r[j], r[j + 4], 0x31));
+    const __m256 lo = _mm256_permute2f128_ps(r[j], r[j + 4], 0x20);
+    const __m256 hi = _mm256_permute2f128_ps(r[j], r[j + 4], 0x31);
+    if constexpr (kStream) {
+      _mm256_stream_ps(dst[j], lo);
+      _mm256_stream_ps(dst[j + 4], hi);
+    } else {
+      _mm256_storeu_ps(dst[j], lo);
+      _mm256_storeu_ps(dst[j + 4], hi);
+    }
   }
 #else
   for (int i = 0; i < 8; ++i)
