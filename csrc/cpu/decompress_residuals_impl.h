@@ -8,7 +8,7 @@ namespace EDGEPLAID_ISA_NS {
 
 void decompress_residuals(const Compressed& tokens, const Codec& codec, void* out, DType out_dtype,
                           KernelError& err) {
-  const ByteTable table(codec.bucket_weights, codec.nbits);
+  const ResidualDecoder decoder(codec.bucket_weights, codec.nbits, codec.centroids.dim);
   const int64_t dim = codec.centroids.dim, n = tokens.codes.n;
   const int64_t row_bytes = dim * codec.nbits / 8;
   with_dtype(codec.centroids.dtype, [&](auto tag) {
@@ -16,7 +16,7 @@ void decompress_residuals(const Compressed& tokens, const Codec& codec, void* ou
     using E = typename Elem<T>::type;
     const E* cents = static_cast<const E*>(codec.centroids.data);
     parallel_for(n, 512, [&](int64_t t0, int64_t t1) {
-      DecodedRows<T> stream{cents, codec.centroids.rows, &tokens, &table, dim, row_bytes, t0, t1, &err};
+      DecodedRows<T> stream{cents, codec.centroids.rows, &tokens, &decoder, dim, row_bytes, t0, t1, &err};
       Scratch& s = thread_scratch();
       const int64_t cap = chunk_rows(dim);
       if (s.rows.size() < size_t(cap * dim)) s.rows.resize(size_t(cap * dim));

@@ -10,7 +10,7 @@ namespace EDGEPLAID_ISA_NS {
 void fused_decompress_maxsim(const Queries& q, const Compressed& tokens, const int64_t* offsets,
                              int64_t nd, const Codec& codec, const Candidates& cand, float* out,
                              KernelError& err) {
-  const ByteTable table(codec.bucket_weights, codec.nbits);
+  const ResidualDecoder decoder(codec.bucket_weights, codec.nbits, codec.centroids.dim);
   const int64_t dim = codec.centroids.dim;
   const int64_t row_bytes = dim * codec.nbits / 8;
   std::vector<float> qbuf;
@@ -22,7 +22,7 @@ void fused_decompress_maxsim(const Queries& q, const Compressed& tokens, const i
     run_maxsim(qs, nd, cand, out, err, [&](int64_t d) {
       int64_t begin = 0, end = 0;
       if (!doc_range(offsets, d, tokens.codes.n, &begin, &end, err)) begin = end = 0;
-      return DecodedRows<T>{cents, codec.centroids.rows, &tokens, &table, dim, row_bytes, begin, end, &err};
+      return DecodedRows<T>{cents, codec.centroids.rows, &tokens, &decoder, dim, row_bytes, begin, end, &err};
     });
   });
 }

@@ -47,6 +47,90 @@ EP_INLINE void decode_residual(const uint8_t* residual, const ByteTable& table, 
   }
 }
 
+// Decodes residual rows to bucket weights. On AVX2/AVX-512, for nbits 1, 2 and 4 and dim a
+// multiple of W, W dimensions at a time in registers: the row's 2·nbits (AVX-512) or nbits
+// (AVX2) bytes are spread one byte per lane by a shuffle, shifted per lane to bring each
+// dimension's bits down, masked, and looked up in the 2**nbits weights held in one register
+// (two for nbits 4 on AVX2). Otherwise through the byte table.
+struct ResidualDecoder {
+  ByteTable table;
+  int nbits;
+  int64_t dim;
+  bool in_registers = false;
+#if defined(EDGEPLAID_ISA_AVX512)
+  __m512 lut;
+#elif defined(EDGEPLAID_ISA_AVX2)
+  __m256 lut_lo, lut_hi;
+#endif
+
+  ResidualDecoder(const float* bucket_weights, int nbits_, int64_t dim_)
+      : table(bucket_weights, nbits_), nbits(nbits_), dim(dim_) {
+#if defined(EDGEPLAID_ISA_AVX512) || defined(EDGEPLAID_ISA_AVX2)
+    alignas(64) float padded[16] = {};
+    if (nbits <= 4)
+      for (int b = 0; b < (1 << nbits); ++b) padded[b] = bucket_weights[b];
+    in_registers = nbits <= 4 && dim % W == 0;
+#if defined(EDGEPLAID_ISA_AVX512)
+    lut = _mm512_load_ps(padded);
+#else
+    lut_lo = _mm256_load_ps(padded);
+    lut_hi = _mm256_load_ps(padded + 8);
+#endif
+#endif
+  }
+
+  // out[d] = bucket_weights[bucket index of dimension d of row], d < dim.
+  EP_INLINE void decode(const uint8_t* row, float* out) const {
+#if defined(EDGEPLAID_ISA_AVX512) || defined(EDGEPLAID_ISA_AVX2)
+    if (in_registers) {
+      switch (nbits) {
+        case 1: decode_lanes<1>(row, out); return;
+        case 2: decode_lanes<2>(row, out); return;
+        default: decode_lanes<4>(row, out); return;
+      }
+    }
+#endif
+    decode_residual(row, table, dim, out);
+  }
+
+#if defined(EDGEPLAID_ISA_AVX512) || defined(EDGEPLAID_ISA_AVX2)
+  template <int NB>
+  EP_INLINE void decode_lanes(const uint8_t* row, float* out) const {
+    constexpr int kBytes = W * NB / 8;  // bytes holding W dimensions
+    // Lane l takes byte l*NB/8 and shifts it right by (l*NB) % 8.
+    alignas(16) static constexpr int8_t kSpread[16] = {
+        int8_t(0 * NB / 8),  int8_t(1 * NB / 8),  int8_t(2 * NB / 8),  int8_t(3 * NB / 8),
+        int8_t(4 * NB / 8),  int8_t(5 * NB / 8),  int8_t(6 * NB / 8),  int8_t(7 * NB / 8),
+        int8_t(8 * NB / 8),  int8_t(9 * NB / 8),  int8_t(10 * NB / 8), int8_t(11 * NB / 8),
+        int8_t(12 * NB / 8), int8_t(13 * NB / 8), int8_t(14 * NB / 8), int8_t(15 * NB / 8)};
+    alignas(64) static constexpr int32_t kShift[16] = {
+        (0 * NB) % 8,  (1 * NB) % 8,  (2 * NB) % 8,  (3 * NB) % 8,  (4 * NB) % 8,  (5 * NB) % 8,
+        (6 * NB) % 8,  (7 * NB) % 8,  (8 * NB) % 8,  (9 * NB) % 8,  (10 * NB) % 8, (11 * NB) % 8,
+        (12 * NB) % 8, (13 * NB) % 8, (14 * NB) % 8, (15 * NB) % 8};
+    const __m128i spread = _mm_load_si128(reinterpret_cast<const __m128i*>(kSpread));
+    for (int64_t i = 0; i < dim; i += W) {
+      uint64_t bits = 0;
+      std::memcpy(&bits, row + i * NB / 8, kBytes);  // exactly the row's bytes: no over-read
+      const __m128i bytes = _mm_shuffle_epi8(_mm_cvtsi64_si128(int64_t(bits)), spread);
+#if defined(EDGEPLAID_ISA_AVX512)
+      __m512i idx = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(bytes), _mm512_load_si512(kShift));
+      idx = _mm512_and_si512(idx, _mm512_set1_epi32((1 << NB) - 1));
+      _mm512_storeu_ps(out + i, _mm512_permutexvar_ps(idx, lut));
+#else
+      __m256i idx = _mm256_srlv_epi32(_mm256_cvtepu8_epi32(bytes),
+                                      _mm256_load_si256(reinterpret_cast<const __m256i*>(kShift)));
+      idx = _mm256_and_si256(idx, _mm256_set1_epi32((1 << NB) - 1));
+      __m256 w = _mm256_permutevar8x32_ps(lut_lo, idx);
+      if constexpr (NB == 4)  // indices 8-15: bit 3, moved to the sign bit, picks the high half
+        w = _mm256_blendv_ps(w, _mm256_permutevar8x32_ps(lut_hi, idx),
+                             _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+      _mm256_storeu_ps(out + i, w);
+#endif
+    }
+  }
+#endif
+};
+
 // out = normalize(centroid + out), in place (out holds the decoded residual).
 template <DType T>
 EP_INLINE void add_centroid_and_normalize(const typename Elem<T>::type* centroid, int64_t dim, float* out) {
@@ -78,7 +162,7 @@ struct DecodedRows {
   const E* centroids;
   int64_t n_centroids;
   const Compressed* tokens;
-  const ByteTable* table;
+  const ResidualDecoder* decoder;
   int64_t dim, row_bytes, next_row, end;
   KernelError* err;
   int64_t next(float* buf, int64_t cap, const float** rows) {
@@ -87,7 +171,7 @@ struct DecodedRows {
     // Two passes: the table writes of every token retire before the vector reads of the
     // second pass (reading a token right after its piecewise writes stalls store forwarding).
     for (int64_t j = 0; j < n; ++j)
-      decode_residual(tokens->residuals + (next_row + j) * row_bytes, *table, dim, buf + j * dim);
+      decoder->decode(tokens->residuals + (next_row + j) * row_bytes, buf + j * dim);
     for (int64_t j = 0; j < n; ++j) {
       const int64_t t = next_row + j;
       const int64_t code = tokens->codes[t];
