@@ -24,14 +24,10 @@ void decompress_residuals(const Compressed& tokens, const Codec& codec, void* ou
       const float* rows = nullptr;
       for (int64_t got; (got = stream.next(s.rows.data(), cap, &rows)) > 0; at += got) {
         const int64_t count = got * dim;
-        if (out_dtype == DType::f32) {
-          std::memcpy(static_cast<float*>(out) + at * dim, rows, sizeof(float) * size_t(count));
-        } else {
-          uint16_t* dst = static_cast<uint16_t*>(out) + at * dim;
-          if (out_dtype == DType::f16)
-            for (int64_t i = 0; i < count; ++i) dst[i] = float_to_f16(rows[i]);
-          else
-            for (int64_t i = 0; i < count; ++i) dst[i] = float_to_bf16(rows[i]);
+        switch (out_dtype) {
+          case DType::f32: narrow_row<DType::f32>(rows, count, static_cast<float*>(out) + at * dim); break;
+          case DType::f16: narrow_row<DType::f16>(rows, count, static_cast<uint16_t*>(out) + at * dim); break;
+          case DType::bf16: narrow_row<DType::bf16>(rows, count, static_cast<uint16_t*>(out) + at * dim); break;
         }
       }
     });

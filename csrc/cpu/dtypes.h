@@ -70,16 +70,19 @@ template <>
 struct Elem<DType::f32> {
   using type = float;
   static float to_float(float x) { return x; }
+  static float from_float(float x) { return x; }
 };
 template <>
 struct Elem<DType::f16> {
   using type = uint16_t;
   static float to_float(uint16_t x) { return f16_to_float(x); }
+  static uint16_t from_float(float x) { return float_to_f16(x); }
 };
 template <>
 struct Elem<DType::bf16> {
   using type = uint16_t;
   static float to_float(uint16_t x) { return bf16_to_float(x); }
+  static uint16_t from_float(float x) { return float_to_bf16(x); }
 };
 
 }  // namespace

@@ -134,6 +134,40 @@ EP_INLINE void widen_row(const typename Elem<T>::type* src, int64_t n, float* ds
   for (; i < n; ++i) dst[i] = Elem<T>::to_float(src[i]);
 }
 
+// Narrows n fp32 values to storage type T (round to nearest even; NaN stays NaN): the twin of
+// widen_row for outputs. F16C/AVX-512 convert W at a time; bf16 rounds with integer ops.
+template <DType T>
+EP_INLINE void narrow_row(const float* src, int64_t n, typename Elem<T>::type* dst) {
+  if constexpr (T == DType::f32) {
+    std::memcpy(dst, src, sizeof(float) * size_t(n));
+  } else {
+    int64_t i = 0;
+#if defined(EDGEPLAID_ISA_AVX512)
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(src + i);
+    __m256i h;
+    if constexpr (T == DType::f16) {
+      h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+      const __m512i u = _mm512_castps_si512(x);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+      const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);  // quiet NaN, as float_to_bf16
+      r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+      h = _mm512_cvtepi32_epi16(r);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), h);
+  }
+#elif defined(EDGEPLAID_ISA_AVX2)
+  if constexpr (T == DType::f16)
+    for (; i + 8 <= n; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+    for (; i < n; ++i) dst[i] = Elem<T>::from_float(src[i]);
+  }
+}
+
 // Transposes an 8 x 8 block: dst[j][i] = src[i * src_ld + j], with dst[j] a row pointer.
 // kStream writes with non-temporal stores (dst rows 32-byte aligned): no read for ownership
 // of lines that are only written, and no eviction of the caller's working set.

@@ -57,6 +57,17 @@ def test_matches_reference(cpp_isa, nbits, dim, dtype, code_dtype):
         torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_output_is_the_rounded_fp32_output(cpp_isa, dtype):
+    # Half outputs are the kernel's own fp32 vectors rounded to nearest even, bit for bit
+    # (the SIMD conversions and the scalar tail alike: 301 x 40 values leave a tail).
+    codes, residuals, centroids, weights = _codec(301, 40, 4, seed=7)
+    half_centroids = centroids.to(dtype)
+    as_fp32 = ops.decompress_residuals(codes, residuals, half_centroids.float(), weights, 4, backend="cpp")
+    got = ops.decompress_residuals(codes, residuals, half_centroids, weights, 4, backend="cpp")
+    assert torch.equal(got, as_fp32.to(dtype))
+
+
 def test_roundtrip_pack_unpack():
     g = torch.Generator().manual_seed(0)
     for nbits in (1, 2, 4, 8):
