@@ -118,8 +118,9 @@ Candidates candidates_arg(const py::object& candidates, int64_t nq, int64_t nd) 
 
 Ids codes_arg(const py::array& codes) {
   expect_rank(codes, "codes", 1, "(n_tokens,)");
-  if (!(has_dtype(codes, 'i', 4) || has_dtype(codes, 'i', 8))) fail("codes: expected int32 or int64");
-  return Ids{codes.data(), codes.itemsize() == 8, codes.shape(0)};
+  if (!(has_dtype(codes, 'u', 2) || has_dtype(codes, 'i', 4) || has_dtype(codes, 'i', 8)))
+    fail("codes: expected uint16, int32 or int64");
+  return Ids{codes.data(), int(codes.itemsize()), codes.shape(0)};
 }
 
 Codec codec_arg(const py::array& centroids, const std::string& dtype, const py::array& bucket_weights,

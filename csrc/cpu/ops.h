@@ -67,13 +67,18 @@ struct Candidates {
   int64_t nc;
 };
 
-// Integer ids stored as int32 or int64.
+// Integer ids stored as uint16 (PLAID codes of indexes with <= 65,536 centroids: 2 bytes a
+// token), int32 or int64; `bytes` is the element size.
 struct Ids {
   const void* data;
-  bool is64;
+  int bytes;
   int64_t n;
   int64_t operator[](int64_t i) const {
-    return is64 ? static_cast<const int64_t*>(data)[i] : static_cast<const int32_t*>(data)[i];
+    switch (bytes) {
+      case 2: return static_cast<const uint16_t*>(data)[i];
+      case 4: return static_cast<const int32_t*>(data)[i];
+      default: return static_cast<const int64_t*>(data)[i];
+    }
   }
 };
 

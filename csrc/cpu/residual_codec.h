@@ -190,8 +190,7 @@ struct DecodedRows {
     const int64_t n = std::min(cap, end - next_row);
     prefetch_bytes(tokens->residuals + next_row * row_bytes, n * row_bytes);
     const Ids& codes = tokens->codes;
-    const int64_t code_bytes = codes.is64 ? 8 : 4;
-    prefetch_bytes(static_cast<const char*>(codes.data) + next_row * code_bytes, n * code_bytes);
+    prefetch_bytes(static_cast<const char*>(codes.data) + next_row * codes.bytes, n * codes.bytes);
   }
 };
 

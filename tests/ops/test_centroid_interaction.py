@@ -11,7 +11,7 @@ from edgeplaid.ops import reference
 @pytest.mark.parametrize("lq", [1, 13, 32, 67])
 @pytest.mark.parametrize("threshold", [None, 0.0, 2.0])
 @pytest.mark.parametrize("with_candidates", [False, True])
-@pytest.mark.parametrize("code_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("code_dtype", [torch.uint16, torch.int32, torch.int64], ids=str)
 def test_exact(cpp_isa, lq, threshold, with_candidates, code_dtype):
     g = torch.Generator().manual_seed(lq)
     n_centroids, nq = 53, 3

@@ -43,7 +43,7 @@ def test_golden_bit_order(any_backend):
 @pytest.mark.parametrize("nbits", [1, 2, 4, 8])
 @pytest.mark.parametrize("dim", [40, 48, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("code_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("code_dtype", [torch.uint16, torch.int32, torch.int64], ids=str)
 def test_matches_reference(cpp_isa, nbits, dim, dtype, code_dtype):
     codes, residuals, centroids, weights = _codec(301, dim, nbits, seed=nbits + dim)
     got = ops.decompress_residuals(

@@ -44,6 +44,7 @@ def test_matches_reference(cpp_isa, nbits, dim, dtype, with_candidates):
 
 def test_equals_decompress_then_maxsim(cpp_isa):
     codes, residuals, offsets, centroids, weights = _index(64, 4, torch.float32)
+    codes = codes.to(torch.uint16)  # the index's storage for <= 65,536 centroids
     queries = torch.randn(2, 32, 64)
     fused = ops.fused_decompress_maxsim(
         queries, codes, residuals, offsets, None, centroids, weights, 4, backend="cpp"

@@ -15,6 +15,8 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+# PLAID codes: uint16 for indexes of <= 65,536 centroids (2 bytes a token), else int32/int64.
+CODE_DTYPES = (torch.uint16, torch.int32, torch.int64)
 NBITS = (1, 2, 4, 8)
 
 
@@ -122,7 +124,7 @@ def candidates(x: Any, n_queries: int, n_docs: int, device: torch.device) -> tor
 def codes(x: Any, device: torch.device) -> torch.Tensor:
     t = as_tensor(x, "codes")
     check_rank(t, "codes", 1, "(n_tokens,)")
-    check_dtype(t, "codes", INDEX_DTYPES)
+    check_dtype(t, "codes", CODE_DTYPES)
     check_contiguous(t, "codes")
     check_device("codes", t, device)
     return t

@@ -115,7 +115,8 @@ def centroid_scores(
 def check_codes(codes: torch.Tensor, n_centroids: int) -> None:
     """ValueError unless every code is a centroid id in [0, n_centroids)."""
     if codes.numel():
-        low, high = int(codes.min()), int(codes.max())
+        wide = codes.long()  # torch has no min/max for uint16
+        low, high = int(wide.min()), int(wide.max())
         if low < 0 or high >= n_centroids:
             raise ValueError(f"codes: centroid ids must be in [0, {n_centroids}), got range [{low}, {high}]")
 
