@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from edgeplaid._native import C
+
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter; the variable is
+# read when triton is first imported (the kernels import it lazily, after this).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ISAS = ("scalar", "avx2", "avx512")
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -14,9 +16,37 @@ def _args():
     return torch.randn(1, 3, 48), torch.randn(5, 48), torch.tensor([0, 2, 5])
 
 
-def test_explicit_backend_that_is_missing_raises():
+def test_explicit_backend_that_is_missing_raises(monkeypatch):
+    monkeypatch.setattr(dispatch, "_triton_status", lambda: (False, "triton does not import (test)"))
     with pytest.raises(ops.BackendUnavailableError, match="triton"):
         ops.maxsim_packed(*_args(), backend="triton")
+    monkeypatch.undo()
+    monkeypatch.setitem(
+        dispatch._registry, "maxsim_packed", {"reference": dispatch._registry["maxsim_packed"]["reference"]}
+    )
+    with pytest.raises(ops.BackendUnavailableError, match="no triton implementation"):
+        ops.maxsim_packed(*_args(), backend="triton")
+
+
+def test_import_without_triton():
+    """CPU-only installs (no `gpu` extra): edgeplaid imports and runs, triton is reported absent."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, edgeplaid\n"
+        "from edgeplaid import ops\n"
+        "info = edgeplaid.available_backends()\n"
+        "assert 'triton' not in info['backends'] and not info['triton']['importable'], info\n"
+        "args = (torch.randn(1, 3, 48), torch.randn(5, 48), torch.tensor([0, 2, 5]))\n"
+        "ops.maxsim_packed(*args)\n"
+        "try:\n"
+        "    ops.maxsim_packed(*args, backend='triton')\n"
+        "except ops.BackendUnavailableError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise AssertionError('triton backend ran without triton')\n"
+        "assert 'edgeplaid.triton_kernels' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_unknown_backend_name():

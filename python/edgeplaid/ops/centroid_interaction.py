@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from edgeplaid.ops import _validate as v
-from edgeplaid.ops import cpp_backend, reference
+from edgeplaid.ops import cpp_backend, reference, triton_backend
 from edgeplaid.ops.dispatch import register, resolve
 
 
@@ -30,7 +30,7 @@ def centroid_interaction(
 
     Args:
         centroid_scores: (nq, Lq, C) float32, as returned by centroid_scores.
-        codes: (n_tokens,) int32 or int64 centroid ids; doc_offsets: (nd + 1,) int64.
+        codes: (n_tokens,) uint16, int32 or int64 centroid ids; doc_offsets: (nd + 1,) int64.
         candidates: (nq, nc) int64 (-1 = padding, scores -inf) or None for every document.
         threshold: float or None.
         queries_mask: (nq, Lq) bool or None; masked tokens neither score nor prune.
@@ -55,3 +55,4 @@ def centroid_interaction(
 
 register("centroid_interaction", "reference", reference.centroid_interaction)
 register("centroid_interaction", "cpp", cpp_backend.centroid_interaction)
+register("centroid_interaction", "triton", triton_backend.centroid_interaction)

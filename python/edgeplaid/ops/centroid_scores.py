@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from edgeplaid.ops import _validate as v
-from edgeplaid.ops import cpp_backend, reference
+from edgeplaid.ops import cpp_backend, reference, triton_backend
 from edgeplaid.ops.dispatch import register, resolve
 
 
@@ -44,3 +44,4 @@ def centroid_scores(
 
 register("centroid_scores", "reference", reference.centroid_scores)
 register("centroid_scores", "cpp", cpp_backend.centroid_scores)
+register("centroid_scores", "triton", triton_backend.centroid_scores)

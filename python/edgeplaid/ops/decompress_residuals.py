@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from edgeplaid.ops import _validate as v
-from edgeplaid.ops import cpp_backend, reference
+from edgeplaid.ops import cpp_backend, reference, triton_backend
 from edgeplaid.ops.dispatch import register, resolve
 
 
@@ -29,7 +29,7 @@ def decompress_residuals(
     are converted on import.) Vectors are L2-normalised as colbert-ai's decompress does.
 
     Args:
-        codes: (n,) int32 or int64 centroid ids in [0, C).
+        codes: (n,) uint16, int32 or int64 centroid ids in [0, C).
         residuals: (n, dim * nbits / 8) uint8.
         centroids: (C, dim) float32, float16 or bfloat16; dim * nbits must be a multiple of 8.
         bucket_weights: (2**nbits,) float (used as fp32).
@@ -49,3 +49,4 @@ def decompress_residuals(
 
 register("decompress_residuals", "reference", reference.decompress_residuals)
 register("decompress_residuals", "cpp", cpp_backend.decompress_residuals)
+register("decompress_residuals", "triton", triton_backend.decompress_residuals)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from edgeplaid.ops import _validate as v
-from edgeplaid.ops import cpp_backend, reference
+from edgeplaid.ops import cpp_backend, reference, triton_backend
 from edgeplaid.ops.dispatch import register, resolve
 
 
@@ -32,7 +32,7 @@ def fused_decompress_maxsim(
 
     Args:
         queries: (nq, Lq, dim) float32, float16 or bfloat16.
-        codes: (n_tokens,) int32 or int64; residuals: (n_tokens, dim * nbits / 8) uint8.
+        codes: (n_tokens,) uint16, int32 or int64; residuals: (n_tokens, dim * nbits / 8) uint8.
         doc_offsets: (nd + 1,) int64, non-decreasing, from 0 to n_tokens.
         candidates: (nq, nc) int64 (-1 = padding, scores -inf) or None for every document.
         centroids: (C, dim) float32, float16 or bfloat16; bucket_weights: (2**nbits,) float.
@@ -57,3 +57,4 @@ def fused_decompress_maxsim(
 
 register("fused_decompress_maxsim", "reference", reference.fused_decompress_maxsim)
 register("fused_decompress_maxsim", "cpp", cpp_backend.fused_decompress_maxsim)
+register("fused_decompress_maxsim", "triton", triton_backend.fused_decompress_maxsim)

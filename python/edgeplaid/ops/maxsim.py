@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from edgeplaid.ops import _validate as v
-from edgeplaid.ops import cpp_backend, reference
+from edgeplaid.ops import cpp_backend, reference, triton_backend
 from edgeplaid.ops.dispatch import register, resolve
 
 
@@ -43,3 +43,4 @@ def maxsim(
 
 register("maxsim", "reference", reference.maxsim)
 register("maxsim", "cpp", cpp_backend.maxsim)
+register("maxsim", "triton", triton_backend.maxsim)

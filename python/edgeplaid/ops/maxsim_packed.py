@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from edgeplaid.ops import _validate as v
-from edgeplaid.ops import cpp_backend, reference
+from edgeplaid.ops import cpp_backend, reference, triton_backend
 from edgeplaid.ops.dispatch import register, resolve
 
 
@@ -49,3 +49,4 @@ def maxsim_packed(
 
 register("maxsim_packed", "reference", reference.maxsim_packed)
 register("maxsim_packed", "cpp", cpp_backend.maxsim_packed)
+register("maxsim_packed", "triton", triton_backend.maxsim_packed)
