@@ -28,7 +28,7 @@ def test_exact(lq, threshold, with_candidates):
         cand = torch.randint(0, len(DOC_LENGTHS), (nq, 11), generator=g)
         cand[:, 2] = -1
         cand[:, 3] = 1  # the empty document
-    code_dtype = torch.int32 if lq % 2 else torch.int64
+    code_dtype = (torch.uint16, torch.int32, torch.int64)[lq % 3]
     args = on_device(scores, codes.to(code_dtype), offsets, cand)
     got = ops.centroid_interaction(*args, threshold, *on_device(mask), backend="triton").cpu()
     assert torch.equal(got, reference.centroid_interaction(scores, codes, offsets, cand, threshold, mask))

@@ -47,7 +47,7 @@ def test_golden_bit_order():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_matches_reference(nbits, dim, dtype):
     codes, residuals, centroids, weights = _codec(101, dim, nbits, seed=nbits + dim)
-    code_dtype = torch.int32 if (nbits + dim) % 2 else torch.int64
+    code_dtype = (torch.uint16, torch.int32, torch.int64)[(nbits + dim) % 3]
     got = _run(codes.to(code_dtype), residuals, centroids.to(dtype), weights, nbits)
     want = reference.decompress_residuals(codes, residuals, centroids.to(dtype), weights, nbits)
     assert got.dtype == dtype and got.shape == (101, dim)
