@@ -156,7 +156,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 def cmd_rerank(args: argparse.Namespace) -> None:
     from edgeplaid.eval import drop_empty, read_texts
-    from edgeplaid.rerank import rerank
+    from edgeplaid.reranking import rerank
 
     ids, texts = drop_empty(*read_texts(args.docs, skip_bad_lines=args.skip_bad_lines))
     if not texts:

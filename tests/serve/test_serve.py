@@ -22,7 +22,7 @@ pytest.importorskip("uvicorn")
 import uvicorn
 
 from edgeplaid.model._testing import build_bert_colbert, minilm_dir
-from edgeplaid.rerank import rerank
+from edgeplaid.reranking import rerank
 from edgeplaid.serve import ServeConfig, create_app
 
 DOCS = [

@@ -82,19 +82,20 @@ def _offsets(doclens: torch.Tensor) -> torch.Tensor:
 
 def rerank_batch(model: Any, jobs: Sequence[RerankRequest]) -> list[list[dict[str, float]]]:
     """Every job's ranking from one query encoding, one document encoding and one
-    ``maxsim_packed`` call with per-query candidate lists (-1 padding)."""
+    ``maxsim_packed`` call with per-query candidate lists (-1 padding). A document text that
+    several requests of the batch carry is encoded once."""
     queries, mask = model.encode_queries([j.query for j in jobs])
-    tokens, doclens = model.encode_documents([d for j in jobs for d in j.documents])
+    unique: dict[str, int] = {}
+    for job in jobs:
+        for d in job.documents:
+            unique.setdefault(d, len(unique))
+    tokens, doclens = model.encode_documents(list(unique))
     widest = max(len(j.documents) for j in jobs)
     candidates = torch.full((len(jobs), widest), -1, dtype=torch.int64)
-    first = 0
     for row, job in enumerate(jobs):
-        candidates[row, : len(job.documents)] = torch.arange(first, first + len(job.documents))
-        first += len(job.documents)
+        candidates[row, : len(job.documents)] = torch.tensor([unique[d] for d in job.documents])
     device = tokens.device
-    scores = ops.maxsim_packed(
-        queries, tokens, _offsets(doclens).to(device), candidates.to(device), mask
-    ).cpu()
+    scores = ops.maxsim_packed(queries, tokens, _offsets(doclens).to(device), candidates.to(device), mask).cpu()
     results = []
     for row, job in enumerate(jobs):
         s = scores[row, : len(job.documents)]
