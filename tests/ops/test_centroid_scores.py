@@ -10,7 +10,10 @@ from edgeplaid.ops import reference
 
 @pytest.mark.parametrize("dim", [40, 48, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(("n_centroids", "n_probe"), [(1, 1), (11, 4), (11, 11), (300, 8), (1000, 5), (1031, 32), (4096, 16), (4099, 3)])
+@pytest.mark.parametrize(
+    ("n_centroids", "n_probe"),
+    [(1, 1), (11, 4), (11, 11), (300, 8), (1000, 5), (1031, 32), (4096, 16), (4099, 3)],
+)
 def test_exact_with_ties(cpp_isa, dim, dtype, n_centroids, n_probe):
     # Integer values make exact ties common: top ids must follow (score desc, id asc).
     g = torch.Generator().manual_seed(n_centroids)

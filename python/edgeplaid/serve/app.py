@@ -95,7 +95,9 @@ def rerank_batch(model: Any, jobs: Sequence[RerankRequest]) -> list[list[dict[st
     for row, job in enumerate(jobs):
         candidates[row, : len(job.documents)] = torch.tensor([unique[d] for d in job.documents])
     device = tokens.device
-    scores = ops.maxsim_packed(queries, tokens, _offsets(doclens).to(device), candidates.to(device), mask).cpu()
+    scores = ops.maxsim_packed(
+        queries, tokens, _offsets(doclens).to(device), candidates.to(device), mask
+    ).cpu()
     results = []
     for row, job in enumerate(jobs):
         s = scores[row, : len(job.documents)]
