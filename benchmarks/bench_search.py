@@ -1,0 +1,314 @@
+"""End-to-end PLAID search on SciFact (5,183 docs, ~1.2M tokens of 48-dim MiniLM vectors).
+
+Run: ``python benchmarks/bench_search.py [--peers] [--threads N]`` (or through pytest with
+``-m benchmark``). Reports build time, bytes per token (every index file), one-query-at-a-time
+latency (p50/p95) and QPS, batched QPS, recall@10 against exhaustive MaxSim (over the original
+fp32 vectors, and over the index's decompressed vectors), nDCG@10 with the qrels, and the RSS
+growth of a fresh process searching a ``load(mmap=True)`` index. With ``--peers`` (and
+``benchmarks/.peers-venv`` holding fast-plaid and xtr-warp-rs, which pin torch 2.11) the peers
+run on the same embeddings in the same run, each in a subprocess. A row per contender appends
+to ``benchmarks/results/search.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _scifact
+import edgeplaid
+from edgeplaid import Index
+from edgeplaid.ops import maxsim_packed
+
+HERE = Path(__file__).parent
+PEERS_PY = HERE / ".peers-venv" / "bin" / "python"
+RESULTS = HERE / "results" / "search.csv"
+K = 10
+
+
+def ndcg_at_k(
+    ranked: list[list[str]], qids: list[str], qrels: dict[str, dict[str, int]], k: int = K
+) -> float:
+    """Mean nDCG@k (graded gains, log2 discount, as pytrec_eval's ndcg_cut)."""
+    vals = []
+    for qid, docs in zip(qids, ranked, strict=True):
+        rel = qrels.get(qid, {})
+        dcg = sum(rel.get(d, 0) / math.log2(i + 2) for i, d in enumerate(docs[:k]))
+        ideal = sorted(rel.values(), reverse=True)[:k]
+        idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
+        vals.append(dcg / idcg if idcg > 0 else 0.0)
+    return float(np.mean(vals))
+
+
+def recall(got: list[list[int]], want: list[list[int]], k: int = K) -> float:
+    return float(np.mean([len(set(g[:k]) & set(w[:k])) / k for g, w in zip(got, want, strict=True)]))
+
+
+def _rss_probe(index_path: str, queries_npz: str, tiny_path: str) -> dict[str, float]:
+    """In a fresh process: RSS before load, after load(mmap=True) and after every search.
+
+    The baseline is taken after a search on a tiny index, so one-time costs of the process
+    (imports, the kernels' thread pool, first-call initialisation) are not charged to the index.
+    """
+    code = f"""
+import json, numpy as np, torch, edgeplaid
+def rss(key):
+    f = dict(l.split(':', 1) for l in open('/proc/self/status') if ':' in l)
+    return int(f[key].split()[0]) * 1024
+def mapped(prefix):  # resident bytes of the files mapped from the index directory
+    total, cur = 0, ''
+    for line in open('/proc/self/smaps'):
+        parts = line.split()
+        if len(parts) >= 5 and '-' in parts[0] and ':' not in parts[0]:
+            cur = parts[5] if len(parts) > 5 else ''
+        elif parts[0] == 'Rss:' and cur.startswith(prefix):
+            total += int(parts[1]) * 1024
+    return total
+q = np.load({queries_npz!r})
+qs, qm = torch.from_numpy(q['queries']), torch.from_numpy(q['queries_mask'])
+tiny = edgeplaid.Index.load({tiny_path!r})
+for i in range(4):
+    tiny.search(qs[i:i+1], k=10, queries_mask=qm[i:i+1], n_candidates=8, n_rerank=4)
+tiny.search(qs, k=10, queries_mask=qm, n_candidates=8, n_rerank=4)
+del tiny
+base, anon = rss('VmRSS'), rss('RssAnon')
+idx = edgeplaid.Index.load({index_path!r}, mmap=True)
+loaded = rss('VmRSS')
+for i in range(qs.shape[0]):
+    idx.search(qs[i:i+1], k=10, queries_mask=qm[i:i+1])
+single = mapped({index_path!r}) + rss('RssAnon') - anon
+idx.search(qs, k=10, queries_mask=qm)
+print(json.dumps({{'base': base, 'loaded': loaded, 'searched': rss('VmRSS'), 'single': single,
+                   'anon_growth': rss('RssAnon') - anon, 'index_mapped': mapped({index_path!r})}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _peer(engine: str, npz: str) -> dict | None:
+    if not PEERS_PY.exists():
+        return None
+    out = tempfile.mktemp(suffix=".json")
+    proc = subprocess.run(
+        [str(PEERS_PY), str(HERE / "_peers.py"), engine, npz, out], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        print(f"  {engine} failed:\n{proc.stderr[-2000:]}")
+        return None
+    with open(out) as f:
+        return json.load(f)
+
+
+def run(peers: bool = False, threads: int = 0, nbits: int = 4, repeats: int = 3) -> list[dict]:
+    if threads:
+        edgeplaid.set_num_threads(threads)
+    data = _scifact.embeddings(48)
+    tokens = torch.from_numpy(data["doc_tokens"])
+    doclens = torch.from_numpy(data["doclens"])
+    queries = torch.from_numpy(data["queries"])
+    qmask = torch.from_numpy(data["queries_mask"])
+    doc_ids, qids, qrels = data["doc_ids"], data["query_ids"], data["qrels"]
+    nq = queries.shape[0]
+    print(
+        f"SciFact: {doclens.shape[0]} docs, {tokens.shape[0]} tokens, dim {tokens.shape[1]}, "
+        f"{nq} test queries; "
+        f"{edgeplaid.get_num_threads()} kernel threads"
+    )
+
+    # exact MaxSim over the original fp32 vectors: the quality reference
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), doclens.cumsum(0)])
+    t = time.perf_counter()
+    exact_scores = maxsim_packed(queries, tokens, offsets, None, qmask)
+    exact_s = time.perf_counter() - t
+    exact = exact_scores.topk(K, dim=1).indices.tolist()
+    ndcg_exact = ndcg_at_k([[doc_ids[i] for i in row] for row in exact], qids, qrels)
+    print(f"exhaustive fp32 MaxSim: {exact_s:.2f} s for all queries, nDCG@10 {ndcg_exact:.4f}")
+
+    work = Path(tempfile.mkdtemp(prefix="bench-search-"))
+    rows = []
+    try:
+        t = time.perf_counter()
+        idx = Index.build(work / "idx", tokens, doclens, nbits=nbits, ids=doc_ids, progress=False)
+        build_s = time.perf_counter() - t
+        bpt = idx.nbytes() / idx.n_tokens
+        print(
+            f"edgeplaid build: {build_s:.1f} s {idx.build_timings}, {idx.n_centroids} centroids, "
+            f"{bpt:.2f} bytes/token ({idx.nbytes() / 1e6:.1f} MB)"
+        )
+        ex_idx = idx.search_exhaustive(queries, K, qmask).ids.tolist()
+        ndcg_ex_idx = ndcg_at_k([[doc_ids[i] for i in row] for row in ex_idx], qids, qrels)
+
+        idx.search(queries[:4], K, qmask[:4])  # warm-up
+        lat_runs, batch_runs = [], []
+        single = None
+        for _ in range(repeats):
+            lat = []
+            res = []
+            for i in range(nq):
+                t = time.perf_counter()
+                r = idx.search(queries[i : i + 1], K, qmask[i : i + 1])
+                lat.append(time.perf_counter() - t)
+                res.append(r.ids[0].tolist())
+            lat_runs.append(lat)
+            single = res
+            t = time.perf_counter()
+            batched = idx.search(queries, K, qmask)
+            batch_runs.append(time.perf_counter() - t)
+        lat_all = np.array(lat_runs).min(axis=0)  # per query, best of the repeats (shared machine)
+        p50, p95 = float(np.percentile(lat_all, 50)) * 1e3, float(np.percentile(lat_all, 95)) * 1e3
+        qps_batched = nq / min(batch_runs)
+        rec = recall(single, exact)
+        rec_idx = recall(single, ex_idx)
+        assert batched.ids.tolist() == single, "batched and single-query results differ"
+        ndcg = ndcg_at_k([[doc_ids[i] for i in row] for row in single], qids, qrels)
+        print(
+            f"edgeplaid search: p50 {p50:.2f} ms, p95 {p95:.2f} ms, {1e3 / p50:.0f} QPS single, "
+            f"{qps_batched:.0f} QPS batched; recall@10 {rec:.4f} vs exact fp32, {rec_idx:.4f} vs the index's "
+            f"exhaustive; nDCG@10 {ndcg:.4f} (exhaustive fp32 {ndcg_exact:.4f}, "
+            f"index exhaustive {ndcg_ex_idx:.4f})"
+        )
+        qnpz = str(work / "q.npz")
+        np.savez(qnpz, queries=data["queries"], queries_mask=data["queries_mask"])
+        tiny_docs = int(doclens[:50].sum())
+        Index.build(
+            work / "tiny", tokens[:tiny_docs], doclens[:50], nbits=nbits, n_centroids=64, progress=False
+        )
+        rss = _rss_probe(str(work / "idx"), qnpz, str(work / "tiny"))
+        growth = rss["index_mapped"] + rss["anon_growth"]
+        print(
+            "RSS of a fresh process after load(mmap) + all 300 searches (single, then batched): "
+            f"index files mapped {rss['index_mapped'] / 1e6:.1f} MB + anonymous growth "
+            f"{rss['anon_growth'] / 1e6:.1f} MB = {growth / 1e6:.1f} MB for an index of "
+            f"{idx.nbytes() / 1e6:.1f} MB ({growth / idx.nbytes():.2f}x); VmRSS growth "
+            f"{(rss['searched'] - rss['base']) / 1e6:.1f} MB (includes shared-library code pages first "
+            f"touched), after load alone +{(rss['loaded'] - rss['base']) / 1e6:.1f} MB, after the "
+            f"single-query searches {rss['single'] / 1e6:.1f} MB ({rss['single'] / idx.nbytes():.2f}x)"
+        )
+        rows.append(
+            dict(
+                contender="edgeplaid",
+                build_s=build_s,
+                bytes_per_token=bpt,
+                p50_ms=p50,
+                p95_ms=p95,
+                qps_single=1e3 / float(np.mean(lat_all * 1e3)),
+                qps_batched=qps_batched,
+                recall10=rec,
+                recall10_vs_index_exhaustive=rec_idx,
+                ndcg10=ndcg,
+                ndcg10_exhaustive=ndcg_exact,
+                rss_over_index=growth / idx.nbytes(),
+                note="measured",
+            )
+        )
+        if peers:
+            npz = str(work / "peers.npz")
+            np.savez(
+                npz,
+                doc_tokens=data["doc_tokens"],
+                doclens=data["doclens"],
+                queries=data["queries"],
+                queries_mask=data["queries_mask"],
+            )
+            for engine in ("fast-plaid", "warp"):
+                print(f"running {engine} in {PEERS_PY.parent.parent.name} (minutes)...", flush=True)
+                r = _peer(engine, npz)
+                if r is None:
+                    continue
+                lat = np.array(r["latencies_s"]) * 1e3
+                rec_p = recall(r["ids"], exact)
+                nd = ndcg_at_k([[doc_ids[i] for i in row if i >= 0] for row in r["ids"]], qids, qrels)
+                row = dict(
+                    contender=engine,
+                    build_s=r["build_s"],
+                    bytes_per_token=r["index_bytes"] / r["n_tokens"],
+                    p50_ms=float(np.percentile(lat, 50)),
+                    p95_ms=float(np.percentile(lat, 95)),
+                    qps_single=1e3 / float(lat.mean()),
+                    qps_batched=nq / r["batched_s"],
+                    recall10=rec_p,
+                    recall10_vs_index_exhaustive=float("nan"),
+                    ndcg10=nd,
+                    ndcg10_exhaustive=ndcg_exact,
+                    rss_over_index=float("nan"),
+                    note="measured",
+                )
+                rows.append(row)
+                print(
+                    f"  {engine}: build {row['build_s']:.0f} s, {row['bytes_per_token']:.1f} B/token, "
+                    f"p50 {row['p50_ms']:.1f} ms, {row['qps_batched']:.1f} QPS batched, "
+                    f"recall@10 {rec_p:.3f}, "
+                    f"nDCG@10 {nd:.4f}"
+                )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _write(rows)
+    return rows
+
+
+def _write(rows: list[dict]) -> None:
+    RESULTS.parent.mkdir(exist_ok=True)
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), ""
+    )
+    head = ["date", "commit", "cpu", "threads", *rows[0].keys()] if rows else []
+    new = not RESULTS.exists()
+    with open(RESULTS, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(head)
+        for r in rows:
+            w.writerow(
+                [
+                    dt.datetime.now().isoformat(timespec="seconds"),
+                    commit,
+                    cpu,
+                    edgeplaid.get_num_threads(),
+                    *[f"{v:.4g}" if isinstance(v, float) else v for v in r.values()],
+                ]
+            )
+
+
+@pytest.mark.benchmark
+def test_search_scifact():
+    if not (_scifact.DATA / "corpus.jsonl").exists():
+        pytest.skip("../shared/data/scifact is not here")
+    rows = run(peers=PEERS_PY.exists())
+    ours = rows[0]
+    print(json.dumps(ours, indent=1))
+    assert statistics.fmean([ours["recall10"]]) > 0.9
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--peers", action="store_true", help="also run fast-plaid and WARP (benchmarks/.peers-venv)"
+    )
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    run(peers=a.peers, threads=a.threads, repeats=a.repeats)

@@ -1,0 +1,7 @@
+"""PLAID index: k-means, residual codec, on-disk format (mmap), build, load, colbert-ai import."""
+
+from edgeplaid.index._colbert import ColbertImportError
+from edgeplaid.index._index import Index, SearchResult
+from edgeplaid.index._storage import FORMAT_VERSION, IndexFormatError
+
+__all__ = ["FORMAT_VERSION", "ColbertImportError", "Index", "IndexFormatError", "SearchResult"]

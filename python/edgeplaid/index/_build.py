@@ -1,0 +1,300 @@
+"""PLAID index build in bounded memory: sample -> k-means -> residual codec -> codes + residuals -> IVF.
+
+The build reads the corpus twice. Pass 1 counts tokens, keeps the k-means sample (the tokens
+with the smallest pseudo-random keys, a key being a hash of the token's global position, so a
+corpus given in batches samples exactly the tokens it would sample given at once) and, for an
+iterator, spools the batches to a float32 file inside the index being written. Pass 2
+compresses batch by batch straight into the residual file. Memory: the sample, one batch, and
+the codes (2 bytes per token).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgeplaid.index import _codec
+from edgeplaid.index._storage import IndexWriter
+
+_SAMPLE_CAP = 1 << 19  # most tokens pass 1 keeps for k-means + held-out
+_BATCH_TOKENS = 1 << 16  # pass-2 block when the corpus is one array
+
+
+def _as_numpy(x: Any, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.numpy()
+    if isinstance(x, np.ndarray):
+        return x
+    raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def _keys(start: int, n: int, seed: int) -> np.ndarray:
+    """splitmix64 of global token positions start..start+n: uniform, order-independent keys."""
+    with np.errstate(over="ignore"):
+        z = np.arange(start, start + n, dtype=np.uint64) + np.uint64(seed * 0x9E3779B97F4A7C15 % (1 << 64))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def check_batch(tokens: Any, doclens: Any, dim: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Validated (tokens (n, dim) float32, doclens (b,) int64) of one batch."""
+    t = _as_numpy(tokens, "doc_tokens")
+    d = _as_numpy(doclens, "doclens")
+    if t.ndim != 2:
+        raise ValueError(f"doc_tokens: expected (n_tokens, dim), got shape {t.shape}")
+    if t.dtype not in (np.float32, np.float16, np.float64):
+        raise ValueError(f"doc_tokens: expected a float array, got {t.dtype}")
+    if dim is not None and t.shape[1] != dim:
+        raise ValueError(f"doc_tokens: dim {t.shape[1]} differs from the first batch's {dim}")
+    if d.ndim != 1 or d.dtype.kind not in "iu":
+        raise ValueError(f"doclens: expected (n_docs,) integers, got {d.dtype} {d.shape}")
+    d = d.astype(np.int64)
+    if (d < 0).any():
+        raise ValueError("doclens: negative document length")
+    if int(d.sum()) != t.shape[0]:
+        raise ValueError(f"doclens: sum {int(d.sum())} != n_tokens {t.shape[0]} of doc_tokens")
+    return np.ascontiguousarray(t, dtype=np.float32), d
+
+
+class _Sampler:
+    """Keeps the ``cap`` tokens with the smallest keys seen so far."""
+
+    def __init__(self, cap: int, seed: int) -> None:
+        self.cap, self.seed = cap, seed
+        self.keys = np.empty(0, dtype=np.uint64)
+        self.rows: np.ndarray | None = None
+
+    def add(self, start: int, tokens: np.ndarray) -> None:
+        keys = _keys(start, tokens.shape[0], self.seed)
+        if self.rows is None:
+            self.rows = np.empty((0, tokens.shape[1]), dtype=np.float32)
+        if keys.shape[0] > self.cap:  # only this batch's best can enter
+            keep = np.argpartition(keys, self.cap - 1)[: self.cap]
+            keys, tokens = keys[keep], tokens[keep]
+        keys = np.concatenate([self.keys, keys])
+        rows = np.concatenate([self.rows, tokens])
+        if keys.shape[0] > self.cap:
+            keep = np.argpartition(keys, self.cap - 1)[: self.cap]
+            keys, rows = keys[keep], rows[keep]
+        self.keys, self.rows = keys, rows
+
+    def smallest(self) -> np.ndarray:
+        """Kept rows ordered by key, (n, dim) float32."""
+        assert self.rows is not None
+        return self.rows[np.argsort(self.keys, kind="stable")]
+
+
+def _batches(doc_tokens: Any, doclens: Any, ids: Any) -> Iterator[tuple[Any, Any, Any]]:
+    if doclens is not None:
+        yield doc_tokens, doclens, ids
+        return
+    for item in doc_tokens:
+        if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+            raise ValueError(
+                "an iterator of batches must yield (doc_tokens, doclens) or (doc_tokens, doclens, ids)"
+            )
+        yield item[0], item[1], item[2] if len(item) == 3 else None
+
+
+def _progress(total: int | None, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, leave=False)
+
+
+def build(
+    path: str | os.PathLike,
+    doc_tokens: Any,
+    doclens: Any = None,
+    nbits: int = 4,
+    ids: Any = None,
+    *,
+    n_centroids: int | None = None,
+    kmeans_iters: int = 4,
+    sample_per_centroid: int = 16,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    compact_codes: bool = True,
+) -> dict[str, float]:
+    """Builds an index at ``path`` (see :meth:`edgeplaid.Index.build`); returns stage timings (s)."""
+    if nbits not in (1, 2, 4, 8):
+        raise ValueError(f"nbits: expected 1, 2, 4 or 8, got {nbits!r}")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    one_shot = doclens is not None
+    with IndexWriter(path, overwrite=overwrite) as w:
+        # ---- pass 1: count, sample, collect doclens / ids, spool an iterator
+        sampler = _Sampler(_SAMPLE_CAP, seed)
+        all_doclens: list[np.ndarray] = []
+        user_ids: list[Any] = []
+        have_ids: bool | None = None
+        dim: int | None = None
+        n_tokens = 0
+        spool_path = w.path("_spool.f32")
+        spool = None if one_shot else open(spool_path, "wb")
+        whole: np.ndarray | None = None
+        bar = _progress(None, "edgeplaid: reading", progress)
+        try:
+            for bt, bd, bi in _batches(doc_tokens, doclens, ids):
+                t, d = check_batch(bt, bd, dim)
+                dim = t.shape[1]
+                if bi is not None:
+                    bi = list(bi.tolist() if isinstance(bi, (np.ndarray, torch.Tensor)) else bi)
+                    if len(bi) != d.shape[0]:
+                        raise ValueError(f"ids: {len(bi)} ids for {d.shape[0]} documents")
+                if have_ids is None:
+                    have_ids = bi is not None
+                elif have_ids != (bi is not None):
+                    raise ValueError("ids: either every batch has ids or none does")
+                if bi is not None:
+                    user_ids.extend(bi)
+                sampler.add(n_tokens, t)
+                all_doclens.append(d)
+                if spool is not None:
+                    spool.write(t.tobytes())
+                else:
+                    whole = t
+                n_tokens += t.shape[0]
+                if bar is not None:
+                    bar.update(t.shape[0])
+        finally:
+            if spool is not None:
+                spool.close()
+            if bar is not None:
+                bar.close()
+        if dim is None:
+            raise ValueError("doc_tokens: no batch given")
+        if dim * nbits % 8:
+            raise ValueError(f"nbits: dim * nbits must be a multiple of 8, got dim={dim}, nbits={nbits}")
+        dls = np.concatenate(all_doclens) if all_doclens else np.zeros(0, np.int64)
+        n_docs = dls.shape[0]
+        if n_tokens == 0:
+            raise ValueError("doc_tokens: the corpus has no token")
+        timings["read"] = time.perf_counter() - t0
+
+        # ---- k-means on the sample, codec on a held-out slice
+        t1 = time.perf_counter()
+        k = n_centroids if n_centroids is not None else _codec.num_centroids(n_tokens)
+        if not 1 <= k <= n_tokens:
+            raise ValueError(f"n_centroids: expected 1 <= n_centroids <= n_tokens={n_tokens}, got {k}")
+        sample = sampler.smallest()
+        n_heldout = min(max(sample.shape[0] // 20, 1), 50_000) if sample.shape[0] > k else 0
+        n_fit = min(sample.shape[0] - n_heldout, max(k, sample_per_centroid * k))
+        n_fit = max(n_fit, k)
+        fit, heldout = sample[:n_fit], sample[n_fit : n_fit + n_heldout]
+        if heldout.shape[0] == 0:
+            heldout = fit
+        # Stored as fp16 (as colbert-ai stores them); residuals are taken against the rounded values.
+        centroids = _codec.kmeans(fit, k, kmeans_iters, seed).astype(np.float16).astype(np.float32)
+        timings["kmeans"] = time.perf_counter() - t1
+        hcodes = _codec.assign(heldout, centroids)
+        avg_residual, cutoffs, weights = _codec.fit_buckets(heldout - centroids[hcodes], nbits)
+        del sample, fit, heldout
+
+        # ---- pass 2: compress into codes + residuals
+        t2 = time.perf_counter()
+        code_dtype = np.uint16 if compact_codes and k <= 1 << 16 else np.int32
+        codes = np.empty(n_tokens, dtype=code_dtype)
+        w.begin_array("residuals", np.uint8, (dim * nbits // 8,))
+        bar = _progress(n_tokens, "edgeplaid: compressing", progress)
+        src = whole if one_shot else np.memmap(spool_path, dtype=np.float32, mode="c", shape=(n_tokens, dim))
+        for s in range(0, n_tokens, _BATCH_TOKENS):
+            block = np.ascontiguousarray(src[s : s + _BATCH_TOKENS])
+            c, r = _codec.compress(block, centroids, cutoffs, nbits)
+            codes[s : s + block.shape[0]] = c
+            w.append("residuals", r)
+            if bar is not None:
+                bar.update(block.shape[0])
+        if bar is not None:
+            bar.close()
+        w.end_array("residuals")
+        del src
+        if not one_shot:
+            os.remove(spool_path)
+        timings["compress"] = time.perf_counter() - t2
+
+        # ---- IVF: centroid -> sorted unique documents (CSR)
+        t3 = time.perf_counter()
+        ivf_offsets, ivf_docs = build_ivf(codes, dls, k)
+        timings["ivf"] = time.perf_counter() - t3
+
+        w.write_array("centroids", centroids.astype(np.float16))
+        w.write_array("avg_residual", np.array([avg_residual], dtype=np.float32))
+        w.write_array("bucket_cutoffs", cutoffs)
+        w.write_array("bucket_weights", weights)
+        w.write_array("codes", codes)
+        w.write_array("doclens", dls.astype(np.int32))
+        w.write_array("ivf_offsets", ivf_offsets)
+        w.write_array("ivf_docs", ivf_docs)
+        id_kind = write_ids(w, user_ids if have_ids else None, n_docs)
+        manifest = {
+            "dim": int(dim),
+            "nbits": int(nbits),
+            "n_docs": int(n_docs),
+            "n_tokens": int(n_tokens),
+            "n_centroids": int(k),
+            "ids": id_kind,
+            "build": {
+                "kmeans_iters": kmeans_iters,
+                "kmeans_sample": int(n_fit),
+                "seed": seed,
+                "source": "edgeplaid",
+            },
+        }
+        w.commit(manifest)
+    timings["total"] = time.perf_counter() - t0
+    return timings
+
+
+def build_ivf(codes: np.ndarray, doclens: np.ndarray, n_centroids: int) -> tuple[np.ndarray, np.ndarray]:
+    """IVF in CSR form from codes (n_tokens,) and doclens (n_docs,).
+
+    Returns offsets (n_centroids + 1,) int64 and docs (n_ivf,) int32: the sorted unique
+    documents having a token in centroid c are docs[offsets[c]:offsets[c + 1]].
+    """
+    n_docs = doclens.shape[0]
+    doc_of = np.repeat(np.arange(n_docs, dtype=np.int64), doclens)
+    key = np.unique(codes.astype(np.int64) * max(n_docs, 1) + doc_of)
+    cent = key // max(n_docs, 1)
+    docs = (key - cent * max(n_docs, 1)).astype(np.int32)
+    offsets = np.zeros(n_centroids + 1, dtype=np.int64)
+    np.cumsum(np.bincount(cent, minlength=n_centroids), out=offsets[1:])
+    return offsets, docs
+
+
+def write_ids(w: IndexWriter, ids: list[Any] | None, n_docs: int) -> str:
+    """Stores user ids (all int or all str, unique); returns their kind: none, int or str."""
+    if ids is None:
+        return "none"
+    if len(ids) != n_docs:
+        raise ValueError(f"ids: {len(ids)} ids for {n_docs} documents")
+    if all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
+        arr = np.asarray(ids, dtype=np.int64)
+        if np.unique(arr).shape[0] != n_docs:
+            raise ValueError("ids: duplicate document ids")
+        w.write_array("ids", arr)
+        return "int"
+    if all(isinstance(i, str) for i in ids):
+        if len(set(ids)) != n_docs:
+            raise ValueError("ids: duplicate document ids")
+        enc = [s.encode("utf-8") for s in ids]
+        offsets = np.zeros(n_docs + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in enc], out=offsets[1:])
+        w.write_array("ids_str", np.frombuffer(b"".join(enc), dtype=np.uint8))
+        w.write_array("ids_str_offsets", offsets)
+        return "str"
+    raise ValueError("ids: expected all int or all str document ids")

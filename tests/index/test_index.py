@@ -1,0 +1,240 @@
+"""edgeplaid.Index: build / load roundtrip, on-disk format, atomic writes, errors, ids, batches."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _plaid_data import corpus
+from edgeplaid import Index, IndexFormatError
+from edgeplaid.index import _build
+from edgeplaid.index._codec import num_centroids, pack_buckets
+from edgeplaid.ops import reference
+
+
+@pytest.fixture(scope="module")
+def data():
+    return corpus(n_docs=200)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, data):
+    tokens, doclens, _ = data
+    path = tmp_path_factory.mktemp("idx") / "index"
+    ids = [f"doc-{i}" for i in range(doclens.shape[0])]
+    return Index.build(path, tokens, doclens, nbits=4, ids=ids, n_centroids=64, progress=False)
+
+
+def test_num_centroids_as_colbert():
+    assert num_centroids(1_230_000) == 16384
+    assert num_centroids(10_000) == 1024
+    assert num_centroids(1) == 1
+
+
+def test_pack_buckets_matches_reference_bit_order():
+    g = torch.Generator().manual_seed(0)
+    for nbits in (1, 2, 4, 8):
+        b = torch.randint(0, 1 << nbits, (7, 48), generator=g)
+        want = reference.pack_residuals(b, nbits).numpy()
+        assert np.array_equal(pack_buckets(b.numpy().astype(np.uint8), nbits), want)
+
+
+def test_roundtrip(built, data):
+    tokens, doclens, _ = data
+    idx = Index.load(built.path, mmap=True, verify=True)
+    assert (idx.n_docs, idx.n_tokens, idx.dim, idx.nbits, idx.n_centroids) == (
+        doclens.shape[0],
+        tokens.shape[0],
+        48,
+        4,
+        64,
+    )
+    assert torch.equal(idx.doclens.long(), doclens)
+    assert isinstance(idx._residuals_array, np.memmap)
+    # on disk: int32 codes, packed residuals, int32 doclens, CSR IVF
+    m = json.loads((built.path / "manifest.json").read_text())
+    assert m["format_version"] == 1
+    assert m["arrays"]["codes"]["dtype"] == "<u2"  # <= 65,536 centroids
+    assert m["arrays"]["centroids"]["dtype"] == "<f2"
+    assert m["arrays"]["residuals"]["shape"] == [tokens.shape[0], 24]
+    assert m["arrays"]["doclens"]["dtype"] == "<i4"
+    # decompressed tokens are close to the originals
+    dec = reference.decompress_residuals(
+        idx.codes, idx.residuals, idx.centroids.float(), idx.bucket_weights, 4
+    )
+    cos = (dec * tokens).sum(-1)
+    assert float(cos.mean()) > 0.97
+    # the IVF lists every document in the lists of its tokens' centroids, sorted and unique
+    for c in (0, 17, 63):
+        docs = idx.ivf_docs[idx.ivf_offsets[c] : idx.ivf_offsets[c + 1]]
+        tok_doc = torch.repeat_interleave(torch.arange(idx.n_docs), doclens)
+        want = np.unique(tok_doc[idx.codes == c].numpy())
+        assert np.array_equal(np.asarray(docs), want)
+    mem = Index.load(built.path, mmap=False)
+    assert torch.equal(mem.codes, idx.codes) and torch.equal(mem.residuals, idx.residuals)
+
+
+def test_ids_mapping(built):
+    assert built.user_ids[5] == "doc-5"
+    assert built.positions(["doc-7", "doc-0"]).tolist() == [7, 0]
+    assert built.to_user_ids(torch.tensor([[3, -1]])) == [["doc-3", None]]
+
+
+def test_int_ids(tmp_path, data):
+    tokens, doclens, _ = data
+    ids = list(range(1000, 1000 + doclens.shape[0]))
+    idx = Index.build(tmp_path / "i", tokens, doclens, ids=ids, n_centroids=32, progress=False)
+    assert idx.user_ids.dtype == np.int64 and idx.to_user_ids([[0, 2]]) == [[1000, 1002]]
+    with pytest.raises(ValueError, match="duplicate"):
+        Index.build(tmp_path / "j", tokens, doclens, ids=[1] * doclens.shape[0], progress=False)
+    assert not (tmp_path / "j").exists()
+
+
+def test_batches_equal_one_shot(tmp_path, data, built):
+    tokens, doclens, _ = data
+    bounds = [0, 13, 14, 90, doclens.shape[0]]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), doclens.cumsum(0)])
+
+    def batches():
+        for a, b in itertools.pairwise(bounds):
+            ids = [f"doc-{i}" for i in range(a, b)]
+            yield tokens[offsets[a] : offsets[b]].numpy(), doclens[a:b].numpy(), ids
+
+    idx = Index.build(tmp_path / "b", batches(), nbits=4, n_centroids=64, progress=False)
+    for name in (
+        "centroids",
+        "bucket_weights",
+        "bucket_cutoffs",
+        "codes",
+        "residuals",
+        "doclens",
+        "ivf_docs",
+    ):
+        assert torch.equal(
+            torch.as_tensor(np.asarray(getattr(idx, name))), torch.as_tensor(np.asarray(getattr(built, name)))
+        ), name
+    assert idx.user_ids == built.user_ids
+    assert not any(p.name.startswith("_spool") for p in (tmp_path / "b").iterdir())
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path, data, monkeypatch):
+    tokens, doclens, _ = data
+
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(_build, "build_ivf", boom)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        Index.build(tmp_path / "x", tokens, doclens, n_centroids=16, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_path_is_kept_unless_overwrite(tmp_path, data):
+    tokens, doclens, _ = data
+    Index.build(tmp_path / "i", tokens[:100], torch.tensor([100]), n_centroids=8, progress=False)
+    with pytest.raises(FileExistsError):
+        Index.build(tmp_path / "i", tokens, doclens, n_centroids=8, progress=False)
+    idx = Index.build(tmp_path / "i", tokens, doclens, n_centroids=8, overwrite=True, progress=False)
+    assert idx.n_docs == doclens.shape[0]
+    assert [p.name for p in tmp_path.iterdir()] == ["i"]
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_truncated_file_raises(tmp_path, built):
+    p = _copy(built.path, tmp_path / "t")
+    res = p / "residuals.bin"
+    res.write_bytes(res.read_bytes()[:-5])
+    with pytest.raises(IndexFormatError, match="truncated"):
+        Index.load(p)
+
+
+def test_missing_file_and_manifest_raise(tmp_path, built):
+    p = _copy(built.path, tmp_path / "m")
+    os.remove(p / "ivf_docs.bin")
+    with pytest.raises(IndexFormatError, match="missing"):
+        Index.load(p)
+    os.remove(p / "manifest.json")
+    with pytest.raises(IndexFormatError, match="manifest"):
+        Index.load(p)
+    with pytest.raises(IndexFormatError, match="not an index"):
+        Index.load(tmp_path / "nowhere")
+
+
+def test_corrupt_bytes_fail_verification(tmp_path, built):
+    p = _copy(built.path, tmp_path / "c")
+    raw = bytearray((p / "residuals.bin").read_bytes())
+    raw[10] ^= 0xFF
+    (p / "residuals.bin").write_bytes(bytes(raw))
+    Index.load(p)  # sizes are right: loads without verify
+    with pytest.raises(IndexFormatError, match="checksum"):
+        Index.load(p, verify=True)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: m.update(format_version=99), "format_version"),
+        (lambda m: m.update(dim=64), "centroids"),
+        (lambda m: m.update(nbits=3), "nbits"),
+        (lambda m: m.update(n_tokens=m["n_tokens"] + 1), "codes"),
+        (lambda m: m.update(format="something"), "not an edgeplaid"),
+    ],
+)
+def test_mismatched_manifest_raises(tmp_path, built, edit, match):
+    p = _copy(built.path, tmp_path / "mm")
+    m = json.loads((p / "manifest.json").read_text())
+    edit(m)
+    (p / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IndexFormatError, match=match):
+        Index.load(p)
+
+
+def test_compact_codes(tmp_path, data, built):
+    # Default: uint16 codes (<= 65,536 centroids), mapped and read by the kernels as stored;
+    # compact_codes=False stores int32. Both search alike.
+    tokens, doclens, _ = data
+    ids = [f"doc-{i}" for i in range(doclens.shape[0])]
+    wide = Index.build(
+        tmp_path / "w", tokens, doclens, ids=ids, n_centroids=64, compact_codes=False, progress=False
+    )
+    assert built.manifest["arrays"]["codes"]["dtype"] == "<u2" and built.codes.dtype == torch.uint16
+    assert wide.manifest["arrays"]["codes"]["dtype"] == "<i4" and wide.codes.dtype == torch.int32
+    assert (built.path / "codes.bin").stat().st_size == 2 * built.n_tokens
+    q = torch.nn.functional.normalize(torch.randn(3, 5, tokens.shape[1]), dim=-1)
+    a, b = built.search(q, k=5), wide.search(q, k=5)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.scores, b.scores)
+
+
+def test_garbage_manifest_and_corrupt_codes(tmp_path, built):
+    p = _copy(built.path, tmp_path / "g")
+    codes = np.fromfile(p / "codes.bin", dtype=built.manifest["arrays"]["codes"]["dtype"])
+    codes[3] = 60000
+    codes.tofile(p / "codes.bin")
+    with pytest.raises(IndexFormatError, match="checksum"):
+        Index.load(p, verify=True)
+    with pytest.raises(ValueError, match="code"):  # the kernels check every code they read
+        Index.load(p).search_exhaustive(torch.randn(1, 3, 48))
+    (p / "manifest.json").write_text("{not json")
+    with pytest.raises(IndexFormatError, match="unreadable"):
+        Index.load(p)
+
+
+def test_bad_build_input(tmp_path, data):
+    tokens, doclens, _ = data
+    with pytest.raises(ValueError, match="doclens"):
+        Index.build(tmp_path / "a", tokens, doclens + 1, progress=False)
+    with pytest.raises(ValueError, match="nbits"):
+        Index.build(tmp_path / "b", tokens, doclens, nbits=3, progress=False)
+    assert list(tmp_path.iterdir()) == []
