@@ -183,3 +183,54 @@ def test_search_endpoint(model, tmp_path: Path):
     want = index.search(queries, k=3, queries_mask=mask)
     assert got["ids"] == want.ids.tolist() and got["user_ids"] == want.user_ids
     assert torch.tensor(got["scores"]) == pytest.approx(want.scores, abs=1e-5)
+
+
+def test_sigterm_answers_the_requests_in_flight(model, tmp_path: Path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from edgeplaid.model._testing import build_bert_colbert as build
+
+    path = build(tmp_path / "m", minilm_dir(), seed=5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgeplaid.cli",
+            "serve",
+            "--model",
+            str(path),
+            "--port",
+            str(port),
+            "--quiet",
+        ],
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "the server did not start"
+            time.sleep(0.2)
+        body = {"query": "wing lift", "documents": DOCS * 120}  # long enough to be in flight
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, f"{url}/v1/rerank", json=body, timeout=120)
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            response = pending.result()
+        assert response.status_code == 200 and len(response.json()["results"]) == len(DOCS) * 120
+        # uvicorn re-raises the signal once it has shut down gracefully: -SIGTERM is the clean exit.
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
