@@ -134,6 +134,31 @@ def sim_tile(qa, qb, qc, dt, PIECES: tl.constexpr, F32_DOT: tl.constexpr, UPCAST
 
 
 @triton.jit
+def doc_span(cand_ptr, off_ptr, qi, col, n_out, n_docs, HAS_CAND: tl.constexpr):
+    """(ok, start, length) of the document that column ``col`` of query ``qi`` scores: its
+    candidate id (HAS_CAND) or ``col`` itself. Never trusts an id: -1 (padding) and anything
+    out of range give ok=False and length 0, so nothing is read and the score is -inf."""
+    if HAS_CAND:
+        doc = tl.load(cand_ptr + qi * n_out + col)
+    else:
+        doc = col
+    ok = (doc >= 0) & (doc < n_docs)
+    doc = tl.where(ok, doc, 0)
+    start = tl.load(off_ptr + doc)
+    length = tl.where(ok, tl.load(off_ptr + doc + 1) - start, 0)
+    return ok, start, length
+
+
+@triton.jit
+def add_valid_rows(total, best, qm_ptr, rows, row_ok, HAS_QMASK: tl.constexpr):
+    """total + best on the valid query rows (in range and unmasked): masked rows add 0."""
+    valid = row_ok
+    if HAS_QMASK:
+        valid = valid & (tl.load(qm_ptr + rows, mask=row_ok, other=0) != 0)
+    return total + tl.where(valid, best, 0.0)
+
+
+@triton.jit
 def maxsim_doc(
     q_ptr,
     qm_ptr,
@@ -190,10 +215,7 @@ def maxsim_doc(
                 t_ok = t_ok & (tl.load(tm_ptr + rows_t, mask=t_in, other=0) != 0)
             s = tl.where(t_ok[None, :], s, NEG_INF)
             best = tl.maximum(best, tl.max(s, axis=1))
-        valid = row_ok
-        if HAS_QMASK:
-            valid = valid & (tl.load(qm_ptr + rows, mask=row_ok, other=0) != 0)
-        total += tl.where(valid, best, 0.0)
+        total = add_valid_rows(total, best, qm_ptr, rows, row_ok, HAS_QMASK)
     return tl.sum(total, axis=0)
 
 

@@ -20,9 +20,11 @@ import triton
 import triton.language as tl
 from edgeplaid.triton_kernels._common import (
     NEG_INF,
+    add_valid_rows,
     autotune,
     block,
     check_cuda_or_interpret,
+    doc_span,
     grid_groups,
     mask_u8,
 )
@@ -61,14 +63,7 @@ def _centroid_interaction_kernel(
     q_lo = tl.program_id(1).to(tl.int64) * q_per_prog
     q_hi = tl.minimum(q_lo + q_per_prog, nq)
     for qi in range(q_lo, q_hi):
-        if HAS_CAND:
-            doc = tl.load(cand_ptr + qi * n_out + col)
-        else:
-            doc = col
-        ok = (doc >= 0) & (doc < n_docs)  # -1 padding and bad ids: -inf, nothing read
-        doc = tl.where(ok, doc, 0)
-        start = tl.load(off_ptr + doc)
-        length = tl.where(ok, tl.load(off_ptr + doc + 1) - start, 0)
+        ok, start, length = doc_span(cand_ptr, off_ptr, qi, col, n_out, n_docs, HAS_CAND)
         table = cs_ptr + qi * lq * n_cent
         total = tl.zeros([BLOCK_Q], dtype=tl.float32)
         for q0 in range(0, lq, BLOCK_Q):
@@ -89,10 +84,7 @@ def _centroid_interaction_kernel(
                     other=NEG_INF,
                 )
                 best = tl.maximum(best, tl.max(s, axis=1))
-            valid = row_ok
-            if HAS_QMASK:
-                valid = valid & (tl.load(qm_ptr + qi * lq + rows, mask=row_ok, other=0) != 0)
-            total += tl.where(valid, best, 0.0)
+            total = add_valid_rows(total, best, qm_ptr + qi * lq, rows, row_ok, HAS_QMASK)
         tl.store(out_ptr + qi * n_out + col, tl.where(ok, tl.sum(total, axis=0), NEG_INF))
 
 

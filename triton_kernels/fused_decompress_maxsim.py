@@ -16,10 +16,12 @@ import triton
 import triton.language as tl
 from edgeplaid.triton_kernels._common import (
     NEG_INF,
+    add_valid_rows,
     autotune,
     block,
     check_cuda_or_interpret,
     decode_tile,
+    doc_span,
     dot,
     grid_groups,
     load_query_tile,
@@ -70,14 +72,7 @@ def _fused_decompress_maxsim_kernel(
     q_hi = tl.minimum(q_lo + q_per_prog, nq)
     offs_k = tl.arange(0, BLOCK_K)
     for qi in range(q_lo, q_hi):
-        if HAS_CAND:
-            doc = tl.load(cand_ptr + qi * n_out + col)
-        else:
-            doc = col
-        ok = (doc >= 0) & (doc < n_docs)  # -1 padding and bad ids: -inf, nothing read
-        doc = tl.where(ok, doc, 0)
-        start = tl.load(off_ptr + doc)
-        length = tl.where(ok, tl.load(off_ptr + doc + 1) - start, 0)
+        ok, start, length = doc_span(cand_ptr, off_ptr, qi, col, n_out, n_docs, HAS_CAND)
         total = tl.zeros([BLOCK_Q], dtype=tl.float32)
         for q0 in range(0, lq, BLOCK_Q):
             rows = q0 + tl.arange(0, BLOCK_Q)
@@ -101,10 +96,7 @@ def _fused_decompress_maxsim_kernel(
                     s = dot(q, tl.trans(d.to(q.dtype)), s, F32_DOT, UPCAST)
                 s = tl.where(t_in[None, :], s, NEG_INF)
                 best = tl.maximum(best, tl.max(s, axis=1))
-            valid = row_ok
-            if HAS_QMASK:
-                valid = valid & (tl.load(qm_ptr + qi * lq + rows, mask=row_ok, other=0) != 0)
-            total += tl.where(valid, best, 0.0)
+            total = add_valid_rows(total, best, qm_ptr + qi * lq, rows, row_ok, HAS_QMASK)
         tl.store(out_ptr + qi * n_out + col, tl.where(ok, tl.sum(total, axis=0), NEG_INF))
 
 

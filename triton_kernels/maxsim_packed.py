@@ -21,6 +21,7 @@ from edgeplaid.triton_kernels._common import (
     autotune,
     block,
     check_cuda_or_interpret,
+    doc_span,
     grid_groups,
     mask_u8,
     maxsim_doc,
@@ -65,15 +66,7 @@ def _maxsim_packed_kernel(
     q_lo = tl.program_id(1).to(tl.int64) * q_per_prog
     q_hi = tl.minimum(q_lo + q_per_prog, nq)
     for qi64 in range(q_lo, q_hi):
-        if HAS_CAND:
-            doc = tl.load(cand_ptr + qi64 * n_out + col)
-        else:
-            doc = col
-        # Never trust an id: -1 (padding) and anything out of range score -inf, read nothing.
-        ok = (doc >= 0) & (doc < n_docs)
-        doc = tl.where(ok, doc, 0)
-        start = tl.load(off_ptr + doc)
-        length = tl.where(ok, tl.load(off_ptr + doc + 1) - start, 0)
+        ok, start, length = doc_span(cand_ptr, off_ptr, qi64, col, n_out, n_docs, HAS_CAND)
         score = maxsim_doc(
             q_ptr + qi64 * lq * dim,
             qm_ptr + qi64 * lq,
