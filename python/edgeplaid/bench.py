@@ -32,9 +32,7 @@ def median_ms(fn: Callable[[], object], min_rounds: int = 5, min_seconds: float 
 
 
 def _packed_docs(n_docs: int, dim: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.randint(100, 301, (n_docs,), generator=g)
-    offsets = torch.zeros(n_docs + 1, dtype=torch.int64)
-    torch.cumsum(lengths, 0, out=offsets[1:])
+    offsets = ops.offsets_from_lengths(torch.randint(100, 301, (n_docs,), generator=g))
     tokens = torch.nn.functional.normalize(torch.randn(int(offsets[-1]), dim, generator=g), dim=-1)
     return tokens, offsets
 

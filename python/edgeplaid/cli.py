@@ -225,11 +225,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
         collection, model, model_name=model_spec, k=100, exhaustive=True, progress=not args.quiet
     )
     lines = [_report_text(report), ""]
+    docs = dict(zip(collection.doc_ids, collection.doc_texts, strict=True))
     for qid, text in list(zip(collection.query_ids, collection.query_texts, strict=True))[:3]:
         lines.append(f"query {qid}: {text}")
         judged = collection.qrels.get(qid, {})
         top = sorted(report.run[qid].items(), key=lambda x: -x[1])[:3]
-        docs = dict(zip(collection.doc_ids, collection.doc_texts, strict=True))
         for rank, (doc, score) in enumerate(top, 1):
             mark = "relevant" if judged.get(doc, 0) > 0 else "        "
             lines.append(f"  {rank}. [{mark}] {score:7.3f}  {doc:>5}  {docs[doc][:90]}")

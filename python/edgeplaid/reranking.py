@@ -27,16 +27,12 @@ def _documents_as_packed(documents: Any) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, doclens = (torch.as_tensor(x) for x in documents)
         if doclens.dim() != 1 or doclens.dtype.is_floating_point:
             raise ValueError("documents: expected (tokens (n_tokens, dim), doclens (n_docs,) int)")
-        offsets = torch.zeros(doclens.shape[0] + 1, dtype=torch.int64)
-        torch.cumsum(doclens.to(torch.int64), 0, out=offsets[1:])
-        return tokens, offsets
+        return tokens, ops.offsets_from_lengths(doclens)
     docs = [torch.as_tensor(d) for d in documents]
     for i, d in enumerate(docs):
         if d.dim() != 2:
             raise ValueError(f"documents[{i}]: expected a (doc_len, dim) array, got shape {tuple(d.shape)}")
-    lengths = torch.tensor([d.shape[0] for d in docs], dtype=torch.int64)
-    offsets = torch.zeros(len(docs) + 1, dtype=torch.int64)
-    torch.cumsum(lengths, 0, out=offsets[1:])
+    offsets = ops.offsets_from_lengths(torch.tensor([d.shape[0] for d in docs], dtype=torch.int64))
     return torch.cat(docs) if docs else torch.empty(0, 0), offsets
 
 
@@ -90,8 +86,7 @@ def rerank(
         return torch.empty(0, dtype=torch.float32), torch.empty(0, dtype=torch.int64)
     if all(isinstance(d, str) for d in documents):
         tokens, doclens = _as_model(model).encode_documents(list(documents))
-        offsets = torch.zeros(doclens.shape[0] + 1, dtype=torch.int64)
-        torch.cumsum(doclens.to(torch.int64), 0, out=offsets[1:])
+        offsets = ops.offsets_from_lengths(doclens)
     else:
         tokens, offsets = _documents_as_packed(documents)
     q = q.to(tokens.device)

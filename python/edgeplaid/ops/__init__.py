@@ -9,6 +9,7 @@ from edgeplaid.ops.dispatch import BackendUnavailableError, available_backends
 from edgeplaid.ops.fused_decompress_maxsim import fused_decompress_maxsim
 from edgeplaid.ops.maxsim import maxsim
 from edgeplaid.ops.maxsim_packed import maxsim_packed
+from edgeplaid.ops.offsets import offsets_from_lengths
 
 __all__ = [
     "BackendUnavailableError",
@@ -19,4 +20,5 @@ __all__ = [
     "fused_decompress_maxsim",
     "maxsim",
     "maxsim_packed",
+    "offsets_from_lengths",
 ]

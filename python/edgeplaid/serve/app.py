@@ -74,12 +74,6 @@ def _check_texts(texts: Sequence[str], field: str, limit: int) -> None:
             raise _BadRequest(f"{field}[{i}]: {len(text)} characters, more than the limit of {limit}")
 
 
-def _offsets(doclens: torch.Tensor) -> torch.Tensor:
-    offsets = torch.zeros(doclens.shape[0] + 1, dtype=torch.int64)
-    torch.cumsum(doclens.to(torch.int64).cpu(), 0, out=offsets[1:])
-    return offsets
-
-
 def rerank_batch(model: Any, jobs: Sequence[RerankRequest]) -> list[list[dict[str, float]]]:
     """Every job's ranking from one query encoding, one document encoding and one
     ``maxsim_packed`` call with per-query candidate lists (-1 padding). A document text that
@@ -96,7 +90,7 @@ def rerank_batch(model: Any, jobs: Sequence[RerankRequest]) -> list[list[dict[st
         candidates[row, : len(job.documents)] = torch.tensor([unique[d] for d in job.documents])
     device = tokens.device
     scores = ops.maxsim_packed(
-        queries, tokens, _offsets(doclens).to(device), candidates.to(device), mask
+        queries, tokens, ops.offsets_from_lengths(doclens).to(device), candidates.to(device), mask
     ).cpu()
     results = []
     for row, job in enumerate(jobs):
