@@ -7,6 +7,8 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <chrono>
 #include <string>
 #include <vector>
@@ -22,6 +24,11 @@ using namespace edgeplaid;
 #define EP_IF_AVX512(...) __VA_ARGS__
 #else
 #define EP_IF_AVX512(...)
+#endif
+#if defined(EDGEPLAID_HAVE_AVX512VNNI)
+#define EP_IF_AVX512VNNI(...) __VA_ARGS__
+#else
+#define EP_IF_AVX512VNNI(...)
 #endif
 #if defined(EDGEPLAID_HAVE_AVX2)
 #define EP_IF_AVX2(...) __VA_ARGS__
@@ -303,6 +310,92 @@ py::array_t<float> centroid_interaction(const py::array& scores, const py::objec
   return out;
 }
 
+// Whether the AVX-512 path runs its int8 kernel with VNNI (vpdpbusd): where it is compiled and
+// the CPU has it, unless EDGEPLAID_CPU_VNNI=0 or set_cpu_vnni(False) turned it off (tests use
+// that to check the AVX-512BW int8 path on a VNNI machine).
+bool vnni_available() {
+  EP_IF_AVX512VNNI(return cpu_features().avx512_vnni && isa_supported(Isa::avx512);)
+  return false;
+}
+std::atomic<bool>& vnni_enabled() {
+  static std::atomic<bool> on{[] {
+    const char* env = std::getenv("EDGEPLAID_CPU_VNNI");
+    return vnni_available() && !(env != nullptr && std::string(env) == "0");
+  }()};
+  return on;
+}
+void set_cpu_vnni(bool on) {
+  if (on && !vnni_available()) fail("set_cpu_vnni: this CPU or build has no AVX-512 VNNI");
+  vnni_enabled().store(on);
+}
+// The int8 kernel set in use: "avx512vnni", "avx512", "avx2" or "scalar".
+std::string int8_isa() {
+  const Isa isa = active_isa();
+  if (isa == Isa::avx512 && vnni_enabled().load()) return "avx512vnni";
+  return isa_name(isa);
+}
+
+// Calls the int8-capable kernel set: VNNI where int8_isa() says so, else EP_DISPATCH.
+#define EP_DISPATCH_INT8(fn, ...)                                                   \
+  do {                                                                              \
+    if (int8_isa() == "avx512vnni") {                                               \
+      EP_IF_AVX512VNNI(avx512vnni::fn(__VA_ARGS__); break;)                         \
+    }                                                                               \
+    EP_DISPATCH(fn, __VA_ARGS__);                                                   \
+  } while (0)
+
+py::array_t<float> fused_decompress_maxsim_codes(const py::array& queries, const py::object& queries_mask,
+                                                 const py::array& codes, const py::array& residuals,
+                                                 const py::array& inv_norm, const py::array& offsets,
+                                                 const py::object& candidates, const py::array& centroid_scores,
+                                                 const py::array& bucket_weights, int nbits,
+                                                 const std::string& precision) {
+  const Queries q = queries_arg(queries, queries_mask);
+  if (precision != "exact" && precision != "int8")
+    fail("precision: expected 'exact' or 'int8', got '" + precision + "'");
+  if (nbits != 1 && nbits != 2 && nbits != 4 && nbits != 8)
+    fail("nbits: expected one of 1, 2, 4, 8, got " + std::to_string(nbits));
+  if ((q.dim * nbits) % 8 != 0) fail("nbits: dim * nbits must be a multiple of 8, got dim " + std::to_string(q.dim));
+  expect_rank(bucket_weights, "bucket_weights", 1, "(2**nbits,)");
+  expect_dim(bucket_weights, "bucket_weights", 0, int64_t(1) << nbits, "2**nbits");
+  const float* weights = f32_data(bucket_weights, "bucket_weights");
+  const Ids ids = codes_arg(codes);
+  const Compressed tokens{ids, residuals_arg(residuals, ids.n, q.dim * nbits / 8)};
+  expect_rank(inv_norm, "inv_norm", 1, "(n_tokens,)");
+  expect_dim(inv_norm, "inv_norm", 0, ids.n, "one per code");
+  const float* inv = f32_data(inv_norm, "inv_norm");
+  expect_rank(centroid_scores, "centroid_scores", 3, "(n_queries, query_len, n_centroids)");
+  expect_dim(centroid_scores, "centroid_scores", 0, q.nq, "n_queries");
+  expect_dim(centroid_scores, "centroid_scores", 1, q.lq, "query_len");
+  const float* cs = f32_data(centroid_scores, "centroid_scores");
+  const int64_t n_cent = centroid_scores.shape(2);
+  int64_t nd = 0;
+  const int64_t* off = offsets_arg(offsets, &nd);
+  const Candidates c = candidates_arg(candidates, q.nq, nd);
+  py::array_t<float> out({q.nq, c.nc});
+  float* o = out.mutable_data();
+  KernelError err;
+  const bool int8 = precision == "int8";
+  {
+    py::gil_scoped_release release;
+    if (int8) EP_DISPATCH_INT8(fused_decompress_maxsim_codes, q, tokens, inv, off, nd, cs, n_cent, weights, nbits, int8, c, o, err);
+    else EP_DISPATCH(fused_decompress_maxsim_codes, q, tokens, inv, off, nd, cs, n_cent, weights, nbits, int8, c, o, err);
+  }
+  raise_if(err);
+  return out;
+}
+
+double probe_int8(int64_t iterations) {
+  if (int8_isa() == "avx512vnni") {
+    EP_IF_AVX512VNNI(return avx512vnni::int8_probe(iterations);)
+  }
+  switch (active_isa()) {
+    case Isa::avx512: EP_IF_AVX512(return avx512::int8_probe(iterations);) [[fallthrough]];
+    case Isa::avx2: EP_IF_AVX2(return avx2::int8_probe(iterations);) [[fallthrough]];
+    default: return scalar::int8_probe(iterations);
+  }
+}
+
 double probe_flops(int64_t iterations) {
   double flops = 0;
   switch (active_isa()) {
@@ -313,16 +406,16 @@ double probe_flops(int64_t iterations) {
   return flops;
 }
 
-// fp32 FMA peak in GFLOP/s of the active ISA on the pool's threads, measured by an FMA loop
-// with 10 independent accumulators per thread, for about `seconds`.
-double peak_gflops(double seconds) {
+// Peak rate in G operations/s of a probe on the pool's threads, each running ~`seconds`.
+template <class Probe>
+double peak_rate(double seconds, const Probe& probe) {
   if (!(seconds > 0)) fail("seconds: expected > 0");
   py::gil_scoped_release release;
   // Calibrate one thread's iteration rate, then run every thread for ~seconds.
   int64_t iters = 1 << 16;
   for (;;) {
     const auto t0 = std::chrono::steady_clock::now();
-    probe_flops(iters);
+    probe(iters);
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (dt > 0.02) {
       iters = std::max<int64_t>(1, int64_t(double(iters) * seconds / dt));
@@ -332,12 +425,19 @@ double peak_gflops(double seconds) {
   }
   std::vector<double> flops(size_t(get_num_threads()), 0.0);
   const auto t0 = std::chrono::steady_clock::now();
-  parallel_each_thread([&](int index, int) { flops[size_t(index)] = probe_flops(iters); });
+  parallel_each_thread([&](int index, int) { flops[size_t(index)] = probe(iters); });
   const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   double total = 0;
   for (double f : flops) total += f;
   return total / dt * 1e-9;
 }
+
+// fp32 FMA peak in GFLOP/s of the active ISA on the pool's threads, measured by an FMA loop
+// with 10 independent accumulators per thread, for about `seconds`.
+double peak_gflops(double seconds) { return peak_rate(seconds, probe_flops); }
+
+// int8 multiply-add peak in G int ops/s (2 per multiply-add) of the int8 kernel set in use.
+double peak_int8_gops(double seconds) { return peak_rate(seconds, probe_int8); }
 
 py::dict cpu_info() {
   const CpuFeatures& f = cpu_features();
@@ -363,6 +463,8 @@ py::dict cpu_info() {
   info["compiled_isas"] = compiled;
   info["supported_isas"] = supported;
   info["best_isa"] = isa_name(best_isa());
+  info["int8_isa"] = int8_isa();
+  info["vnni_available"] = vnni_available();
   return info;
 }
 
@@ -381,10 +483,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("fused_decompress_maxsim", &fused_decompress_maxsim, py::arg("queries"), py::arg("queries_mask"),
         py::arg("codes"), py::arg("residuals"), py::arg("doc_offsets"), py::arg("candidates"), py::arg("centroids"),
         py::arg("dtype"), py::arg("bucket_weights"), py::arg("nbits"));
+  m.def("fused_decompress_maxsim_codes", &fused_decompress_maxsim_codes, py::arg("queries"),
+        py::arg("queries_mask"), py::arg("codes"), py::arg("residuals"), py::arg("inv_norm"), py::arg("doc_offsets"),
+        py::arg("candidates"), py::arg("centroid_scores"), py::arg("bucket_weights"), py::arg("nbits"),
+        py::arg("precision"));
   m.def("centroid_interaction", &centroid_interaction, py::arg("centroid_scores"), py::arg("queries_mask"),
         py::arg("codes"), py::arg("doc_offsets"), py::arg("candidates"), py::arg("threshold"));
   m.def("peak_gflops", &peak_gflops, py::arg("seconds") = 0.25,
         "Measured fp32 FMA peak (GFLOP/s) of the active ISA on all pool threads.");
+  m.def("peak_int8_gops", &peak_int8_gops, py::arg("seconds") = 0.25,
+        "Measured int8 multiply-add peak (G int ops/s, 2 per multiply-add) of the int8 kernels in use.");
+  m.def("set_cpu_vnni", &set_cpu_vnni, py::arg("enabled"));
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("get_num_threads", &get_num_threads);
   m.def("cpu_isa", [] { return std::string(isa_name(active_isa())); });

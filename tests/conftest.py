@@ -31,6 +31,29 @@ def cpp_isa(request: pytest.FixtureRequest):
     C.set_cpu_isa(previous)
 
 
+@pytest.fixture(params=("scalar", "avx2", "avx512", "avx512vnni"))
+def cpp_int8_isa(request: pytest.FixtureRequest):
+    """cpp_isa for the int8 kernels, whose AVX-512 path has two variants: VNNI (vpdpbusd) and
+    AVX-512BW (vpmaddubsw + vpmaddwd); skips what this CPU lacks."""
+    if C is None:
+        pytest.skip("edgeplaid._C is not built")
+    isa = request.param
+    base = "avx512" if isa == "avx512vnni" else isa
+    if base not in C.cpu_info()["supported_isas"]:
+        pytest.skip(f"this CPU (or build) has no {base}")
+    if isa == "avx512vnni" and not C.cpu_info()["vnni_available"]:
+        pytest.skip("this CPU (or build) has no AVX-512 VNNI")
+    previous, vnni = C.cpu_isa(), C.cpu_info()["int8_isa"] == "avx512vnni"
+    C.set_cpu_isa(base)
+    if C.cpu_info()["vnni_available"]:
+        C.set_cpu_vnni(isa == "avx512vnni")
+    assert C.cpu_info()["int8_isa"] == isa
+    yield isa
+    C.set_cpu_isa(previous)
+    if C.cpu_info()["vnni_available"]:
+        C.set_cpu_vnni(vnni)
+
+
 @pytest.fixture(params=["cpp", "reference"])
 def any_backend(request: pytest.FixtureRequest) -> str:
     if request.param == "cpp" and C is None:

@@ -1,10 +1,12 @@
 // fused_decompress_maxsim: MaxSim straight from codes + packed residuals (residual_codec.h).
 #pragma once
+#include "code_scoring.h"
 #include "residual_codec.h"
 
 namespace edgeplaid {
 namespace EDGEPLAID_ISA_NS {
 
+#if !defined(EDGEPLAID_ISA_VNNI)  // the VNNI unit only adds the int8 code-scoring kernel
 // MaxSim straight from codes + residuals: each candidate document is decoded chunk by chunk
 // into a thread-local L1/L2 tile and scored there; the documents never exist in memory.
 void fused_decompress_maxsim(const Queries& q, const Compressed& tokens, const int64_t* offsets,
@@ -25,6 +27,34 @@ void fused_decompress_maxsim(const Queries& q, const Compressed& tokens, const i
       return DecodedRows<T>{cents, codec.centroids.rows, &tokens, &decoder, dim, row_bytes, begin, end, &err};
     });
   });
+}
+#endif
+
+// Scored from the codes (code_scoring.h): centroid_scores (nq, lq, n_centroids) fp32 from PLAID's
+// stage 1 and inv_norm (n_tokens,) fp32 from the index; int8 selects the quantised precision.
+void fused_decompress_maxsim_codes(const Queries& q, const Compressed& tokens, const float* inv_norm,
+                                   const int64_t* offsets, int64_t nd, const float* centroid_scores,
+                                   int64_t n_centroids, const float* bucket_weights, int nbits, bool int8,
+                                   const Candidates& cand, float* out, KernelError& err) {
+  const Levels levels(bucket_weights, nbits);
+  const ResidualDecoder decoder(bucket_weights, nbits, q.dim);
+  const LevelDecoder level_decoder(levels, nbits, q.dim);
+  const ScoredQueries prepared = prepare_queries(q, centroid_scores, n_centroids, int8, levels.wscale);
+  const CodeScoring cs{&tokens, inv_norm, n_centroids, q.dim, &decoder, &level_decoder, int8};
+  const int64_t row_bytes = q.dim * nbits / 8, cap = chunk_rows(q.dim);
+  run_pairs(
+      q.nq, nd, cand, out, err,
+      [&](int64_t doc) {
+        const int64_t begin = std::clamp<int64_t>(offsets[doc], 0, tokens.codes.n);
+        const int64_t n = std::clamp<int64_t>(offsets[doc + 1] - begin, 0, cap);
+        prefetch_bytes(tokens.residuals + begin * row_bytes, n * row_bytes);
+        prefetch_bytes(inv_norm + begin, n * int64_t(sizeof(float)));
+      },
+      [&](int64_t doc, int64_t q0, int64_t n, float* o, int64_t stride) {
+        int64_t begin = 0, end = 0;
+        if (!doc_range(offsets, doc, tokens.codes.n, &begin, &end, err)) return;
+        score_codes_document(cs, begin, end, prepared.qs.data() + q0, n, o, stride, err);
+      });
 }
 
 }  // namespace EDGEPLAID_ISA_NS

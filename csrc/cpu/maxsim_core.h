@@ -332,19 +332,17 @@ inline int64_t grain_for(int64_t n_tasks, int64_t max_grain) {
   return std::clamp<int64_t>(n_tasks / 64, 1, max_grain);
 }
 
-// Runs `score(pair_index, query, doc)` over every (query, candidate) pair, or, when
-// cand.ids is null, over every document against all queries at once (each document is
-// staged once and reused by every query). make_stream(doc) returns the document's stream.
-template <class MakeStream>
-void run_maxsim(const std::vector<PackedQuery>& qs, int64_t nd, const Candidates& cand,
-                float* out, KernelError& err, const MakeStream& make_stream) {
-  const int64_t nq = int64_t(qs.size());
+// Runs every (query, candidate) pair, or, when cand.ids is null, every document against all
+// queries at once (each document is staged once and reused by every query):
+//   score(doc, first_query, n_queries, out, out_stride) scores one document;
+//   prefetch(doc) asks for the start of a document's storage (the next candidate's first chunk
+//   is on its way while the current one is scored).
+template <class Prefetch, class Score>
+void run_pairs(int64_t nq, int64_t nd, const Candidates& cand, float* out, KernelError& err,
+               const Prefetch& prefetch, const Score& score) {
   if (cand.ids == nullptr) {
     parallel_for(nd, grain_for(nd, 16), [&](int64_t d0, int64_t d1) {
-      for (int64_t d = d0; d < d1 && !err.set(); ++d) {
-        auto stream = make_stream(d);
-        score_document(stream, qs.data(), nq, out + d, nd);
-      }
+      for (int64_t d = d0; d < d1 && !err.set(); ++d) score(d, int64_t(0), nq, out + d, nd);
     });
     return;
   }
@@ -361,14 +359,27 @@ void run_maxsim(const std::vector<PackedQuery>& qs, int64_t nd, const Candidates
                    std::to_string(nd) + ")");
         return;
       }
-      if (p + 1 < p1) {  // the next candidate's first chunk is on its way while this one runs
+      if (p + 1 < p1) {
         const int64_t next = cand.ids[p + 1];
-        if (next >= 0 && next < nd) make_stream(next).prefetch(chunk_rows(qs[0].dim));
+        if (next >= 0 && next < nd) prefetch(next);
       }
-      auto stream = make_stream(doc);
-      score_document(stream, &qs[size_t(p / cand.nc)], 1, out + p, 1);
+      score(doc, p / cand.nc, int64_t(1), out + p, int64_t(1));
     }
   });
+}
+
+// run_pairs over documents delivered as streams of fp32 rows: make_stream(doc) returns the
+// document's stream (see score_document).
+template <class MakeStream>
+void run_maxsim(const std::vector<PackedQuery>& qs, int64_t nd, const Candidates& cand,
+                float* out, KernelError& err, const MakeStream& make_stream) {
+  const int64_t cap = qs.empty() ? 0 : chunk_rows(qs[0].dim);
+  run_pairs(
+      int64_t(qs.size()), nd, cand, out, err, [&](int64_t doc) { make_stream(doc).prefetch(cap); },
+      [&](int64_t doc, int64_t q0, int64_t n, float* o, int64_t stride) {
+        auto stream = make_stream(doc);
+        score_document(stream, &qs[size_t(q0)], n, o, stride);
+      });
 }
 
 }  // namespace EDGEPLAID_ISA_NS

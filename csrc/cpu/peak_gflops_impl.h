@@ -2,11 +2,12 @@
 // the FMA latency x throughput of current x86 cores without spilling: 16 would spill and
 // halve the rate on AVX2). Returns the FLOPs executed.
 #pragma once
-#include "maxsim_core.h"
+#include "code_scoring.h"
 
 namespace edgeplaid {
 namespace EDGEPLAID_ISA_NS {
 
+#if !defined(EDGEPLAID_ISA_VNNI)  // the VNNI unit only adds int8_probe
 double fma_probe(int64_t iterations) {
   constexpr int kChains = 10;
   Vec acc[kChains];
@@ -23,6 +24,44 @@ double fma_probe(int64_t iterations) {
   volatile float sink = total.sum();
   (void)sink;
   return 2.0 * double(Vec::W) * kChains * double(iterations);
+}
+#endif
+
+// The int8 multiply-add peak: 10 independent chains of the 4-byte dot product the int8
+// code-scoring kernel issues (vpdpbusd with VNNI, vpmaddubsw + vpmaddwd + vpaddd otherwise).
+// Returns the integer operations executed (2 per multiply-add, as FLOPs are counted).
+double int8_probe(int64_t iterations) {
+  constexpr int kChains = 10;
+  IVec acc[kChains], s[kChains];
+  alignas(64) int8_t bytes[64 + kChains];
+  for (int i = 0; i < 64 + kChains; ++i) bytes[i] = int8_t(i % 7 - 3);
+  // A different signed operand per chain: identical ones would let the compiler share one
+  // vpmaddubsw + vpmaddwd between the chains.
+  for (int c = 0; c < kChains; ++c) s[c] = IVec::load(bytes + c);
+  IVec u = IVec::load(bytes);
+  for (int c = 0; c < kChains; ++c) acc[c] = IVec::load(bytes);
+  for (int64_t i = 0; i < iterations; ++i) {
+    // An empty asm that "changes" u: without it the compiler hoists the loop-invariant
+    // products out of the loop and times only the adds.
+#if defined(EDGEPLAID_ISA_AVX512)
+    asm volatile("" : "+v"(u.v));
+#elif defined(EDGEPLAID_ISA_AVX2)
+    asm volatile("" : "+x"(u.v));
+#else
+    asm volatile("" : "+r"(u.v));
+#endif
+#pragma GCC unroll 10
+    for (int c = 0; c < kChains; ++c) acc[c] = dot4(acc[c], u, s[c]);
+  }
+  int32_t total = 0;
+  for (int c = 0; c < kChains; ++c) {
+    alignas(64) int32_t lanes[16];
+    std::memcpy(lanes, &acc[c].v, sizeof(acc[c].v));
+    total += lanes[0];
+  }
+  volatile int32_t sink = total;
+  (void)sink;
+  return 2.0 * 4.0 * double(Vec::W) * kChains * double(iterations);
 }
 
 }  // namespace EDGEPLAID_ISA_NS

@@ -93,6 +93,22 @@ struct ResidualDecoder {
     decode_residual(row, table, dim, out);
   }
 
+  // decode() of n consecutive rows (dim * nbits / 8 bytes each) into out (n, dim): one switch
+  // per call instead of one per row.
+  void decode_rows(const uint8_t* rows, int64_t n, float* out) const {
+    const int64_t rb = dim * nbits / 8, d = dim;
+#if defined(EDGEPLAID_ISA_AVX512) || defined(EDGEPLAID_ISA_AVX2)
+    if (in_registers) {
+      switch (nbits) {
+        case 1: for (int64_t j = 0; j < n; ++j) decode_lanes<1>(rows + j * rb, out + j * d); return;
+        case 2: for (int64_t j = 0; j < n; ++j) decode_lanes<2>(rows + j * rb, out + j * d); return;
+        default: for (int64_t j = 0; j < n; ++j) decode_lanes<4>(rows + j * rb, out + j * d); return;
+      }
+    }
+#endif
+    for (int64_t j = 0; j < n; ++j) decode_residual(rows + j * rb, table, d, out + j * d);
+  }
+
 #if defined(EDGEPLAID_ISA_AVX512) || defined(EDGEPLAID_ISA_AVX2)
   template <int NB>
   EP_INLINE void decode_lanes(const uint8_t* row, float* out) const {

@@ -152,7 +152,16 @@ def test_imported_search_equals_exhaustive(colbert_index, tmp_path):
     idx = Index.import_colbert(root, tmp_path / "ours")
     q, m = queries(topics, n=8, length=6)
     exact = idx.search_exhaustive(q, k=5, queries_mask=m)
-    got = idx.search(q, k=5, queries_mask=m, n_probe=N_CENT, threshold=None, n_candidates=500, n_rerank=500)
+    got = idx.search(
+        q,
+        k=5,
+        queries_mask=m,
+        n_probe=N_CENT,
+        threshold=None,
+        n_candidates=500,
+        n_rerank=500,
+        precision="exact",
+    )
     assert torch.equal(got.ids, exact.ids)
     assert torch.allclose(got.scores, exact.scores)
 

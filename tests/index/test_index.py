@@ -59,7 +59,7 @@ def test_roundtrip(built, data):
     assert isinstance(idx._residuals_array, np.memmap)
     # on disk: int32 codes, packed residuals, int32 doclens, CSR IVF
     m = json.loads((built.path / "manifest.json").read_text())
-    assert m["format_version"] == 1
+    assert m["format_version"] == 2
     assert m["arrays"]["codes"]["dtype"] == "<u2"  # <= 65,536 centroids
     assert m["arrays"]["centroids"]["dtype"] == "<f2"
     assert m["arrays"]["residuals"]["shape"] == [tokens.shape[0], 24]

@@ -33,11 +33,16 @@ def test_search_recall_vs_exhaustive(index):
     assert got.scores.dtype == torch.float32 and got.ids.dtype == torch.int64
     assert got.scores.shape == got.ids.shape == (32, 10)
     assert _recall(got.ids, exact.ids) >= 0.9
-    # scores are exact MaxSim over the decompressed documents, best first
     assert bool((got.scores[:, :-1] >= got.scores[:, 1:]).all())
     docs = reference.decompress_residuals(
         idx.codes, idx.residuals, idx.centroids.float(), idx.bucket_weights, 4
     )
+    # int8 (the default): MaxSim over the decompressed documents up to the residual term's
+    # quantisation; exact: within fp32 rounding
+    want = reference.maxsim_packed(q, docs, idx.doc_offsets, got.ids, m)
+    assert (got.scores - want).abs().max() < 1e-2
+    got = idx.search(q, k=10, queries_mask=m, precision="exact")
+    assert _recall(got.ids, exact.ids) >= 0.9
     want = reference.maxsim_packed(q, docs, idx.doc_offsets, got.ids, m)
     assert torch.allclose(got.scores, want, atol=1e-4)
 
@@ -48,7 +53,14 @@ def test_probing_everything_is_exhaustive(index):
     exact = idx.search_exhaustive(q, k=7, queries_mask=m)
     n = idx.n_docs
     got = idx.search(
-        q, k=7, queries_mask=m, n_probe=idx.n_centroids, threshold=None, n_candidates=n, n_rerank=n
+        q,
+        k=7,
+        queries_mask=m,
+        n_probe=idx.n_centroids,
+        threshold=None,
+        n_candidates=n,
+        n_rerank=n,
+        precision="exact",
     )
     assert torch.equal(got.ids, exact.ids)
     assert torch.allclose(got.scores, exact.scores)
@@ -73,7 +85,7 @@ def test_subset_filtering(index):
     assert np.isin(got.ids.numpy(), allowed).all()
     # a small allowed set is scored whole: exact top-k within it
     few = [np.array([1, 5, 9]), None, np.array([2]), np.arange(100)]
-    got = idx.search(q, k=3, queries_mask=m, subset=few)
+    got = idx.search(q, k=3, queries_mask=m, subset=few, precision="exact")
     assert sorted(got.ids[0].tolist()) == [1, 5, 9]
     assert got.ids[2].tolist() == [2, -1, -1] and torch.isneginf(got.scores[2, 1:]).all()
     assert np.isin(got.ids[3].numpy(), np.arange(100)).all()

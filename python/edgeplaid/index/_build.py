@@ -210,6 +210,7 @@ def build(
         code_dtype = np.uint16 if compact_codes and k <= 1 << 16 else np.int32
         codes = np.empty(n_tokens, dtype=code_dtype)
         w.begin_array("residuals", np.uint8, (dim * nbits // 8,))
+        w.begin_array("inv_norm", np.float32)
         bar = _progress(n_tokens, "edgeplaid: compressing", progress)
         src = whole if one_shot else np.memmap(spool_path, dtype=np.float32, mode="c", shape=(n_tokens, dim))
         for s in range(0, n_tokens, _BATCH_TOKENS):
@@ -217,11 +218,13 @@ def build(
             c, r = _codec.compress(block, centroids, cutoffs, nbits)
             codes[s : s + block.shape[0]] = c
             w.append("residuals", r)
+            w.append("inv_norm", _codec.inv_norms(c, r, centroids, weights, nbits))
             if bar is not None:
                 bar.update(block.shape[0])
         if bar is not None:
             bar.close()
         w.end_array("residuals")
+        w.end_array("inv_norm")
         del src
         if not one_shot:
             os.remove(spool_path)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from edgeplaid._native import C
-from edgeplaid.ops import centroid_scores
+from edgeplaid.ops import centroid_scores, residual_inv_norms
 
 # Tokens per centroid_scores call in assignment: the (chunk, n_centroids) fp32 score block stays
 # small enough to be reused from cache (a caller-owned buffer: no page faults per call).
@@ -129,3 +129,18 @@ def compress(
     r = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) - torch.from_numpy(centroids)[codes]
     buckets = torch.bucketize(r, torch.from_numpy(bucket_cutoffs)).to(torch.uint8).numpy()
     return codes, pack_buckets(buckets, nbits)
+
+
+def inv_norms(
+    codes: np.ndarray, residuals: np.ndarray, centroids: np.ndarray, weights: np.ndarray, nbits: int
+) -> np.ndarray:
+    """(n,) float32 1 / ||centroids[code] + bucket_weights[residual buckets]||: stored per token for
+    scoring from the codes (edgeplaid.ops.fused_decompress_maxsim). centroids as stored (fp16)
+    widened to fp32, so the norm is that of the vector the kernels decompress."""
+    return residual_inv_norms(
+        torch.from_numpy(np.ascontiguousarray(codes)),
+        torch.from_numpy(np.ascontiguousarray(residuals)),
+        torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)),
+        torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)),
+        nbits,
+    ).numpy()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from edgeplaid.index._build import build_ivf
-from edgeplaid.index._codec import pack_buckets
+from edgeplaid.index._codec import inv_norms, pack_buckets
 from edgeplaid.index._storage import IndexWriter
 
 
@@ -84,6 +84,8 @@ def import_colbert(src: Path, dst: Path, overwrite: bool = False) -> None:
     with IndexWriter(dst, overwrite=overwrite) as w:
         codes_parts = []
         w.begin_array("residuals", np.uint8, (dim * nbits // 8,))
+        w.begin_array("inv_norm", np.float32)
+        stored_centroids = centroids.numpy().astype(np.float16).astype(np.float32)
         for c in range(num_chunks):
             dl = json.loads((src / f"doclens.{c}.json").read_text())
             codes = _load(src / f"{c}.codes.pt").numpy().reshape(-1)
@@ -95,8 +97,13 @@ def import_colbert(src: Path, dst: Path, overwrite: bool = False) -> None:
                 )
             doclens_l.extend(int(x) for x in dl)
             codes_parts.append(codes.astype(np.int64))
-            w.append("residuals", pack_buckets(colbert_buckets(res, dim, nbits), nbits))
+            packed = pack_buckets(colbert_buckets(res, dim, nbits), nbits)
+            w.append("residuals", packed)
+            if codes.shape[0] and (codes.min() < 0 or codes.max() >= n_cent):
+                raise ColbertImportError(f"{src}: chunk {c}: codes outside [0, {n_cent})")
+            w.append("inv_norm", inv_norms(codes.astype(np.int64), packed, stored_centroids, weights, nbits))
         w.end_array("residuals")
+        w.end_array("inv_norm")
         codes = np.concatenate(codes_parts) if codes_parts else np.zeros(0, np.int64)
         if codes.shape[0] and (codes.min() < 0 or codes.max() >= n_cent):
             raise ColbertImportError(f"{src}: codes outside [0, {n_cent})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgeplaid.index import _build
-from edgeplaid.index._storage import IndexFormatError, open_array, read_manifest, verify_checksums
+from edgeplaid.index import _build, _codec
+from edgeplaid.index._storage import IndexFormatError, add_array, open_array, read_manifest, verify_checksums
 from edgeplaid.search._plaid import PlaidSearcher, SearchParams, resolve_params
 
 
@@ -51,7 +52,8 @@ class Index:
     stored so),
     ``bucket_cutoffs (2**nbits - 1,) float32``, ``bucket_weights (2**nbits,) float32``,
     ``codes (n_tokens,) uint16 (<= 65,536 centroids) or int32``,
-    ``residuals (n_tokens, dim * nbits / 8) uint8``,
+    ``residuals (n_tokens, dim * nbits / 8) uint8``, ``inv_norm (n_tokens,) float32``
+    (1 / ||centroid + residual|| per token, for scoring from the codes),
     ``doclens (n_docs,) int32``, ``doc_offsets (n_docs + 1,) int64``, ``ivf_offsets (C + 1,) int64``,
     ``ivf_docs (n_ivf,) int32``.
     """
@@ -142,6 +144,16 @@ class Index:
             verify_checksums(p, manifest)
         return cls(p, manifest, mmap)
 
+    def upgrade(self) -> bool:
+        """Moves an index written by an older edgeplaid to the current format in place, adding what
+        it lacks (format_version 1: the per-token inv_norm, computed from the codes). Returns
+        whether anything was written; crash-safe (see :func:`edgeplaid.index._storage.add_array`)."""
+        if "inv_norm" in self.manifest["arrays"]:
+            return False
+        self.manifest = add_array(self.path, self.manifest, "inv_norm", self.inv_norm.numpy())
+        self._open(self.mmap)
+        return True
+
     def verify(self) -> None:
         """Checks every file's checksum against the manifest (IndexFormatError on a mismatch)."""
         verify_checksums(self.path, self.manifest)
@@ -177,6 +189,23 @@ class Index:
         res = arr("residuals", ("|u1", "<u1"), (self.n_tokens, self.dim * self.nbits // 8))
         self.residuals = torch.from_numpy(res)
         self._residuals_array = res  # the numpy.memmap under self.residuals when mmap
+        if "inv_norm" in m["arrays"]:
+            # Mapped like the codes. Not scanned here: the kernels reject a token whose inv_norm is
+            # not positive and finite, and verify=True checks the bytes.
+            self.inv_norm = torch.from_numpy(arr("inv_norm", ("<f4",), (self.n_tokens,)))
+        elif int(m["format_version"]) >= 2:
+            raise IndexFormatError(f"{p}: the manifest lacks inv_norm (format_version {m['format_version']})")
+        else:
+            warnings.warn(
+                f"edgeplaid: {p} is a format_version 1 index: computing inv_norm on load "
+                "(Index.upgrade() stores it once)",
+                stacklevel=3,
+            )
+            self.inv_norm = torch.from_numpy(
+                _codec.inv_norms(
+                    codes, res, cents.astype(np.float32), self.bucket_weights.numpy(), self.nbits
+                )
+            )
         dl = arr("doclens", ("<i4",), (self.n_docs,))
         self.doclens = torch.from_numpy(np.array(dl))
         offsets = np.zeros(self.n_docs + 1, dtype=np.int64)
@@ -215,6 +244,7 @@ class Index:
             self.nbits,
             self.codes,
             self.residuals,
+            self.inv_norm,
             self.doc_offsets,
             self.ivf_offsets,
             self.ivf_docs,
@@ -310,7 +340,9 @@ class Index:
                 for every query, or a list with one sequence (or None) per query.
             **params: ``n_probe`` (IVF cells per query token), ``threshold`` (centroid-score
                 pruning, stage 2; None disables), ``n_candidates`` (kept after stage 2),
-                ``n_rerank`` (kept after stage 3, scored exactly). Defaults scale with k
+                ``n_rerank`` (kept after stage 3, scored from the codes), ``precision`` of that
+                last stage (``"int8"``, the default, or ``"exact"`` fp32; see
+                :func:`edgeplaid.ops.fused_decompress_maxsim`). Defaults scale with k
                 (:func:`edgeplaid.search.default_params`).
 
         Returns:

@@ -2,13 +2,14 @@
 
 Layout of an index directory::
 
-    manifest.json        {"format": "edgeplaid-plaid", "format_version": 1, "dim", "nbits", counts,
+    manifest.json        {"format": "edgeplaid-plaid", "format_version": 2, "dim", "nbits", counts,
                           "arrays": {name: {"file", "dtype", "shape", "nbytes", "checksum"}}, ...}
     centroids.bin        (n_centroids, dim) <f2 (fp16, as colbert-ai; widened to fp32 on load)
     avg_residual.bin     (1,) <f4
     bucket_cutoffs.bin   (2**nbits - 1,) <f4
     bucket_weights.bin   (2**nbits,) <f4
     codes.bin            (n_tokens,) <u2 when n_centroids <= 65536, else <i4 (mapped as is)
+    inv_norm.bin         (n_tokens,) <f4                1 / ||centroid + residual|| (format_version 2)
     residuals.bin        (n_tokens, dim * nbits / 8) |u1, bit order of edgeplaid.ops (README)
     doclens.bin          (n_docs,) <i4
     ivf_offsets.bin      (n_centroids + 1,) <i8     CSR: centroid c -> ivf_docs[off[c]:off[c+1]]
@@ -37,7 +38,10 @@ from typing import Any
 import numpy as np
 
 FORMAT = "edgeplaid-plaid"
-FORMAT_VERSION = 1
+# 2 adds inv_norm (n_tokens,) <f4. Version 1 indexes still load: inv_norm is then computed on load,
+# or written once by Index.upgrade().
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 
 try:  # xxh64 is ~10x faster than blake2b; both are stable across platforms
@@ -170,6 +174,44 @@ class IndexWriter:
         return self.dst
 
 
+def add_array(path: Path, manifest: dict[str, Any], name: str, array: np.ndarray) -> dict[str, Any]:
+    """Adds array ``name`` to the index at ``path`` in place and moves its manifest to the current
+    format version; returns the new manifest. Crash-safe: the file is written aside, fsynced and
+    renamed, then the manifest likewise; until the manifest's rename the index reads as before."""
+    a = np.ascontiguousarray(array)
+    a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+    file = f"{name}.bin"
+    tmp = path / f".{file}.tmp-{uuid.uuid4().hex[:12]}"
+    h = _hasher(CHECKSUM_ALGO)
+    with open(tmp, "wb") as f:
+        data = a.tobytes()
+        f.write(data)
+        h.update(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path / file)
+    body = dict(manifest)
+    body["arrays"] = {
+        **manifest["arrays"],
+        name: {
+            "file": file,
+            "dtype": a.dtype.str,
+            "shape": list(a.shape),
+            "nbytes": int(a.nbytes),
+            "checksum": f"{CHECKSUM_ALGO}:{h.hexdigest()}",
+        },
+    }
+    body["format_version"] = FORMAT_VERSION
+    mtmp = path / f".{MANIFEST}.tmp-{uuid.uuid4().hex[:12]}"
+    with open(mtmp, "w") as f:
+        json.dump(body, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(mtmp, path / MANIFEST)
+    _fsync_dir(path)
+    return body
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     """The parsed manifest of the index at ``path``; IndexFormatError when absent or unreadable."""
     mpath = path / MANIFEST
@@ -186,9 +228,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{mpath}: not an edgeplaid index manifest (format {manifest.get('format')!r})"
         )
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise IndexFormatError(
-            f"{mpath}: format_version {version!r} is not supported (this edgeplaid reads {FORMAT_VERSION})"
+            f"{mpath}: format_version {version!r} is not supported (this edgeplaid reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
         )
     for key in ("dim", "nbits", "n_docs", "n_tokens", "n_centroids", "arrays"):
         if key not in manifest:

@@ -6,7 +6,7 @@ from edgeplaid.ops.centroid_interaction import centroid_interaction
 from edgeplaid.ops.centroid_scores import centroid_scores
 from edgeplaid.ops.decompress_residuals import decompress_residuals
 from edgeplaid.ops.dispatch import BackendUnavailableError, available_backends
-from edgeplaid.ops.fused_decompress_maxsim import fused_decompress_maxsim
+from edgeplaid.ops.fused_decompress_maxsim import fused_decompress_maxsim, residual_inv_norms
 from edgeplaid.ops.maxsim import maxsim
 from edgeplaid.ops.maxsim_packed import maxsim_packed
 from edgeplaid.ops.offsets import offsets_from_lengths
@@ -21,4 +21,5 @@ __all__ = [
     "maxsim",
     "maxsim_packed",
     "offsets_from_lengths",
+    "residual_inv_norms",
 ]

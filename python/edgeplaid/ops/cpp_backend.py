@@ -86,8 +86,35 @@ def decompress_residuals(
 
 
 def fused_decompress_maxsim(
-    queries, codes, residuals, doc_offsets, candidates, centroids, bucket_weights, nbits, queries_mask=None
+    queries,
+    codes,
+    residuals,
+    doc_offsets,
+    candidates,
+    centroids,
+    bucket_weights,
+    nbits,
+    queries_mask=None,
+    centroid_scores=None,
+    inv_norm=None,
+    precision="exact",
 ) -> torch.Tensor:
+    if centroid_scores is not None:
+        return torch.from_numpy(
+            C.fused_decompress_maxsim_codes(
+                _q(queries),
+                _np(queries_mask),
+                _np(codes),
+                _np(residuals),
+                _np(inv_norm),
+                _np(doc_offsets),
+                _np(candidates),
+                _np(centroid_scores),
+                _np(bucket_weights.float().contiguous()),
+                int(nbits),
+                precision,
+            )
+        )
     out = C.fused_decompress_maxsim(
         _q(queries),
         _np(queries_mask),

@@ -174,6 +174,104 @@ def fused_decompress_maxsim(
     return maxsim_packed(queries, tokens, doc_offsets, candidates, queries_mask)
 
 
+def residual_inv_norms(
+    codes: torch.Tensor,
+    residuals: torch.Tensor,
+    centroids: torch.Tensor,
+    bucket_weights: torch.Tensor,
+    nbits: int,
+    block: int = 1 << 16,
+) -> torch.Tensor:
+    """inv_norm[t] = 1 / max(‖centroids[codes[t]] + bucket_weights[b_t]‖₂, 1e-12), (n,) float32,
+    computed in fp32 blocks of `block` tokens (the normaliser decompress_residuals divides by)."""
+    check_codes(codes, centroids.shape[0])
+    out = torch.empty(codes.shape[0], dtype=torch.float32)
+    cents, weights = centroids.float(), bucket_weights.float()
+    for b in range(0, codes.shape[0], block):
+        vectors = (
+            cents[codes[b : b + block].long()] + weights[unpack_residuals(residuals[b : b + block], nbits)]
+        )
+        out[b : b + block] = 1.0 / vectors.norm(dim=-1).clamp_min(1e-12)
+    return out
+
+
+# Quantisation of fused_decompress_maxsim's int8 precision (csrc/cpu/code_scoring.h).
+LEVEL_RANGE, LEVEL_OFFSET, QUERY_RANGE = 63, 64, 127
+
+
+def quantise_bucket_weights(bucket_weights: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Bucket weights -> (levels (2**nbits,) int32 in [-63, 63], wscale), w ≈ level * wscale."""
+    w = bucket_weights.float()
+    amax = w.abs().max()
+    wscale = amax / LEVEL_RANGE if amax > 0 else torch.zeros((), dtype=torch.float32)
+    levels = torch.round(w / wscale).clamp(-LEVEL_RANGE, LEVEL_RANGE) if amax > 0 else torch.zeros_like(w)
+    return levels.to(torch.int32), float(wscale)
+
+
+def quantise_queries(queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nq, Lq, dim) float32 -> (values int32 in [-127, 127], qscale (nq, Lq) float32), per token."""
+    q = queries.float()
+    amax = q.abs().amax(dim=-1)
+    qscale = torch.where(amax > 0, amax / QUERY_RANGE, torch.zeros_like(amax))
+    safe = torch.where(qscale > 0, qscale, torch.ones_like(qscale))
+    values = torch.round(q / safe[..., None]).clamp(-QUERY_RANGE, QUERY_RANGE)
+    return torch.where(qscale[..., None] > 0, values, torch.zeros_like(values)).to(torch.int32), qscale
+
+
+def fused_decompress_maxsim_codes(
+    queries: torch.Tensor,
+    codes: torch.Tensor,
+    residuals: torch.Tensor,
+    doc_offsets: torch.Tensor,
+    candidates: torch.Tensor | None,
+    bucket_weights: torch.Tensor,
+    nbits: int,
+    queries_mask: torch.Tensor | None,
+    centroid_scores: torch.Tensor,
+    inv_norm: torch.Tensor,
+    precision: str,
+) -> torch.Tensor:
+    """fused_decompress_maxsim scored from the codes (see its docstring for the algebra):
+
+    s[i, t] = (centroid_scores[q, i, codes[t]] + ⟨queries[q, i], bucket_weights[b_t]⟩) * inv_norm[t]
+    (exact), or with the residual term in int8 arithmetic, s = fma(dot_int, qscale_i * wscale,
+    centroid score) * inv_norm (int8); score = Σ_valid i max_t s[i, t]. Returns (nq, nc) float32.
+    """
+    nq, lq, _ = queries.shape
+    n_cent = centroid_scores.shape[2]
+    check_codes(codes, n_cent)
+    buckets = unpack_residuals(residuals, nbits).long()
+    if precision == "int8":
+        levels, wscale = quantise_bucket_weights(bucket_weights)
+        qv, qscale = quantise_queries(queries)
+        token_levels = levels[buckets].double()  # (n, dim), exact integers
+        scale = (qscale.double() * torch.tensor(wscale, dtype=torch.float32).double()).float().double()
+    else:
+        token_weights = bucket_weights.float()[buckets]
+    nd = doc_offsets.shape[0] - 1
+    cand = torch.arange(nd)[None].expand(nq, nd) if candidates is None else candidates
+    out = torch.full(cand.shape, NEG_INF, dtype=torch.float32)
+    for qi in range(nq):
+        valid = torch.ones(lq, dtype=torch.bool) if queries_mask is None else queries_mask[qi]
+        for j, doc in enumerate(cand[qi].tolist()):
+            if doc < 0:
+                continue
+            b, e = int(doc_offsets[doc]), int(doc_offsets[doc + 1])
+            if not bool(valid.any()):
+                out[qi, j] = 0.0
+                continue
+            if b == e:
+                continue
+            cs = centroid_scores[qi][valid][:, codes[b:e].long()].float()  # (n_valid, len)
+            if precision == "int8":
+                dot = qv[qi][valid].double() @ token_levels[b:e].T  # exact: |values| < 2**53
+                s = (dot * scale[qi][valid][:, None] + cs.double()).float() * inv_norm[b:e][None]
+            else:
+                s = (queries[qi][valid].float() @ token_weights[b:e].T + cs) * inv_norm[b:e][None]
+            out[qi, j] = s.max(dim=1).values.sum()
+    return out
+
+
 def centroid_interaction(
     centroid_scores: torch.Tensor,
     codes: torch.Tensor,

@@ -8,7 +8,8 @@ Stages (Santhanam et al., PLAID, 2022), for each query:
    centroid's score, tokens whose centroid no query token scores >= threshold pruned; the best
    ``n_candidates`` survive.
 3. ``centroid_interaction`` without pruning on those; the best ``n_rerank`` survive.
-4. ``fused_decompress_maxsim``: exact MaxSim over the decompressed survivors -> top k.
+4. ``fused_decompress_maxsim`` from the codes: MaxSim over the survivors, each token scored as
+   (stage 1's centroid score + the residual term) * inv_norm, in int8 (default) or fp32 -> top k.
 
 The numpy glue (candidate lists from the IVF, padding) is O(candidates) per query.
 """
@@ -24,6 +25,9 @@ import torch
 from edgeplaid.ops import centroid_interaction, centroid_scores, fused_decompress_maxsim
 
 NEG_INF = float("-inf")
+# The last stage's precision: int8 changed nDCG@10 on SciFact by <= 0.002 and recall@10 against
+# exhaustive search by <= 0.005 at lower latency (benchmarks/bench_search.py, README).
+DEFAULT_PRECISION = "int8"
 # Queries scored together: bounds the (queries, query_len, n_centroids) fp32 centroid-score block
 # (2 MiB: one 32-token query at 16K centroids). Larger blocks measured no faster on 2 cores and
 # leave the allocator holding the scratch (RSS beyond the mapped index).
@@ -32,12 +36,14 @@ _MAX_SCORE_BLOCK = 1 << 19
 
 @dataclass(frozen=True)
 class SearchParams:
-    """PLAID's knobs (colbert-ai's ncells, centroid_score_threshold, ndocs, ndocs // 4)."""
+    """PLAID's knobs (colbert-ai's ncells, centroid_score_threshold, ndocs, ndocs // 4) and the
+    precision of the last stage."""
 
     n_probe: int
     threshold: float | None
     n_candidates: int
     n_rerank: int
+    precision: str = DEFAULT_PRECISION
 
 
 def default_params(k: int) -> SearchParams:
@@ -57,13 +63,15 @@ def default_params(k: int) -> SearchParams:
 
 def resolve_params(k: int, **overrides: Any) -> SearchParams:
     base = default_params(k)
-    known = {"n_probe", "threshold", "n_candidates", "n_rerank"}
+    known = {"n_probe", "threshold", "n_candidates", "n_rerank", "precision"}
     unknown = set(overrides) - known
     if unknown:
         raise TypeError(f"unknown search parameter(s) {sorted(unknown)}; expected some of {sorted(known)}")
     values = {f: overrides.get(f, getattr(base, f)) for f in known}
     if "n_candidates" in overrides and "n_rerank" not in overrides:
         values["n_rerank"] = max(k, values["n_candidates"] // 4)
+    if values["precision"] not in ("exact", "int8"):
+        raise ValueError(f"precision: expected 'exact' or 'int8', got {values['precision']!r}")
     for f in ("n_probe", "n_candidates", "n_rerank"):
         if isinstance(values[f], bool) or not isinstance(values[f], int) or values[f] < 1:
             raise ValueError(f"{f}: expected a positive int, got {values[f]!r}")
@@ -100,7 +108,8 @@ class PlaidSearcher:
 
     Args:
         centroids: (C, dim) float16 or float32; bucket_weights: (2**nbits,) float32; nbits: int.
-        codes: (n_tokens,) int32; residuals: (n_tokens, dim * nbits / 8) uint8.
+        codes: (n_tokens,) uint16 or int32; residuals: (n_tokens, dim * nbits / 8) uint8.
+        inv_norm: (n_tokens,) float32, 1 / ||centroid + residual|| per token.
         doc_offsets: (n_docs + 1,) int64.
         ivf_offsets: (C + 1,) int64 numpy; ivf_docs: (n_ivf,) int32 numpy.
     """
@@ -112,6 +121,7 @@ class PlaidSearcher:
         nbits: int,
         codes: torch.Tensor,
         residuals: torch.Tensor,
+        inv_norm: torch.Tensor,
         doc_offsets: torch.Tensor,
         ivf_offsets: np.ndarray,
         ivf_docs: np.ndarray,
@@ -121,6 +131,7 @@ class PlaidSearcher:
         self.nbits = nbits
         self.codes = codes
         self.residuals = residuals
+        self.inv_norm = inv_norm
         self.doc_offsets = doc_offsets
         self.ivf_offsets = ivf_offsets
         self.ivf_docs = ivf_docs
@@ -180,7 +191,6 @@ class PlaidSearcher:
             if cand.shape[1] > params.n_rerank:
                 s3 = centroid_interaction(cs, self.codes, self.doc_offsets, cand, None, m)
                 cand = _select(s3, cand, params.n_rerank)
-            del cs
             s4 = fused_decompress_maxsim(
                 q,
                 self.codes,
@@ -191,7 +201,11 @@ class PlaidSearcher:
                 self.bucket_weights,
                 self.nbits,
                 m,
+                centroid_scores=cs,
+                inv_norm=self.inv_norm,
+                precision=params.precision,
             )
+            del cs
             s4n, cn = s4.numpy(), cand.numpy()
             s4n[cn < 0] = NEG_INF
             kk = min(k, cn.shape[1])

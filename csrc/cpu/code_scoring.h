@@ -1,0 +1,625 @@
+// fused_decompress_maxsim scored from the codes: the stored token is
+//   token = (centroids[code] + r) * inv_norm,   r[d] = bucket_weights[b_d],
+// so for a query token q
+//   <q, token> = (<q, centroids[code]> + sum_d q[d] * bucket_weights[b_d]) * inv_norm.
+// The first term is the centroid score PLAID's stage 1 already computed (centroid_scores), the
+// second reads the residual codes only, and inv_norm is stored per token by the index. No
+// centroid row is read and nothing is normalised at search time.
+//
+// Two precisions:
+//   exact (fp32): the residual codes decoded to bucket weights in registers (residual_codec.h)
+//     and multiplied with the query in the MaxSim micro-kernel (maxsim_core.h).
+//   int8: query tokens quantised to int8 per token, bucket weights to 7-bit levels once per call
+//     (16 numbers), the codes expanded to those levels by a byte shuffle, and 4-byte dot
+//     products accumulated in int32 (AVX-512 VNNI vpdpbusd; AVX-512BW / AVX2 vpmaddubsw +
+//     vpmaddwd). The integer dot products are exact on every ISA, and the fp32 epilogue is the
+//     same sequence of roundings everywhere, so every SIMD path returns the scalar path's scores
+//     bit for bit.
+//
+// Quantisation (the same plain scalar code on every ISA; no expression the compiler may contract):
+//   wscale = max_b |bucket_weights[b]| / 63,  level[b] = clamp(round(w_b / wscale), -63, 63) + 64
+//   qscale_i = max_d |q_id| / 127,            qq_id = round(q_id / qscale_i)          (ties to even)
+//   dot_it = sum_d qq_id * level[b_td] - 64 * sum_d qq_id          (exact int32)
+//   s_it = fma(float(dot_it), qscale_i * wscale, centroid_score[i][code_t]) * inv_norm[t]
+// Levels stay in [1, 127] unsigned and query values in [-127, 127], so a vpmaddubsw pair sum is at
+// most 2 * 127 * 127 = 32,258 and never saturates: AVX2 and VNNI agree exactly.
+#pragma once
+#include <cmath>
+
+#include "residual_codec.h"
+
+namespace edgeplaid {
+namespace EDGEPLAID_ISA_NS {
+
+constexpr int kLevelRange = 63;   // bucket weights quantised to [-63, 63] ...
+constexpr int kLevelOffset = 64;  // ... and stored as unsigned bytes [1, 127]
+constexpr int kQueryRange = 127;  // query values quantised to [-127, 127]
+
+// ------------------------------------------------------------------ int8 vector helpers
+
+#if defined(EDGEPLAID_ISA_AVX512)
+struct IVec {
+  __m512i v;
+  static EP_INLINE IVec load(const void* p) { return {_mm512_loadu_si512(p)}; }
+  // Four bytes broadcast to every 32-bit lane.
+  static EP_INLINE IVec bcast4(const uint8_t* p) {
+    int32_t x;
+    std::memcpy(&x, p, 4);
+    return {_mm512_set1_epi32(x)};
+  }
+  // acc + sum over the 4 bytes of each lane of u[byte] * s[byte] (u unsigned, s signed).
+  friend EP_INLINE IVec dot4(IVec acc, IVec u, IVec s) {
+#if defined(EDGEPLAID_ISA_VNNI)
+    // As inline asm: GCC 12 copies the accumulator of _mm512_dpbusd_epi32 into a scratch register
+    // and back (and spills it) on every call; the asm accumulates in place.
+    asm("vpdpbusd %2, %1, %0" : "+v"(acc.v) : "v"(u.v), "v"(s.v));
+    return acc;
+#else
+    const __m512i pairs = _mm512_maddubs_epi16(u.v, s.v);  // never saturates: see the header
+    return {_mm512_add_epi32(acc.v, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))};
+#endif
+  }
+  EP_INLINE Vec to_float() const { return {_mm512_cvtepi32_ps(v)}; }
+};
+#elif defined(EDGEPLAID_ISA_AVX2)
+struct IVec {
+  __m256i v;
+  static EP_INLINE IVec load(const void* p) { return {_mm256_loadu_si256(static_cast<const __m256i*>(p))}; }
+  static EP_INLINE IVec bcast4(const uint8_t* p) {
+    int32_t x;
+    std::memcpy(&x, p, 4);
+    return {_mm256_set1_epi32(x)};
+  }
+  friend EP_INLINE IVec dot4(IVec acc, IVec u, IVec s) {
+    const __m256i pairs = _mm256_maddubs_epi16(u.v, s.v);
+    return {_mm256_add_epi32(acc.v, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))};
+  }
+  EP_INLINE Vec to_float() const { return {_mm256_cvtepi32_ps(v)}; }
+};
+#else
+// One lane: 4 signed query bytes against 4 unsigned level bytes.
+struct IVec {
+  int32_t v;
+  static EP_INLINE IVec load(const void* p) {
+    int32_t x;
+    std::memcpy(&x, p, 4);
+    return {x};
+  }
+  static EP_INLINE IVec bcast4(const uint8_t* p) { return load(p); }
+  friend EP_INLINE IVec dot4(IVec acc, IVec u, IVec s) {
+    uint8_t ub[4];
+    int8_t sb[4];
+    std::memcpy(ub, &u.v, 4);
+    std::memcpy(sb, &s.v, 4);
+    int32_t sum = acc.v;
+    for (int j = 0; j < 4; ++j) sum += int32_t(ub[j]) * int32_t(sb[j]);
+    return {sum};
+  }
+  EP_INLINE Vec to_float() const { return {float(v)}; }
+};
+#endif
+
+// Accumulator registers of the int8 tile: VNNI needs none besides the accumulators and the
+// query vectors; vpmaddubsw + vpmaddwd need a temporary and the vector of ones.
+constexpr int kInt8AccRegs = Vec::W == 16 ? 24 : 8;
+
+// ------------------------------------------------------------------ quantisation
+
+// Bucket weights -> unsigned 7-bit levels; wscale such that level - 64 ~ weight / wscale.
+struct Levels {
+  uint8_t of_bucket[256];
+  float wscale;
+  Levels(const float* bucket_weights, int nbits) {
+    const int n = 1 << nbits;
+    float amax = 0.0f;
+    for (int b = 0; b < n; ++b) amax = std::max(amax, std::fabs(bucket_weights[b]));
+    wscale = amax > 0.0f ? amax / float(kLevelRange) : 0.0f;
+    for (int b = 0; b < 256; ++b) {
+      int level = 0;
+      if (b < n && wscale > 0.0f) level = int(std::nearbyint(bucket_weights[b] / wscale));
+      of_bucket[b] = uint8_t(std::clamp(level, -kLevelRange, kLevelRange) + kLevelOffset);
+    }
+  }
+};
+
+// ------------------------------------------------------------------ residual codes -> levels
+
+// Writes the levels of one token's dimensions to out[0 : dim4) (dim4 = dim rounded up to 4; the
+// padding gets level 64, i.e. weight 0, against query bytes that are 0 there).
+struct LevelDecoder {
+  uint8_t table[256 * 8];  // byte value -> the (8 / nbits) levels it encodes
+  int nbits, per_byte;
+  int64_t dim, dim4, row_bytes;
+  alignas(16) uint8_t lut16[16];  // bucket index -> level, for the byte shuffle (nbits <= 4)
+
+  LevelDecoder(const Levels& levels, int nbits_, int64_t dim_)
+      : nbits(nbits_), per_byte(8 / nbits_), dim(dim_), dim4((dim_ + 3) / 4 * 4), row_bytes(dim_ * nbits_ / 8) {
+    const int mask = (1 << nbits) - 1;
+    for (int b = 0; b < 256; ++b)
+      for (int m = 0; m < per_byte; ++m) table[b * per_byte + m] = levels.of_bucket[(b >> (m * nbits)) & mask];
+    for (int i = 0; i < 16; ++i) lut16[i] = levels.of_bucket[nbits <= 4 ? (i & mask) : i];
+  }
+
+  // Levels of rows [0, n) of residuals into out (n, dim4). One switch per chunk; the loops keep
+  // every size in registers (stores through uint8_t* may alias anything, so members read inside
+  // the loop would be reloaded after every store). When dim is a multiple of 4 the output rows are
+  // back to back just like the input rows, so the chunk decodes as one stream, 32 bytes at a time.
+  void decode_rows(const uint8_t* residuals, int64_t n, uint8_t* out) const {
+    switch (nbits) {
+      case 1: decode_rows_nb<1>(residuals, n, out); break;
+      case 2: decode_rows_nb<2>(residuals, n, out); break;
+      case 4: decode_rows_nb<4>(residuals, n, out); break;
+      default: decode_rows_nb<8>(residuals, n, out); break;
+    }
+  }
+
+  template <int NB>
+  EP_INLINE void decode_rows_nb(const uint8_t* residuals, int64_t n, uint8_t* out) const {
+    const int64_t rb = row_bytes, d4 = dim4, dm = dim;
+    if (dm == d4) {
+      decode_stream<NB>(residuals, n * rb, out);
+      return;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      decode_stream<NB>(residuals + j * rb, rb, out + j * d4);
+      for (int64_t d = dm; d < d4; ++d) out[j * d4 + d] = uint8_t(kLevelOffset);
+    }
+  }
+
+  // out[k * (8 / NB) + m] = level of field m of byte k, for bytes [0, n_bytes) of in.
+  template <int NB>
+  EP_INLINE void decode_stream(const uint8_t* in, int64_t n_bytes, uint8_t* out) const {
+    constexpr int PB = 8 / NB;
+    const uint8_t* tab = table;
+    int64_t b = 0;
+#if defined(EDGEPLAID_ISA_AVX2) || defined(EDGEPLAID_ISA_AVX512)
+    const __m128i lut = _mm_load_si128(reinterpret_cast<const __m128i*>(lut16));
+    if constexpr (NB == 4 || NB == 2) {
+      // vpshufb and the unpacks work within 128-bit lanes: lane 0 holds bytes 0-15 of the block,
+      // lane 1 bytes 16-31; the final cross-lane permutes put the outputs in byte order.
+      const __m256i lut2 = _mm256_broadcastsi128_si256(lut);
+      for (; b + 32 <= n_bytes; b += 32) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + b));
+        uint8_t* o = out + b * PB;
+        if constexpr (NB == 4) {
+          const __m256i m = _mm256_set1_epi8(0x0f);
+          const __m256i lo = _mm256_shuffle_epi8(lut2, _mm256_and_si256(x, m));
+          const __m256i hi = _mm256_shuffle_epi8(lut2, _mm256_and_si256(_mm256_srli_epi16(x, 4), m));
+          const __m256i a = _mm256_unpacklo_epi8(lo, hi), c = _mm256_unpackhi_epi8(lo, hi);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_permute2x128_si256(a, c, 0x20));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 32), _mm256_permute2x128_si256(a, c, 0x31));
+        } else {
+          const __m256i m = _mm256_set1_epi8(0x03);
+          const __m256i f0 = _mm256_shuffle_epi8(lut2, _mm256_and_si256(x, m));
+          const __m256i f1 = _mm256_shuffle_epi8(lut2, _mm256_and_si256(_mm256_srli_epi16(x, 2), m));
+          const __m256i f2 = _mm256_shuffle_epi8(lut2, _mm256_and_si256(_mm256_srli_epi16(x, 4), m));
+          const __m256i f3 = _mm256_shuffle_epi8(lut2, _mm256_and_si256(_mm256_srli_epi16(x, 6), m));
+          const __m256i p01 = _mm256_unpacklo_epi8(f0, f1), p01h = _mm256_unpackhi_epi8(f0, f1);
+          const __m256i p23 = _mm256_unpacklo_epi8(f2, f3), p23h = _mm256_unpackhi_epi8(f2, f3);
+          const __m256i q0 = _mm256_unpacklo_epi16(p01, p23), q1 = _mm256_unpackhi_epi16(p01, p23);
+          const __m256i q2 = _mm256_unpacklo_epi16(p01h, p23h), q3 = _mm256_unpackhi_epi16(p01h, p23h);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_permute2x128_si256(q0, q1, 0x20));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 32), _mm256_permute2x128_si256(q2, q3, 0x20));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 64), _mm256_permute2x128_si256(q0, q1, 0x31));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 96), _mm256_permute2x128_si256(q2, q3, 0x31));
+        }
+      }
+    }
+    if constexpr (NB <= 4)
+      for (; b + 8 <= n_bytes; b += 8) decode8<NB>(lut, in + b, out + b * PB);
+#endif
+    for (; b < n_bytes; ++b) std::memcpy(out + b * PB, tab + in[b] * PB, PB);
+  }
+
+#if defined(EDGEPLAID_ISA_AVX2) || defined(EDGEPLAID_ISA_AVX512)
+  // Decodes 8 residual bytes (64 / NB dimensions) with byte shuffles; reads only those 8 bytes.
+  template <int NB>
+  static EP_INLINE void decode8(__m128i lut, const uint8_t* in, uint8_t* o) {
+    const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(in));
+    if constexpr (NB == 4) {  // byte k -> dims 2k (low nibble), 2k + 1 (high nibble)
+      const __m128i lo = _mm_and_si128(x, _mm_set1_epi8(0x0f));
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), _mm_set1_epi8(0x0f));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o),
+                       _mm_unpacklo_epi8(_mm_shuffle_epi8(lut, lo), _mm_shuffle_epi8(lut, hi)));
+    } else if constexpr (NB == 2) {  // byte k -> dims 4k .. 4k + 3, two bits each from the bottom
+      const __m128i m = _mm_set1_epi8(0x03);
+      const __m128i f0 = _mm_shuffle_epi8(lut, _mm_and_si128(x, m));
+      const __m128i f1 = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(x, 2), m));
+      const __m128i f2 = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(x, 4), m));
+      const __m128i f3 = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(x, 6), m));
+      const __m128i p01 = _mm_unpacklo_epi8(f0, f1), p23 = _mm_unpacklo_epi8(f2, f3);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi16(p01, p23));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 16), _mm_unpackhi_epi16(p01, p23));
+    } else {  // NB 1: byte k -> dims 8k .. 8k + 7, bit j for dim 8k + j
+      const __m128i bit = _mm_set1_epi64x(int64_t(0x8040201008040201ull));
+      const __m128i w0 = _mm_shuffle_epi8(lut, _mm_setzero_si128());
+      const __m128i w1 = _mm_shuffle_epi8(lut, _mm_set1_epi8(1));
+#pragma GCC unroll 4
+      for (int h = 0; h < 4; ++h) {  // two bytes -> 16 dims at a time
+        const __m128i spread = _mm_shuffle_epi8(
+            x, _mm_unpacklo_epi64(_mm_set1_epi8(char(2 * h)), _mm_set1_epi8(char(2 * h + 1))));
+        const __m128i set = _mm_cmpeq_epi8(_mm_and_si128(spread, bit), bit);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 16 * h), _mm_blendv_epi8(w0, w1, set));
+      }
+    }
+  }
+#endif
+};
+
+// ------------------------------------------------------------------ queries
+
+// One query prepared for code scoring: its valid tokens compacted to lanes [0, n_valid).
+struct ScoredQuery {
+  int64_t n_valid, n_vec, stride;
+  const float* qt;      // exact: [dim][stride] (PackedQuery layout)
+  const int8_t* q8;     // int8: [dim4 / 4][stride][4] quantised values
+  const float* scale;   // int8: [stride] qscale_i * wscale
+  const int32_t* bias;  // int8: [stride] -64 * sum_d qq_id
+  const float* table;   // [n_centroids][stride] centroid scores of the valid tokens
+};
+
+struct ScoredQueries {
+  std::vector<ScoredQuery> qs;
+  std::vector<std::vector<float>> qt, scale, table;
+  std::vector<std::vector<int8_t>> q8;
+  std::vector<std::vector<int32_t>> bias;
+};
+
+// Quantises row q (dim fp32) into lane `lane` of q8 and returns qscale.
+inline float quantise_query_row(const float* q, int64_t dim, int64_t stride, int64_t lane, int8_t* q8,
+                                int32_t* sum) {
+  float amax = 0.0f;
+  for (int64_t d = 0; d < dim; ++d) amax = std::max(amax, std::fabs(q[d]));
+  const float qscale = amax > 0.0f ? amax / float(kQueryRange) : 0.0f;
+  int32_t s = 0;
+  for (int64_t d = 0; d < dim; ++d) {
+    int v = qscale > 0.0f ? int(std::nearbyint(q[d] / qscale)) : 0;
+    v = std::clamp(v, -kQueryRange, kQueryRange);
+    q8[(d / 4) * stride * 4 + lane * 4 + d % 4] = int8_t(v);
+    s += v;
+  }
+  *sum = s;
+  return qscale;
+}
+
+inline ScoredQueries prepare_queries(const Queries& q, const float* centroid_scores, int64_t n_centroids,
+                                     bool int8, float wscale) {
+  ScoredQueries out;
+  const int64_t nq = q.nq, dim = q.dim, dim4 = (dim + 3) / 4 * 4;
+  out.qs.resize(size_t(nq));
+  out.qt.resize(size_t(nq));
+  out.scale.resize(size_t(nq));
+  out.table.resize(size_t(nq));
+  out.q8.resize(size_t(nq));
+  out.bias.resize(size_t(nq));
+  for (int64_t k = 0; k < nq; ++k) {
+    std::vector<int64_t> rows;
+    const PackedQuery pq = pack_rows(q.data, q.mask, k * q.lq, q.lq, dim, out.qt[size_t(k)], &rows);
+    ScoredQuery& s = out.qs[size_t(k)];
+    s.n_valid = pq.n_valid;
+    s.n_vec = pq.n_vec;
+    s.stride = std::max<int64_t>(pq.stride, W);
+    if (int8) {
+      out.q8[size_t(k)].assign(size_t(dim4 / 4 * s.stride * 4), 0);
+      out.scale[size_t(k)].assign(size_t(s.stride), 0.0f);
+      out.bias[size_t(k)].assign(size_t(s.stride), 0);
+      for (int64_t lane = 0; lane < pq.n_valid; ++lane) {
+        int32_t sum = 0;
+        const float qscale =
+            quantise_query_row(q.data + rows[size_t(lane)] * dim, dim, s.stride, lane, out.q8[size_t(k)].data(), &sum);
+        out.scale[size_t(k)][size_t(lane)] = qscale * wscale;
+        out.bias[size_t(k)][size_t(lane)] = -kLevelOffset * sum;
+      }
+      s.q8 = out.q8[size_t(k)].data();
+      s.scale = out.scale[size_t(k)].data();
+      s.bias = out.bias[size_t(k)].data();
+    }
+    s.qt = out.qt[size_t(k)].data();
+    // The table transposed once per query: one token's scores are then a contiguous row of lanes.
+    std::vector<float>& t = out.table[size_t(k)];
+    t.assign(size_t(std::max<int64_t>(1, n_centroids * s.stride)), 0.0f);
+    float* tp = t.data();
+    parallel_for(n_centroids, 1024, [&](int64_t c0, int64_t c1) {
+      for (int64_t lane = 0; lane < pq.n_valid; ++lane) {
+        const float* src = centroid_scores + rows[size_t(lane)] * n_centroids;
+        for (int64_t c = c0; c < c1; ++c) tp[c * s.stride + lane] = src[c];
+      }
+    });
+    s.table = tp;
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------ tiles
+
+// Asks for the table rows of the tile's tokens (NQV * W floats each): they are gathered by
+// centroid id, and without this each epilogue waits on an L2/L3 miss the dot products could hide.
+template <int NQV, int NT>
+EP_INLINE void prefetch_table_rows(const int32_t* codes, const float* table, int64_t tstride) {
+#pragma GCC unroll 16
+  for (int r = 0; r < NT; ++r) {
+    const float* row = table + int64_t(codes[r]) * tstride;
+#pragma GCC unroll 4
+    for (int l = 0; l < NQV * W; l += 16) __builtin_prefetch(row + l, 0, 3);
+  }
+}
+
+// Folds the tile's dot products through the epilogue into the running maxima m:
+//   m[v] = max(m[v], (dot + table[code]) * inv_norm)          (exact)
+//   m[v] = max(m[v], fma(float(dot), scale, table[code]) * inv_norm)   (int8)
+template <int NQV, int NT>
+EP_INLINE void fold_exact(const Vec (&acc)[NT][NQV], const int32_t* codes, const float* inv, const float* table,
+                          int64_t tstride, Vec (&m)[NQV]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < NT; ++r) {
+    const float* trow = table + int64_t(codes[r]) * tstride;
+    const Vec s = Vec::set1(inv[r]);
+#pragma GCC unroll 8
+    for (int v = 0; v < NQV; ++v) m[v] = max(m[v], (acc[r][v] + Vec::load(trow + v * W)) * s);
+  }
+}
+
+// Exact sweep of n_rows decoded residual rows (fp32 bucket weights) for NQV query vectors.
+template <int NQV, int DIM>
+EP_INLINE void sweep_exact_dim(const float* qt, int64_t qstride, const float* rows, const int32_t* codes,
+                               const float* inv, int64_t n_rows, int64_t dim, const float* table, int64_t tstride,
+                               float* best) {
+  constexpr int NT = tile_rows<NQV>();
+  Vec m[NQV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NQV; ++v) m[v] = Vec::load(best + v * W);
+  int64_t t = 0;
+  for (; t + NT <= n_rows; t += NT) {
+    Vec acc[NT][NQV];
+    prefetch_table_rows<NQV, NT>(codes + t, table, tstride);
+    dot_tile<NQV, NT, DIM>(qt, qstride, rows + t * dim, dim, acc);
+    fold_exact<NQV, NT>(acc, codes + t, inv + t, table, tstride, m);
+  }
+  if (t < n_rows && n_rows >= NT) {  // overlapping last tile: max is idempotent
+    Vec acc[NT][NQV];
+    t = n_rows - NT;
+    dot_tile<NQV, NT, DIM>(qt, qstride, rows + t * dim, dim, acc);
+    fold_exact<NQV, NT>(acc, codes + t, inv + t, table, tstride, m);
+    t = n_rows;
+  }
+  for (; t < n_rows; ++t) {
+    Vec acc[1][NQV];
+    dot_tile<NQV, 1, DIM>(qt, qstride, rows + t * dim, dim, acc);
+    fold_exact<NQV, 1>(acc, codes + t, inv + t, table, tstride, m);
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NQV; ++v) m[v].store(best + v * W);
+}
+
+template <int NQV>
+EP_INLINE void sweep_exact(const float* qt, int64_t qstride, const float* rows, const int32_t* codes,
+                           const float* inv, int64_t n_rows, int64_t dim, const float* table, int64_t tstride,
+                           float* best) {
+  switch (dim) {
+    case 48: sweep_exact_dim<NQV, 48>(qt, qstride, rows, codes, inv, n_rows, dim, table, tstride, best); break;
+    case 64: sweep_exact_dim<NQV, 64>(qt, qstride, rows, codes, inv, n_rows, dim, table, tstride, best); break;
+    case 128: sweep_exact_dim<NQV, 128>(qt, qstride, rows, codes, inv, n_rows, dim, table, tstride, best); break;
+    default: sweep_exact_dim<NQV, 0>(qt, qstride, rows, codes, inv, n_rows, dim, table, tstride, best); break;
+  }
+}
+
+// acc[t][v] = bias[v] + sum_g dot4(rows[t][4g : 4g + 4], q8[g][v * W : (v + 1) * W][0 : 4]).
+// The query vectors stay in registers; one 4-byte broadcast of the token serves all of them.
+template <int NQV, int NT, int GROUPS>
+EP_INLINE void dot_tile_i8(const int8_t* q8, int64_t qstride4, const uint8_t* rows, int64_t row_bytes,
+                           int64_t groups_arg, const IVec (&bias)[NQV], IVec (&acc)[NT][NQV]) {
+  const int64_t groups = GROUPS > 0 ? GROUPS : groups_arg;
+  const int64_t rb = GROUPS > 0 ? GROUPS * 4 : row_bytes;
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 8
+    for (int v = 0; v < NQV; ++v) acc[t][v] = bias[v];
+  for (int64_t g = 0; g < groups; ++g) {
+    IVec qv[NQV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NQV; ++v) qv[v] = IVec::load(q8 + g * qstride4 + v * W * 4);
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) {
+      const IVec b = IVec::bcast4(rows + t * rb + g * 4);
+#pragma GCC unroll 8
+      for (int v = 0; v < NQV; ++v) acc[t][v] = dot4(acc[t][v], b, qv[v]);
+    }
+  }
+}
+
+template <int NQV, int NT>
+EP_INLINE void fold_i8(const IVec (&acc)[NT][NQV], const Vec (&scale)[NQV], const int32_t* codes,
+                       const float* inv, const float* table, int64_t tstride, Vec (&m)[NQV]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < NT; ++r) {
+    const float* trow = table + int64_t(codes[r]) * tstride;
+    const Vec s = Vec::set1(inv[r]);
+#pragma GCC unroll 8
+    for (int v = 0; v < NQV; ++v) m[v] = max(m[v], fmadd(acc[r][v].to_float(), scale[v], Vec::load(trow + v * W)) * s);
+  }
+}
+
+template <int NQV>
+constexpr int tile_rows_i8() {
+  return kInt8AccRegs / NQV > 0 ? kInt8AccRegs / NQV : 1;
+}
+
+template <int NQV, int GROUPS>
+EP_INLINE void sweep_i8_dim(const ScoredQuery& q, int64_t v0, const uint8_t* rows, int64_t row_bytes,
+                            const int32_t* codes, const float* inv, int64_t n_rows, float* best) {
+  constexpr int NT = tile_rows_i8<NQV>();
+  const int64_t groups = row_bytes / 4, qstride4 = q.stride * 4;
+  const int8_t* q8 = q.q8 + v0 * W * 4;
+  const float* table = q.table + v0 * W;
+  Vec m[NQV], scale[NQV];
+  IVec bias[NQV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NQV; ++v) {
+    m[v] = Vec::load(best + v * W);
+    scale[v] = Vec::load(q.scale + v0 * W + v * W);
+    bias[v] = IVec::load(q.bias + v0 * W + v * W);
+  }
+  int64_t t = 0;
+  for (; t + NT <= n_rows; t += NT) {
+    IVec acc[NT][NQV];
+    prefetch_table_rows<NQV, NT>(codes + t, table, q.stride);
+    dot_tile_i8<NQV, NT, GROUPS>(q8, qstride4, rows + t * row_bytes, row_bytes, groups, bias, acc);
+    fold_i8<NQV, NT>(acc, scale, codes + t, inv + t, table, q.stride, m);
+  }
+  if (t < n_rows && n_rows >= NT) {
+    IVec acc[NT][NQV];
+    t = n_rows - NT;
+    dot_tile_i8<NQV, NT, GROUPS>(q8, qstride4, rows + t * row_bytes, row_bytes, groups, bias, acc);
+    fold_i8<NQV, NT>(acc, scale, codes + t, inv + t, table, q.stride, m);
+    t = n_rows;
+  }
+  for (; t < n_rows; ++t) {
+    IVec acc[1][NQV];
+    dot_tile_i8<NQV, 1, GROUPS>(q8, qstride4, rows + t * row_bytes, row_bytes, groups, bias, acc);
+    fold_i8<NQV, 1>(acc, scale, codes + t, inv + t, table, q.stride, m);
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NQV; ++v) m[v].store(best + v * W);
+}
+
+template <int NQV>
+EP_INLINE void sweep_i8(const ScoredQuery& q, int64_t v0, const uint8_t* rows, int64_t row_bytes,
+                        const int32_t* codes, const float* inv, int64_t n_rows, float* best) {
+  switch (row_bytes) {
+    case 48: sweep_i8_dim<NQV, 12>(q, v0, rows, row_bytes, codes, inv, n_rows, best); break;
+    case 64: sweep_i8_dim<NQV, 16>(q, v0, rows, row_bytes, codes, inv, n_rows, best); break;
+    case 128: sweep_i8_dim<NQV, 32>(q, v0, rows, row_bytes, codes, inv, n_rows, best); break;
+    default: sweep_i8_dim<NQV, 0>(q, v0, rows, row_bytes, codes, inv, n_rows, best); break;
+  }
+}
+
+// ------------------------------------------------------------------ documents
+
+// Copies codes [at, at + n) to int32 and inv_norm to out_inv; returns the position (relative to
+// at) of the first token with an out-of-range code or an inv_norm that is not positive and
+// finite, or -1. The checks are folded into one flag per chunk: no branch per token.
+template <class Code>
+EP_INLINE int64_t stage_ids_as(const Code* codes, const float* inv_norm, int64_t n, int64_t n_centroids,
+                               int32_t* out_codes, float* out_inv) {
+  // Unsigned compares only, so the loop vectorises: a code is valid when (unsigned) code < n_centroids
+  // (negative ids wrap to huge values); inv_norm is positive and finite when its bits minus one,
+  // unsigned, are below those of +inf minus one (zero, negatives, inf and NaN all fail).
+  using U = std::conditional_t<sizeof(Code) == 8, uint64_t, uint32_t>;
+  const U limit = U(std::min<uint64_t>(uint64_t(n_centroids), uint64_t(std::numeric_limits<U>::max())));
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(inv_norm);
+  U bad = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const U c = U(codes[j]);
+    bad |= U(c >= limit) | U(bits[j] - 1u >= 0x7f7fffffu);
+    out_codes[j] = int32_t(c);
+  }
+  std::memcpy(out_inv, inv_norm, sizeof(float) * size_t(n));
+  if (!bad) return -1;
+  for (int64_t j = 0; j < n; ++j)
+    if (U(codes[j]) >= limit || bits[j] - 1u >= 0x7f7fffffu) return j;
+  return -1;
+}
+
+EP_INLINE int64_t stage_ids(const Ids& codes, const float* inv_norm, int64_t at, int64_t n, int64_t n_centroids,
+                            int32_t* out_codes, float* out_inv) {
+  switch (codes.bytes) {
+    case 2:
+      return stage_ids_as(static_cast<const uint16_t*>(codes.data) + at, inv_norm + at, n, n_centroids, out_codes,
+                          out_inv);
+    case 4:
+      return stage_ids_as(static_cast<const int32_t*>(codes.data) + at, inv_norm + at, n, n_centroids, out_codes,
+                          out_inv);
+    default:
+      return stage_ids_as(static_cast<const int64_t*>(codes.data) + at, inv_norm + at, n, n_centroids, out_codes,
+                          out_inv);
+  }
+}
+
+struct CodeScratch {
+  std::vector<float> rows;     // exact: decoded bucket weights (cap, dim)
+  std::vector<uint8_t> rows8;  // int8: levels (cap, dim4)
+  std::vector<int32_t> codes;  // (cap,)
+  std::vector<float> inv;      // (cap,)
+  std::vector<float> best;
+};
+inline CodeScratch& code_scratch() {
+  static thread_local CodeScratch s;
+  return s;
+}
+
+struct CodeScoring {
+  const Compressed* tokens;
+  const float* inv_norm;
+  int64_t n_centroids, dim;
+  const ResidualDecoder* decoder;  // exact
+  const LevelDecoder* levels;      // int8
+  bool int8;
+};
+
+// Scores tokens [begin, end) of one document against queries qs[0 : n], out[k * out_stride].
+inline void score_codes_document(const CodeScoring& cs, int64_t begin, int64_t end, const ScoredQuery* qs,
+                                 int64_t n, float* out, int64_t out_stride, KernelError& err) {
+  CodeScratch& s = code_scratch();
+  const int64_t dim = cs.dim, dim4 = (dim + 3) / 4 * 4;
+  const int64_t row_bytes = dim * (cs.int8 ? cs.levels->nbits : cs.decoder->nbits) / 8;
+  const int64_t cap = chunk_rows(dim);
+  int64_t max_stride = 0;
+  for (int64_t k = 0; k < n; ++k) max_stride = std::max(max_stride, qs[k].stride);
+  s.best.assign(size_t(std::max<int64_t>(1, max_stride * n)), kNegInf);
+  if (s.codes.size() < size_t(cap)) {
+    s.codes.resize(size_t(cap));
+    s.inv.resize(size_t(cap));
+  }
+  if (cs.int8 && s.rows8.size() < size_t(cap * dim4)) s.rows8.resize(size_t(cap * dim4));
+  if (!cs.int8 && s.rows.size() < size_t(cap * dim)) s.rows.resize(size_t(cap * dim));
+  const Compressed& tok = *cs.tokens;
+  for (int64_t at = begin; at < end; at += cap) {
+    const int64_t rows = std::min(cap, end - at);
+    const int64_t bad = stage_ids(tok.codes, cs.inv_norm, at, rows, cs.n_centroids, s.codes.data(), s.inv.data());
+    if (bad >= 0) {
+      const int64_t t = at + bad;
+      if (tok.codes[t] < 0 || tok.codes[t] >= cs.n_centroids)
+        err.report("codes: token " + std::to_string(t) + " has centroid id " + std::to_string(tok.codes[t]) +
+                   ", expected [0, " + std::to_string(cs.n_centroids) + ")");
+      else
+        err.report("inv_norm: token " + std::to_string(t) + " has " + std::to_string(cs.inv_norm[t]) +
+                   ", expected a positive finite 1 / ||centroid + residual|| (recompute it: "
+                   "edgeplaid.ops.residual_inv_norms)");
+      return;
+    }
+    const uint8_t* res = tok.residuals + at * row_bytes;
+    if (cs.int8) {
+      cs.levels->decode_rows(res, rows, s.rows8.data());
+    } else {
+      cs.decoder->decode_rows(res, rows, s.rows.data());
+    }
+    if (at + cap < end) {  // the next chunk's codes are on their way while this one is scored
+      const int64_t next = std::min(cap, end - at - cap);
+      prefetch_bytes(tok.residuals + (at + cap) * row_bytes, next * row_bytes);
+      prefetch_bytes(cs.inv_norm + at + cap, next * int64_t(sizeof(float)));
+    }
+    for (int64_t k = 0; k < n; ++k) {
+      const ScoredQuery& q = qs[k];
+      float* best = s.best.data() + k * max_stride;
+      for (int64_t v0 = 0; v0 < q.n_vec; v0 += kMaxQueryVecs) {
+        with_query_vecs(std::min<int64_t>(kMaxQueryVecs, q.n_vec - v0), [&](auto nqv) {
+          constexpr int NQV = decltype(nqv)::value;
+          if (cs.int8)
+            sweep_i8<NQV>(q, v0, s.rows8.data(), dim4, s.codes.data(), s.inv.data(), rows, best + v0 * W);
+          else
+            sweep_exact<NQV>(q.qt + v0 * W, q.stride, s.rows.data(), s.codes.data(), s.inv.data(), rows, dim,
+                             q.table + v0 * W, q.stride, best + v0 * W);
+        });
+      }
+    }
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    float total = 0.0f;
+    const float* best = s.best.data() + k * max_stride;
+    for (int64_t i = 0; i < qs[k].n_valid; ++i) total += best[i];
+    out[k * out_stride] = total;
+  }
+}
+
+}  // namespace EDGEPLAID_ISA_NS
+}  // namespace edgeplaid
