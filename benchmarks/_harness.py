@@ -92,7 +92,17 @@ class Report:
     peak_gflops: float = 0.0
     rows: list[dict] = field(default_factory=list)
 
-    def add(self, contender: str, seconds: float, note: str = "") -> dict:
+    def add(
+        self,
+        contender: str,
+        seconds: float,
+        note: str = "",
+        peak: float | None = None,
+        isa: str | None = None,
+    ) -> dict:
+        """One contender's median time; ``peak`` overrides the case's peak for this row (an int8
+        kernel is held to the int8 peak), ``isa`` the ISA label (e.g. avx512vnni)."""
+        peak = self.peak_gflops if peak is None else peak
         gflops = self.flops / seconds / 1e9 if self.flops else 0.0
         row = {
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -100,16 +110,16 @@ class Report:
             "op": self.op,
             "case": self.case,
             "contender": contender,
-            "isa": C.cpu_isa() if C is not None and contender.startswith("edgeplaid") else "",
+            "isa": isa or (C.cpu_isa() if C is not None and contender.startswith("edgeplaid") else ""),
             "threads": C.get_num_threads() if C is not None else torch.get_num_threads(),
             "cpu": cpu_model(),
             "device": "cpu",
             "median_ms": round(seconds * 1e3, 4),
             "gflops": round(gflops, 2),
-            "pct_of_peak": round(100 * gflops / self.peak_gflops, 1) if self.peak_gflops and gflops else "",
+            "pct_of_peak": round(100 * gflops / peak, 1) if peak and gflops else "",
             "gbps": round(self.bytes_moved / seconds / 1e9, 2) if self.bytes_moved else "",
             "speedup_vs_torch": "",
-            "peak_gflops": round(self.peak_gflops, 1),
+            "peak_gflops": round(peak, 1),
             "note": note,
         }
         self.rows.append(row)

@@ -156,34 +156,53 @@ def run(peers: bool = False, threads: int = 0, nbits: int = 4, repeats: int = 3)
         ex_idx = idx.search_exhaustive(queries, K, qmask).ids.tolist()
         ndcg_ex_idx = ndcg_at_k([[doc_ids[i] for i in row] for row in ex_idx], qids, qrels)
 
-        idx.search(queries[:4], K, qmask[:4])  # warm-up
-        lat_runs, batch_runs = [], []
-        single = None
+        # The last stage's two precisions, interleaved in every repeat (a shared machine drifts).
+        precisions = ("int8", "exact")
+        for prec in precisions:
+            idx.search(queries[:4], K, qmask[:4], precision=prec)  # warm-up
+        lat_runs: dict[str, list] = {p: [] for p in precisions}
+        batch_runs: dict[str, list] = {p: [] for p in precisions}
+        single: dict[str, list] = {}
         for _ in range(repeats):
-            lat = []
-            res = []
-            for i in range(nq):
+            for prec in precisions:
+                lat = []
+                res = []
+                for i in range(nq):
+                    t = time.perf_counter()
+                    r = idx.search(queries[i : i + 1], K, qmask[i : i + 1], precision=prec)
+                    lat.append(time.perf_counter() - t)
+                    res.append(r.ids[0].tolist())
+                lat_runs[prec].append(lat)
+                single[prec] = res
                 t = time.perf_counter()
-                r = idx.search(queries[i : i + 1], K, qmask[i : i + 1])
-                lat.append(time.perf_counter() - t)
-                res.append(r.ids[0].tolist())
-            lat_runs.append(lat)
-            single = res
-            t = time.perf_counter()
-            batched = idx.search(queries, K, qmask)
-            batch_runs.append(time.perf_counter() - t)
-        lat_all = np.array(lat_runs).min(axis=0)  # per query, best of the repeats (shared machine)
-        p50, p95 = float(np.percentile(lat_all, 50)) * 1e3, float(np.percentile(lat_all, 95)) * 1e3
-        qps_batched = nq / min(batch_runs)
-        rec = recall(single, exact)
-        rec_idx = recall(single, ex_idx)
-        assert batched.ids.tolist() == single, "batched and single-query results differ"
-        ndcg = ndcg_at_k([[doc_ids[i] for i in row] for row in single], qids, qrels)
+                batched = idx.search(queries, K, qmask, precision=prec)
+                batch_runs[prec].append(time.perf_counter() - t)
+                assert batched.ids.tolist() == res, "batched and single-query results differ"
+        stats = {}
+        for prec in precisions:
+            lat_all = np.array(lat_runs[prec]).min(axis=0)  # per query, best of the repeats (shared machine)
+            stats[prec] = dict(
+                p50=float(np.percentile(lat_all, 50)) * 1e3,
+                p95=float(np.percentile(lat_all, 95)) * 1e3,
+                qps_single=1e3 / float(np.mean(lat_all * 1e3)),
+                qps_batched=nq / min(batch_runs[prec]),
+                rec=recall(single[prec], exact),
+                rec_idx=recall(single[prec], ex_idx),
+                ndcg=ndcg_at_k([[doc_ids[i] for i in row] for row in single[prec]], qids, qrels),
+            )
+            st = stats[prec]
+            print(
+                f"edgeplaid search ({prec}): p50 {st['p50']:.2f} ms, p95 {st['p95']:.2f} ms, "
+                f"{st['qps_single']:.0f} QPS single, {st['qps_batched']:.0f} QPS batched; recall@10 "
+                f"{st['rec']:.4f} vs exact fp32, {st['rec_idx']:.4f} vs the index's exhaustive; nDCG@10 "
+                f"{st['ndcg']:.4f} (exhaustive fp32 {ndcg_exact:.4f}, index exhaustive {ndcg_ex_idx:.4f})"
+            )
+        i8, ex = stats["int8"], stats["exact"]
         print(
-            f"edgeplaid search: p50 {p50:.2f} ms, p95 {p95:.2f} ms, {1e3 / p50:.0f} QPS single, "
-            f"{qps_batched:.0f} QPS batched; recall@10 {rec:.4f} vs exact fp32, {rec_idx:.4f} vs the index's "
-            f"exhaustive; nDCG@10 {ndcg:.4f} (exhaustive fp32 {ndcg_exact:.4f}, "
-            f"index exhaustive {ndcg_ex_idx:.4f})"
+            f"int8 vs exact last stage: p50 x{ex['p50'] / i8['p50']:.2f} faster, batched QPS "
+            f"x{i8['qps_batched'] / ex['qps_batched']:.2f}; nDCG@10 {i8['ndcg'] - ex['ndcg']:+.4f}, "
+            f"recall@10 vs index exhaustive {i8['rec_idx'] - ex['rec_idx']:+.4f} "
+            "(issue 9 bar: |dnDCG| <= 0.002, |drecall| <= 0.005)"
         )
         qnpz = str(work / "q.npz")
         np.savez(qnpz, queries=data["queries"], queries_mask=data["queries_mask"])
@@ -202,23 +221,25 @@ def run(peers: bool = False, threads: int = 0, nbits: int = 4, repeats: int = 3)
             f"touched), after load alone +{(rss['loaded'] - rss['base']) / 1e6:.1f} MB, after the "
             f"single-query searches {rss['single'] / 1e6:.1f} MB ({rss['single'] / idx.nbytes():.2f}x)"
         )
-        rows.append(
-            dict(
-                contender="edgeplaid",
-                build_s=build_s,
-                bytes_per_token=bpt,
-                p50_ms=p50,
-                p95_ms=p95,
-                qps_single=1e3 / float(np.mean(lat_all * 1e3)),
-                qps_batched=qps_batched,
-                recall10=rec,
-                recall10_vs_index_exhaustive=rec_idx,
-                ndcg10=ndcg,
-                ndcg10_exhaustive=ndcg_exact,
-                rss_over_index=growth / idx.nbytes(),
-                note="measured",
+        for prec in precisions:
+            st = stats[prec]
+            rows.append(
+                dict(
+                    contender=f"edgeplaid ({prec})",
+                    build_s=build_s,
+                    bytes_per_token=bpt,
+                    p50_ms=st["p50"],
+                    p95_ms=st["p95"],
+                    qps_single=st["qps_single"],
+                    qps_batched=st["qps_batched"],
+                    recall10=st["rec"],
+                    recall10_vs_index_exhaustive=st["rec_idx"],
+                    ndcg10=st["ndcg"],
+                    ndcg10_exhaustive=ndcg_exact,
+                    rss_over_index=growth / idx.nbytes(),
+                    note="measured",
+                )
             )
-        )
         if peers:
             npz = str(work / "peers.npz")
             np.savez(

@@ -42,3 +42,16 @@ def peak_gflops(isa: str) -> float:
     if isa not in _peaks:
         _peaks[isa] = float(C.peak_gflops(0.5))
     return _peaks[isa]
+
+
+_int8_peaks: dict[str, float] = {}
+
+
+@pytest.fixture
+def peak_int8_gops(isa: str) -> float:
+    """The int8 multiply-add peak (G int ops/s) of the int8 kernels the ISA under test runs
+    (VNNI on AVX-512 where present), measured once per session and kernel set."""
+    key = C.cpu_info()["int8_isa"]
+    if key not in _int8_peaks:
+        _int8_peaks[key] = float(C.peak_int8_gops(0.5))
+    return _int8_peaks[key]

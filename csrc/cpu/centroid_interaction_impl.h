@@ -18,7 +18,9 @@ void centroid_interaction(const float* centroid_scores, const uint8_t* queries_m
                           int64_t nd, const Candidates& cand, const float* threshold, float* out,
                           KernelError& err) {
   const int64_t nc = cand.ids == nullptr ? nd : cand.nc;
-  std::vector<float> transposed;
+  // Kept by the calling thread across calls: a fresh multi-MiB buffer is mmapped and its pages
+  // zeroed by the kernel on first touch, every call.
+  static thread_local std::vector<float> transposed;
   std::vector<uint8_t> keep(static_cast<size_t>(n_centroids));
   std::vector<int64_t> valid;
   for (int64_t qi = 0; qi < nq && !err.set(); ++qi) {
@@ -27,12 +29,11 @@ void centroid_interaction(const float* centroid_scores, const uint8_t* queries_m
       if (queries_mask == nullptr || queries_mask[qi * lq + i]) valid.push_back(qi * lq + i);
     const int64_t n_valid = int64_t(valid.size());
     const int64_t stride = std::max<int64_t>(1, (n_valid + W - 1) / W) * W;
-    transposed.assign(size_t(n_centroids * stride), 0.0f);
+    if (transposed.size() < size_t(n_centroids * stride)) transposed.resize(size_t(n_centroids * stride));
+    std::vector<const float*> src(static_cast<size_t>(n_valid));
+    for (int64_t j = 0; j < n_valid; ++j) src[size_t(j)] = centroid_scores + valid[size_t(j)] * n_centroids;
     parallel_for(n_centroids, 1024, [&](int64_t c0, int64_t c1) {
-      for (int64_t j = 0; j < n_valid; ++j) {
-        const float* src = centroid_scores + valid[size_t(j)] * n_centroids;
-        for (int64_t c = c0; c < c1; ++c) transposed[size_t(c * stride + j)] = src[c];
-      }
+      transpose_rows(src.data(), n_valid, c0, c1, transposed.data(), stride);
       for (int64_t c = c0; c < c1; ++c) {
         float best = kNegInf;
         for (int64_t j = 0; j < n_valid; ++j) best = std::max(best, transposed[size_t(c * stride + j)]);

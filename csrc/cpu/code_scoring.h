@@ -174,6 +174,22 @@ struct LevelDecoder {
     int64_t b = 0;
 #if defined(EDGEPLAID_ISA_AVX2) || defined(EDGEPLAID_ISA_AVX512)
     const __m128i lut = _mm_load_si128(reinterpret_cast<const __m128i*>(lut16));
+#if defined(EDGEPLAID_ISA_AVX512)
+    if constexpr (NB == 4) {  // 64 bytes -> 128 levels; the qword permutes undo the per-lane unpacks
+      const __m512i lut4 = _mm512_broadcast_i32x4(lut);
+      const __m512i m = _mm512_set1_epi8(0x0f);
+      const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+      const __m512i second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+      for (; b + 64 <= n_bytes; b += 64) {
+        const __m512i x = _mm512_loadu_si512(in + b);
+        const __m512i lo = _mm512_shuffle_epi8(lut4, _mm512_and_si512(x, m));
+        const __m512i hi = _mm512_shuffle_epi8(lut4, _mm512_and_si512(_mm512_srli_epi16(x, 4), m));
+        const __m512i a = _mm512_unpacklo_epi8(lo, hi), c = _mm512_unpackhi_epi8(lo, hi);
+        _mm512_storeu_si512(out + 2 * b, _mm512_permutex2var_epi64(a, first, c));
+        _mm512_storeu_si512(out + 2 * b + 64, _mm512_permutex2var_epi64(a, second, c));
+      }
+    }
+#endif
     if constexpr (NB == 4 || NB == 2) {
       // vpshufb and the unpacks work within 128-bit lanes: lane 0 holds bytes 0-15 of the block,
       // lane 1 bytes 16-31; the final cross-lane permutes put the outputs in byte order.
@@ -260,7 +276,7 @@ struct ScoredQuery {
 
 struct ScoredQueries {
   std::vector<ScoredQuery> qs;
-  std::vector<std::vector<float>> qt, scale, table;
+  std::vector<std::vector<float>> qt, scale;
   std::vector<std::vector<int8_t>> q8;
   std::vector<std::vector<int32_t>> bias;
 };
@@ -289,7 +305,18 @@ inline ScoredQueries prepare_queries(const Queries& q, const float* centroid_sco
   out.qs.resize(size_t(nq));
   out.qt.resize(size_t(nq));
   out.scale.resize(size_t(nq));
-  out.table.resize(size_t(nq));
+  // The tables (n_centroids x stride floats a query: 0.5-2 MiB) live in a buffer this thread
+  // keeps across calls: a fresh allocation of that size is mmapped, and the kernel zeroing its
+  // pages on first touch cost ~15% of a reranking call.
+  static thread_local std::vector<float> tables;
+  std::vector<int64_t> table_at(size_t(nq) + 1, 0);
+  for (int64_t k = 0; k < nq; ++k) {
+    int64_t n_valid = 0;
+    for (int64_t i = 0; i < q.lq; ++i) n_valid += (q.mask == nullptr || q.mask[k * q.lq + i]) ? 1 : 0;
+    const int64_t stride = std::max<int64_t>((n_valid + W - 1) / W * W, W);
+    table_at[size_t(k) + 1] = table_at[size_t(k)] + n_centroids * stride;
+  }
+  if (tables.size() < size_t(std::max<int64_t>(1, table_at[size_t(nq)]))) tables.resize(size_t(table_at[size_t(nq)]) + 1);
   out.q8.resize(size_t(nq));
   out.bias.resize(size_t(nq));
   for (int64_t k = 0; k < nq; ++k) {
@@ -316,14 +343,11 @@ inline ScoredQueries prepare_queries(const Queries& q, const float* centroid_sco
     }
     s.qt = out.qt[size_t(k)].data();
     // The table transposed once per query: one token's scores are then a contiguous row of lanes.
-    std::vector<float>& t = out.table[size_t(k)];
-    t.assign(size_t(std::max<int64_t>(1, n_centroids * s.stride)), 0.0f);
-    float* tp = t.data();
+    float* tp = tables.data() + table_at[size_t(k)];  // every element written below
+    std::vector<const float*> src(size_t(pq.n_valid));
+    for (int64_t lane = 0; lane < pq.n_valid; ++lane) src[size_t(lane)] = centroid_scores + rows[size_t(lane)] * n_centroids;
     parallel_for(n_centroids, 1024, [&](int64_t c0, int64_t c1) {
-      for (int64_t lane = 0; lane < pq.n_valid; ++lane) {
-        const float* src = centroid_scores + rows[size_t(lane)] * n_centroids;
-        for (int64_t c = c0; c < c1; ++c) tp[c * s.stride + lane] = src[c];
-      }
+      transpose_rows(src.data(), pq.n_valid, c0, c1, tp, s.stride);
     });
     s.table = tp;
   }

@@ -47,8 +47,10 @@ void fused_decompress_maxsim_codes(const Queries& q, const Compressed& tokens, c
       [&](int64_t doc) {
         const int64_t begin = std::clamp<int64_t>(offsets[doc], 0, tokens.codes.n);
         const int64_t n = std::clamp<int64_t>(offsets[doc + 1] - begin, 0, cap);
-        prefetch_bytes(tokens.residuals + begin * row_bytes, n * row_bytes);
-        prefetch_bytes(inv_norm + begin, n * int64_t(sizeof(float)));
+        prefetch_bytes_l2(tokens.residuals + begin * row_bytes, n * row_bytes);
+        prefetch_bytes_l2(inv_norm + begin, n * int64_t(sizeof(float)));
+        prefetch_bytes_l2(static_cast<const char*>(tokens.codes.data) + begin * tokens.codes.bytes,
+                          n * tokens.codes.bytes);
       },
       [&](int64_t doc, int64_t q0, int64_t n, float* o, int64_t stride) {
         int64_t begin = 0, end = 0;

@@ -213,6 +213,13 @@ EP_INLINE void prefetch_bytes(const void* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(c + i, 0, 3);
 }
 
+// prefetch_bytes into L2 only (prefetcht1): for a whole next document, whose ~100 lines would
+// overflow the L1's miss buffers (prefetches past them are dropped or stall).
+EP_INLINE void prefetch_bytes_l2(const void* p, int64_t n) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(c + i, 0, 2);
+}
+
 // Rows staged per chunk: fits L1/L2 and is reused by every query scored against it.
 inline int64_t chunk_rows(int64_t dim) { return std::max<int64_t>(16, 8192 / std::max<int64_t>(dim, 1)); }
 

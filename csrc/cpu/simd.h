@@ -173,11 +173,12 @@ EP_INLINE void narrow_row(const float* src, int64_t n, typename Elem<T>::type* d
 // Transposes an 8 x 8 block: dst[j][i] = src[i * src_ld + j], with dst[j] a row pointer.
 // kStream writes with non-temporal stores (dst rows 32-byte aligned): no read for ownership
 // of lines that are only written, and no eviction of the caller's working set.
+// dst[j][i] = src[i][j] for an 8 x 8 block given by row pointers (src[i] + 0..7).
 template <bool kStream = false>
-EP_INLINE void transpose_8x8(const float* src, int64_t src_ld, float* const* dst) {
+EP_INLINE void transpose_8x8_rows(const float* const* src, float* const* dst) {
 #if defined(EDGEPLAID_ISA_AVX2) || defined(EDGEPLAID_ISA_AVX512)
   __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * src_ld);
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src[i]);
   for (int i = 0; i < 8; i += 2) {
     t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
     t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
@@ -201,8 +202,39 @@ EP_INLINE void transpose_8x8(const float* src, int64_t src_ld, float* const* dst
   }
 #else
   for (int i = 0; i < 8; ++i)
-    for (int j = 0; j < 8; ++j) dst[j][i] = src[i * src_ld + j];
+    for (int j = 0; j < 8; ++j) dst[j][i] = src[i][j];
 #endif
+}
+
+template <bool kStream = false>
+EP_INLINE void transpose_8x8(const float* src, int64_t src_ld, float* const* dst) {
+  const float* rows[8];
+  for (int i = 0; i < 8; ++i) rows[i] = src + i * src_ld;
+  transpose_8x8_rows<kStream>(rows, dst);
+}
+
+// dst[c * stride + lane] = rows[lane][c] for lane < n_lanes and c in [c0, c1), and 0 in lanes
+// [n_lanes, stride): a (n_lanes, C) matrix given by row pointers, transposed to (C, stride) in
+// 8 x 8 register blocks (one strided scalar store per element costs ~4x more).
+inline void transpose_rows(const float* const* rows, int64_t n_lanes, int64_t c0, int64_t c1, float* out,
+                           int64_t stride) {
+  int64_t lane = 0;
+  for (; lane + 8 <= n_lanes; lane += 8) {
+    int64_t c = c0;
+    for (; c + 8 <= c1; c += 8) {
+      const float* src[8];
+      float* dst[8];
+      for (int i = 0; i < 8; ++i) src[i] = rows[lane + i] + c;
+      for (int j = 0; j < 8; ++j) dst[j] = out + (c + j) * stride + lane;
+      transpose_8x8_rows(src, dst);
+    }
+    for (; c < c1; ++c)
+      for (int i = 0; i < 8; ++i) out[c * stride + lane + i] = rows[lane + i][c];
+  }
+  for (; lane < n_lanes; ++lane)
+    for (int64_t c = c0; c < c1; ++c) out[c * stride + lane] = rows[lane][c];
+  if (n_lanes < stride)
+    for (int64_t c = c0; c < c1; ++c) std::fill(out + c * stride + n_lanes, out + (c + 1) * stride, 0.0f);
 }
 
 }  // namespace EDGEPLAID_ISA_NS
