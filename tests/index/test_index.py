@@ -238,3 +238,75 @@ def test_bad_build_input(tmp_path, data):
     with pytest.raises(ValueError, match="nbits"):
         Index.build(tmp_path / "b", tokens, doclens, nbits=3, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- inv_norm (format_version 2)
+
+
+def _as_version_1(path: Path) -> None:
+    """Rewrites an index as edgeplaid's format_version 1 wrote it: no inv_norm."""
+    m = json.loads((path / "manifest.json").read_text())
+    del m["arrays"]["inv_norm"]
+    m["format_version"] = 1
+    (path / "manifest.json").write_text(json.dumps(m))
+    os.remove(path / "inv_norm.bin")
+
+
+def test_inv_norm_is_stored_and_right(built):
+    m = json.loads((built.path / "manifest.json").read_text())
+    assert m["arrays"]["inv_norm"]["dtype"] == "<f4"
+    want = reference.residual_inv_norms(
+        built.codes, built.residuals, built.centroids.float(), built.bucket_weights, 4
+    )
+    assert torch.equal(built.inv_norm, want)
+
+
+def test_version_1_index_loads_searches_identically_and_upgrades(tmp_path, built, data):
+    _, _, topics = data
+    g = torch.Generator().manual_seed(3)
+    q = torch.nn.functional.normalize(topics[torch.randint(0, topics.shape[0], (5, 8), generator=g)], dim=-1)
+    p = _copy(built.path, tmp_path / "v1")
+    _as_version_1(p)
+    with pytest.warns(UserWarning, match="format_version 1"):
+        old = Index.load(p)
+    assert torch.equal(old.inv_norm, built.inv_norm)  # computed on load, bit for bit
+    for precision in ("int8", "exact"):
+        a, b = old.search(q, k=5, precision=precision), built.search(q, k=5, precision=precision)
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.scores, b.scores)
+    assert old.upgrade() is True and old.upgrade() is False
+    m = json.loads((p / "manifest.json").read_text())
+    assert m["format_version"] == 2 and "inv_norm" in m["arrays"]
+    new = Index.load(p, verify=True)  # no warning, checksums hold
+    assert torch.equal(new.inv_norm, built.inv_norm)
+    assert torch.equal(new.search(q, k=5).ids, built.search(q, k=5).ids)
+
+
+def test_missing_or_corrupt_inv_norm_is_an_error(tmp_path, built):
+    p = _copy(built.path, tmp_path / "inv")
+    os.remove(p / "inv_norm.bin")
+    with pytest.raises(IndexFormatError, match=r"missing file inv_norm\.bin"):
+        Index.load(p)
+    m = json.loads((p / "manifest.json").read_text())
+    del m["arrays"]["inv_norm"]
+    (p / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IndexFormatError, match="lacks inv_norm"):
+        Index.load(p)
+    # corrupt values: a NaN / zero / negative inv_norm is rejected by the kernels, never scored
+    q = torch.nn.functional.normalize(torch.randn(2, 6, 48), dim=-1)
+    for bad in (float("nan"), 0.0, -1.0):
+        c = _copy(built.path, tmp_path / f"bad{bad}")
+        raw = np.fromfile(c / "inv_norm.bin", dtype="<f4")
+        raw[:] = bad
+        raw.tofile(c / "inv_norm.bin")
+        with pytest.raises(IndexFormatError, match="checksum"):
+            Index.load(c, verify=True)
+        idx = Index.load(c)
+        for precision in ("int8", "exact"):
+            with pytest.raises(ValueError, match="inv_norm: token"):
+                idx.search(q, k=3, precision=precision)
+
+
+def test_search_precision_argument(built):
+    q = torch.nn.functional.normalize(torch.randn(2, 6, 48), dim=-1)
+    with pytest.raises(ValueError, match="precision"):
+        built.search(q, precision="fp8")
