@@ -97,6 +97,28 @@ struct ResidualDecoder {
   // per call instead of one per row.
   void decode_rows(const uint8_t* rows, int64_t n, float* out) const {
     const int64_t rb = dim * nbits / 8, d = dim;
+#if defined(EDGEPLAID_ISA_AVX512)
+    if (in_registers && nbits == 4) {
+      // Rows are back to back in and out, so the chunk decodes as one stream: 16 bytes (32
+      // dimensions) at a time, nibbles split and interleaved once for both halves.
+      const int64_t total = n * rb;
+      int64_t b = 0;
+      const __m128i m = _mm_set1_epi8(0x0f);
+      for (; b + 16 <= total; b += 16) {
+        const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + b));
+        const __m128i lo = _mm_and_si128(x, m), hi = _mm_and_si128(_mm_srli_epi16(x, 4), m);
+        const __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi);
+        _mm512_storeu_ps(out + 2 * b, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(first), lut));
+        _mm512_storeu_ps(out + 2 * b + 16, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(second), lut));
+      }
+      for (; b < total; b += 8) {  // total is a multiple of 8 (dim is of 16)
+        const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows + b));
+        const __m128i lo = _mm_and_si128(x, m), hi = _mm_and_si128(_mm_srli_epi16(x, 4), m);
+        _mm512_storeu_ps(out + 2 * b, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), lut));
+      }
+      return;
+    }
+#endif
 #if defined(EDGEPLAID_ISA_AVX512) || defined(EDGEPLAID_ISA_AVX2)
     if (in_registers) {
       switch (nbits) {
