@@ -18,9 +18,7 @@ void centroid_interaction(const float* centroid_scores, const uint8_t* queries_m
                           int64_t nd, const Candidates& cand, const float* threshold, float* out,
                           KernelError& err) {
   const int64_t nc = cand.ids == nullptr ? nd : cand.nc;
-  // Kept by the calling thread across calls: a fresh multi-MiB buffer is mmapped and its pages
-  // zeroed by the kernel on first touch, every call.
-  static thread_local std::vector<float> transposed;
+  std::vector<float> fallback;
   std::vector<uint8_t> keep(static_cast<size_t>(n_centroids));
   std::vector<int64_t> valid;
   for (int64_t qi = 0; qi < nq && !err.set(); ++qi) {
@@ -29,18 +27,28 @@ void centroid_interaction(const float* centroid_scores, const uint8_t* queries_m
       if (queries_mask == nullptr || queries_mask[qi * lq + i]) valid.push_back(qi * lq + i);
     const int64_t n_valid = int64_t(valid.size());
     const int64_t stride = std::max<int64_t>(1, (n_valid + W - 1) / W) * W;
-    if (transposed.size() < size_t(n_centroids * stride)) transposed.resize(size_t(n_centroids * stride));
+    float* const table = call_buffer(n_centroids * stride, fallback);  // every element written below
     std::vector<const float*> src(static_cast<size_t>(n_valid));
     for (int64_t j = 0; j < n_valid; ++j) src[size_t(j)] = centroid_scores + valid[size_t(j)] * n_centroids;
     parallel_for(n_centroids, 1024, [&](int64_t c0, int64_t c1) {
-      transpose_rows(src.data(), n_valid, c0, c1, transposed.data(), stride);
+      transpose_rows(src.data(), n_valid, c0, c1, table, stride);
+      if (threshold == nullptr) {
+        std::fill(keep.begin() + c0, keep.begin() + c1, uint8_t(1));
+        return;
+      }
+      // Kept when some valid lane scores >= threshold, i.e. > the next float below it (NaN never
+      // passes): one vector compare per W lanes instead of a scalar max over them.
+      const Vec below = Vec::set1(std::nextafter(*threshold, -std::numeric_limits<float>::infinity()));
       for (int64_t c = c0; c < c1; ++c) {
-        float best = kNegInf;
-        for (int64_t j = 0; j < n_valid; ++j) best = std::max(best, transposed[size_t(c * stride + j)]);
-        keep[size_t(c)] = threshold == nullptr || best >= *threshold;
+        uint32_t any = 0;
+        for (int64_t v = 0; v * W < n_valid; ++v) {
+          const int64_t lanes = std::min<int64_t>(W, n_valid - v * W);
+          const uint32_t valid_lanes = lanes >= 32 ? ~0u : (1u << lanes) - 1u;
+          any |= gt_mask(Vec::load(table + c * stride + v * W), below) & valid_lanes;
+        }
+        keep[size_t(c)] = any != 0;
       }
     });
-    const float* table = transposed.data();
     parallel_for(nc, grain_for(nc, 32), [&](int64_t j0, int64_t j1) {
       std::vector<float> best_buf(static_cast<size_t>(stride));
       float* best = best_buf.data();

@@ -277,6 +277,7 @@ struct ScoredQuery {
 struct ScoredQueries {
   std::vector<ScoredQuery> qs;
   std::vector<std::vector<float>> qt, scale;
+  std::vector<float> table_fallback;  // the tables when too large for call_buffer's cached one
   std::vector<std::vector<int8_t>> q8;
   std::vector<std::vector<int32_t>> bias;
 };
@@ -305,10 +306,7 @@ inline ScoredQueries prepare_queries(const Queries& q, const float* centroid_sco
   out.qs.resize(size_t(nq));
   out.qt.resize(size_t(nq));
   out.scale.resize(size_t(nq));
-  // The tables (n_centroids x stride floats a query: 0.5-2 MiB) live in a buffer this thread
-  // keeps across calls: a fresh allocation of that size is mmapped, and the kernel zeroing its
-  // pages on first touch cost ~15% of a reranking call.
-  static thread_local std::vector<float> tables;
+  // The tables: n_centroids x stride floats a query (0.5-2 MiB), in one call_buffer.
   std::vector<int64_t> table_at(size_t(nq) + 1, 0);
   for (int64_t k = 0; k < nq; ++k) {
     int64_t n_valid = 0;
@@ -316,7 +314,7 @@ inline ScoredQueries prepare_queries(const Queries& q, const float* centroid_sco
     const int64_t stride = std::max<int64_t>((n_valid + W - 1) / W * W, W);
     table_at[size_t(k) + 1] = table_at[size_t(k)] + n_centroids * stride;
   }
-  if (tables.size() < size_t(std::max<int64_t>(1, table_at[size_t(nq)]))) tables.resize(size_t(table_at[size_t(nq)]) + 1);
+  float* const tables = call_buffer(table_at[size_t(nq)], out.table_fallback);
   out.q8.resize(size_t(nq));
   out.bias.resize(size_t(nq));
   for (int64_t k = 0; k < nq; ++k) {
@@ -343,7 +341,7 @@ inline ScoredQueries prepare_queries(const Queries& q, const float* centroid_sco
     }
     s.qt = out.qt[size_t(k)].data();
     // The table transposed once per query: one token's scores are then a contiguous row of lanes.
-    float* tp = tables.data() + table_at[size_t(k)];  // every element written below
+    float* tp = tables + table_at[size_t(k)];  // every element written below
     std::vector<const float*> src(size_t(pq.n_valid));
     for (int64_t lane = 0; lane < pq.n_valid; ++lane) src[size_t(lane)] = centroid_scores + rows[size_t(lane)] * n_centroids;
     parallel_for(n_centroids, 1024, [&](int64_t c0, int64_t c1) {

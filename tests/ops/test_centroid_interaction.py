@@ -40,3 +40,19 @@ def test_equals_maxsim_over_centroids(cpp_isa):
     scores, _ = ops.centroid_scores(queries, centroids, 1, backend="cpp")
     got = ops.centroid_interaction(scores, codes, offsets, backend="cpp")
     assert torch.equal(got, ops.maxsim_packed(queries, centroids[codes], offsets, backend="cpp"))
+
+
+@pytest.mark.parametrize("threshold", [None, 0.1])
+def test_many_centroids_run_on_the_pool(cpp_isa, threshold):
+    """More centroids than one parallel chunk (1,024): the per-query table is filled by several
+    threads (a thread_local named there would be the thread's own; this crashed once)."""
+    g = torch.Generator().manual_seed(7)
+    n_cent, lq = 3000, 19
+    cs = torch.randn(2, lq, n_cent, generator=g)
+    mask = torch.rand(2, lq, generator=g) > 0.2
+    offsets = torch.tensor([0, 40, 41, 300, 900], dtype=torch.int64)
+    codes = torch.randint(0, n_cent, (900,), generator=g, dtype=torch.int32)
+    cand = torch.tensor([[0, 1, 2, 3], [3, -1, 2, 0]])
+    got = ops.centroid_interaction(cs, codes, offsets, cand, threshold, mask, backend="cpp")
+    want = reference.centroid_interaction(cs, codes, offsets, cand, threshold, mask)
+    torch.testing.assert_close(got, want)

@@ -270,3 +270,23 @@ def test_int8_peak_probe():
         pytest.skip("edgeplaid._C is not built")
     assert C.peak_int8_gops(0.02) > 0
     assert C.cpu_info()["int8_isa"] in ("scalar", "avx2", "avx512", "avx512vnni")
+
+
+@pytest.mark.parametrize("precision", ["exact", "int8"])
+def test_codes_many_centroids_run_on_the_pool(cpp_isa, precision):
+    """More centroids than one parallel chunk: the score tables are filled by several threads."""
+    g = torch.Generator().manual_seed(9)
+    dim, nbits, n_cent = 48, 4, 3000
+    offsets = torch.tensor([0, 40, 41, 300, 900], dtype=torch.int64)
+    codes = torch.randint(0, n_cent, (900,), generator=g, dtype=torch.int32)
+    residuals = torch.randint(0, 256, (900, dim * nbits // 8), generator=g, dtype=torch.uint8)
+    centroids = torch.nn.functional.normalize(torch.randn(n_cent, dim, generator=g), dim=-1)
+    weights = torch.linspace(-0.05, 0.05, 16)
+    queries = torch.nn.functional.normalize(torch.randn(2, 21, dim, generator=g), dim=-1)
+    mask = torch.rand(2, 21, generator=g) > 0.2
+    cs = reference.centroid_scores(queries, centroids, 1, mask)[0]
+    cand = torch.tensor([[0, 1, 2, 3], [3, -1, 2, 0]])
+    args = (queries, codes, residuals, offsets, cand, centroids, weights, nbits, mask)
+    got = ops.fused_decompress_maxsim(*args, backend="cpp", centroid_scores=cs, precision=precision)
+    want = ops.fused_decompress_maxsim(*args, backend="reference", centroid_scores=cs, precision=precision)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
