@@ -55,3 +55,15 @@ def peak_int8_gops(isa: str) -> float:
     if key not in _int8_peaks:
         _int8_peaks[key] = float(C.peak_int8_gops(0.5))
     return _int8_peaks[key]
+
+
+@pytest.fixture(scope="session")
+def machine_peak_gflops() -> float:
+    """The fp32 FMA peak of the best ISA this CPU has: the bar for work that does not run on
+    edgeplaid's kernels (torch's GEMMs in the encoder), measured once, not per ISA."""
+    previous = C.cpu_isa()
+    C.set_cpu_isa(C.cpu_info()["best_isa"])
+    try:
+        return float(C.peak_gflops(0.5))
+    finally:
+        C.set_cpu_isa(previous)

@@ -30,7 +30,8 @@ void centroid_interaction(const float* centroid_scores, const uint8_t* queries_m
     float* const table = call_buffer(n_centroids * stride, fallback);  // every element written below
     std::vector<const float*> src(static_cast<size_t>(n_valid));
     for (int64_t j = 0; j < n_valid; ++j) src[size_t(j)] = centroid_scores + valid[size_t(j)] * n_centroids;
-    parallel_for(n_centroids, 1024, [&](int64_t c0, int64_t c1) {
+    // ~512 KiB of table per task: a smaller table is filled inline (waking the pool costs more).
+    parallel_for(n_centroids, std::max<int64_t>(1024, (int64_t(1) << 17) / stride), [&](int64_t c0, int64_t c1) {
       transpose_rows(src.data(), n_valid, c0, c1, table, stride);
       if (threshold == nullptr) {
         std::fill(keep.begin() + c0, keep.begin() + c1, uint8_t(1));

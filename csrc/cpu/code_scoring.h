@@ -344,7 +344,8 @@ inline ScoredQueries prepare_queries(const Queries& q, const float* centroid_sco
     float* tp = tables + table_at[size_t(k)];  // every element written below
     std::vector<const float*> src(size_t(pq.n_valid));
     for (int64_t lane = 0; lane < pq.n_valid; ++lane) src[size_t(lane)] = centroid_scores + rows[size_t(lane)] * n_centroids;
-    parallel_for(n_centroids, 1024, [&](int64_t c0, int64_t c1) {
+    // ~512 KiB of table per task: a smaller table is filled inline (waking the pool costs more).
+    parallel_for(n_centroids, std::max<int64_t>(1024, (int64_t(1) << 17) / s.stride), [&](int64_t c0, int64_t c1) {
       transpose_rows(src.data(), pq.n_valid, c0, c1, tp, s.stride);
     });
     s.table = tp;

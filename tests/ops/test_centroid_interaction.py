@@ -44,10 +44,10 @@ def test_equals_maxsim_over_centroids(cpp_isa):
 
 @pytest.mark.parametrize("threshold", [None, 0.1])
 def test_many_centroids_run_on_the_pool(cpp_isa, threshold):
-    """More centroids than one parallel chunk (1,024): the per-query table is filled by several
+    """More centroids than one parallel chunk (~512 KiB of table): the per-query table is filled by several
     threads (a thread_local named there would be the thread's own; this crashed once)."""
     g = torch.Generator().manual_seed(7)
-    n_cent, lq = 3000, 19
+    n_cent, lq = 13000, 19
     cs = torch.randn(2, lq, n_cent, generator=g)
     mask = torch.rand(2, lq, generator=g) > 0.2
     offsets = torch.tensor([0, 40, 41, 300, 900], dtype=torch.int64)

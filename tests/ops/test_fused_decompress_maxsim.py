@@ -276,7 +276,7 @@ def test_int8_peak_probe():
 def test_codes_many_centroids_run_on_the_pool(cpp_isa, precision):
     """More centroids than one parallel chunk: the score tables are filled by several threads."""
     g = torch.Generator().manual_seed(9)
-    dim, nbits, n_cent = 48, 4, 3000
+    dim, nbits, n_cent = 48, 4, 13000
     offsets = torch.tensor([0, 40, 41, 300, 900], dtype=torch.int64)
     codes = torch.randint(0, n_cent, (900,), generator=g, dtype=torch.int32)
     residuals = torch.randint(0, 256, (900, dim * nbits // 8), generator=g, dtype=torch.uint8)
