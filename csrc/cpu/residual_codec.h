@@ -118,6 +118,37 @@ struct ResidualDecoder {
       }
       return;
     }
+#elif defined(EDGEPLAID_ISA_AVX2)
+    if (in_registers && nbits == 4) {
+      // As the AVX-512 stream above, 8 dimensions per lookup: indices 0-7 from lut_lo, 8-15 from
+      // lut_hi, picked by bit 3 moved to the sign bit.
+      const int64_t total = n * rb;
+      int64_t b = 0;
+      const __m128i m = _mm_set1_epi8(0x0f);
+      auto put8 = [&](__m128i nibbles8, float* o) {  // the low 8 bytes of nibbles8 -> 8 floats
+        const __m256i idx = _mm256_cvtepu8_epi32(nibbles8);
+        const __m256 w = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, idx),
+                                          _mm256_permutevar8x32_ps(lut_hi, idx),
+                                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+        _mm256_storeu_ps(o, w);
+      };
+      for (; b + 16 <= total; b += 16) {
+        const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + b));
+        const __m128i lo = _mm_and_si128(x, m), hi = _mm_and_si128(_mm_srli_epi16(x, 4), m);
+        const __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi);
+        put8(first, out + 2 * b);
+        put8(_mm_unpackhi_epi64(first, first), out + 2 * b + 8);
+        put8(second, out + 2 * b + 16);
+        put8(_mm_unpackhi_epi64(second, second), out + 2 * b + 24);
+      }
+      for (; b < total; b += 4) {  // total is a multiple of 4 (dim is of 8)
+        int32_t bits4;
+        std::memcpy(&bits4, rows + b, 4);
+        const __m128i x = _mm_cvtsi32_si128(bits4);
+        put8(_mm_unpacklo_epi8(_mm_and_si128(x, m), _mm_and_si128(_mm_srli_epi16(x, 4), m)), out + 2 * b);
+      }
+      return;
+    }
 #endif
 #if defined(EDGEPLAID_ISA_AVX512) || defined(EDGEPLAID_ISA_AVX2)
     if (in_registers) {
