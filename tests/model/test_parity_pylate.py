@@ -105,11 +105,11 @@ def test_parity(model_dirs: dict[str, Path], name: str, overrides: dict) -> None
 
 
 @pytest.mark.parametrize("size", ["17m", "32m"])
-def test_parity_packed_forward(model_dirs: dict[str, Path], size: str) -> None:
-    """The opt-in packed ModernBERT forward gives PyLate's outputs too."""
+def test_parity_transformers_forward(model_dirs: dict[str, Path], size: str) -> None:
+    """transformers' ModernBERT forward (``use_fast_forward = False``) gives PyLate's outputs too."""
     path = model_dirs[size]
     ours = ColBERT.from_pretrained(path, do_query_expansion=True)
-    ours.use_fast_forward = True
+    ours.use_fast_forward = False
     theirs = pylate_models.ColBERT(str(path), device="cpu", do_query_expansion=True)
     assert_parity(ours, theirs, QUERIES, DOCUMENTS)
 

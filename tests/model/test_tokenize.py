@@ -107,13 +107,46 @@ def test_order_and_batch_size_invariance(m17: ColBERT) -> None:
 @pytest.mark.filterwarnings("ignore:.*truncated")
 def test_packed_forward_matches_transformers(model_dirs: dict[str, Path]) -> None:
     m = ColBERT.from_pretrained(model_dirs["32m"], do_query_expansion=True)
-    assert m._packed is not None and not m.use_fast_forward
-    slow = m.encode_documents(DOCUMENTS), m.encode_queries(QUERIES)
-    m.use_fast_forward = True
+    assert m._packed is not None and m.use_fast_forward is None  # None: on CPU
     fast = m.encode_documents(DOCUMENTS), m.encode_queries(QUERIES)
+    m.use_fast_forward = False
+    slow = m.encode_documents(DOCUMENTS), m.encode_queries(QUERIES)
     for a, b in zip(fast, slow, strict=True):
         torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=0)
         assert torch.equal(a[1], b[1])
+
+
+@pytest.mark.filterwarnings("ignore:.*truncated")
+@pytest.mark.parametrize(("block", "onednn"), [(64, False), (7, True), (1000, True)])
+def test_packed_forward_blocks_and_plain_linears(
+    model_dirs: dict[str, Path], block: int, onednn: bool
+) -> None:
+    """Sliding-window attention in blocks of any size (ragged last block, a block longer than the
+    documents), oneDNN or plain linear layers: transformers' outputs, padding included."""
+    m = ColBERT.from_pretrained(model_dirs["17m"])
+    docs = [*DOCUMENTS, " ".join(DOCUMENTS[2:4]) * 3]
+    m.use_fast_forward = False
+    want = m.encode_documents(docs, batch_size=3)
+    m.use_fast_forward = True
+    m._packed.block = block
+    m._linears.enabled = m._linears.enabled and onednn
+    got = m.encode_documents(docs, batch_size=3)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)
+    assert torch.equal(got[1], want[1])
+
+
+def test_packed_weights_follow_the_parameters(model_dirs: dict[str, Path]) -> None:
+    """The oneDNN copies of the weights are re-made when a parameter changes in place."""
+    m = ColBERT.from_pretrained(model_dirs["17m"])
+    before = m.encode_documents(DOCUMENTS[:2])[0]
+    with torch.no_grad():
+        m.backbone.layers[1].mlp.Wo.weight.mul_(2)
+        m.head[0].linear.weight.mul_(-1)
+    after = m.encode_documents(DOCUMENTS[:2])[0]
+    m.use_fast_forward = False
+    m._linears.enabled = False  # transformers' forward, F.linear head: the live parameters
+    torch.testing.assert_close(after, m.encode_documents(DOCUMENTS[:2])[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(after, before, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

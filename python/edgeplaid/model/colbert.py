@@ -20,7 +20,7 @@ from edgeplaid.model._checkpoint import (
     read_checkpoint,
     resolve_path,
 )
-from edgeplaid.model._modernbert import PackedModernBert
+from edgeplaid.model._modernbert import PackedLinears, PackedModernBert
 
 __all__ = ["ColBERT", "NotAModelError"]
 
@@ -122,16 +122,24 @@ class ColBERT(nn.Module):
         skip = {tokenizer.convert_tokens_to_ids(w) for w in s.skiplist_words}
         skip.discard(None)
         self.register_buffer("skiplist_ids", torch.tensor(sorted(skip), dtype=torch.long), persistent=False)
-        # ModernBERT can run the packed forward (``use_fast_forward = True``); kept out of the module
-        # tree (it only references ``backbone``'s parameters). Off by default: equal outputs, but in
-        # benchmarks/bench_encode.py on the shared 2-core CPU it was not faster than transformers'
-        # forward (single-threaded it was 6-13% faster); re-measure on quiet or GPU machines.
+        # ModernBERT on CPU runs edgeplaid's own forward (_modernbert.py: oneDNN linear layers,
+        # blocked sliding-window attention; same outputs to float32 rounding, about 1.8x faster than
+        # transformers' on a 2-core EPYC). ``use_fast_forward``: None (default) = on CPU only (on
+        # GPUs transformers' forward is unchanged and unmeasured against it), True = everywhere,
+        # False = never. Kept out of the module tree: it only references ``backbone``'s parameters
+        # (and caches oneDNN-packed copies of them, re-made when they change).
+        linears = PackedLinears()
         packed = None
         if PackedModernBert.supports(backbone):
-            packed = PackedModernBert(backbone)
+            packed = PackedModernBert(backbone, linears)
+        self.__dict__["_linears"] = linears
         self.__dict__["_packed"] = packed
-        self.use_fast_forward = False
+        self.use_fast_forward: bool | None = None
         self.eval()
+
+    def _apply(self, fn, *args, **kwargs):
+        self._linears.clear()  # .to() / .half() / ... replace the parameters: drop packed copies
+        return super()._apply(fn, *args, **kwargs)
 
     # ------------------------------------------------------------------ loading
 
@@ -308,7 +316,10 @@ class ColBERT(nn.Module):
         Returns:
             ``(T', output_dim) float32``, the selected positions in row-major order.
         """
-        if self.use_fast_forward and self._packed is not None:
+        fast = self.use_fast_forward
+        if fast is None:
+            fast = input_ids.device.type == "cpu"
+        if fast and self._packed is not None:
             hidden = self._packed(input_ids, key_mask, compute_mask)
         else:
             hidden = self.backbone(input_ids=input_ids, attention_mask=key_mask.long()).last_hidden_state
@@ -316,8 +327,17 @@ class ColBERT(nn.Module):
         if out_mask is not None:
             hidden = hidden[out_mask]
         for layer in self.head:
-            hidden = layer(hidden)
+            hidden = self._head_layer(layer, hidden)
         return hidden.float()
+
+    def _head_layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``layer(x)``, with a Dense layer's products through the oneDNN linears."""
+        if not isinstance(layer, DenseLayer) or not self._linears.uses_onednn(x):
+            return layer(x)
+        y = layer.activation(self._linears.linear(layer.linear, x))
+        if layer.use_residual:
+            y = y + (self._linears.linear(layer.residual, x) if layer.residual is not None else x)
+        return y
 
     def _batches(
         self, ids: list[list[int]], batch_size: int, desc: str, show_progress_bar: bool | None
