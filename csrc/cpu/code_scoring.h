@@ -367,18 +367,25 @@ EP_INLINE void prefetch_table_rows(const int32_t* codes, const float* table, int
   }
 }
 
-// Folds the tile's dot products through the epilogue into the running maxima m:
-//   m[v] = max(m[v], (dot + table[code]) * inv_norm)          (exact)
-//   m[v] = max(m[v], fma(float(dot), scale, table[code]) * inv_norm)   (int8)
-template <int NQV, int NT>
-EP_INLINE void fold_exact(const Vec (&acc)[NT][NQV], const int32_t* codes, const float* inv, const float* table,
-                          int64_t tstride, Vec (&m)[NQV]) {
+// Exact tile: the accumulators start at the tokens' centroid scores (a load where zeroing was),
+// so after the dot products acc = <q, centroid> + <q, r> and the epilogue is one multiply by
+// inv_norm before the running maximum.
+template <int NQV, int NT, int DIM>
+EP_INLINE void exact_tile(const float* qt, int64_t qstride, const float* rows, const int32_t* codes,
+                          const float* inv, int64_t dim, const float* table, int64_t tstride, Vec (&m)[NQV]) {
+  Vec acc[NT][NQV];
 #pragma GCC unroll 16
   for (int r = 0; r < NT; ++r) {
     const float* trow = table + int64_t(codes[r]) * tstride;
+#pragma GCC unroll 8
+    for (int v = 0; v < NQV; ++v) acc[r][v] = Vec::load(trow + v * W);
+  }
+  dot_tile<NQV, NT, DIM, true>(qt, qstride, rows, dim, acc);
+#pragma GCC unroll 16
+  for (int r = 0; r < NT; ++r) {
     const Vec s = Vec::set1(inv[r]);
 #pragma GCC unroll 8
-    for (int v = 0; v < NQV; ++v) m[v] = max(m[v], (acc[r][v] + Vec::load(trow + v * W)) * s);
+    for (int v = 0; v < NQV; ++v) m[v] = max(m[v], acc[r][v] * s);
   }
 }
 
@@ -392,24 +399,18 @@ EP_INLINE void sweep_exact_dim(const float* qt, int64_t qstride, const float* ro
 #pragma GCC unroll 8
   for (int v = 0; v < NQV; ++v) m[v] = Vec::load(best + v * W);
   int64_t t = 0;
+  if (n_rows >= NT) prefetch_table_rows<NQV, NT>(codes, table, tstride);
   for (; t + NT <= n_rows; t += NT) {
-    Vec acc[NT][NQV];
-    prefetch_table_rows<NQV, NT>(codes + t, table, tstride);
-    dot_tile<NQV, NT, DIM>(qt, qstride, rows + t * dim, dim, acc);
-    fold_exact<NQV, NT>(acc, codes + t, inv + t, table, tstride, m);
+    // The next tile's table rows are on their way while this tile's dot products run.
+    if (t + 2 * NT <= n_rows) prefetch_table_rows<NQV, NT>(codes + t + NT, table, tstride);
+    exact_tile<NQV, NT, DIM>(qt, qstride, rows + t * dim, codes + t, inv + t, dim, table, tstride, m);
   }
   if (t < n_rows && n_rows >= NT) {  // overlapping last tile: max is idempotent
-    Vec acc[NT][NQV];
     t = n_rows - NT;
-    dot_tile<NQV, NT, DIM>(qt, qstride, rows + t * dim, dim, acc);
-    fold_exact<NQV, NT>(acc, codes + t, inv + t, table, tstride, m);
+    exact_tile<NQV, NT, DIM>(qt, qstride, rows + t * dim, codes + t, inv + t, dim, table, tstride, m);
     t = n_rows;
   }
-  for (; t < n_rows; ++t) {
-    Vec acc[1][NQV];
-    dot_tile<NQV, 1, DIM>(qt, qstride, rows + t * dim, dim, acc);
-    fold_exact<NQV, 1>(acc, codes + t, inv + t, table, tstride, m);
-  }
+  for (; t < n_rows; ++t) exact_tile<NQV, 1, DIM>(qt, qstride, rows + t * dim, codes + t, inv + t, dim, table, tstride, m);
 #pragma GCC unroll 8
   for (int v = 0; v < NQV; ++v) m[v].store(best + v * W);
 }

@@ -81,15 +81,19 @@ inline PackedQuery pack_rows(const float* data, const uint8_t* mask, int64_t fir
 // DIM > 0 fixes dim at compile time: the NT broadcast addresses are then one pointer plus
 // immediate offsets, instead of NT row pointers that do not all fit the integer registers
 // (their spills and reloads cost ~10% of the AVX-512 tile's rate).
-template <int NQV, int NT, int DIM = 0>
+//
+// kAccumulate adds to acc as given instead of starting from zero.
+template <int NQV, int NT, int DIM = 0, bool kAccumulate = false>
 EP_INLINE void dot_tile(const float* qt, int64_t qstride, const float* rows, int64_t dim_arg,
                         Vec (&acc)[NT][NQV]) {
   const int64_t dim = DIM > 0 ? DIM : dim_arg;
   constexpr bool kHoistQuery = NT * NQV + NQV + 1 <= Vec::kRegs;
+  if constexpr (!kAccumulate) {
 #pragma GCC unroll 16
-  for (int t = 0; t < NT; ++t)
+    for (int t = 0; t < NT; ++t)
 #pragma GCC unroll 8
-    for (int v = 0; v < NQV; ++v) acc[t][v] = Vec::zero();
+      for (int v = 0; v < NQV; ++v) acc[t][v] = Vec::zero();
+  }
   for (int64_t d = 0; d < dim; ++d) {
     const float* q = qt + d * qstride;
     if constexpr (kHoistQuery) {
