@@ -83,8 +83,15 @@ def fused_decompress_maxsim(
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     fn = resolve("fused_decompress_maxsim", q.device, backend)
-    if precision == "exact" and centroid_scores is None and inv_norm is None:
+    triton = fn is triton_backend.fused_decompress_maxsim
+    if precision == "exact" and (triton or (centroid_scores is None and inv_norm is None)):
+        # Decoding: the Triton kernel's way (its code-scoring twins are a later issue), and the
+        # cheaper one when neither stage-1 scores nor inv_norm are at hand.
         return fn(q, c, res, offsets, cand, cents, weights, n, qm)
+    if triton:
+        raise ValueError(
+            "precision: 'int8' runs on the cpp and reference backends (CPU); use 'exact' on GPUs"
+        )
     if centroid_scores is None:
         cs = _centroid_scores(q, cents, 1, qm)[0]
     else:
@@ -125,13 +132,6 @@ def _reference(q, c, res, offsets, cand, cents, weights, n, qm, cs=None, inv=Non
     )
 
 
-def _triton(q, c, res, offsets, cand, cents, weights, n, qm, cs=None, inv=None, precision="exact"):
-    # The Triton kernel decodes (exact); its code-scoring twins are a later issue.
-    if precision == "int8":
-        raise ValueError("precision: 'int8' runs on the cpp and reference backends; use 'exact' on GPUs")
-    return triton_backend.fused_decompress_maxsim(q, c, res, offsets, cand, cents, weights, n, qm)
-
-
 register("fused_decompress_maxsim", "reference", _reference)
 register("fused_decompress_maxsim", "cpp", cpp_backend.fused_decompress_maxsim)
-register("fused_decompress_maxsim", "triton", _triton)
+register("fused_decompress_maxsim", "triton", triton_backend.fused_decompress_maxsim)

@@ -185,7 +185,7 @@ def residual_inv_norms(
     """inv_norm[t] = 1 / max(‖centroids[codes[t]] + bucket_weights[b_t]‖₂, 1e-12), (n,) float32,
     computed in fp32 blocks of `block` tokens (the normaliser decompress_residuals divides by)."""
     check_codes(codes, centroids.shape[0])
-    out = torch.empty(codes.shape[0], dtype=torch.float32)
+    out = torch.empty(codes.shape[0], dtype=torch.float32, device=centroids.device)
     cents, weights = centroids.float(), bucket_weights.float()
     for b in range(0, codes.shape[0], block):
         vectors = (
