@@ -130,18 +130,23 @@ Ids codes_arg(const py::array& codes) {
   return Ids{codes.data(), int(codes.itemsize()), codes.shape(0)};
 }
 
-Codec codec_arg(const py::array& centroids, const std::string& dtype, const py::array& bucket_weights,
-                int nbits, int64_t dim) {
+// nbits and bucket_weights (2**nbits,) float32 for tokens of `dim` dimensions; the weights.
+const float* bucket_weights_arg(const py::array& bucket_weights, int nbits, int64_t dim) {
   if (nbits != 1 && nbits != 2 && nbits != 4 && nbits != 8)
     fail("nbits: expected one of 1, 2, 4, 8, got " + std::to_string(nbits));
-  expect_rank(centroids, "centroids", 2, "(n_centroids, dim)");
-  expect_dim(centroids, "centroids", 1, dim, "dim");
   if ((dim * nbits) % 8 != 0) fail("nbits: dim * nbits must be a multiple of 8, got dim " + std::to_string(dim));
   expect_rank(bucket_weights, "bucket_weights", 1, "(2**nbits,)");
   expect_dim(bucket_weights, "bucket_weights", 0, int64_t(1) << nbits, "2**nbits");
+  return f32_data(bucket_weights, "bucket_weights");
+}
+
+Codec codec_arg(const py::array& centroids, const std::string& dtype, const py::array& bucket_weights,
+                int nbits, int64_t dim) {
+  const float* weights = bucket_weights_arg(bucket_weights, nbits, dim);
+  expect_rank(centroids, "centroids", 2, "(n_centroids, dim)");
+  expect_dim(centroids, "centroids", 1, dim, "dim");
   const DType dt = parse_dtype(centroids, dtype, "centroids");
-  return Codec{Rows{centroids.data(), dt, centroids.shape(0), dim}, f32_data(bucket_weights, "bucket_weights"),
-               nbits};
+  return Codec{Rows{centroids.data(), dt, centroids.shape(0), dim}, weights, nbits};
 }
 
 const uint8_t* residuals_arg(const py::array& residuals, int64_t n, int64_t row_bytes) {
@@ -328,17 +333,14 @@ void set_cpu_vnni(bool on) {
   if (on && !vnni_available()) fail("set_cpu_vnni: this CPU or build has no AVX-512 VNNI");
   vnni_enabled().store(on);
 }
-// The int8 kernel set in use: "avx512vnni", "avx512", "avx2" or "scalar".
-std::string int8_isa() {
-  const Isa isa = active_isa();
-  if (isa == Isa::avx512 && vnni_enabled().load()) return "avx512vnni";
-  return isa_name(isa);
-}
+// Whether int8 kernels run the VNNI set now; int8_isa() names the set in use for cpu_info.
+bool int8_uses_vnni() { return active_isa() == Isa::avx512 && vnni_enabled().load(); }
+std::string int8_isa() { return int8_uses_vnni() ? "avx512vnni" : isa_name(active_isa()); }
 
-// Calls the int8-capable kernel set: VNNI where int8_isa() says so, else EP_DISPATCH.
+// Calls the int8-capable kernel set: VNNI where int8_uses_vnni(), else EP_DISPATCH.
 #define EP_DISPATCH_INT8(fn, ...)                                                   \
   do {                                                                              \
-    if (int8_isa() == "avx512vnni") {                                               \
+    if (int8_uses_vnni()) {                                                         \
       EP_IF_AVX512VNNI(avx512vnni::fn(__VA_ARGS__); break;)                         \
     }                                                                               \
     EP_DISPATCH(fn, __VA_ARGS__);                                                   \
@@ -353,12 +355,7 @@ py::array_t<float> fused_decompress_maxsim_codes(const py::array& queries, const
   const Queries q = queries_arg(queries, queries_mask);
   if (precision != "exact" && precision != "int8")
     fail("precision: expected 'exact' or 'int8', got '" + precision + "'");
-  if (nbits != 1 && nbits != 2 && nbits != 4 && nbits != 8)
-    fail("nbits: expected one of 1, 2, 4, 8, got " + std::to_string(nbits));
-  if ((q.dim * nbits) % 8 != 0) fail("nbits: dim * nbits must be a multiple of 8, got dim " + std::to_string(q.dim));
-  expect_rank(bucket_weights, "bucket_weights", 1, "(2**nbits,)");
-  expect_dim(bucket_weights, "bucket_weights", 0, int64_t(1) << nbits, "2**nbits");
-  const float* weights = f32_data(bucket_weights, "bucket_weights");
+  const float* weights = bucket_weights_arg(bucket_weights, nbits, q.dim);
   const Ids ids = codes_arg(codes);
   const Compressed tokens{ids, residuals_arg(residuals, ids.n, q.dim * nbits / 8)};
   expect_rank(inv_norm, "inv_norm", 1, "(n_tokens,)");
@@ -386,7 +383,7 @@ py::array_t<float> fused_decompress_maxsim_codes(const py::array& queries, const
 }
 
 double probe_int8(int64_t iterations) {
-  if (int8_isa() == "avx512vnni") {
+  if (int8_uses_vnni()) {
     EP_IF_AVX512VNNI(return avx512vnni::int8_probe(iterations);)
   }
   switch (active_isa()) {

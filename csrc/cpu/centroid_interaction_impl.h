@@ -71,8 +71,7 @@ void centroid_interaction(const float* centroid_scores, const uint8_t* queries_m
         for (int64_t t = begin; t < end; ++t) {
           const int64_t code = codes[t];
           if (code < 0 || code >= n_centroids) {
-            err.report("codes: token " + std::to_string(t) + " has centroid id " + std::to_string(code) +
-                       ", expected [0, " + std::to_string(n_centroids) + ")");
+            report_bad_code(err, t, code, n_centroids);
             return;
           }
           if (!keep[size_t(code)]) continue;

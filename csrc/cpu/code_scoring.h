@@ -603,8 +603,7 @@ inline void score_codes_document(const CodeScoring& cs, int64_t begin, int64_t e
     if (bad >= 0) {
       const int64_t t = at + bad;
       if (tok.codes[t] < 0 || tok.codes[t] >= cs.n_centroids)
-        err.report("codes: token " + std::to_string(t) + " has centroid id " + std::to_string(tok.codes[t]) +
-                   ", expected [0, " + std::to_string(cs.n_centroids) + ")");
+        report_bad_code(err, t, tok.codes[t], cs.n_centroids);
       else
         err.report("inv_norm: token " + std::to_string(t) + " has " + std::to_string(cs.inv_norm[t]) +
                    ", expected a positive finite 1 / ||centroid + residual|| (recompute it: "

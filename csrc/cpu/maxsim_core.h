@@ -341,6 +341,12 @@ inline std::vector<PackedQuery> pack_queries(const Queries& q, std::vector<float
   return qs;
 }
 
+// The error for token t whose centroid id is outside [0, n_centroids).
+inline void report_bad_code(KernelError& err, int64_t t, int64_t code, int64_t n_centroids) {
+  err.report("codes: token " + std::to_string(t) + " has centroid id " + std::to_string(code) + ", expected [0, " +
+             std::to_string(n_centroids) + ")");
+}
+
 // Document ranges from offsets, checked: 0 <= begin <= end <= n_tokens.
 inline bool doc_range(const int64_t* offsets, int64_t doc, int64_t n_tokens, int64_t* begin,
                       int64_t* end, KernelError& err) {

@@ -79,22 +79,8 @@ struct ResidualDecoder {
 #endif
   }
 
-  // out[d] = bucket_weights[bucket index of dimension d of row], d < dim.
-  EP_INLINE void decode(const uint8_t* row, float* out) const {
-#if defined(EDGEPLAID_ISA_AVX512) || defined(EDGEPLAID_ISA_AVX2)
-    if (in_registers) {
-      switch (nbits) {
-        case 1: decode_lanes<1>(row, out); return;
-        case 2: decode_lanes<2>(row, out); return;
-        default: decode_lanes<4>(row, out); return;
-      }
-    }
-#endif
-    decode_residual(row, table, dim, out);
-  }
-
-  // decode() of n consecutive rows (dim * nbits / 8 bytes each) into out (n, dim): one switch
-  // per call instead of one per row.
+  // out[j * dim + d] = bucket_weights[bucket index of dimension d of row j], for n consecutive rows
+  // (dim * nbits / 8 bytes each): one switch per call, not per row.
   void decode_rows(const uint8_t* rows, int64_t n, float* out) const {
     const int64_t rb = dim * nbits / 8, d = dim;
 #if defined(EDGEPLAID_ISA_AVX512)
@@ -239,14 +225,12 @@ struct DecodedRows {
     if (n <= 0) return 0;
     // Two passes: the table writes of every token retire before the vector reads of the
     // second pass (reading a token right after its piecewise writes stalls store forwarding).
-    for (int64_t j = 0; j < n; ++j)
-      decoder->decode(tokens->residuals + (next_row + j) * row_bytes, buf + j * dim);
+    decoder->decode_rows(tokens->residuals + next_row * row_bytes, n, buf);
     for (int64_t j = 0; j < n; ++j) {
       const int64_t t = next_row + j;
       const int64_t code = tokens->codes[t];
       if (code < 0 || code >= n_centroids) {
-        err->report("codes: token " + std::to_string(t) + " has centroid id " + std::to_string(code) +
-                    ", expected [0, " + std::to_string(n_centroids) + ")");
+        report_bad_code(*err, t, code, n_centroids);
         return 0;
       }
       add_centroid_and_normalize<T>(centroids + code * dim, dim, buf + j * dim);
