@@ -13,7 +13,8 @@ import torch
 
 from edgeplaid.index import _build, _codec
 from edgeplaid.index._storage import IndexFormatError, add_array, open_array, read_manifest, verify_checksums
-from edgeplaid.search._plaid import PlaidSearcher, SearchParams, resolve_params
+from edgeplaid.ops import bundles
+from edgeplaid.search._plaid import Ivf, PlaidSearcher, SearchParams, resolve_params
 
 
 class SearchResult(tuple):
@@ -59,6 +60,7 @@ class Index:
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], mmap: bool) -> None:
+        self.device = torch.device("cpu")
         self.path = path
         self.manifest = manifest
         self.mmap = mmap
@@ -129,20 +131,57 @@ class Index:
         return index
 
     @classmethod
-    def load(cls, path: str | os.PathLike, mmap: bool = True, verify: bool = False) -> Index:
+    def load(
+        cls, path: str | os.PathLike, mmap: bool = True, verify: bool = False, *, device: Any = "cpu"
+    ) -> Index:
         """Opens the index at ``path``.
 
         Always checks the manifest (format, version, dims, counts) and every file's size against it;
         with ``verify=True`` also every file's checksum (reads the whole index). Raises
         :class:`IndexFormatError` on a truncated, corrupt or mismatched index.
         With ``mmap=True`` the codes, the residuals and the IVF are memory-mapped (the kernels
-        read them in place).
+        read them in place). ``device`` ("cpu", "cuda", "cuda:N" or a torch.device) is where the
+        index searches: on a GPU its arrays are copied there once (see :meth:`to`).
         """
         p = Path(path)
         manifest = read_manifest(p)
         if verify:
             verify_checksums(p, manifest)
-        return cls(p, manifest, mmap)
+        index = cls(p, manifest, mmap)
+        return index.to(device)
+
+    def to(self, device: Any) -> Index:
+        """Moves the index to ``device`` in place and returns it: search then runs there (the C++
+        kernels on CPU, the Triton kernels on CUDA). To a GPU the arrays are copied once; back to
+        the CPU the files are mapped again (nothing copied back). Bundles are rebuilt from the
+        arrays checked at load: nothing is re-validated."""
+        dev = _device(device)
+        if dev == self.device:
+            return self
+        if dev.type == "cpu":
+            self.device = dev
+            self._open(self.mmap)
+            return self
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {dev} was asked for, but CUDA is not available here")
+        codec, ivf = self._searcher.codec, self._searcher.ivf
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dev)
+
+        self.centroids = move(self.centroids)
+        self.bucket_weights = move(self.bucket_weights)
+        self.codes = move(self.codes)
+        self.residuals = move(self.residuals)
+        self.inv_norm = move(self.inv_norm)
+        self.doc_offsets = move(self.doc_offsets)
+        self.device = dev
+        self._searcher = PlaidSearcher(
+            bundles.Codec(self.centroids, self.bucket_weights, codec.nbits),
+            bundles.CompressedDocs(self.codes, self.residuals, self.doc_offsets, self.inv_norm),
+            Ivf(move(ivf.offsets), move(ivf.docs)),
+        )
+        return self
 
     def upgrade(self) -> bool:
         """Moves an index written by an older edgeplaid to the current format in place, adding what
@@ -238,16 +277,19 @@ class Index:
             ]
         elif kind != "none":
             raise IndexFormatError(f"{p}: unknown ids kind {kind!r}")
-        self._searcher = PlaidSearcher(
-            self.centroids,
-            self.bucket_weights,
-            self.nbits,
+        # The bundles the kernels receive, checked here once (the offsets were just derived from
+        # the doclens; the kernels check every code and id they dereference).
+        codec = bundles.codec(self.centroids, self.bucket_weights, self.nbits)
+        docs = bundles.compressed_docs(
             self.codes,
             self.residuals,
-            self.inv_norm,
             self.doc_offsets,
-            self.ivf_offsets,
-            self.ivf_docs,
+            self.inv_norm,
+            codec=codec,
+            device=codec.centroids.device,
+        )
+        self._searcher = PlaidSearcher(
+            codec, docs, Ivf(torch.from_numpy(self.ivf_offsets), torch.from_numpy(self.ivf_docs))
         )
 
     # ------------------------------------------------------------------ ids
@@ -291,13 +333,14 @@ class Index:
             raise ValueError(
                 f"queries: expected (n_queries, query_len, {self.dim}), got shape {tuple(q.shape)}"
             )
-        q = q.float().contiguous()
+        # Queries follow the index (they are small): a query encoded on a GPU searches a CPU index.
+        q = q.to(self.device, torch.float32).contiguous()
         m = queries_mask
         if m is not None:
             m = torch.from_numpy(m) if isinstance(m, np.ndarray) else m
             if m.dim() == 1:
                 m = m[None]
-            m = m.to(torch.bool).contiguous()
+            m = m.to(self.device, torch.bool).contiguous()
             if tuple(m.shape) != tuple(q.shape[:2]):
                 raise ValueError(f"queries_mask: expected shape {tuple(q.shape[:2])}, got {tuple(m.shape)}")
         return q, m
@@ -316,7 +359,7 @@ class Index:
             if s is None:
                 out.append(None)
                 continue
-            a = np.unique(np.asarray(s.numpy() if isinstance(s, torch.Tensor) else s, dtype=np.int64))
+            a = np.unique(np.asarray(s.cpu().numpy() if isinstance(s, torch.Tensor) else s, dtype=np.int64))
             if a.shape[0] and (a[0] < 0 or a[-1] >= self.n_docs):
                 raise ValueError(f"subset: document positions must be in [0, {self.n_docs})")
             out.append(a)
@@ -328,6 +371,7 @@ class Index:
         k: int = 10,
         queries_mask: Any = None,
         subset: Any = None,
+        backend: str | None = None,
         **params: Any,
     ) -> SearchResult:
         """PLAID search: the k best documents of each query.
@@ -342,27 +386,35 @@ class Index:
                 pruning, stage 2; None disables), ``n_candidates`` (kept after stage 2),
                 ``n_rerank`` (kept after stage 3, scored from the codes), ``precision`` of that
                 last stage (``"int8"``, the default, or ``"exact"`` fp32; see
-                :func:`edgeplaid.ops.fused_decompress_maxsim`). Defaults scale with k
+                :func:`edgeplaid.ops.fused_decompress_maxsim`; default int8 on CPU, exact on a
+                GPU, whose Triton kernel decodes). Defaults scale with k
                 (:func:`edgeplaid.search.default_params`).
+            backend: the kernels' backend ("cpp", "triton", "reference"); None: by the index's
+                device.
 
         Returns:
-            SearchResult ``(scores (nq, k) float32, ids (nq, k) int64)``, best first; -inf / -1
+            SearchResult ``(scores (nq, k) float32, ids (nq, k) int64)`` on the index's device,
+            best first; -inf / -1
             where fewer than k documents were found; ``.user_ids`` maps ids to the user's ids.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k: expected a positive int, got {k!r}")
         p: SearchParams = resolve_params(k, **params)
         q, m = self._queries(queries, queries_mask)
-        scores, ids = self._searcher.search(q, m, k, p, self._subsets(subset, q.shape[0]))
+        scores, ids = self._searcher.search(
+            bundles.queries(q, m), k, p, self._subsets(subset, q.shape[0]), backend=backend
+        )
         return SearchResult(scores, ids, self)
 
-    def search_exhaustive(self, queries: Any, k: int = 10, queries_mask: Any = None) -> SearchResult:
+    def search_exhaustive(
+        self, queries: Any, k: int = 10, queries_mask: Any = None, backend: str | None = None
+    ) -> SearchResult:
         """Exact MaxSim of every query against every document of the index (decompressed):
         the quality reference for :meth:`search`. Same arguments and result as :meth:`search`."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k: expected a positive int, got {k!r}")
         q, m = self._queries(queries, queries_mask)
-        scores, ids = self._searcher.exhaustive(q, m, k)
+        scores, ids = self._searcher.exhaustive(bundles.queries(q, m), k, backend=backend)
         return SearchResult(scores, ids, self)
 
     # ------------------------------------------------------------------ misc
@@ -396,3 +448,13 @@ class Index:
             f"Index({str(self.path)!r}, n_docs={self.n_docs}, n_tokens={self.n_tokens}, dim={self.dim}, "
             f"nbits={self.nbits}, n_centroids={self.n_centroids})"
         )
+
+
+def _device(device: Any) -> torch.device:
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+    if d.type == "cuda" and d.index is None and torch.cuda.is_available():
+        d = torch.device("cuda", torch.cuda.current_device())  # tensors report their index
+    return d

@@ -19,6 +19,14 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 CODE_DTYPES = (torch.uint16, torch.int32, torch.int64)
 NBITS = (1, 2, 4, 8)
 
+# How many O(n) data scans the checks below have run, by argument name. Tests read it to prove
+# that a bundle built once (edgeplaid.ops.bundles) is never scanned again per call.
+DATA_SCANS: dict[str, int] = {}
+
+
+def _count_scan(name: str) -> None:
+    DATA_SCANS[name] = DATA_SCANS.get(name, 0) + 1
+
 
 def as_tensor(x: Any, name: str) -> torch.Tensor:
     """A torch tensor view of ``x`` (numpy arrays are shared, not copied)."""
@@ -56,7 +64,9 @@ def check_size(t: torch.Tensor, name: str, axis: int, want: int, what: str) -> N
 
 def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
     if t.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device} like queries, got {t.device}")
+        raise ValueError(
+            f"{name}: expected a tensor on {device} (the queries' device), got one on {t.device}"
+        )
 
 
 def float_tensor(x: Any, name: str, ndim: int, layout: str) -> torch.Tensor:
@@ -96,6 +106,7 @@ def offsets(x: Any, n_tokens: int, device: torch.device) -> torch.Tensor:
     if t.shape[0] < 1:
         raise ValueError("doc_offsets: expected at least one entry (n_docs + 1)")
     if t.device.type == "cpu":
+        _count_scan("doc_offsets")
         if int(t[0]) != 0 or int(t[-1]) != n_tokens or bool((t[1:] < t[:-1]).any()):
             raise ValueError(
                 f"doc_offsets: expected non-decreasing offsets from 0 to n_tokens={n_tokens}, "
@@ -113,6 +124,8 @@ def candidates(x: Any, n_queries: int, n_docs: int, device: torch.device) -> tor
     check_contiguous(t, "candidates")
     check_size(t, "candidates", 0, n_queries, "n_queries")
     check_device("candidates", t, device)
+    if t.device.type == "cpu" and t.numel():
+        _count_scan("candidates")
     if t.device.type == "cpu" and t.numel() and (int(t.min()) < -1 or int(t.max()) >= n_docs):
         raise ValueError(
             f"candidates: ids must be -1 (padding) or in [0, {n_docs}), got range "

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from edgeplaid.ops import _validate as v
+from edgeplaid.ops import bundles as b
 from edgeplaid.ops import cpp_backend, reference, triton_backend
 from edgeplaid.ops.dispatch import register, resolve
 
@@ -15,7 +16,7 @@ from edgeplaid.ops.dispatch import register, resolve
 def centroid_interaction(
     centroid_scores: Any,
     codes: Any,
-    doc_offsets: Any,
+    doc_offsets: Any = None,
     candidates: Any = None,
     threshold: float | None = None,
     queries_mask: Any = None,
@@ -36,15 +37,24 @@ def centroid_interaction(
         queries_mask: (nq, Lq) bool or None; masked tokens neither score nor prune.
         backend: "cpp", "triton" or "reference"; None picks by device.
 
+    ``codes`` may be a ``CompressedDocs`` bundle (offsets inside, not re-checked) and
+    ``candidates`` a ``Candidates``.
+
     Returns:
         (nq, nc) float32.
     """
     cs = v.float_tensor(centroid_scores, "centroid_scores", 3, "(n_queries, query_len, n_centroids)")
     v.check_dtype(cs, "centroid_scores", (torch.float32,))
     nq, lq, _ = cs.shape
-    c = v.codes(codes, cs.device)
-    offsets = v.offsets(doc_offsets, c.shape[0], cs.device)
-    cand = v.candidates(candidates, nq, offsets.shape[0] - 1, cs.device)
+    if isinstance(codes, b.CompressedDocs):
+        if doc_offsets is not None:
+            raise ValueError("doc_offsets: give the offsets inside the CompressedDocs bundle, not beside it")
+        v.check_device("codes", codes.codes, cs.device)
+        c, offsets = codes.codes, codes.offsets
+    else:
+        c = v.codes(codes, cs.device)
+        offsets = v.offsets(doc_offsets, c.shape[0], cs.device)
+    cand = b.candidates(candidates, nq, offsets.shape[0] - 1, cs.device)
     qm = v.mask(queries_mask, "queries_mask", nq, lq, cs.device)
     if threshold is not None:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
@@ -53,6 +63,10 @@ def centroid_interaction(
     return resolve("centroid_interaction", cs.device, backend)(cs, c, offsets, cand, threshold, qm)
 
 
-register("centroid_interaction", "reference", reference.centroid_interaction)
+def _reference(cs, codes, offsets, cand, threshold, qm) -> torch.Tensor:
+    return reference.centroid_interaction(cs, codes, offsets, b.ids_of(cand), threshold, qm)
+
+
+register("centroid_interaction", "reference", _reference)
 register("centroid_interaction", "cpp", cpp_backend.centroid_interaction)
 register("centroid_interaction", "triton", triton_backend.centroid_interaction)

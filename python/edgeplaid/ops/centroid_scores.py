@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from edgeplaid.ops import _validate as v
+from edgeplaid.ops import bundles as b
 from edgeplaid.ops import cpp_backend, reference, triton_backend
 from edgeplaid.ops.dispatch import register, resolve
 
@@ -27,21 +28,29 @@ def centroid_scores(
         queries_mask: (nq, Lq) bool; masked tokens get scores 0 and ids -1.
         backend: "cpp", "triton" or "reference"; None picks by device.
 
+    ``queries`` may be a ``Queries`` bundle (mask inside) and ``centroids`` a ``Codec``.
+
     Returns:
         scores (nq, Lq, C) float32 and top_ids (nq, Lq, n_probe) int64, best first; ties go
         to the lower centroid id, so every backend returns the same ids.
     """
-    q = v.queries(queries)
-    nq, lq, dim = q.shape
-    cents = v.float_tensor(centroids, "centroids", 2, "(n_centroids, dim)")
-    v.check_size(cents, "centroids", 1, dim, "dim of queries")
-    v.check_device("centroids", cents, q.device)
+    q = b.queries(queries, queries_mask)
+    dim = q.shape[2]
+    if isinstance(centroids, b.Codec):
+        cents = b.codec(centroids, dim=dim, device=q.device).centroids
+    else:
+        cents = v.float_tensor(centroids, "centroids", 2, "(n_centroids, dim)")
+        v.check_size(cents, "centroids", 1, dim, "dim of queries")
+        v.check_device("centroids", cents, q.device)
     if isinstance(n_probe, bool) or not isinstance(n_probe, int) or not 1 <= n_probe <= cents.shape[0]:
         raise ValueError(f"n_probe: expected an int in [1, n_centroids={cents.shape[0]}], got {n_probe!r}")
-    qm = v.mask(queries_mask, "queries_mask", nq, lq, q.device)
-    return resolve("centroid_scores", q.device, backend)(q, cents, n_probe, qm)
+    return resolve("centroid_scores", q.device, backend)(q, cents, n_probe)
 
 
-register("centroid_scores", "reference", reference.centroid_scores)
+def _reference(q: b.Queries, centroids: torch.Tensor, n_probe: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.centroid_scores(q.data, centroids, n_probe, q.mask)
+
+
+register("centroid_scores", "reference", _reference)
 register("centroid_scores", "cpp", cpp_backend.centroid_scores)
 register("centroid_scores", "triton", triton_backend.centroid_scores)

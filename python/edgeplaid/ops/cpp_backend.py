@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from edgeplaid._native import C
+from edgeplaid.ops.bundles import Candidates, Codec, CompressedDocs, PackedDocs, Queries, ids_of
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -41,104 +42,90 @@ def maxsim(
     return torch.from_numpy(out)
 
 
-def maxsim_packed(
-    queries: Tensor,
-    doc_tokens: Tensor,
-    doc_offsets: Tensor,
-    candidates: Tensor | None = None,
-    queries_mask: Tensor | None = None,
-) -> Tensor:
+def maxsim_packed(q: Queries, docs: PackedDocs, cand: Candidates | None) -> Tensor:
     out = C.maxsim_packed(
-        _q(queries),
-        _np(queries_mask),
-        _np(doc_tokens),
-        _DTYPE_NAMES[doc_tokens.dtype],
-        _np(doc_offsets),
-        _np(candidates),
+        _q(q.data),
+        _np(q.mask),
+        _np(docs.tokens),
+        _DTYPE_NAMES[docs.tokens.dtype],
+        _np(docs.offsets),
+        _np(ids_of(cand)),
     )
     return torch.from_numpy(out)
 
 
-def centroid_scores(
-    queries: Tensor, centroids: Tensor, n_probe: int, queries_mask: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+def centroid_scores(q: Queries, centroids: Tensor, n_probe: int) -> tuple[Tensor, Tensor]:
     scores, ids = C.centroid_scores(
-        _q(queries), _np(queries_mask), _np(centroids), _DTYPE_NAMES[centroids.dtype], int(n_probe)
+        _q(q.data), _np(q.mask), _np(centroids), _DTYPE_NAMES[centroids.dtype], int(n_probe)
     )
     return torch.from_numpy(scores), torch.from_numpy(ids)
 
 
-def decompress_residuals(
-    codes: Tensor, residuals: Tensor, centroids: Tensor, bucket_weights: Tensor, nbits: int
-) -> Tensor:
-    name = _DTYPE_NAMES[centroids.dtype]
+def decompress_residuals(codes: Tensor, residuals: Tensor, codec: Codec) -> Tensor:
+    name = _DTYPE_NAMES[codec.centroids.dtype]
     out = C.decompress_residuals(
-        _np(codes),
-        _np(residuals),
-        _np(centroids),
-        name,
-        _np(bucket_weights.float().contiguous()),
-        int(nbits),
-        name,
+        _np(codes), _np(residuals), _np(codec.centroids), name, _np(codec.bucket_weights), codec.nbits, name
     )
     # Half-precision results come back as uint16 bit patterns.
-    return torch.from_numpy(out).view(centroids.dtype)
+    return torch.from_numpy(out).view(codec.centroids.dtype)
 
 
 def fused_decompress_maxsim(
-    queries,
-    codes,
-    residuals,
-    doc_offsets,
-    candidates,
-    centroids,
-    bucket_weights,
-    nbits,
-    queries_mask=None,
-    centroid_scores=None,
-    inv_norm=None,
-    precision="exact",
-) -> torch.Tensor:
-    if centroid_scores is not None:
-        return torch.from_numpy(
-            C.fused_decompress_maxsim_codes(
-                _q(queries),
-                _np(queries_mask),
-                _np(codes),
-                _np(residuals),
-                _np(inv_norm),
-                _np(doc_offsets),
-                _np(candidates),
-                _np(centroid_scores),
-                _np(bucket_weights.float().contiguous()),
-                int(nbits),
-                precision,
-            )
-        )
+    q: Queries, docs: CompressedDocs, codec: Codec, cand: Candidates | None
+) -> Tensor:
     out = C.fused_decompress_maxsim(
-        _q(queries),
-        _np(queries_mask),
-        _np(codes),
-        _np(residuals),
-        _np(doc_offsets),
-        _np(candidates),
-        _np(centroids),
-        _DTYPE_NAMES[centroids.dtype],
-        _np(bucket_weights.float().contiguous()),
-        int(nbits),
+        _q(q.data),
+        _np(q.mask),
+        _np(docs.codes),
+        _np(docs.residuals),
+        _np(docs.offsets),
+        _np(ids_of(cand)),
+        _np(codec.centroids),
+        _DTYPE_NAMES[codec.centroids.dtype],
+        _np(codec.bucket_weights),
+        codec.nbits,
+    )
+    return torch.from_numpy(out)
+
+
+def fused_decompress_maxsim_codes(
+    q: Queries,
+    docs: CompressedDocs,
+    codec: Codec,
+    cand: Candidates | None,
+    centroid_scores: Tensor,
+    precision: str,
+) -> Tensor:
+    out = C.fused_decompress_maxsim_codes(
+        _q(q.data),
+        _np(q.mask),
+        _np(docs.codes),
+        _np(docs.residuals),
+        _np(docs.inv_norm),
+        _np(docs.offsets),
+        _np(ids_of(cand)),
+        _np(centroid_scores),
+        _np(codec.bucket_weights),
+        codec.nbits,
+        precision,
     )
     return torch.from_numpy(out)
 
 
 def centroid_interaction(
-    centroid_scores, codes, doc_offsets, candidates=None, threshold=None, queries_mask=None
-) -> torch.Tensor:
+    centroid_scores: Tensor,
+    codes: Tensor,
+    doc_offsets: Tensor,
+    cand: Candidates | None,
+    threshold: float | None,
+    queries_mask: Tensor | None,
+) -> Tensor:
     out = C.centroid_interaction(
         _np(centroid_scores.float().contiguous()),
         _np(queries_mask),
         _np(codes),
         _np(doc_offsets),
-        _np(candidates),
+        _np(ids_of(cand)),
         threshold,
     )
     return torch.from_numpy(out)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from edgeplaid.ops import _validate as v
+from edgeplaid.ops import bundles as b
 from edgeplaid.ops import cpp_backend, reference, triton_backend
 from edgeplaid.ops.dispatch import register, resolve
 
@@ -15,8 +16,8 @@ def decompress_residuals(
     codes: Any,
     residuals: Any,
     centroids: Any,
-    bucket_weights: Any,
-    nbits: int,
+    bucket_weights: Any = None,
+    nbits: int | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """token[t] = normalize(centroids[codes[t]] + bucket_weights[b_t]),  normalize(x) = x / max(‖x‖₂, 1e-12).
@@ -39,14 +40,20 @@ def decompress_residuals(
     Returns:
         (n, dim) in the dtype of centroids, computed in fp32.
     """
-    cents, weights, n = v.codec(centroids, bucket_weights, nbits, None, None)
-    device = cents.device
+    codec = b.codec(centroids, bucket_weights, nbits)
+    device = codec.centroids.device
     c = v.codes(codes, device)
-    res = v.residuals(residuals, c.shape[0], cents.shape[1] * n // 8, device)
-    v.check_device("bucket_weights", weights, device)
-    return resolve("decompress_residuals", device, backend)(c, res, cents, weights, n)
+    res = v.residuals(residuals, c.shape[0], codec.row_bytes, device)
+    v.check_device("bucket_weights", codec.bucket_weights, device)
+    return resolve("decompress_residuals", device, backend)(c, res, codec)
 
 
-register("decompress_residuals", "reference", reference.decompress_residuals)
+def _reference(codes: torch.Tensor, residuals: torch.Tensor, codec: b.Codec) -> torch.Tensor:
+    return reference.decompress_residuals(
+        codes, residuals, codec.centroids, codec.bucket_weights, codec.nbits
+    )
+
+
+register("decompress_residuals", "reference", _reference)
 register("decompress_residuals", "cpp", cpp_backend.decompress_residuals)
 register("decompress_residuals", "triton", triton_backend.decompress_residuals)

@@ -59,6 +59,17 @@ def _device_ok(backend: str, device: torch.device) -> bool:
     return True
 
 
+def implements(op: str, device: torch.device, backend: str | None = None, *, like: str) -> bool:
+    """Whether the backend that :func:`resolve` picks for op ``like`` (same device, same request)
+    also implements ``op``: how an op with an optional fast variant asks for it by capability."""
+    requested = backend or os.environ.get("EDGEPLAID_BACKEND") or None
+    if requested is None:
+        requested = "triton" if device.type == "cuda" else "cpp"
+        if requested not in _registry[like] or _why_unavailable(requested) is not None:
+            requested = "reference"
+    return requested in _registry.get(op, {})
+
+
 def resolve(op: str, device: torch.device, backend: str | None = None) -> Callable[..., Any]:
     """The implementation of ``op`` for tensors on ``device``."""
     impls = _registry[op]

@@ -7,22 +7,22 @@ from typing import Any
 import torch
 
 from edgeplaid.ops import _validate as v
+from edgeplaid.ops import bundles as b
 from edgeplaid.ops import cpp_backend, reference, triton_backend
+from edgeplaid.ops.bundles import PRECISIONS  # noqa: F401  (re-exported: the one definition is in bundles)
 from edgeplaid.ops.centroid_scores import centroid_scores as _centroid_scores
-from edgeplaid.ops.dispatch import register, resolve
-
-PRECISIONS = ("exact", "int8")
+from edgeplaid.ops.dispatch import implements, register, resolve
 
 
 def fused_decompress_maxsim(
     queries: Any,
     codes: Any,
-    residuals: Any,
-    doc_offsets: Any,
-    candidates: Any,
-    centroids: Any,
-    bucket_weights: Any,
-    nbits: int,
+    residuals: Any = None,
+    doc_offsets: Any = None,
+    candidates: Any = None,
+    centroids: Any = None,
+    bucket_weights: Any = None,
+    nbits: int | None = None,
     queries_mask: Any = None,
     backend: str | None = None,
     *,
@@ -69,48 +69,47 @@ def fused_decompress_maxsim(
         inv_norm: (n_tokens,) float32, positive and finite, or None.
         precision: "exact" or "int8" (int8: cpp and reference backends).
 
+    Bundles (:mod:`edgeplaid.ops.bundles`) are accepted in place of the tensors and not re-checked:
+    ``queries`` a ``Queries``, ``codes`` a ``CompressedDocs`` (residuals, offsets and inv_norm
+    inside), ``centroids`` a ``Codec`` (bucket weights and nbits inside), ``candidates`` a
+    ``Candidates``. Scoring from the codes is its own registered op,
+    ``fused_decompress_maxsim_codes`` (cpp and reference); a backend without it (triton) scores
+    ``"exact"`` by decoding, equal within fp32 rounding.
+
     Returns:
         (nq, nc) float32 (nc = nd when candidates is None).
     """
-    q = v.queries(queries)
+    q = b.queries(queries, queries_mask)
     nq, lq, dim = q.shape
-    cents, weights, n = v.codec(centroids, bucket_weights, nbits, dim, q.device)
-    c = v.codes(codes, q.device)
-    res = v.residuals(residuals, c.shape[0], dim * n // 8, q.device)
-    offsets = v.offsets(doc_offsets, c.shape[0], q.device)
-    cand = v.candidates(candidates, nq, offsets.shape[0] - 1, q.device)
-    qm = v.mask(queries_mask, "queries_mask", nq, lq, q.device)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-    fn = resolve("fused_decompress_maxsim", q.device, backend)
-    triton = fn is triton_backend.fused_decompress_maxsim
-    if precision == "exact" and (triton or (centroid_scores is None and inv_norm is None)):
-        # Decoding: the Triton kernel's way (its code-scoring twins are a later issue), and the
-        # cheaper one when neither stage-1 scores nor inv_norm are at hand.
-        return fn(q, c, res, offsets, cand, cents, weights, n, qm)
-    if triton:
+    codec = b.codec(centroids, bucket_weights, nbits, dim=dim, device=q.device)
+    from_codes = precision == "int8" or centroid_scores is not None or inv_norm is not None
+    docs = b.compressed_docs(codes, residuals, doc_offsets, inv_norm, codec=codec, device=q.device)
+    cand = b.candidates(candidates, nq, docs.n_docs, q.device)
+    b.precision(precision)
+    if from_codes and implements(
+        "fused_decompress_maxsim_codes", q.device, backend, like="fused_decompress_maxsim"
+    ):
+        if centroid_scores is None:
+            cs = _centroid_scores(q, codec.centroids, 1)[0]
+        else:
+            cs = v.float_tensor(centroid_scores, "centroid_scores", 3, "(n_queries, query_len, n_centroids)")
+            v.check_dtype(cs, "centroid_scores", (torch.float32,))
+            v.check_size(cs, "centroid_scores", 0, nq, "n_queries")
+            v.check_size(cs, "centroid_scores", 1, lq, "query_len")
+            v.check_size(cs, "centroid_scores", 2, codec.n_centroids, "n_centroids")
+            v.check_device("centroid_scores", cs, q.device)
+        if docs.inv_norm is None:
+            inv = reference.residual_inv_norms(
+                docs.codes, docs.residuals, codec.centroids, codec.bucket_weights, codec.nbits
+            )
+            docs = b.CompressedDocs(docs.codes, docs.residuals, docs.offsets, inv)
+        fn = resolve("fused_decompress_maxsim_codes", q.device, backend)
+        return fn(q, docs, codec, cand, cs, precision)
+    if precision == "int8":
         raise ValueError(
             "precision: 'int8' runs on the cpp and reference backends (CPU); use 'exact' on GPUs"
         )
-    if centroid_scores is None:
-        cs = _centroid_scores(q, cents, 1, qm)[0]
-    else:
-        cs = v.float_tensor(centroid_scores, "centroid_scores", 3, "(n_queries, query_len, n_centroids)")
-        v.check_dtype(cs, "centroid_scores", (torch.float32,))
-        v.check_size(cs, "centroid_scores", 0, nq, "n_queries")
-        v.check_size(cs, "centroid_scores", 1, lq, "query_len")
-        v.check_size(cs, "centroid_scores", 2, cents.shape[0], "n_centroids")
-        v.check_device("centroid_scores", cs, q.device)
-    if inv_norm is None:
-        inv = residual_inv_norms(c, res, cents, weights, n)
-    else:
-        inv = v.as_tensor(inv_norm, "inv_norm")
-        v.check_rank(inv, "inv_norm", 1, "(n_tokens,)")
-        v.check_dtype(inv, "inv_norm", (torch.float32,))
-        v.check_contiguous(inv, "inv_norm")
-        v.check_size(inv, "inv_norm", 0, c.shape[0], "one per code")
-        v.check_device("inv_norm", inv, q.device)
-    return fn(q, c, res, offsets, cand, cents, weights, n, qm, cs, inv, precision)
+    return resolve("fused_decompress_maxsim", q.device, backend)(q, docs, codec, cand)
 
 
 def residual_inv_norms(
@@ -124,14 +123,47 @@ def residual_inv_norms(
     return reference.residual_inv_norms(c, res, cents, weights, n)
 
 
-def _reference(q, c, res, offsets, cand, cents, weights, n, qm, cs=None, inv=None, precision="exact"):
-    if cs is None:
-        return reference.fused_decompress_maxsim(q, c, res, offsets, cand, cents, weights, n, qm)
+def _reference(
+    q: b.Queries, docs: b.CompressedDocs, codec: b.Codec, cand: b.Candidates | None
+) -> torch.Tensor:
+    return reference.fused_decompress_maxsim(
+        q.data,
+        docs.codes,
+        docs.residuals,
+        docs.offsets,
+        b.ids_of(cand),
+        codec.centroids,
+        codec.bucket_weights,
+        codec.nbits,
+        q.mask,
+    )
+
+
+def _reference_codes(
+    q: b.Queries,
+    docs: b.CompressedDocs,
+    codec: b.Codec,
+    cand: b.Candidates | None,
+    cs: torch.Tensor,
+    precision: str,
+) -> torch.Tensor:
     return reference.fused_decompress_maxsim_codes(
-        q, c, res, offsets, cand, weights, n, qm, cs, inv, precision
+        q.data,
+        docs.codes,
+        docs.residuals,
+        docs.offsets,
+        b.ids_of(cand),
+        codec.bucket_weights,
+        codec.nbits,
+        q.mask,
+        cs,
+        docs.inv_norm,
+        precision,
     )
 
 
 register("fused_decompress_maxsim", "reference", _reference)
 register("fused_decompress_maxsim", "cpp", cpp_backend.fused_decompress_maxsim)
 register("fused_decompress_maxsim", "triton", triton_backend.fused_decompress_maxsim)
+register("fused_decompress_maxsim_codes", "reference", _reference_codes)
+register("fused_decompress_maxsim_codes", "cpp", cpp_backend.fused_decompress_maxsim_codes)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from edgeplaid.ops import _validate as v
+from edgeplaid.ops import bundles as b
 from edgeplaid.ops import cpp_backend, reference, triton_backend
 from edgeplaid.ops.dispatch import register, resolve
 
@@ -14,7 +14,7 @@ from edgeplaid.ops.dispatch import register, resolve
 def maxsim_packed(
     queries: Any,
     doc_tokens: Any,
-    doc_offsets: Any,
+    doc_offsets: Any = None,
     candidates: Any = None,
     queries_mask: Any = None,
     backend: str | None = None,
@@ -32,21 +32,24 @@ def maxsim_packed(
         queries_mask: (nq, Lq) bool, True = token counts; None = all.
         backend: "cpp", "triton" or "reference"; None picks by device.
 
+    Bundles (:mod:`edgeplaid.ops.bundles`) are accepted in place of the tensors and not re-checked:
+    ``queries`` a ``Queries`` (mask inside), ``doc_tokens`` a ``PackedDocs`` (offsets inside),
+    ``candidates`` a ``Candidates``.
+
     Returns:
         (nq, nc) float32, fp32 accumulation. Empty documents score -inf; a query with no valid
         token scores 0.
     """
-    q = v.queries(queries)
-    nq, lq, dim = q.shape
-    tokens = v.float_tensor(doc_tokens, "doc_tokens", 2, "(n_tokens, dim)")
-    v.check_size(tokens, "doc_tokens", 1, dim, "dim of queries")
-    v.check_device("doc_tokens", tokens, q.device)
-    offsets = v.offsets(doc_offsets, tokens.shape[0], q.device)
-    cand = v.candidates(candidates, nq, offsets.shape[0] - 1, q.device)
-    qm = v.mask(queries_mask, "queries_mask", nq, lq, q.device)
-    return resolve("maxsim_packed", q.device, backend)(q, tokens, offsets, cand, qm)
+    q = b.queries(queries, queries_mask)
+    docs = b.packed_docs(doc_tokens, doc_offsets, dim=q.shape[2], device=q.device)
+    cand = b.candidates(candidates, q.shape[0], docs.n_docs, q.device)
+    return resolve("maxsim_packed", q.device, backend)(q, docs, cand)
 
 
-register("maxsim_packed", "reference", reference.maxsim_packed)
+def _reference(q: b.Queries, docs: b.PackedDocs, cand: b.Candidates | None) -> torch.Tensor:
+    return reference.maxsim_packed(q.data, docs.tokens, docs.offsets, b.ids_of(cand), q.mask)
+
+
+register("maxsim_packed", "reference", _reference)
 register("maxsim_packed", "cpp", cpp_backend.maxsim_packed)
 register("maxsim_packed", "triton", triton_backend.maxsim_packed)

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from edgeplaid.ops.bundles import Candidates, Codec, CompressedDocs, PackedDocs, Queries, ids_of
+
 
 def _call(op: str, args: tuple[Any, ...]) -> Any:
     launcher = getattr(importlib.import_module(f"edgeplaid.triton_kernels.{op}"), op)
@@ -28,21 +30,35 @@ def maxsim(*args: Any) -> Any:
     return _call("maxsim", args)
 
 
-def maxsim_packed(*args: Any) -> Any:
-    return _call("maxsim_packed", args)
+def maxsim_packed(q: Queries, docs: PackedDocs, cand: Candidates | None) -> Any:
+    return _call("maxsim_packed", (q.data, docs.tokens, docs.offsets, ids_of(cand), q.mask))
 
 
-def centroid_scores(*args: Any) -> Any:
-    return _call("centroid_scores", args)
+def centroid_scores(q: Queries, centroids: torch.Tensor, n_probe: int) -> Any:
+    return _call("centroid_scores", (q.data, centroids, n_probe, q.mask))
 
 
-def decompress_residuals(*args: Any) -> Any:
-    return _call("decompress_residuals", args)
+def decompress_residuals(codes: torch.Tensor, residuals: torch.Tensor, codec: Codec) -> Any:
+    return _call(
+        "decompress_residuals", (codes, residuals, codec.centroids, codec.bucket_weights, codec.nbits)
+    )
 
 
-def fused_decompress_maxsim(*args: Any) -> Any:
-    return _call("fused_decompress_maxsim", args)
+def fused_decompress_maxsim(q: Queries, docs: CompressedDocs, codec: Codec, cand: Candidates | None) -> Any:
+    args = (q.data, docs.codes, docs.residuals, docs.offsets, ids_of(cand))
+    return _call(
+        "fused_decompress_maxsim", (*args, codec.centroids, codec.bucket_weights, codec.nbits, q.mask)
+    )
 
 
-def centroid_interaction(*args: Any) -> Any:
-    return _call("centroid_interaction", args)
+def centroid_interaction(
+    centroid_scores: torch.Tensor,
+    codes: torch.Tensor,
+    doc_offsets: torch.Tensor,
+    cand: Candidates | None,
+    threshold: float | None,
+    queries_mask: torch.Tensor | None,
+) -> Any:
+    return _call(
+        "centroid_interaction", (centroid_scores, codes, doc_offsets, ids_of(cand), threshold, queries_mask)
+    )

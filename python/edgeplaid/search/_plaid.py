@@ -1,6 +1,6 @@
-"""PLAID search on CPU over an index's arrays, every heavy step in edgeplaid's kernels.
+"""PLAID search over an index's bundles, on the index's device, every heavy step in edgeplaid's kernels.
 
-Stages (Santhanam et al., PLAID, 2022), for each query:
+Stages (Santhanam et al., PLAID, 2022), for each block of queries:
 
 1. ``centroid_scores``: every query token against every centroid, and each token's top
    ``n_probe`` centroids; their IVF lists, merged, are the candidate documents.
@@ -8,30 +8,49 @@ Stages (Santhanam et al., PLAID, 2022), for each query:
    centroid's score, tokens whose centroid no query token scores >= threshold pruned; the best
    ``n_candidates`` survive.
 3. ``centroid_interaction`` without pruning on those; the best ``n_rerank`` survive.
-4. ``fused_decompress_maxsim`` from the codes: MaxSim over the survivors, each token scored as
-   (stage 1's centroid score + the residual term) * inv_norm, in int8 (default) or fp32 -> top k.
+4. ``fused_decompress_maxsim``: MaxSim over the survivors. On CPU from the codes (each token
+   scored as (stage 1's centroid score + the residual term) * inv_norm, in int8 by default or
+   fp32); on a GPU by decoding in the Triton kernel (fp32, "exact") -> top k.
 
-The numpy glue (candidate lists from the IVF, padding) is O(candidates) per query.
+The glue between the stages (IVF candidate lists, padding, selection, top-k) is written once in
+torch and runs on the index's device, so CUDA tensors reach the Triton kernels and CPU tensors the
+C++ kernels. On CPU, numpy replaces torch where it measured faster (candidate gathering with a
+marker array, argpartition selection) and keeps torch's own thread pool idle beside the kernels'.
+Every op receives the index's bundles (:mod:`edgeplaid.ops.bundles`), checked once at load: no
+per-query O(n_docs) validation. On a GPU the glue synchronises with the host only where a ragged
+size is needed (the number of IVF entries to gather, the widest candidate list), O(1) values.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
+from edgeplaid.ops import bundles as b
 from edgeplaid.ops import centroid_interaction, centroid_scores, fused_decompress_maxsim
 
 NEG_INF = float("-inf")
-# The last stage's precision: int8 changed nDCG@10 on SciFact by <= 0.002 and recall@10 against
-# exhaustive search by <= 0.005 at lower latency (benchmarks/bench_search.py, README).
+# The last stage's precision on CPU: int8 changed nDCG@10 on SciFact by <= 0.002 and recall@10
+# against exhaustive search by <= 0.005 at lower latency (benchmarks/bench_search.py, README).
+# The Triton backend scores by decoding (fp32): "exact" there.
 DEFAULT_PRECISION = "int8"
-# Queries scored together: bounds the (queries, query_len, n_centroids) fp32 centroid-score block
-# (2 MiB: one 32-token query at 16K centroids). Larger blocks measured no faster on 2 cores and
-# leave the allocator holding the scratch (RSS beyond the mapped index).
-_MAX_SCORE_BLOCK = 1 << 19
+# Queries scored together: bounds the (queries, query_len, n_centroids) fp32 centroid-score block.
+# On CPU 2 MiB (one 32-token query at 16K centroids): larger blocks measured no faster on 2 cores
+# and leave the allocator holding the scratch. On a GPU 256 MiB: whole batches in one launch.
+_MAX_SCORE_BLOCK = {"cpu": 1 << 19, "cuda": 1 << 26}
+
+
+@dataclass(frozen=True)
+class Ivf:
+    """The inverted file in CSR form: the sorted unique documents having a token in centroid c
+    are docs[offsets[c] : offsets[c + 1]]. offsets (C + 1,) int64, docs (n_ivf,) int32, on the
+    index's device (CPU: views of the memory-mapped files)."""
+
+    offsets: torch.Tensor
+    docs: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -43,7 +62,7 @@ class SearchParams:
     threshold: float | None
     n_candidates: int
     n_rerank: int
-    precision: str = DEFAULT_PRECISION
+    precision: str | None = None  # None: int8 where the codes are scored on CPU, else exact
 
 
 def default_params(k: int) -> SearchParams:
@@ -70,186 +89,267 @@ def resolve_params(k: int, **overrides: Any) -> SearchParams:
     values = {f: overrides.get(f, getattr(base, f)) for f in known}
     if "n_candidates" in overrides and "n_rerank" not in overrides:
         values["n_rerank"] = max(k, values["n_candidates"] // 4)
-    if values["precision"] not in ("exact", "int8"):
-        raise ValueError(f"precision: expected 'exact' or 'int8', got {values['precision']!r}")
+    if values["precision"] is not None:
+        b.precision(values["precision"])
     for f in ("n_probe", "n_candidates", "n_rerank"):
         if isinstance(values[f], bool) or not isinstance(values[f], int) or values[f] < 1:
             raise ValueError(f"{f}: expected a positive int, got {values[f]!r}")
     return SearchParams(**values)
 
 
-def _pad(rows: list[np.ndarray], fill: int = -1) -> torch.Tensor:
-    """Ragged int arrays -> (len(rows), max_len) int64 padded with ``fill``."""
+# ---------------------------------------------------------------------------------- the glue
+
+
+def _gather_numpy(
+    top: np.ndarray, valid: np.ndarray, ivf_offsets: np.ndarray, ivf_docs: np.ndarray, marks: np.ndarray
+) -> np.ndarray:
+    """Sorted unique documents in the IVF lists of one query's probed centroids, (n,) int64.
+
+    top (lq, n_probe) int64 centroid ids, valid (lq,) bool. ``marks`` is a zeroed (n_docs,) bool
+    scratch, left zeroed: marking then scanning it is O(entries + n_docs / 64) and measured
+    faster than sorting the concatenated lists (np.unique) once lists hold thousands of entries.
+    """
+    cells = np.unique(top[valid].ravel())
+    cells = cells[cells >= 0]
+    if cells.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = ivf_offsets[cells].tolist()
+    ends = ivf_offsets[cells + 1].tolist()
+    docs = np.concatenate([ivf_docs[s:e] for s, e in zip(starts, ends, strict=True)])
+    if docs.shape[0] < 4096:  # short lists: sorting beats scanning the whole marker array
+        return np.unique(docs).astype(np.int64)
+    marks[docs] = True
+    out = np.flatnonzero(marks)
+    marks[out] = False
+    return out
+
+
+def _pad_numpy(rows: list[np.ndarray]) -> torch.Tensor:
+    """Ragged int arrays -> (len(rows), max_len) int64 padded with -1."""
     width = max((r.shape[0] for r in rows), default=0)
-    out = np.full((len(rows), max(width, 1)), fill, dtype=np.int64)
+    out = np.full((len(rows), max(width, 1)), -1, dtype=np.int64)
     for i, r in enumerate(rows):
         out[i, : r.shape[0]] = r
     return torch.from_numpy(out)
 
 
-def _select(scores: torch.Tensor, cand: torch.Tensor, n: int) -> torch.Tensor:
-    """The n best candidates per row (nq, min(n, nc)) int64; -1 for padding and beyond."""
-    if cand.shape[1] <= n:
-        return cand
-    # numpy, not torch: no second thread pool spinning beside the kernels' between the stages.
-    s = scores.numpy().copy()
-    c = cand.numpy()
-    # A pruned document (-inf) still outranks padding: it stays a candidate, last.
-    s[np.isneginf(s) & (c >= 0)] = np.finfo(np.float32).min
-    s[c < 0] = NEG_INF
-    pos = np.argpartition(-s, n - 1, axis=1)[:, :n]
-    chosen = np.take_along_axis(c, pos, axis=1).copy()
-    chosen[np.isneginf(np.take_along_axis(s, pos, axis=1))] = -1
-    return torch.from_numpy(np.ascontiguousarray(chosen))
+def _gather_torch(top: torch.Tensor, valid: torch.Tensor, ivf: Ivf, n_docs: int) -> torch.Tensor:
+    """Every query's candidate documents at once, on the queries' device: (nb, width) int64,
+    each row the sorted unique documents of its probed cells, padded with -1.
+
+    top (nb, lq, n_probe) int64, valid (nb, lq) bool. Two host synchronisations: the number of
+    IVF entries to gather and the widest row (sizes of the outputs)."""
+    nb = top.shape[0]
+    device = top.device
+    cells = top.masked_fill(~valid[..., None], -1).reshape(nb, -1).sort(dim=1).values
+    keep = cells >= 0
+    keep[:, 1:] &= cells[:, 1:] != cells[:, :-1]  # unique cells per query
+    owner_q = torch.arange(nb, device=device)[:, None].expand_as(cells)[keep]
+    cells = cells[keep]
+    starts = ivf.offsets[cells]
+    lens = ivf.offsets[cells + 1] - starts
+    ends = torch.cumsum(lens, 0)
+    total = int(ends[-1]) if ends.numel() else 0
+    if total == 0:
+        return torch.full((nb, 1), -1, dtype=torch.int64, device=device)
+    entry = torch.repeat_interleave(torch.arange(cells.shape[0], device=device), lens, output_size=total)
+    pos = torch.arange(total, device=device) - (ends - lens)[entry] + starts[entry]
+    key = owner_q[entry] * n_docs + ivf.docs[pos].long()
+    key = torch.unique(key)  # sorted: by query, then document
+    q_of = key // n_docs
+    counts = torch.bincount(q_of, minlength=nb)
+    width = max(int(counts.max()), 1)
+    col = torch.arange(key.shape[0], device=device) - (torch.cumsum(counts, 0) - counts)[q_of]
+    out = torch.full((nb, width), -1, dtype=torch.int64, device=device)
+    out[q_of, col] = key - q_of * n_docs
+    return out
+
+
+def _pad_torch(rows: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    width = max((r.shape[0] for r in rows), default=0)
+    out = torch.full((len(rows), max(width, 1)), -1, dtype=torch.int64, device=device)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+    return out
+
+
+def _best(
+    scores: torch.Tensor, cand: torch.Tensor, n: int, ordered: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n best candidates per row: (scores, ids), each (nq, min(n, nc)); padding (-1) never
+    outranks a real candidate, and a pruned real one (-inf) stays, last; ids -1 beyond the real
+    ones. ``ordered`` sorts each row best first (ties: the lower column first, stable)."""
+    n = min(n, cand.shape[1])
+    if cand.device.type == "cpu":
+        # numpy, not torch: no second thread pool spinning beside the kernels' between the stages.
+        s = scores.numpy().copy()
+        c = cand.numpy()
+        s[np.isneginf(s) & (c >= 0)] = np.finfo(np.float32).min
+        s[c < 0] = NEG_INF
+        pos = (
+            np.argpartition(-s, n - 1, axis=1)[:, :n]
+            if n < c.shape[1]
+            else np.arange(n)[None].repeat(c.shape[0], 0)
+        )
+        if ordered:
+            vals = np.take_along_axis(s, pos, axis=1)
+            pos = np.take_along_axis(pos, np.argsort(-vals, axis=1, kind="stable"), axis=1)
+        vals = np.take_along_axis(s, pos, axis=1)
+        ids = np.take_along_axis(c, pos, axis=1).copy()
+        dead = np.isneginf(vals)
+        ids[dead] = -1
+        vals = np.where(dead | (vals == np.finfo(np.float32).min), np.float32(NEG_INF), vals)
+        return torch.from_numpy(np.ascontiguousarray(vals)), torch.from_numpy(np.ascontiguousarray(ids))
+    lowest = torch.finfo(torch.float32).min
+    s = torch.where(torch.isneginf(scores) & (cand >= 0), lowest, scores)
+    s = s.masked_fill(cand < 0, NEG_INF)
+    vals, pos = torch.topk(s, n, dim=1, sorted=ordered)
+    ids = torch.gather(cand, 1, pos).masked_fill(torch.isneginf(vals), -1)
+    vals = vals.masked_fill(torch.isneginf(vals) | (vals == lowest), NEG_INF)
+    return vals, ids
+
+
+# ---------------------------------------------------------------------------------- the searcher
 
 
 class PlaidSearcher:
-    """Runs the PLAID stages over an index's arrays (all CPU tensors).
+    """Runs the PLAID stages over an index's bundles, all on one device.
 
     Args:
-        centroids: (C, dim) float16 or float32; bucket_weights: (2**nbits,) float32; nbits: int.
-        codes: (n_tokens,) uint16 or int32; residuals: (n_tokens, dim * nbits / 8) uint8.
-        inv_norm: (n_tokens,) float32, 1 / ||centroid + residual|| per token.
-        doc_offsets: (n_docs + 1,) int64.
-        ivf_offsets: (C + 1,) int64 numpy; ivf_docs: (n_ivf,) int32 numpy.
+        codec: the index's :class:`~edgeplaid.ops.bundles.Codec` (centroids (C, dim) float16 or
+            float32, bucket_weights (2**nbits,) float32).
+        docs: its :class:`~edgeplaid.ops.bundles.CompressedDocs` (codes, residuals, offsets and
+            inv_norm, checked once at load).
+        ivf: its :class:`Ivf`.
     """
 
-    def __init__(
+    def __init__(self, codec: b.Codec, docs: b.CompressedDocs, ivf: Ivf) -> None:
+        self.codec = codec
+        self.docs = docs
+        self.ivf = ivf
+        self.n_docs = docs.n_docs
+        self.device = codec.centroids.device
+        if self.device.type == "cpu":
+            self._ivf_offsets = ivf.offsets.numpy()
+            self._ivf_docs = ivf.docs.numpy()
+
+    def _torch_glue(self, backend: str | None) -> bool:
+        # The GPU's path; on CPU tensors too when the Triton backend is asked for (its
+        # interpreter runs the GPU pipeline on the CPU, as the tests do).
+        return self.device.type != "cpu" or backend == "triton"
+
+    def _candidates(
         self,
-        centroids: torch.Tensor,
-        bucket_weights: torch.Tensor,
-        nbits: int,
-        codes: torch.Tensor,
-        residuals: torch.Tensor,
-        inv_norm: torch.Tensor,
-        doc_offsets: torch.Tensor,
-        ivf_offsets: np.ndarray,
-        ivf_docs: np.ndarray,
-    ) -> None:
-        self.centroids = centroids
-        self.bucket_weights = bucket_weights
-        self.nbits = nbits
-        self.codes = codes
-        self.residuals = residuals
-        self.inv_norm = inv_norm
-        self.doc_offsets = doc_offsets
-        self.ivf_offsets = ivf_offsets
-        self.ivf_docs = ivf_docs
-        self.n_docs = doc_offsets.shape[0] - 1
-
-    # ------------------------------------------------------------------ stage 1
-
-    def _candidates(self, top_ids: np.ndarray, valid: np.ndarray, subset: np.ndarray | None) -> np.ndarray:
-        """Sorted unique documents in the IVF lists of one query's probed centroids, (n,) int64."""
-        cells = np.unique(top_ids[valid].ravel())
-        cells = cells[cells >= 0]
-        if cells.shape[0] == 0:
-            return np.zeros(0, dtype=np.int64)
-        starts = self.ivf_offsets[cells]
-        ends = self.ivf_offsets[cells + 1]
-        docs = np.unique(
-            np.concatenate([self.ivf_docs[s:e] for s, e in zip(starts.tolist(), ends.tolist(), strict=True)])
-        )
-        if subset is not None:
-            docs = docs[np.isin(docs, subset, assume_unique=True)]
-        return docs.astype(np.int64, copy=False)
-
-    # ------------------------------------------------------------------ the pipeline
+        q: b.Queries,
+        top: torch.Tensor,
+        subset: list[np.ndarray | None] | None,
+        offset: int,
+        params: SearchParams,
+        torch_glue: bool,
+    ) -> torch.Tensor:
+        """Stage 1's candidate lists for a block of queries: (nb, width) int64, -1 padded."""
+        nb, lq, _ = q.shape
+        valid = torch.ones(nb, lq, dtype=torch.bool, device=top.device) if q.mask is None else q.mask
+        if torch_glue:
+            cand = _gather_torch(top, valid, self.ivf, self.n_docs)
+            if subset is None:
+                return cand
+            rows = []
+            for i in range(nb):
+                sub = subset[offset + i]
+                row = cand[i][cand[i] >= 0]
+                if sub is not None:
+                    allowed = torch.from_numpy(sub).to(self.device)
+                    row = allowed if sub.shape[0] <= params.n_candidates else row[torch.isin(row, allowed)]
+                rows.append(row)
+            return _pad_torch(rows, self.device)
+        top_np, valid_np = top.numpy(), valid.numpy()
+        marks = np.zeros(self.n_docs, dtype=bool)
+        rows = []
+        for i in range(nb):
+            sub = None if subset is None else subset[offset + i]
+            if sub is not None and sub.shape[0] <= params.n_candidates:
+                rows.append(sub)  # a small allowed set is scored whole: exact filtering
+                continue
+            row = _gather_numpy(top_np[i], valid_np[i], self._ivf_offsets, self._ivf_docs, marks)
+            if sub is not None:
+                row = row[np.isin(row, sub, assume_unique=True)]
+            rows.append(row)
+        return _pad_numpy(rows)
 
     def search(
         self,
-        queries: torch.Tensor,
-        queries_mask: torch.Tensor | None,
+        queries: b.Queries,
         k: int,
         params: SearchParams,
         subset: list[np.ndarray | None] | None = None,
+        backend: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries (nq, Lq, dim) float32, mask (nq, Lq) bool -> scores (nq, k) float32, ids (nq, k) int64."""
+        """queries on the index's device -> scores (nq, k) float32, ids (nq, k) int64, there too."""
         nq, lq, _ = queries.shape
-        n_cent = self.centroids.shape[0]
-        per_block = max(1, _MAX_SCORE_BLOCK // max(1, lq * n_cent))
-        out_s = torch.full((nq, k), NEG_INF, dtype=torch.float32)
-        out_i = torch.full((nq, k), -1, dtype=torch.int64)
+        device = self.device
+        n_cent = self.codec.n_centroids
+        budget = _MAX_SCORE_BLOCK["cpu" if device.type == "cpu" else "cuda"]
+        per_block = max(1, budget // max(1, lq * n_cent))
+        torch_glue = self._torch_glue(backend)
+        if params.precision is None:
+            on_cpu = device.type == "cpu" and backend != "triton"
+            params = replace(params, precision=DEFAULT_PRECISION if on_cpu else "exact")
+        out_s = torch.full((nq, k), NEG_INF, dtype=torch.float32, device=device)
+        out_i = torch.full((nq, k), -1, dtype=torch.int64, device=device)
         n_probe = min(params.n_probe, n_cent)
-        for b in range(0, nq, per_block):
-            q = queries[b : b + per_block]
-            m = None if queries_mask is None else queries_mask[b : b + per_block]
-            cs, top = centroid_scores(q, self.centroids, n_probe, m)
-            top_np = top.numpy()
-            valid = np.ones(q.shape[:2], dtype=bool) if m is None else m.numpy()
-            rows = []
-            for i in range(q.shape[0]):
-                sub = None if subset is None else subset[b + i]
-                if sub is not None and sub.shape[0] <= params.n_candidates:
-                    rows.append(sub)  # a small allowed set is scored whole: exact filtering
-                else:
-                    rows.append(self._candidates(top_np[i], valid[i], sub))
-            cand = _pad(rows)
+        for start in range(0, nq, per_block):
+            q = queries[start : start + per_block]
+            cs, top = centroid_scores(q, self.codec, n_probe, backend=backend)
+            cand = self._candidates(q, top, subset, start, params, torch_glue)
             if cand.shape[1] > params.n_candidates:
-                s2 = centroid_interaction(cs, self.codes, self.doc_offsets, cand, params.threshold, m)
-                cand = _select(s2, cand, params.n_candidates)
+                s2 = centroid_interaction(
+                    cs,
+                    self.docs,
+                    None,
+                    b.Candidates(cand, self.n_docs),
+                    params.threshold,
+                    q.mask,
+                    backend=backend,
+                )
+                _, cand = _best(s2, cand, params.n_candidates, ordered=False)
             if cand.shape[1] > params.n_rerank:
-                s3 = centroid_interaction(cs, self.codes, self.doc_offsets, cand, None, m)
-                cand = _select(s3, cand, params.n_rerank)
+                s3 = centroid_interaction(
+                    cs, self.docs, None, b.Candidates(cand, self.n_docs), None, q.mask, backend=backend
+                )
+                _, cand = _best(s3, cand, params.n_rerank, ordered=False)
             s4 = fused_decompress_maxsim(
                 q,
-                self.codes,
-                self.residuals,
-                self.doc_offsets,
-                cand,
-                self.centroids,
-                self.bucket_weights,
-                self.nbits,
-                m,
+                self.docs,
+                candidates=b.Candidates(cand, self.n_docs),
+                centroids=self.codec,
+                backend=backend,
                 centroid_scores=cs,
-                inv_norm=self.inv_norm,
                 precision=params.precision,
             )
             del cs
-            s4n, cn = s4.numpy(), cand.numpy()
-            s4n[cn < 0] = NEG_INF
-            kk = min(k, cn.shape[1])
-            pos = (
-                np.argpartition(-s4n, kk - 1, axis=1)[:, :kk]
-                if kk < cn.shape[1]
-                else np.arange(kk)[None].repeat(cn.shape[0], 0)
-            )
-            vals = np.take_along_axis(s4n, pos, axis=1)
-            order = np.argsort(-vals, axis=1, kind="stable")
-            vals = np.take_along_axis(vals, order, axis=1)
-            ids = np.take_along_axis(np.take_along_axis(cn, pos, axis=1), order, axis=1)
-            ids[np.isneginf(vals)] = -1
-            out_s[b : b + q.shape[0], :kk] = torch.from_numpy(vals)
-            out_i[b : b + q.shape[0], :kk] = torch.from_numpy(ids)
+            vals, ids = _best(s4, cand, k, ordered=True)
+            ids = ids.masked_fill(torch.isneginf(vals), -1)  # an empty document is no result
+            out_s[start : start + q.shape[0], : vals.shape[1]] = vals
+            out_i[start : start + q.shape[0], : ids.shape[1]] = ids
         return out_s, out_i
 
     def exhaustive(
-        self, queries: torch.Tensor, queries_mask: torch.Tensor | None, k: int
+        self, queries: b.Queries, k: int, backend: str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact MaxSim of every query against every (decompressed) document, top k."""
         nq = queries.shape[0]
-        out_s = torch.full((nq, k), NEG_INF, dtype=torch.float32)
-        out_i = torch.full((nq, k), -1, dtype=torch.int64)
+        out_s = torch.full((nq, k), NEG_INF, dtype=torch.float32, device=self.device)
+        out_i = torch.full((nq, k), -1, dtype=torch.int64, device=self.device)
         kk = min(k, self.n_docs)
         if kk == 0:
             return out_s, out_i
         block = max(1, (1 << 26) // max(1, self.n_docs))
-        for b in range(0, nq, block):
-            q = queries[b : b + block]
-            m = None if queries_mask is None else queries_mask[b : b + block]
-            s = fused_decompress_maxsim(
-                q,
-                self.codes,
-                self.residuals,
-                self.doc_offsets,
-                None,
-                self.centroids,
-                self.bucket_weights,
-                self.nbits,
-                m,
-            )
+        for start in range(0, nq, block):
+            q = queries[start : start + block]
+            s = fused_decompress_maxsim(q, self.docs, centroids=self.codec, backend=backend)
             vals, ids = torch.topk(s, kk, dim=1)
             ids[torch.isneginf(vals)] = -1
-            out_s[b : b + q.shape[0], :kk] = vals
-            out_i[b : b + q.shape[0], :kk] = ids
+            out_s[start : start + q.shape[0], :kk] = vals
+            out_i[start : start + q.shape[0], :kk] = ids
         return out_s, out_i
