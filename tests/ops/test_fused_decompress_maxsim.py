@@ -296,11 +296,13 @@ def test_codes_on_the_triton_backend_decode_or_refuse_int8():
     """The Triton kernel decodes: exact with stage-1 scores still gives the decoding result, int8 is
     refused with a clear error (the Triton twins of code scoring are a later issue)."""
     pytest.importorskip("triton")
-    case = _codes_case(48, 4, seed=4, nq=2, lq=5)
+    from triton_helpers import on_device  # the GPU when there is one, else the interpreter
+
+    case = on_device(*_codes_case(48, 4, seed=4, nq=2, lq=5))
     queries, mask, codes, residuals, offsets, cand, centroids, weights, cs, inv = case
     args = (queries, codes, residuals, offsets, cand, centroids, weights, 4, mask)
-    got = ops.fused_decompress_maxsim(*args, backend="triton", centroid_scores=cs, inv_norm=inv)
-    want = reference.fused_decompress_maxsim(*args)
+    got = ops.fused_decompress_maxsim(*args, backend="triton", centroid_scores=cs, inv_norm=inv).cpu()
+    want = reference.fused_decompress_maxsim(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
     fin = torch.isfinite(want)
     assert torch.equal(torch.isfinite(got), fin)
     torch.testing.assert_close(got[fin], want[fin], rtol=1e-4, atol=1e-4)
