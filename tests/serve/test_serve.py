@@ -234,3 +234,134 @@ def test_sigterm_answers_the_requests_in_flight(model, tmp_path: Path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ----------------------------------------------------------------- precomputed embeddings
+
+
+def _embeddings(dim: int, n_docs: int, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    query = torch.nn.functional.normalize(torch.randn(6, dim, generator=g), dim=-1)
+    docs = [
+        torch.nn.functional.normalize(torch.randn(1 + 3 * i, dim, generator=g), dim=-1) for i in range(n_docs)
+    ]
+    return query, docs
+
+
+def _embedding_body(query: torch.Tensor, docs: list[torch.Tensor], **extra) -> dict:
+    return {"query_embedding": query.tolist(), "document_embeddings": [d.tolist() for d in docs], **extra}
+
+
+def test_embeddings_batch_with_texts_and_equal_offline(model):
+    """Embedding requests of the model's width share the text requests' kernel call; another
+    width gets its own; every answer equals edgeplaid.rerank offline."""
+    dim = model.output_dim
+    same = [_embeddings(dim, 7, seed) for seed in range(3)]
+    other = _embeddings(40, 5, 9)
+    bodies = [_embedding_body(q, d, top_n=4) for q, d in same] + [_embedding_body(*other)]
+    bodies += [{"query": "wing lift", "documents": DOCS}, {"query": "heat", "documents": DOCS[:3]}]
+    app = create_app(model, config=ServeConfig(batch_window_ms=100, max_batch=16))
+    with _Server(app) as url:
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            answers = list(pool.map(lambda b: httpx.post(f"{url}/v1/rerank", json=b, timeout=60), bodies))
+        metrics = httpx.get(f"{url}/metrics").text
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    for (q, d), answer in zip([*same, other], answers, strict=False):
+        top_n = 4 if len(d) == 7 else None
+        scores, order = rerank(q, d, k=top_n)
+        _check_same(answer.json()["results"], (order.tolist(), scores.tolist()))
+    for body, answer in zip(bodies[-2:], answers[-2:], strict=True):
+        _check_same(answer.json()["results"], _offline(model, body["query"], body["documents"], None))
+    batches = float(metrics.split('edgeplaid_batch_size_count{endpoint="rerank"} ')[1].split()[0])
+    assert batches < len(bodies)
+
+
+NAN_BODY = b'{"query_embedding": [[1.0, 0.0]], "document_embeddings": [[[0.5, NaN]]]}'
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            {"query_embedding": [[1.0, 0.0]], "document_embeddings": [[[1.0, 0.0]], [[1.0, 0.0, 2.0]]]},
+            "document_embeddings[1]: token vectors of dim 3, but query_embedding's are of dim 2",
+        ),
+        (
+            {"query": "q", "documents": ["a"], "query_embedding": [[1.0]], "document_embeddings": [[[1.0]]]},
+            "query_embedding: give either query and documents",
+        ),
+        ({"query": "q", "query_embedding": [[1.0]]}, "query_embedding: give either"),
+        ({"top_n": 2}, "query: field required"),
+        ({"query_embedding": [[1.0]]}, "document_embeddings: field required"),
+        (NAN_BODY, "document_embeddings[0][0]: non-finite value"),
+        (
+            {"query_embedding": [[1e39, 0.0]], "document_embeddings": [[[1.0, 0.0]]]},
+            "query_embedding[0]: non-finite value",
+        ),
+        ({"query_embedding": [[1.0, 0.0], [1.0]], "document_embeddings": [[[1.0, 0.0]]]}, "query_embedding:"),
+        (
+            {"query_embedding": [[1.0]], "document_embeddings": [[[1.0]], []]},
+            "document_embeddings[1]: no token",
+        ),
+        ({"query_embedding": [[1.0]], "document_embeddings": [[["x"]]]}, "document_embeddings[0]: expected"),
+        ({"query_embedding": [[1.0]], "document_embeddings": [[[1.0]]] * 11}, "more than the limit of 10"),
+        ({"query_embedding": [], "document_embeddings": [[[1.0]]]}, "query_embedding"),
+        ({"query_embedding": [[1.0]], "document_embeddings": "no"}, "document_embeddings"),
+    ],
+)
+def test_bad_embeddings_are_422_with_the_field(model, body, message):
+    app = create_app(model, config=ServeConfig(max_documents=10))
+    with _Server(app) as url:
+        if isinstance(body, bytes):  # JSON's NaN extension: what Python's json.dumps writes
+            r = httpx.post(f"{url}/v1/rerank", content=body, headers={"content-type": "application/json"})
+        else:
+            r = httpx.post(f"{url}/v1/rerank", json=body)
+    assert r.status_code == 422 and message in r.json()["error"], r.text
+
+
+def test_a_service_without_a_model_serves_embeddings(model):
+    query, docs = _embeddings(16, 4, 1)
+    app = create_app(None, config=ServeConfig(max_body_bytes=200_000))
+    with _Server(app) as url:
+        health = httpx.get(f"{url}/healthz").json()
+        r = httpx.post(f"{url}/v1/rerank", json=_embedding_body(query, docs, top_n=2))
+        text = httpx.post(f"{url}/v1/rerank", json={"query": "wing", "documents": DOCS})
+        encode = httpx.post(f"{url}/v1/encode", json={"texts": DOCS})
+        big = _embedding_body(*_embeddings(64, 300, 2))  # the body limit holds for vectors too
+        too_big = httpx.post(f"{url}/v1/rerank", json=big)
+    assert health == {"status": "ok", "model": False, "index": False, "device": "cpu"}
+    scores, order = rerank(query, docs, k=2)
+    assert r.status_code == 200, r.text
+    _check_same(r.json()["results"], (order.tolist(), scores.tolist()))
+    assert text.status_code == 422 and "no model to encode texts" in text.json()["error"]
+    assert encode.status_code == 404 and "--model" in encode.json()["error"]
+    assert too_big.status_code == 413
+
+
+def test_the_service_runs_on_one_device(model):
+    # meta stands in for a second device on a CPU-only machine.
+    with pytest.raises(ValueError, match="the model is on cpu, device is on meta"):
+        create_app(model, device="meta")
+    assert create_app(None, device="meta").state.device == torch.device("meta")
+    assert create_app(model).state.device == torch.device("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rerank_on_a_cuda_model_equals_cpu(model):
+    import copy
+
+    on_gpu = copy.deepcopy(model).to("cuda")
+    query, docs = _embeddings(model.output_dim, 6, 4)
+    bodies = [{"query": "wing lift", "documents": DOCS, "top_n": 3}, _embedding_body(query, docs)]
+    answers = {}
+    for name, m in (("cpu", model), ("cuda", on_gpu)):
+        with _Server(create_app(m, config=ServeConfig(batch_window_ms=50))) as url:
+            assert httpx.get(f"{url}/healthz").json()["device"] == ("cuda:0" if name == "cuda" else "cpu")
+            with ThreadPoolExecutor(2) as pool:
+                answers[name] = list(
+                    pool.map(lambda b: httpx.post(f"{url}/v1/rerank", json=b).json(), bodies)
+                )
+    for cpu, gpu in zip(answers["cpu"], answers["cuda"], strict=True):
+        scores = [r["relevance_score"] for r in cpu["results"]]
+        _check_same(gpu["results"], ([r["index"] for r in cpu["results"]], scores))

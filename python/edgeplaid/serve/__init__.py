@@ -1,30 +1,41 @@
-"""edgeplaid as an HTTP service (FastAPI + uvicorn): ``edgeplaid serve --model M [--index DIR]``."""
+"""edgeplaid as an HTTP service (FastAPI + uvicorn):
+``edgeplaid serve [--model M] [--index DIR] [--device cuda]``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from edgeplaid.serve.app import ServeConfig, create_app
+from edgeplaid.serve.app import EmbeddingJob, ServeConfig, create_app, service_device
 from edgeplaid.serve.batcher import MicroBatcher, Overloaded
 
-__all__ = ["MicroBatcher", "Overloaded", "ServeConfig", "create_app", "serve"]
+__all__ = [
+    "EmbeddingJob",
+    "MicroBatcher",
+    "Overloaded",
+    "ServeConfig",
+    "create_app",
+    "serve",
+    "service_device",
+]
 
 
 def serve(args: argparse.Namespace) -> None:
-    """Loads the model (and index), then serves until SIGTERM/SIGINT; in-flight requests are
-    answered before the process exits (uvicorn's graceful shutdown)."""
+    """Loads the model (and index) on ``args.device``, then serves until SIGTERM/SIGINT;
+    in-flight requests are answered before the process exits (uvicorn's graceful shutdown).
+    Without ``args.model`` only ``/v1/rerank``'s embedding form is served."""
     import uvicorn
 
     from edgeplaid.model import load_model
 
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
-    model = load_model(args.model, log=log)
+    device = getattr(args, "device", "cpu")
+    model = load_model(args.model, device=device, log=log) if args.model else None
     index = None
     if args.index:
         from edgeplaid.index import Index
 
-        index = Index.load(args.index)
+        index = Index.load(args.index, device=device)
     config = ServeConfig(
         batch_window_ms=args.batch_window_ms,
         max_batch=args.max_batch,
@@ -34,7 +45,7 @@ def serve(args: argparse.Namespace) -> None:
         api_key=args.api_key or None,
     )
     uvicorn.run(
-        create_app(model, index, config),
+        create_app(model, index, config, device=device),
         host=args.host,
         port=args.port,
         log_level="warning" if args.quiet else "info",
