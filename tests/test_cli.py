@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from edgeplaid.cli import main
 from edgeplaid.model._testing import build_bert_colbert, minilm_dir
@@ -65,7 +66,9 @@ def test_index_search_info_rerank_eval(capsys, tmp_path, model_dir, dataset):
     )
     assert code == 0 and json.loads(text)["documents"] == 60
 
-    code, text, _ = run(capsys, "search", str(out), "wing lift", "--k", "5", "--quiet", "--json")
+    code, text, _ = run(
+        capsys, "search", str(out), "wing lift", "--k", "5", "--device", "cpu", "--quiet", "--json"
+    )
     results = json.loads(text)["results"]["1"]
     assert code == 0 and len(results) == 5 and all(d.startswith("d") for d in results)
 
@@ -100,6 +103,8 @@ def test_index_search_info_rerank_eval(capsys, tmp_path, model_dir, dataset):
         str(dataset / "corpus.jsonl"),
         "--k",
         "4",
+        "--device",
+        "cpu",
         "--quiet",
         "--json",
     )
@@ -108,7 +113,18 @@ def test_index_search_info_rerank_eval(capsys, tmp_path, model_dir, dataset):
     assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
 
     code, text, _ = run(
-        capsys, "eval", str(dataset), "--model", model_dir, "--k", "10", "--exhaustive", "--quiet", "--json"
+        capsys,
+        "eval",
+        str(dataset),
+        "--model",
+        model_dir,
+        "--k",
+        "10",
+        "--exhaustive",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--json",
     )
     report = json.loads(text)
     assert code == 0 and set(report["metrics"]) == {"nDCG@10", "RR@10", "R@100"}
@@ -162,3 +178,93 @@ def test_k_must_be_positive(tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and "expected a positive integer, got 0" in proc.stderr
+
+
+DEVICE_COMMANDS = [
+    ["search", "{tmp}", "q"],
+    ["rerank", "--model", "m", "--query", "q", "--docs", "{tmp}/d.jsonl"],
+    ["eval", "{tmp}", "--model", "m"],
+    ["demo"],
+    ["serve", "--model", "m"],
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("argv", DEVICE_COMMANDS, ids=lambda a: a[0])
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_a_cuda_device_without_cuda_is_one_line(capsys, tmp_path, argv, device):
+    code, _, err = run(capsys, *(a.format(tmp=tmp_path) for a in argv), "--device", device)
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"edgeplaid: error: --device {device}: CUDA is not available here "
+        f"({'a CPU-only build of torch' if torch.version.cuda is None else 'no CUDA device visible'}); "
+        "use --device cpu"
+    ]
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "CPU", "cuda:-1"])
+def test_a_misspelt_device_is_one_line(capsys, tmp_path, device):
+    code, _, err = run(capsys, "search", str(tmp_path), "q", "--device", device)
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"edgeplaid: error: --device: expected cpu, cuda or cuda:N, got {device!r}"
+    ]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_error_from_the_shell(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgeplaid.cli",
+            "rerank",
+            "--model",
+            "m",
+            "--query",
+            "q",
+            "--docs",
+            "d",
+            "--device",
+            "cuda:0",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("edgeplaid: error: --device cuda:0: CUDA")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_serve_takes_the_index_model_or_none(capsys, tmp_path, monkeypatch):
+    import edgeplaid.serve
+
+    seen = []
+    monkeypatch.setattr(edgeplaid.serve, "serve", seen.append)
+    (tmp_path / "encoder.json").write_text(json.dumps({"model": "the-index-model", "dim": 48}))
+    assert run(capsys, "serve", "--index", str(tmp_path), "--device", "cpu")[0] == 0
+    assert seen[-1].model == "the-index-model" and seen[-1].device == "cpu"
+    code, _, err = run(capsys, "serve")
+    assert code == 0 and seen[-1].model is None and "precomputed embeddings only" in err
+    code, _, err = run(capsys, "serve", "--index", str(tmp_path / "nowhere"))
+    assert code == 2 and "no such index directory" in err and len(seen) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rerank_and_search_on_cuda(capsys, tmp_path, model_dir, dataset):
+    out = tmp_path / "idx"
+    assert (
+        run(capsys, "index", str(dataset / "corpus.jsonl"), "--model", model_dir, "--out", str(out))[0] == 0
+    )
+    results = {}
+    for device in ("cpu", "cuda"):
+        code, text, _ = run(capsys, "search", str(out), "wing lift", "--k", "5", "--device", device, "--json")
+        assert code == 0
+        results[device] = json.loads(text)["results"]["1"]
+    assert list(results["cpu"]) == list(results["cuda"])
+    argv = ["rerank", "--model", model_dir, "--query", "heat", "--docs", str(dataset / "corpus.jsonl")]
+    ranked = {
+        d: json.loads(run(capsys, *argv, "--device", d, "--json")[1])["results"] for d in ("cpu", "cuda")
+    }
+    assert [r["id"] for r in ranked["cpu"][:5]] == [r["id"] for r in ranked["cuda"][:5]]

@@ -35,6 +35,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+def check_device(text: str) -> str:
+    """``text`` if it names a device this machine has: ``cpu``, ``cuda`` or ``cuda:N``."""
+    kind, colon, number = text.partition(":")
+    if text == "cpu":
+        return text
+    if kind != "cuda" or (colon and not number.isdigit()):
+        raise UserError(f"--device: expected cpu, cuda or cuda:N, got {text!r}")
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "a CPU-only build of torch" if torch.version.cuda is None else "no CUDA device visible"
+        raise UserError(f"--device {text}: CUDA is not available here ({build}); use --device cpu")
+    if colon and int(number) >= torch.cuda.device_count():
+        raise UserError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
 def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
     if args.json:
         print(json.dumps(payload, indent=1, default=str))
@@ -42,15 +59,16 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
         print(text)
 
 
-def _load_model(spec: str, quiet: bool, fallback: str | None = None) -> tuple[Any, str]:
-    """(model, the spec that loaded): ``fallback`` replaces a model that cannot be loaded."""
+def _load_model(spec: str, quiet: bool, fallback: str | None = None, device: str = "cpu") -> tuple[Any, str]:
+    """(model on ``device``, the spec that loaded): ``fallback`` replaces a model that cannot be
+    loaded."""
     import transformers.utils.logging
 
     from edgeplaid.model import load_model
 
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars, every load
     log = None if quiet else (lambda line: print(line, file=sys.stderr))
-    return load_model(spec, log=log, fallback=fallback, return_spec=True)
+    return load_model(spec, device=device, log=log, fallback=fallback, return_spec=True)
 
 
 def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
@@ -59,13 +77,13 @@ def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _load_index(directory: str) -> Any:
+def _load_index(directory: str, device: str = "cpu") -> Any:
     from edgeplaid.index import Index
 
     path = Path(directory)
     if not path.is_dir():
         raise UserError(f"{directory}: no such index directory")
-    return Index.load(path)
+    return Index.load(path, device=device)
 
 
 def _index_model(directory: str, override: str | None) -> str:
@@ -121,7 +139,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
     if (args.query is None) == (args.queries is None):
         raise UserError("give either a query text or --queries FILE")
-    index = _load_index(args.index)
+    index = _load_index(args.index, args.device)
     if args.query is not None:
         query_ids, texts = ["1"], [args.query]
     else:
@@ -130,14 +148,14 @@ def cmd_search(args: argparse.Namespace) -> None:
         )
         if not texts:
             raise UserError(f"{args.queries}: no queries")
-    model, _ = _load_model(_index_model(args.index, args.model), args.quiet)
+    model, _ = _load_model(_index_model(args.index, args.model), args.quiet, device=args.device)
     t0 = time.perf_counter()
     queries, mask = model.encode_queries(texts, show_progress_bar=not args.quiet)
     t_encode = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = index.search(queries, k=args.k, queries_mask=mask)
     t_search = time.perf_counter() - t0
-    run = to_run(query_ids, result.user_ids, result.scores.numpy())
+    run = to_run(query_ids, result.user_ids, result.scores.cpu().numpy())
     if args.out:
         write_trec(args.out, run)
     payload = {"encode_s": t_encode, "search_s": t_search, "results": run if not args.out else str(args.out)}
@@ -163,7 +181,7 @@ def cmd_rerank(args: argparse.Namespace) -> None:
         raise UserError(f"{args.docs}: no documents")
     if not args.query.strip():
         raise UserError("--query: the query is empty")
-    model, _ = _load_model(args.model, args.quiet)
+    model, _ = _load_model(args.model, args.quiet, device=args.device)
     scores, order = rerank(args.query, texts, k=args.k, model=model)
     ranked = [{"id": ids[i], "score": float(s)} for i, s in zip(order.tolist(), scores.tolist(), strict=True)]
     _emit(
@@ -201,7 +219,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from edgeplaid.eval.pipeline import evaluate_collection
 
     collection = load_beir(args.dataset, split=args.split, skip_bad_lines=args.skip_bad_lines)
-    model, _ = _load_model(args.model, args.quiet)
+    model, _ = _load_model(args.model, args.quiet, device=args.device)
     report = evaluate_collection(
         collection,
         model,
@@ -220,7 +238,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from edgeplaid.eval.pipeline import evaluate_collection
 
     collection = load_beir(CRANFIELD)
-    model, model_spec = _load_model(args.model or DEFAULT_MODEL, args.quiet, fallback=OFFLINE_MODEL)
+    model, model_spec = _load_model(
+        args.model or DEFAULT_MODEL, args.quiet, fallback=OFFLINE_MODEL, device=args.device
+    )
     report = evaluate_collection(
         collection, model, model_name=model_spec, k=100, exhaustive=True, progress=not args.quiet
     )
@@ -269,6 +289,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from edgeplaid.serve import serve
 
+    if args.index:
+        if not Path(args.index).is_dir():
+            raise UserError(f"{args.index}: no such index directory")
+        args.model = _index_model(args.index, args.model)
+    elif not args.model and not args.quiet:
+        print(
+            "edgeplaid: no --model: serving /v1/rerank with precomputed embeddings only",
+            file=sys.stderr,
+        )
     serve(args)
 
 
@@ -283,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object")
     common.add_argument("--quiet", action="store_true", help="no progress bars or notes on stderr")
+    on_device = argparse.ArgumentParser(add_help=False)
+    on_device.add_argument(
+        "--device", default="cpu", help="cpu (default), cuda or cuda:N: where the model and index run"
+    )
     bad_lines = argparse.ArgumentParser(add_help=False)
     bad_lines.add_argument(
         "--skip-bad-lines", action="store_true", help="warn about malformed JSONL lines and go on"
@@ -297,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_index)
 
-    p = sub.add_parser("search", parents=[common, bad_lines], help="search an index")
+    p = sub.add_parser("search", parents=[common, bad_lines, on_device], help="search an index")
     p.add_argument("index")
     p.add_argument("query", nargs="?", help="a query text")
     p.add_argument("--queries", help="queries.jsonl (_id, text) or a text file, one query a line")
@@ -306,14 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="override the model recorded with the index")
     p.set_defaults(fn=cmd_search)
 
-    p = sub.add_parser("rerank", parents=[common, bad_lines], help="rerank documents for one query")
+    p = sub.add_parser(
+        "rerank", parents=[common, bad_lines, on_device], help="rerank documents for one query"
+    )
     p.add_argument("--model", required=True)
     p.add_argument("--query", required=True)
     p.add_argument("--docs", required=True, help="documents .jsonl or a text file")
     p.add_argument("--k", type=positive_int, default=None)
     p.set_defaults(fn=cmd_rerank)
 
-    p = sub.add_parser("eval", parents=[common, bad_lines], help="evaluate on a BEIR-format directory")
+    p = sub.add_parser(
+        "eval", parents=[common, bad_lines, on_device], help="evaluate on a BEIR-format directory"
+    )
     p.add_argument("dataset")
     p.add_argument("--model", required=True)
     p.add_argument("--split", default="test")
@@ -322,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exhaustive", action="store_true", help="also exact MaxSim over every document")
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("demo", parents=[common], help="index and search the built-in Cranfield sample")
+    p = sub.add_parser(
+        "demo", parents=[common, on_device], help="index and search the built-in Cranfield sample"
+    )
     p.add_argument("--model", help="default: mxbai-edge-colbert-v0-17m if it loads, else the offline MiniLM")
     p.set_defaults(fn=cmd_demo)
 
@@ -335,8 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default="edgeplaid-bench.png", help="PNG plot path ('' for none)")
     p.set_defaults(fn=cmd_bench)
 
-    p = sub.add_parser("serve", parents=[common], help="HTTP reranking and search service")
-    p.add_argument("--model", required=True)
+    p = sub.add_parser("serve", parents=[common, on_device], help="HTTP reranking and search service")
+    p.add_argument(
+        "--model", help="default: the model recorded with --index; none: precomputed embeddings only"
+    )
     p.add_argument("--index")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -365,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         pass
     try:
+        if getattr(args, "device", None) is not None:
+            args.device = check_device(args.device)
         args.fn(args)
     except expected as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

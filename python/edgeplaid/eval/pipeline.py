@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from edgeplaid.eval.beir import Collection
 from edgeplaid.eval.metrics import DEFAULT_MEASURES, Run, evaluate, to_run
@@ -47,6 +48,7 @@ def evaluate_collection(
     index_dir: str | Path | None = None,
     exhaustive: bool = False,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> EvalReport:
     """Encodes the corpus with ``model`` (an :class:`edgeplaid.ColBERT`), builds a PLAID index
     (in ``index_dir``, or a temporary directory removed afterwards), searches every query
@@ -54,9 +56,12 @@ def evaluate_collection(
 
     With ``exhaustive=True`` the same queries also go through exact MaxSim over every document
     of the index, and the report gives those metrics and PLAID's recall@10 against them.
+
+    ``device``: where the index is searched (default: the model's device, where the queries are).
     """
     from edgeplaid.index import Index
 
+    device = torch.device(device) if device is not None else getattr(model, "device", torch.device("cpu"))
     report = EvalReport(collection.name, model_name, len(collection.doc_ids), 0, len(collection.query_ids), k)
     t0 = time.perf_counter()
     tokens, doclens = model.encode_documents(collection.doc_texts, show_progress_bar=progress)
@@ -69,6 +74,7 @@ def evaluate_collection(
         index = Index.build(path, tokens, doclens, nbits=nbits, ids=collection.doc_ids, progress=progress)
         report.timings["build_index"] = time.perf_counter() - t0
         report.index_bytes = index.nbytes()
+        index = index.to(device)  # built and loaded on the host; searched beside the queries
 
         t0 = time.perf_counter()
         queries, mask = model.encode_queries(collection.query_texts, show_progress_bar=progress)
@@ -76,16 +82,16 @@ def evaluate_collection(
         t0 = time.perf_counter()
         result = index.search(queries, k=k, queries_mask=mask)
         report.timings["search"] = time.perf_counter() - t0
-        report.run = to_run(collection.query_ids, result.user_ids, result.scores.numpy())
+        report.run = to_run(collection.query_ids, result.user_ids, result.scores.cpu().numpy())
         report.metrics = evaluate(report.run, collection.qrels, DEFAULT_MEASURES)
 
         if exhaustive:
             t0 = time.perf_counter()
             exact = index.search_exhaustive(queries, k=k, queries_mask=mask)
             report.timings["search_exhaustive"] = time.perf_counter() - t0
-            exact_run = to_run(collection.query_ids, exact.user_ids, exact.scores.numpy())
+            exact_run = to_run(collection.query_ids, exact.user_ids, exact.scores.cpu().numpy())
             report.exhaustive_metrics = evaluate(exact_run, collection.qrels, DEFAULT_MEASURES)
-            report.recall_vs_exhaustive = recall_at(result.ids.numpy(), exact.ids.numpy(), 10)
+            report.recall_vs_exhaustive = recall_at(result.ids.cpu().numpy(), exact.ids.cpu().numpy(), 10)
         del index  # release the memory maps before the scratch directory goes
     return report
 
