@@ -225,7 +225,12 @@ def test_sigterm_answers_the_requests_in_flight(model, tmp_path: Path):
         body = {"query": "wing lift", "documents": DOCS * 120}  # long enough to be in flight
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(httpx.post, f"{url}/v1/rerank", json=body, timeout=120)
-            time.sleep(0.3)
+            # SIGTERM once the batch is being scored (its size is recorded as it starts), not
+            # after a fixed sleep that a busy machine can outlast.
+            started = 'edgeplaid_batch_size_count{endpoint="rerank"} 1.0'
+            while started not in httpx.get(f"{url}/metrics", timeout=10).text:
+                assert not pending.done(), pending.result()
+                time.sleep(0.01)
             proc.send_signal(signal.SIGTERM)
             response = pending.result()
         assert response.status_code == 200 and len(response.json()["results"]) == len(DOCS) * 120
