@@ -170,6 +170,7 @@ py::array_t<float> maxsim_padded(const py::array& queries, const py::object& que
   const PaddedDocs d{docs.data(), parse_dtype(docs, dtype, "documents"),
                      mask_data(docs_mask, "documents_mask", nd, ld), nd, ld, q.dim};
   py::array_t<float> out({q.nq, nd});
+  if (out.size() == 0) return out;  // nothing to compute (a zero-sized axis): the kernels never see it
   float* o = out.mutable_data();
   KernelError err;
   {
@@ -190,6 +191,7 @@ py::array_t<float> maxsim_packed(const py::array& queries, const py::object& que
   const PackedDocs d{Rows{tokens.data(), parse_dtype(tokens, dtype, "doc_tokens"), tokens.shape(0), q.dim}, off, nd};
   const Candidates c = candidates_arg(candidates, q.nq, nd);
   py::array_t<float> out({q.nq, c.nc});
+  if (out.size() == 0) return out;  // nothing to compute (a zero-sized axis): the kernels never see it
   float* o = out.mutable_data();
   KernelError err;
   {
@@ -224,6 +226,7 @@ py::tuple centroid_scores(const py::array& queries, const py::object& queries_ma
     if (!scores.writeable()) fail("out: expected a writeable array");
   }
   py::array_t<int64_t> ids({q.nq, q.lq, n_probe});
+  if (scores.size() == 0) return py::make_tuple(scores, ids);  // no query token: nothing to compute
   float* s = scores.mutable_data();
   int64_t* i = ids.mutable_data();
   KernelError err;
@@ -254,6 +257,7 @@ py::array decompress_residuals(const py::array& codes, const py::array& residual
   } else {
     fail("out_dtype: expected float32, float16 or bfloat16, got '" + out_dtype + "'");
   }
+  if (out.size() == 0) return out;  // nothing to compute (a zero-sized axis): the kernels never see it
   void* o = out.mutable_data();
   KernelError err;
   {
@@ -277,6 +281,7 @@ py::array_t<float> fused_decompress_maxsim(const py::array& queries, const py::o
   const int64_t* off = offsets_arg(offsets, &nd);
   const Candidates c = candidates_arg(candidates, q.nq, nd);
   py::array_t<float> out({q.nq, c.nc});
+  if (out.size() == 0) return out;  // nothing to compute (a zero-sized axis): the kernels never see it
   float* o = out.mutable_data();
   KernelError err;
   {
@@ -305,6 +310,7 @@ py::array_t<float> centroid_interaction(const py::array& scores, const py::objec
     thr_ptr = &thr;
   }
   py::array_t<float> out({nq, c.nc});
+  if (out.size() == 0) return out;  // nothing to compute (a zero-sized axis): the kernels never see it
   float* o = out.mutable_data();
   KernelError err;
   {
@@ -370,6 +376,7 @@ py::array_t<float> fused_decompress_maxsim_codes(const py::array& queries, const
   const int64_t* off = offsets_arg(offsets, &nd);
   const Candidates c = candidates_arg(candidates, q.nq, nd);
   py::array_t<float> out({q.nq, c.nc});
+  if (out.size() == 0) return out;  // nothing to compute (a zero-sized axis): the kernels never see it
   float* o = out.mutable_data();
   KernelError err;
   const bool int8 = precision == "int8";

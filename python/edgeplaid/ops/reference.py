@@ -129,7 +129,7 @@ def unpack_residuals(residuals: torch.Tensor, nbits: int) -> torch.Tensor:
     """
     shifts = torch.arange(0, 8, nbits, device=residuals.device)
     buckets = (residuals.long()[..., None] >> shifts) & ((1 << nbits) - 1)
-    return buckets.reshape(residuals.shape[0], -1)
+    return buckets.reshape(residuals.shape[0], residuals.shape[1] * (8 // nbits))
 
 
 def pack_residuals(buckets: torch.Tensor, nbits: int) -> torch.Tensor:
