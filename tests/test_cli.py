@@ -178,6 +178,102 @@ def test_k_must_be_positive(tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and "expected a positive integer, got 0" in proc.stderr
+    # One line, as every other error (argparse printed the usage block first).
+    assert proc.stderr.strip().splitlines() == [
+        "edgeplaid: error: argument --k: expected a positive integer, got 0 (see edgeplaid search -h)"
+    ]
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory: pytest.TempPathFactory, model_dir: str, dataset: Path) -> Path:
+    out = tmp_path_factory.mktemp("cli-index") / "idx"
+    assert (
+        main(["index", str(dataset / "corpus.jsonl"), "--model", model_dir, "--out", str(out), "--quiet"])
+        == 0
+    )
+    return out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # A lone surrogate (a JSON \udfff escape) in the corpus: named with its line.
+        (["index", "{tmp}/surrogate.jsonl", "--model", "{model}", "--out", "{tmp}/o"], "surrogate.jsonl:2:"),
+        # Bytes that are not UTF-8 on a line: that line named.
+        (["index", "{tmp}/latin1.jsonl", "--model", "{model}", "--out", "{tmp}/o"], "latin1.jsonl:2: "),
+        # --out checked before the model is even loaded (the model here does not exist).
+        (
+            ["index", "{tmp}/ok.jsonl", "--model", "{tmp}/nomodel", "--out", "{tmp}/afile/o"],
+            "afile is not a directory",
+        ),
+        (
+            ["index", "{tmp}/ok.jsonl", "--model", "{tmp}/nomodel", "--out", "/proc/edgeplaid-no/o"],
+            "--out /proc/edgeplaid-no/o: cannot write in /proc",
+        ),
+        (["search", "{index}", "wing", "--k", str(2**40)], "at most 100,000, got 1099511627776"),
+        (
+            ["rerank", "--model", "{model}", "--query", "q", "--docs", "{tmp}/ok.jsonl", "--k", str(2**40)],
+            "--k",
+        ),
+        (["search", "{index}", "--queries", "{tmp}/ok.jsonl", "--out", "{tmp}"], "is a directory"),
+        (["search", "{tmp}/no-model-index", "wing"], 'encoder.json: no "model"'),
+        (["search", "{tmp}/list-encoder-index", "wing"], "encoder.json: expected a JSON object"),
+        (["search", "{index}", "wing \udcff"], "query: not valid UTF-8"),
+        (["search", "{index}", "wing", "--mode", "x"], "unrecognized arguments: --mode x"),
+    ],
+)
+def test_hostile_input_is_one_line(capsys, tmp_path, model_dir, index_dir, argv, message):
+    import shutil
+
+    (tmp_path / "surrogate.jsonl").write_text(
+        '{"_id": "a", "text": "x"}\n{"_id": "b", "text": "y \\udfff"}\n'
+    )
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"_id": "a", "text": "x"}\n{"_id": "b", "text": "caf\xe9"}\n')
+    (tmp_path / "ok.jsonl").write_text('{"_id": "a", "text": "x"}\n')
+    (tmp_path / "afile").write_text("a file, not a directory")
+    for name, encoder, manifest in (
+        ("no-model-index", {"dim": 48}, None),
+        ("list-encoder-index", [], None),
+        ("list-manifest-index", None, []),
+    ):
+        shutil.copytree(index_dir, tmp_path / name)
+        if encoder is not None:
+            (tmp_path / name / "encoder.json").write_text(json.dumps(encoder))
+        if manifest is not None:
+            (tmp_path / name / "manifest.json").write_text(json.dumps(manifest))
+    argv = [a.format(tmp=tmp_path, model=model_dir, index=index_dir) for a in argv]
+    try:
+        code, _, err = run(capsys, *argv)
+    except SystemExit as exc:  # argparse's errors exit from parse_args
+        code, err = exc.code, capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("edgeplaid: error: ") and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_skip_bad_lines_skips_a_line_that_is_not_utf8(capsys, tmp_path, model_dir):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_bytes(
+        b'{"_id": "a", "text": "wing"}\n{"_id": "x", "text": "caf\xe9"}\n{"_id": "b", "text": "heat"}\n'
+    )
+    lines = tmp_path / "c.txt"  # the plain-text form, one document a line
+    lines.write_bytes(b"wing lift\n\xff\xfe\nheat flow\n")
+    for path, n in ((corpus, 2), (lines, 2)):
+        with pytest.warns(UserWarning, match=rf"{path.name}:2: .*not valid UTF-8.*skipped"):
+            code, text, _ = run(
+                capsys,
+                "index",
+                str(path),
+                "--model",
+                model_dir,
+                "--out",
+                str(tmp_path / path.suffix[1:]),
+                "--skip-bad-lines",
+                "--json",
+                "--quiet",
+            )
+        assert code == 0 and json.loads(text)["documents"] == n
 
 
 DEVICE_COMMANDS = [

@@ -35,6 +35,29 @@ def positive_int(text: str) -> int:
     return value
 
 
+MAX_K = 100_000  # results are dense (n_queries, k) arrays: 2**40 would ask for terabytes
+
+
+def k_value(text: str) -> int:
+    """--k: a positive integer up to MAX_K."""
+    value = positive_int(text)
+    if value > MAX_K:
+        raise argparse.ArgumentTypeError(f"expected a positive integer of at most {MAX_K:,}, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with no abbreviated options (``--mode`` must not be read as ``--model``) and a
+    usage error as the one line every other error is (the full usage is one ``-h`` away)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"edgeplaid: error: {message} (see {self.prog} -h)\n")
+
+
 def check_device(text: str) -> str:
     """``text`` if it names a device this machine has: ``cpu``, ``cuda`` or ``cuda:N``."""
     kind, colon, number = text.partition(":")
@@ -92,7 +115,64 @@ def _index_model(directory: str, override: str | None) -> str:
     path = Path(directory) / ENCODER_FILE
     if not path.is_file():
         raise UserError(f"{directory}: the index does not say which model encoded it: pass --model")
-    return str(json.loads(path.read_text(encoding="utf-8"))["model"])
+    model = _read_encoder(path).get("model")
+    if not isinstance(model, str) or not model:
+        raise UserError(f'{path}: no "model" (which model encoded the index): pass --model')
+    return model
+
+
+def _read_encoder(path: Path) -> dict[str, Any]:
+    """encoder.json as a dict; UserError naming the file when it is not a JSON object."""
+    try:
+        encoder = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: unreadable ({e})") from None
+    if not isinstance(encoder, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(encoder).__name__}")
+    return encoder
+
+
+def _check_out_dir(out: Path) -> None:
+    """Before minutes of encoding: ``out`` (an index directory to create) can be created, by
+    trying it: its nearest existing ancestor is a directory where a directory can be made."""
+    import tempfile
+
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--out {out}: {parent} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".edgeplaid-probe-", dir=parent))
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write in {parent} ({e.strerror or e})") from None
+
+
+def _check_out_file(out: Path) -> None:
+    """Before encoding: ``out`` (a file to write) is not a directory and its directory exists
+    and takes a new file."""
+    import tempfile
+
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a directory; give a file path")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise UserError(f"--out {out}: {parent} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".edgeplaid-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write in {parent} ({e.strerror or e})") from None
+
+
+def _check_text_arg(text: str, name: str) -> None:
+    """A text from the command line: bytes that are not UTF-8 arrive as lone surrogates, which
+    neither the tokenizer nor any output can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{name}: not valid UTF-8 text") from None
 
 
 # ---------------------------------------------------------------------------- commands
@@ -105,6 +185,7 @@ def cmd_index(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UserError(f"{out}: exists; pass --overwrite to replace it")
+    _check_out_dir(out)  # before minutes of encoding
     ids, texts = drop_empty(*read_texts(args.corpus, skip_bad_lines=args.skip_bad_lines))
     if not texts:
         raise UserError(f"{args.corpus}: the corpus is empty")
@@ -139,8 +220,11 @@ def cmd_search(args: argparse.Namespace) -> None:
 
     if (args.query is None) == (args.queries is None):
         raise UserError("give either a query text or --queries FILE")
+    if args.out:  # before loading and encoding anything
+        _check_out_file(Path(args.out))
     index = _load_index(args.index, args.device)
     if args.query is not None:
+        _check_text_arg(args.query, "query")
         query_ids, texts = ["1"], [args.query]
     else:
         query_ids, texts = drop_empty(
@@ -181,6 +265,7 @@ def cmd_rerank(args: argparse.Namespace) -> None:
         raise UserError(f"{args.docs}: no documents")
     if not args.query.strip():
         raise UserError("--query: the query is empty")
+    _check_text_arg(args.query, "--query")
     model, _ = _load_model(args.model, args.quiet, device=args.device)
     scores, order = rerank(args.query, texts, k=args.k, model=model)
     ranked = [{"id": ids[i], "score": float(s)} for i, s in zip(order.tolist(), scores.tolist(), strict=True)]
@@ -265,7 +350,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         "files": files,
         "bytes": sum(files.values()),
         "bytes_per_token": sum(files.values()) / max(index.n_tokens, 1),
-        "encoder": json.loads(encoder.read_text(encoding="utf-8")) if encoder.is_file() else None,
+        "encoder": _read_encoder(encoder) if encoder.is_file() else None,
     }
     lines = [
         f"{args.index}: format {index.manifest.get('format_version')}, {index.n_docs:,} documents, "
@@ -274,7 +359,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     ]
     lines += [f"  {name:<28} {size:>14,} B" for name, size in files.items()]
     if payload["encoder"]:
-        lines.append(f"  encoder: {payload['encoder']['model']}")
+        lines.append(f"  encoder: {payload['encoder'].get('model', '(no model recorded)')}")
     _emit(args, payload, "\n".join(lines))
 
 
@@ -305,18 +390,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="edgeplaid",
         description="Late-interaction (ColBERT) retrieval with PLAID indexes and fused kernels.",
     )
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object")
     common.add_argument("--quiet", action="store_true", help="no progress bars or notes on stderr")
-    on_device = argparse.ArgumentParser(add_help=False)
+    on_device = _Parser(add_help=False)
     on_device.add_argument(
         "--device", default="cpu", help="cpu (default), cuda or cuda:N: where the model and index run"
     )
-    bad_lines = argparse.ArgumentParser(add_help=False)
+    bad_lines = _Parser(add_help=False)
     bad_lines.add_argument(
         "--skip-bad-lines", action="store_true", help="warn about malformed JSONL lines and go on"
     )
@@ -334,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index")
     p.add_argument("query", nargs="?", help="a query text")
     p.add_argument("--queries", help="queries.jsonl (_id, text) or a text file, one query a line")
-    p.add_argument("--k", type=positive_int, default=10)
+    p.add_argument("--k", type=k_value, default=10, help=f"results per query (at most {MAX_K:,})")
     p.add_argument("--out", help="write a TREC run file instead of printing")
     p.add_argument("--model", help="override the model recorded with the index")
     p.set_defaults(fn=cmd_search)
@@ -345,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--query", required=True)
     p.add_argument("--docs", required=True, help="documents .jsonl or a text file")
-    p.add_argument("--k", type=positive_int, default=None)
+    p.add_argument("--k", type=k_value, default=None)
     p.set_defaults(fn=cmd_rerank)
 
     p = sub.add_parser(
@@ -354,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset")
     p.add_argument("--model", required=True)
     p.add_argument("--split", default="test")
-    p.add_argument("--k", type=positive_int, default=100)
+    p.add_argument("--k", type=k_value, default=100)
     p.add_argument("--nbits", type=int, choices=(1, 2, 4, 8), default=4)
     p.add_argument("--exhaustive", action="store_true", help="also exact MaxSim over every document")
     p.set_defaults(fn=cmd_eval)
@@ -398,7 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *rest, **kw: f"edgeplaid: warning: {message}\n"
     from edgeplaid.eval.beir import DataError
 
-    expected: tuple[type[BaseException], ...] = (UserError, DataError, ValueError, FileNotFoundError)
+    # OSError: the file system's answer (permission, full disk, not a directory...), one line too.
+    expected: tuple[type[BaseException], ...] = (UserError, DataError, ValueError, OSError)
     try:
         from edgeplaid.index import IndexFormatError
 

@@ -33,15 +33,29 @@ class Collection:
     qrels: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
+def _is_unicode(text: str) -> bool:
+    """False for a str holding a lone surrogate (undecodable bytes read with surrogateescape, or
+    a JSON \\udXXX escape): the tokenizer, UTF-8 output and the service cannot take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _records(path: Path, skip_bad_lines: bool) -> Iterator[tuple[int, dict]]:
     """(line number, object) of every non-empty line of a JSONL file."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
+    # surrogateescape: a line that is not UTF-8 is one bad line (named, skippable), not an error
+    # that ends the whole read.
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
+                if not _is_unicode(line):
+                    raise ValueError("not valid UTF-8")
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     raise ValueError(f"expected a JSON object, got {type(record).__name__}")
@@ -62,6 +76,9 @@ def _text_record(path: Path, number: int, record: dict, with_title: bool) -> tup
     title = record.get("title", "") if with_title else ""
     if not isinstance(text, str) or not isinstance(title, str):
         raise DataError(f"{path}:{number}: 'text' and 'title' must be strings")
+    for name, value in (("_id", str(doc_id)), ("title", title), ("text", text)):
+        if not _is_unicode(value):  # a JSON \udfff escape decodes to a lone surrogate
+            raise DataError(f"{path}:{number}: '{name}' holds a lone surrogate: not valid Unicode text")
     return str(doc_id), f"{title} {text}".strip() if title else text
 
 
@@ -91,9 +108,14 @@ def read_texts(
     else:
         if not path.is_file():
             raise DataError(f"{path}: no such file")
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8", errors="surrogateescape") as f:
             for number, line in enumerate(f, 1):
-                if line.strip():
+                if line.strip() and not _is_unicode(line):
+                    message = f"{path}:{number}: not valid UTF-8"
+                    if not skip_bad_lines:
+                        raise DataError(message + "; --skip-bad-lines skips such lines")
+                    warnings.warn(message + "; skipped", stacklevel=2)
+                elif line.strip():
                     ids.append(str(number))
                     texts.append(line.rstrip("\n"))
     seen: set[str] = set()
