@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _index_tools import copy_index, edit_manifest
 
 from _plaid_data import corpus
 from edgeplaid import Index, IndexFormatError
-from edgeplaid.index import _build
+from edgeplaid.index import FORMAT_VERSION, _build
 from edgeplaid.index._codec import num_centroids, pack_buckets
 from edgeplaid.ops import reference
 
@@ -59,7 +60,7 @@ def test_roundtrip(built, data):
     assert isinstance(idx._residuals_array, np.memmap)
     # on disk: int32 codes, packed residuals, int32 doclens, CSR IVF
     m = json.loads((built.path / "manifest.json").read_text())
-    assert m["format_version"] == 2
+    assert m["format_version"] == FORMAT_VERSION and m["manifest_checksum"].startswith("blake2b:")
     assert m["arrays"]["codes"]["dtype"] == "<u2"  # <= 65,536 centroids
     assert m["arrays"]["centroids"]["dtype"] == "<f2"
     assert m["arrays"]["residuals"]["shape"] == [tokens.shape[0], 24]
@@ -145,11 +146,7 @@ def test_existing_path_is_kept_unless_overwrite(tmp_path, data):
     assert [p.name for p in tmp_path.iterdir()] == ["i"]
 
 
-def _copy(src: Path, dst: Path) -> Path:
-    dst.mkdir()
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    return dst
+_copy = copy_index
 
 
 def test_truncated_file_raises(tmp_path, built):
@@ -177,9 +174,11 @@ def test_corrupt_bytes_fail_verification(tmp_path, built):
     raw = bytearray((p / "residuals.bin").read_bytes())
     raw[10] ^= 0xFF
     (p / "residuals.bin").write_bytes(bytes(raw))
-    Index.load(p)  # sizes are right: loads without verify
+    Index.load(p, verify=False)  # sizes and structure are right: loads without checksums
     with pytest.raises(IndexFormatError, match="checksum"):
         Index.load(p, verify=True)
+    with pytest.raises(IndexFormatError, match="checksum"):
+        Index.load(p)  # a small index: the default load verifies every checksum
 
 
 @pytest.mark.parametrize(
@@ -194,9 +193,7 @@ def test_corrupt_bytes_fail_verification(tmp_path, built):
 )
 def test_mismatched_manifest_raises(tmp_path, built, edit, match):
     p = _copy(built.path, tmp_path / "mm")
-    m = json.loads((p / "manifest.json").read_text())
-    edit(m)
-    (p / "manifest.json").write_text(json.dumps(m))
+    edit_manifest(p, edit)  # re-signed: the schema must catch it
     with pytest.raises(IndexFormatError, match=match):
         Index.load(p)
 
@@ -222,10 +219,10 @@ def test_garbage_manifest_and_corrupt_codes(tmp_path, built):
     codes = np.fromfile(p / "codes.bin", dtype=built.manifest["arrays"]["codes"]["dtype"])
     codes[3] = 60000
     codes.tofile(p / "codes.bin")
-    with pytest.raises(IndexFormatError, match="checksum"):
+    with pytest.raises(IndexFormatError, match=r"codes outside|checksum"):
         Index.load(p, verify=True)
-    with pytest.raises(ValueError, match="code"):  # the kernels check every code they read
-        Index.load(p).search_exhaustive(torch.randn(1, 3, 48))
+    with pytest.raises(IndexFormatError, match="codes outside"):  # the load-time scan
+        Index.load(p, verify=False)
     (p / "manifest.json").write_text("{not json")
     with pytest.raises(IndexFormatError, match="unreadable"):
         Index.load(p)
@@ -246,7 +243,7 @@ def test_bad_build_input(tmp_path, data):
 def _as_version_1(path: Path) -> None:
     """Rewrites an index as edgeplaid's format_version 1 wrote it: no inv_norm."""
     m = json.loads((path / "manifest.json").read_text())
-    del m["arrays"]["inv_norm"]
+    del m["arrays"]["inv_norm"], m["manifest_checksum"]
     m["format_version"] = 1
     (path / "manifest.json").write_text(json.dumps(m))
     os.remove(path / "inv_norm.bin")
@@ -275,7 +272,7 @@ def test_version_1_index_loads_searches_identically_and_upgrades(tmp_path, built
         assert torch.equal(a.ids, b.ids) and torch.equal(a.scores, b.scores)
     assert old.upgrade() is True and old.upgrade() is False
     m = json.loads((p / "manifest.json").read_text())
-    assert m["format_version"] == 2 and "inv_norm" in m["arrays"]
+    assert m["format_version"] == FORMAT_VERSION and "inv_norm" in m["arrays"]
     new = Index.load(p, verify=True)  # no warning, checksums hold
     assert torch.equal(new.inv_norm, built.inv_norm)
     assert torch.equal(new.search(q, k=5).ids, built.search(q, k=5).ids)
@@ -286,21 +283,21 @@ def test_missing_or_corrupt_inv_norm_is_an_error(tmp_path, built):
     os.remove(p / "inv_norm.bin")
     with pytest.raises(IndexFormatError, match=r"missing file inv_norm\.bin"):
         Index.load(p)
-    m = json.loads((p / "manifest.json").read_text())
-    del m["arrays"]["inv_norm"]
-    (p / "manifest.json").write_text(json.dumps(m))
+    edit_manifest(p, lambda m: m["arrays"].pop("inv_norm"))
     with pytest.raises(IndexFormatError, match="lacks inv_norm"):
         Index.load(p)
-    # corrupt values: a NaN / zero / negative inv_norm is rejected by the kernels, never scored
+    # corrupt values: a NaN / zero / negative inv_norm is rejected at load (and by the kernels)
     q = torch.nn.functional.normalize(torch.randn(2, 6, 48), dim=-1)
     for bad in (float("nan"), 0.0, -1.0):
         c = _copy(built.path, tmp_path / f"bad{bad}")
         raw = np.fromfile(c / "inv_norm.bin", dtype="<f4")
         raw[:] = bad
         raw.tofile(c / "inv_norm.bin")
-        with pytest.raises(IndexFormatError, match="checksum"):
+        with pytest.raises(IndexFormatError, match=r"inv_norm values|checksum"):
             Index.load(c, verify=True)
-        idx = Index.load(c)
+        with pytest.raises(IndexFormatError, match="inv_norm values are not positive"):
+            Index.load(c, verify=False)
+        idx = Index(c, json.loads((c / "manifest.json").read_text()), True)  # no load-time checks
         for precision in ("int8", "exact"):
             with pytest.raises(ValueError, match="inv_norm: token"):
                 idx.search(q, k=3, precision=precision)

@@ -12,7 +12,15 @@ import numpy as np
 import torch
 
 from edgeplaid.index import _build, _codec
-from edgeplaid.index._storage import IndexFormatError, add_array, open_array, read_manifest, verify_checksums
+from edgeplaid.index._checks import open_checked
+from edgeplaid.index._storage import (
+    FORMAT_VERSION,
+    IndexFormatError,
+    changed,
+    open_array,
+    rewrite_index,
+    verify_checksums,
+)
 from edgeplaid.ops import bundles
 from edgeplaid.search._plaid import Ivf, PlaidSearcher, SearchParams, resolve_params
 
@@ -132,22 +140,25 @@ class Index:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, mmap: bool = True, verify: bool = False, *, device: Any = "cpu"
+        cls, path: str | os.PathLike, mmap: bool = True, verify: bool | None = None, *, device: Any = "cpu"
     ) -> Index:
         """Opens the index at ``path``.
 
-        Always checks the manifest (format, version, dims, counts) and every file's size against it;
-        with ``verify=True`` also every file's checksum (reads the whole index). Raises
-        :class:`IndexFormatError` on a truncated, corrupt or mismatched index.
+        Always checks the manifest (its own checksum, a schema: keys, types, ranges, arrays), opens
+        only regular files of the directory and checks their sizes first, and scans every array
+        but the residuals once for what a search relies on (finite centroids and weights, codes
+        below the centroid count, positive finite inv_norm, monotone doc and IVF offsets, IVF
+        positions below n_docs). Checksums: ``verify=None`` (default) checks every array's while
+        the index is at most 1 GiB (``edgeplaid.index._checks.AUTO_VERIFY_BYTES``), above it all
+        but the residuals' (those the scan reads anyway); ``verify=True`` every one (reads the
+        whole index); ``verify=False`` none. Raises :class:`IndexFormatError` on a truncated,
+        corrupt or mismatched index. Leftovers of a killed writer are cleaned up first.
         With ``mmap=True`` the codes, the residuals and the IVF are memory-mapped (the kernels
         read them in place). ``device`` ("cpu", "cuda", "cuda:N" or a torch.device) is where the
         index searches: on a GPU its arrays are copied there once (see :meth:`to`).
         """
         p = Path(path)
-        manifest = read_manifest(p)
-        if verify:
-            verify_checksums(p, manifest)
-        index = cls(p, manifest, mmap)
+        index = open_checked(p, mmap, verify, lambda manifest: cls(p, manifest, mmap))
         return index.to(device)
 
     def to(self, device: Any) -> Index:
@@ -184,18 +195,38 @@ class Index:
         return self
 
     def upgrade(self) -> bool:
-        """Moves an index written by an older edgeplaid to the current format in place, adding what
-        it lacks (format_version 1: the per-token inv_norm, computed from the codes). Returns
-        whether anything was written; crash-safe (see :func:`edgeplaid.index._storage.add_array`)."""
-        if "inv_norm" in self.manifest["arrays"]:
+        """Moves an index written by an older edgeplaid to the current format, adding what it
+        lacks (format_version 1: the per-token inv_norm, computed from the codes; 1 and 2: the
+        manifest's own checksum), and reopens it. Returns whether anything was written. No file
+        is modified in place: a new version of the directory (unchanged arrays hard-linked) is
+        switched in atomically, as every write is (see :mod:`edgeplaid.index._storage`)."""
+        if int(self.manifest["format_version"]) >= FORMAT_VERSION:
             return False
-        self.manifest = add_array(self.path, self.manifest, "inv_norm", self.inv_norm.numpy())
-        self._open(self.mmap)
+        add = {}
+        if "inv_norm" not in self.manifest["arrays"]:
+            add["inv_norm"] = self.inv_norm.cpu().numpy()
+        rewrite_index(self.path, self.manifest, add)
+        self.refresh()
         return True
 
     def verify(self) -> None:
         """Checks every file's checksum against the manifest (IndexFormatError on a mismatch)."""
         verify_checksums(self.path, self.manifest)
+
+    def refresh(self) -> bool:
+        """Reopens the index if the one at its path changed since it was loaded (overwritten,
+        upgraded, or a file modified in place by another program); returns whether it did.
+
+        edgeplaid never modifies an index file in place, so an index another process replaces
+        keeps searching its old files until refreshed. A file modified in place by something
+        else would fault its memory map (SIGBUS) at the next search: refresh detects it (inode,
+        size, mtime) and reloads, raising IndexFormatError if the files are now inconsistent;
+        do not search an index whose refresh raised."""
+        if not changed(self.path, self.manifest):
+            return False
+        fresh = type(self).load(self.path, mmap=self.mmap, device=self.device)
+        self.__dict__.update(fresh.__dict__)
+        return True
 
     def _open(self, mmap: bool) -> None:
         p, m = self.path, self.manifest

@@ -2,8 +2,9 @@
 
 Layout of an index directory::
 
-    manifest.json        {"format": "edgeplaid-plaid", "format_version": 2, "dim", "nbits", counts,
-                          "arrays": {name: {"file", "dtype", "shape", "nbytes", "checksum"}}, ...}
+    manifest.json        {"format": "edgeplaid-plaid", "format_version": 3, "dim", "nbits", counts,
+                          "ids", "build", "arrays": {name: {"file", "dtype", "shape", "nbytes",
+                          "checksum"}}, "manifest_checksum": "blake2b:..."}
     centroids.bin        (n_centroids, dim) <f2 (fp16, as colbert-ai; widened to fp32 on load)
     avg_residual.bin     (1,) <f4
     bucket_cutoffs.bin   (2**nbits - 1,) <f4
@@ -17,32 +18,58 @@ Layout of an index directory::
     ids.bin              (n_docs,) <i8              only when the user gave int ids
     ids_str.bin, ids_str_offsets.bin                utf-8 bytes + (n_docs + 1,) <i8, for str ids
 
-Every array file is raw little-endian data, nothing else, so it maps with ``numpy.memmap``. Writes
-are atomic: the directory is written beside its destination, every file fsynced, then renamed into
-place. On load the manifest and every file's size are always checked (cheap); the checksums
-(xxh64 when ``xxhash`` is installed, else blake2b) are verified only on request
-(``verify=True`` / :meth:`Index.verify`), because hashing a multi-GB memory map on every load
-would read all of it and defeat the map.
+Every array file is raw little-endian data, nothing else, so it maps with ``numpy.memmap``.
+
+Reading. The manifest is bounded in size, covered by its own checksum (format_version 3; older
+manifests have none and are read as legacy) and validated by a schema (:func:`validate_manifest`:
+known keys, types, ranges, the arrays each version and ids kind needs, their dtypes, shapes,
+sizes, plain file names). Every file is opened relative to one open descriptor of the index
+directory (so a concurrent replacement of the directory cannot mix two versions), with
+``O_NOFOLLOW | O_NONBLOCK`` and then ``fstat``: only regular files are read or mapped, never a
+symlink, FIFO or device, and a file's size is checked before any byte of it is read.
+
+Writing. Files of an index are never modified in place (a process mapping them would die of
+SIGBUS): every write (build, import, overwrite, :meth:`Index.upgrade`) makes a new directory
+``.<name>.tmp-<hex>`` beside the destination (arrays an upgrade keeps are hard links, never
+rewritten), fsyncs it and switches it in with one atomic ``renameat2(RENAME_EXCHANGE)`` of the
+two directories, so the path is at every moment the old or the new index; the old one is then
+removed (its files live on for whoever still maps them). Where the exchange is unavailable the
+old directory is renamed to ``.<name>.old-<hex>`` first and an index missing at its path is
+restored from it at the next open or write. One writer at a time holds ``flock`` on
+``.<name>.lock``; leftovers of killed writers are removed under that lock (see :func:`recover`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import uuid
+import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 FORMAT = "edgeplaid-plaid"
-# 2 adds inv_norm (n_tokens,) <f4. Version 1 indexes still load: inv_norm is then computed on load,
-# or written once by Index.upgrade().
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 2 adds inv_norm (n_tokens,) <f4; 3 adds manifest_checksum (the manifest covers itself). Versions 1
+# and 2 still load (inv_norm computed on load for 1); Index.upgrade() moves them to the current one.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
+# A manifest holds counts, shapes and checksums, never per-document data: a few kB. The bound
+# keeps a hostile or corrupt one from being read into memory whole.
+MANIFEST_MAX_BYTES = 1 << 20
+# The manifest's own checksum: blake2b from the standard library, so it is always checkable.
+MANIFEST_CHECKSUM_ALGO = "blake2b"
+_MARKER = ".edgeplaid-partial"  # inside a directory being written: ours, and not finished
 
 try:  # xxh64 is ~10x faster than blake2b; both are stable across platforms
     import xxhash
@@ -51,6 +78,12 @@ try:  # xxh64 is ~10x faster than blake2b; both are stable across platforms
 except ImportError:  # pragma: no cover - depends on the environment
     xxhash = None
     CHECKSUM_ALGO = "blake2b"
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\.bin")
 
 
 class IndexFormatError(ValueError):
@@ -67,40 +100,637 @@ def _hasher(algo: str):
     raise IndexFormatError(f"unknown checksum algorithm {algo!r}")
 
 
-def checksum_file(path: Path, algo: str = CHECKSUM_ALGO, chunk: int = 1 << 24) -> str:
-    """Hex digest of a file's bytes, read in 16 MiB chunks."""
-    h = _hasher(algo)
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
+_DIGEST_HEX = {"xxh64": 16, "blake2b": 32}
+
+
+# ---------------------------------------------------------------------------- safe reading
+
+
+class IndexDir:
+    """An open index directory: every file of one load is opened relative to this descriptor.
+
+    A writer replacing the directory at the path meanwhile cannot make one load read files of
+    two versions; a file is opened only if it is a regular file (no symlink, FIFO, device or
+    directory) named by a plain file name.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        try:
+            fd = os.open(self.path, os.O_RDONLY | _O_DIRECTORY | _O_NONBLOCK | _O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError) as e:
+            raise IndexFormatError(f"{self.path}: not an index directory") from e
+        except OSError as e:
+            raise IndexFormatError(f"{self.path}: cannot open the index directory ({e.strerror})") from e
+        self.fd = fd
+        self._close = weakref.finalize(self, os.close, fd)
+        st = os.fstat(fd)
+        if not stat.S_ISDIR(st.st_mode):  # pragma: no cover - O_DIRECTORY already refuses
+            raise IndexFormatError(f"{self.path}: not an index directory")
+        self.identity = (st.st_dev, st.st_ino)
+
+    def close(self) -> None:
+        self._close()
+
+    def removed(self) -> bool:
+        """Whether the directory was unlinked since it was opened (replaced by a writer)."""
+        try:
+            return os.fstat(self.fd).st_nlink == 0
+        except OSError:  # pragma: no cover
+            return True
+
+    def open_file(self, name: str, what: str | None = None) -> tuple[int, os.stat_result]:
+        """(descriptor, fstat) of the regular file ``name`` of this directory; IndexFormatError for
+        anything else. The caller closes the descriptor."""
+        label = f"{name} ({what})" if what and what != name else name
+        if name != MANIFEST and not _FILE_NAME.fullmatch(name):
+            raise IndexFormatError(f"{self.path}: {label}: not a plain file name inside the index")
+        try:
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: no symlink, so
+            # nothing outside the directory (and no /dev/zero) is ever opened.
+            fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC, dir_fd=self.fd)
+        except FileNotFoundError as e:
+            raise IndexFormatError(f"{self.path}: missing file {label}") from e
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise IndexFormatError(f"{self.path}: {label} is a symbolic link (refused)") from e
+            raise IndexFormatError(f"{self.path}: cannot open {label} ({e.strerror})") from e
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise IndexFormatError(f"{self.path}: {label} is not a regular file (refused)")
+        return fd, st
+
+    def stat_file(self, name: str) -> tuple[int, int, int] | None:
+        """(inode, size, mtime_ns) of ``name`` as the directory holds it now; None when absent."""
+        try:
+            st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def read_exactly(fd: int, n: int) -> bytes:
+    """``n`` bytes from ``fd``'s current position; IndexFormatError when the file ends first."""
+    parts, got = [], 0
+    while got < n:
+        b = os.read(fd, min(n - got, 1 << 24))
+        if not b:
+            raise IndexFormatError(f"file shrank while being read ({got} of {n} bytes)")
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
+
+
+class Manifest(dict):
+    """A parsed, validated manifest, bound to the open directory it was read from.
+
+    ``dir`` opens the arrays of the same directory version; ``stamp`` and ``files`` record the
+    (inode, size, mtime) of the manifest and of every array opened, for :func:`changed`.
+    """
+
+    dir: IndexDir
+    stamp: tuple[int, int, int]
+    files: dict[str, tuple[int, int, int]]
+
+
+def manifest_checksum(body: dict[str, Any]) -> str:
+    """Checksum of a manifest's canonical JSON, without its own ``manifest_checksum`` key."""
+    rest = {k: v for k, v in body.items() if k != "manifest_checksum"}
+    canon = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    h = _hasher(MANIFEST_CHECKSUM_ALGO)
+    h.update(canon.encode("ascii"))
+    return f"{MANIFEST_CHECKSUM_ALGO}:{h.hexdigest()}"
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key in an object")
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_manifest(path: Path) -> Manifest:
+    """The parsed and validated manifest of the index at ``path`` (see :func:`validate_manifest`);
+    IndexFormatError when absent, not a regular file, too large, unreadable or invalid."""
+    d = IndexDir(path)
+    mpath = d.path / MANIFEST
+    try:
+        fd, st = d.open_file(MANIFEST)
+    except IndexFormatError as e:
+        if "missing file" in str(e):
+            raise IndexFormatError(
+                f"{d.path}: no {MANIFEST} (not an edgeplaid index, or an interrupted write)"
+            ) from e
+        raise
+    try:
+        if st.st_size > MANIFEST_MAX_BYTES:
+            raise IndexFormatError(
+                f"{mpath}: {st.st_size} bytes, more than a manifest ever holds ({MANIFEST_MAX_BYTES})"
+            )
+        raw = read_exactly(fd, st.st_size)
+    finally:
+        os.close(fd)
+    try:
+        body = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise IndexFormatError(f"{mpath}: unreadable manifest ({e})") from e
+    validate_manifest(body, str(mpath))
+    m = Manifest(body)
+    m.dir, m.stamp, m.files = d, _stamp(st), {}
+    return m
+
+
+# ---------------------------------------------------------------------------- the schema
+
+_TOP_KEYS = {
+    "format",
+    "format_version",
+    "dim",
+    "nbits",
+    "n_docs",
+    "n_tokens",
+    "n_centroids",
+    "ids",
+    "build",
+    "arrays",
+    "manifest_checksum",
+}
+_ENTRY_KEYS = {"file", "dtype", "shape", "nbytes", "checksum"}
+_MAX_COUNT = 1 << 48  # tokens, bytes: far beyond any index, small enough to never overflow int64
+_MAX_INT32 = (1 << 31) - 1  # document positions and ivf entries are int32
+
+
+def _int(m: dict[str, Any], key: str, lo: int, hi: int, where: str) -> int:
+    v = m.get(key)
+    if type(v) is not int or not lo <= v <= hi:  # bool is not a count
+        raise IndexFormatError(f"{where}: {key} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def expected_arrays(m: dict[str, Any]) -> dict[str, tuple[tuple[str, ...], tuple[int | None, ...]]]:
+    """name -> (allowed dtypes, shape; None where the manifest's own value is taken) of the arrays
+    a valid manifest ``m`` (counts already checked) must list, exactly."""
+    dim, nbits, nc = m["dim"], m["nbits"], m["n_centroids"]
+    n_docs, n_tokens = m["n_docs"], m["n_tokens"]
+    nb = 1 << nbits
+    want: dict[str, tuple[tuple[str, ...], tuple[int | None, ...]]] = {
+        "centroids": (("<f2", "<f4"), (nc, dim)),
+        "avg_residual": (("<f4",), (1,)),
+        "bucket_cutoffs": (("<f4",), (nb - 1,)),
+        "bucket_weights": (("<f4",), (nb,)),
+        "codes": (("<u2", "<i4") if nc <= 1 << 16 else ("<i4",), (n_tokens,)),
+        "residuals": (("|u1",), (n_tokens, dim * nbits // 8)),
+        "doclens": (("<i4",), (n_docs,)),
+        "ivf_offsets": (("<i8",), (nc + 1,)),
+        "ivf_docs": (("<i4",), (None,)),
+    }
+    if m["format_version"] >= 2:
+        want["inv_norm"] = (("<f4",), (n_tokens,))
+    kind = m.get("ids", "none")
+    if kind == "int":
+        want["ids"] = (("<i8",), (n_docs,))
+    elif kind == "str":
+        want["ids_str"] = (("|u1",), (None,))
+        want["ids_str_offsets"] = (("<i8",), (n_docs + 1,))
+    return want
+
+
+def validate_manifest(m: Any, where: str) -> None:
+    """Checks a parsed manifest against the schema of its format version; IndexFormatError naming
+    the first problem. Cheap (no file is read): format, version, the manifest's own checksum
+    (required from version 3; a legacy manifest without one is accepted), known keys only, types
+    and ranges of the counts, the ids kind, and the exact set of arrays with their plain, distinct
+    file names, dtypes, shapes, byte sizes and checksum syntax."""
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        got = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise IndexFormatError(f"{where}: not an edgeplaid index manifest (format {got!r})")
+    version = m.get("format_version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise IndexFormatError(
+            f"{where}: format_version {version!r} is not supported (this edgeplaid reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
+        )
+    if "manifest_checksum" in m:  # present: it must hold, whatever the version says
+        if m["manifest_checksum"] != manifest_checksum(m):
+            raise IndexFormatError(f"{where}: manifest checksum mismatch: the manifest is corrupt")
+    elif version >= 3:
+        raise IndexFormatError(f"{where}: the manifest lacks its manifest_checksum")
+    unknown = sorted(set(m) - _TOP_KEYS)
+    if unknown:
+        raise IndexFormatError(f"{where}: unknown manifest keys {unknown}")
+    for key in ("dim", "nbits", "n_docs", "n_tokens", "n_centroids", "arrays"):
+        if key not in m:
+            raise IndexFormatError(f"{where}: manifest lacks {key!r}")
+    dim = _int(m, "dim", 1, 1 << 16, where)
+    nbits = _int(m, "nbits", 1, 8, where)
+    if nbits not in (1, 2, 4, 8) or dim * nbits % 8:
+        raise IndexFormatError(f"{where}: bad dim={dim} / nbits={nbits} in the manifest")
+    n_docs = _int(m, "n_docs", 0, _MAX_INT32, where)
+    n_tokens = _int(m, "n_tokens", 0, _MAX_COUNT, where)
+    _int(m, "n_centroids", 1, _MAX_INT32, where)
+    if "ids" not in m and version >= 3:
+        raise IndexFormatError(f"{where}: manifest lacks 'ids'")
+    kind = m.get("ids", "none")
+    if kind not in ("none", "int", "str"):
+        raise IndexFormatError(f"{where}: unknown ids kind {kind!r} (expected none, int or str)")
+    if "build" in m and not isinstance(m["build"], dict):
+        raise IndexFormatError(f"{where}: build must be an object")
+    arrays = m["arrays"]
+    if not isinstance(arrays, dict):
+        raise IndexFormatError(f"{where}: arrays must be an object")
+    want = expected_arrays(m)
+    if set(arrays) != set(want):
+        missing, extra = sorted(set(want) - set(arrays)), sorted(set(arrays) - set(want))
+        if "inv_norm" in missing and version >= 2:
+            raise IndexFormatError(f"{where}: the manifest lacks inv_norm (format_version {version})")
+        raise IndexFormatError(
+            f"{where}: arrays do not match the format (ids={kind!r}): missing {missing}, unexpected {extra}"
+        )
+    files: set[str] = set()
+    for name, (dtypes, shape) in want.items():
+        e = arrays[name]
+        if not isinstance(e, dict) or set(e) != _ENTRY_KEYS:
+            raise IndexFormatError(f"{where}: array {name}: entry must have exactly {sorted(_ENTRY_KEYS)}")
+        file = e["file"]
+        if not isinstance(file, str) or not _FILE_NAME.fullmatch(file):
+            raise IndexFormatError(f"{where}: array {name}: file {file!r} is not a plain file name")
+        if file in files:
+            raise IndexFormatError(f"{where}: array {name}: file {file!r} is listed twice")
+        files.add(file)
+        if e["dtype"] not in dtypes:
+            raise IndexFormatError(f"{where}: {name} is {e['dtype']!r}, expected {'/'.join(dtypes)}")
+        got = e["shape"]
+        if (
+            not isinstance(got, list)
+            or len(got) != len(shape)
+            or any(type(s) is not int or not 0 <= s <= _MAX_COUNT for s in got)
+        ):
+            raise IndexFormatError(f"{where}: {name}: bad shape {got!r}")
+        free = [g for g, s in zip(got, shape, strict=True) if s is None]
+        if any(s is not None and g != s for g, s in zip(got, shape, strict=True)):
+            raise IndexFormatError(
+                f"{where}: {name} is {e['dtype']} {tuple(got)}, expected {tuple(shape)} "
+                f"(dim={dim}, nbits={nbits}, n_docs={n_docs}, n_tokens={n_tokens}, "
+                f"n_centroids={m['n_centroids']})"
+            )
+        if name == "ivf_docs" and free[0] > n_tokens:
+            raise IndexFormatError(f"{where}: ivf_docs has {free[0]} entries for {n_tokens} tokens")
+        nbytes = np.dtype(e["dtype"]).itemsize * int(np.prod(got, dtype=object))
+        if type(e["nbytes"]) is not int or e["nbytes"] != nbytes:
+            raise IndexFormatError(f"{where}: {name}: nbytes {e['nbytes']!r} != {nbytes}")
+        algo, _, digest = e["checksum"].partition(":") if isinstance(e["checksum"], str) else ("", "", "")
+        if algo not in _DIGEST_HEX or not re.fullmatch(f"[0-9a-f]{{{_DIGEST_HEX[algo]}}}", digest):
+            raise IndexFormatError(f"{where}: {name}: bad checksum {e['checksum']!r}")
+
+
+# ---------------------------------------------------------------------------- arrays
+
+
+def _index_dir(path: Path, manifest: dict[str, Any]) -> IndexDir:
+    d = getattr(manifest, "dir", None)
+    return d if d is not None else IndexDir(path)
+
+
+def open_array_fd(path: Path, manifest: dict[str, Any], name: str) -> tuple[int, np.dtype, tuple[int, ...]]:
+    """(descriptor, dtype, shape) of array ``name``, its file checked to be a regular file of
+    exactly the manifest's size before anything is read. The caller closes the descriptor."""
+    meta = manifest["arrays"].get(name)
+    if meta is None:
+        raise IndexFormatError(f"{path}: manifest has no array {name!r}")
+    try:
+        dt = np.dtype(meta["dtype"])
+        shape = tuple(int(s) for s in meta["shape"])
+        file = meta["file"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise IndexFormatError(f"{path}: bad manifest entry for {name!r} ({e})") from e
+    if dt.byteorder == ">" or (dt.byteorder == "=" and np.little_endian is False):
+        raise IndexFormatError(f"{path}: {name} is not little-endian ({meta['dtype']})")
+    d = _index_dir(path, manifest)
+    fd, st = d.open_file(file, name)
+    want = dt.itemsize * int(np.prod(shape))
+    if st.st_size != want or int(meta.get("nbytes", want)) != want:
+        os.close(fd)
+        raise IndexFormatError(
+            f"{path}: {file} has {st.st_size} bytes, expected {want} ({name} {meta['dtype']} {shape}); "
+            "the index is truncated or corrupt"
+        )
+    files = getattr(manifest, "files", None)
+    if files is not None:
+        files[name] = _stamp(st)
+    return fd, dt, shape
+
+
+def open_array(path: Path, manifest: dict[str, Any], name: str, mmap: bool) -> np.ndarray:
+    """Array ``name`` of the index, memory-mapped read-only (or read into memory).
+
+    Opens only a regular file of the index directory (see :class:`IndexDir`) whose size matches
+    the manifest; IndexFormatError otherwise.
+    """
+    fd, dt, shape = open_array_fd(path, manifest, name)
+    with os.fdopen(fd, "rb") as f:
+        n = dt.itemsize * int(np.prod(shape))
+        if n == 0:
+            return np.zeros(shape, dtype=dt)
+        if mmap:
+            # copy-on-write: read-only in practice, writable for torch.from_numpy (no warning)
+            return np.memmap(f, dtype=dt, mode="c", shape=shape)
+        out = np.empty(shape, dtype=dt)
+        view = memoryview(out).cast("B")
+        got = 0
+        while got < n:
+            k = f.readinto(view[got:])
+            if not k:
+                raise IndexFormatError(f"{path}: {name}: file shrank while being read")
+            got += k
+        return out
+
+
+def iter_array(path: Path, manifest: dict[str, Any], name: str, chunk_bytes: int = 1 << 24) -> Any:
+    """Yields (first row, raw bytes, block (rows, ...)) over array ``name``, read in ~16 MiB
+    blocks of whole rows after the file's type and size are checked: bounded memory, one
+    sequential read (no map), for the load-time checks and the checksums."""
+    fd, dt, shape = open_array_fd(path, manifest, name)
+    try:
+        row = dt.itemsize * int(np.prod(shape[1:])) if len(shape) > 1 else dt.itemsize
+        rows = max(1, chunk_bytes // max(row, 1))
+        n = shape[0] if shape else 1
+        for s in range(0, n, rows):
+            k = min(rows, n - s)
+            raw = read_exactly(fd, k * row)
+            yield s, raw, np.frombuffer(raw, dtype=dt).reshape((k, *shape[1:]))
+    finally:
+        os.close(fd)
+
+
+def checksum_of(manifest: dict[str, Any], name: str) -> tuple[str, str]:
+    """(algorithm, hex digest) recorded for array ``name``."""
+    algo, _, digest = str(manifest["arrays"][name].get("checksum", "")).partition(":")
+    return algo, digest
+
+
+def verify_checksums(path: Path, manifest: dict[str, Any], names: Any = None) -> None:
+    """Hashes the array files (all, or ``names``) and compares with the manifest; every file's
+    type and size are checked before it is read. IndexFormatError on a mismatch."""
+    for name in manifest["arrays"] if names is None else names:
+        algo, digest = checksum_of(manifest, name)
+        h = _hasher(algo)
+        for _, raw, _ in iter_array(path, manifest, name):
+            h.update(raw)
+        if h.hexdigest() != digest:
+            raise IndexFormatError(
+                f"{path}: checksum mismatch in {manifest['arrays'][name]['file']} ({name}): "
+                "the index is corrupt"
+            )
+
+
+def changed(path: Path, manifest: dict[str, Any]) -> bool:
+    """Whether the index at ``path`` is no longer the one ``manifest`` was read from: its manifest
+    file or directory was replaced, or a file this load opened has another inode, size or mtime
+    (modified in place by someone else: its map would fault)."""
+    d = getattr(manifest, "dir", None)
+    if d is None:
+        return True
+    try:
+        st = os.stat(Path(path) / MANIFEST, follow_symlinks=False)
+    except OSError:
+        return True
+    if _stamp(st) != manifest.stamp or d.removed():
+        return True
+    try:
+        here = os.stat(path)
+    except OSError:
+        return True
+    if (here.st_dev, here.st_ino) != d.identity:
+        return True
+    arrays = manifest["arrays"]
+    return any(d.stat_file(arrays[name]["file"]) != s for name, s in manifest.files.items())
+
+
+# ---------------------------------------------------------------------------- writing
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+class _Lock:
+    """``flock`` on ``.<name>.lock`` beside an index: one writer (or cleaner) at a time.
+
+    The lock file is removed on release; a locker checks, once it holds the lock, that the path
+    still names the file it locked (else another process removed it meanwhile) and retries.
+    """
+
+    def __init__(self, dst: Path) -> None:
+        self.path = dst.parent / f".{dst.name}.lock"
+        self.fd: int | None = None
+
+    def acquire(self, blocking: bool = False) -> bool:
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:
+                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                return True
+            os.close(fd)
+        raise OSError(f"{self.path}: could not take the lock")  # pragma: no cover
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def _leftovers(dst: Path) -> list[Path]:
+    """``.<name>.tmp-<hex>`` / ``.<name>.old-<hex>`` entries beside ``dst`` (our naming only)."""
+    pat = re.compile(rf"\.{re.escape(dst.name)}\.(tmp|old)-[0-9a-f]{{12}}")
+    try:
+        names = os.listdir(dst.parent)
+    except OSError:
+        return []
+    return [dst.parent / n for n in names if pat.fullmatch(n)]
+
+
+def _is_ours(d: Path) -> bool:
+    """A leftover directory is provably edgeplaid's when it is empty, carries the writer's marker,
+    or holds an edgeplaid manifest; anything else is left alone."""
+    try:
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode):
+            return False
+        names = os.listdir(d)
+    except OSError:
+        return False
+    if not names or _MARKER in names:
+        return True
+    return _looks_like_index(d)
+
+
+def _looks_like_index(d: Path) -> bool:
+    """Whether ``d`` holds a manifest.json naming edgeplaid's format (parsed, not validated: a
+    corrupt index is still ours to replace)."""
+    try:
+        idir = IndexDir(d)
+        try:
+            fd, st = idir.open_file(MANIFEST)
+        finally:
+            idir.close()
+        try:
+            if st.st_size > MANIFEST_MAX_BYTES:
+                return False
+            body = json.loads(read_exactly(fd, st.st_size).decode("utf-8"))
+        finally:
+            os.close(fd)
+    except (IndexFormatError, OSError, ValueError, RecursionError):
+        return False
+    return isinstance(body, dict) and body.get("format") == FORMAT
+
+
+def _recover_locked(dst: Path) -> None:
+    leftovers = _leftovers(dst)
+    if not os.path.lexists(dst):
+        # An overwrite without the atomic exchange was killed between its two renames: the old
+        # index waits under .old-; put it back (the newest if several).
+        olds = [p for p in leftovers if ".old-" in p.name and _looks_like_index(p)]
+        if olds:
+            best = max(olds, key=lambda p: os.lstat(p).st_mtime_ns)
+            os.rename(best, dst)
+            _fsync_dir(dst.parent)
+            leftovers.remove(best)
+    for p in leftovers:
+        if _is_ours(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            warnings.warn(f"edgeplaid: {p} is not an edgeplaid directory: left as it is", stacklevel=3)
+
+
+def recover(dst: str | os.PathLike) -> None:
+    """Finishes what a killed writer left beside ``dst``: restores an index missing at its path
+    from its ``.old-`` copy, removes ``.tmp-`` / ``.old-`` directories that are provably ours.
+
+    Runs only when no writer holds the lock (so nothing in use is touched); silent and harmless
+    where the directory is read-only. Called by every write and every load.
+    """
+    dst = Path(dst)
+    if dst.is_symlink():  # writers name their leftovers after the real directory
+        dst = Path(os.path.realpath(dst))
+    lock = _Lock(dst)
+    if not _leftovers(dst) and not os.path.lexists(lock.path):
+        return
+    try:
+        if not lock.acquire():
+            return  # a writer is at work: its files are in use
+    except OSError:
+        return  # read-only place: leave it to the next writer
+    try:
+        _recover_locked(dst)
+    except OSError:
+        pass
+    finally:
+        lock.release()
+
+
+def check_replaceable(dst: str | os.PathLike) -> None:
+    """FileExistsError unless ``dst`` is absent, an empty directory or an edgeplaid index: an
+    overwrite replaces nothing else."""
+    dst = Path(dst)
+    if not os.path.lexists(dst):
+        return
+    real = Path(os.path.realpath(dst))
+    if not real.is_dir():
+        raise FileExistsError(f"{dst}: exists and is not a directory; refusing to overwrite it")
+    try:
+        empty = not os.listdir(real)
+    except OSError as e:
+        raise FileExistsError(f"{dst}: cannot be read ({e.strerror}); refusing to overwrite it") from e
+    if not empty and not _looks_like_index(real):
+        raise FileExistsError(
+            f"{dst}: not an edgeplaid index (no edgeplaid manifest.json); refusing to overwrite it"
+        )
+
+
+_RENAME_EXCHANGE = 2
+_libc: Any = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps the directory entries ``a`` and ``b`` (Linux renameat2 RENAME_EXCHANGE);
+    False where the platform or file system cannot."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:  # pragma: no cover
+            _libc = False
+    fn = getattr(_libc, "renameat2", None) if _libc else None
+    if fn is None or os.environ.get("EDGEPLAID_NO_RENAME_EXCHANGE"):
+        return False
+    at_fdcwd = -100
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
 class IndexWriter:
-    """Writes one index directory aside (``<dst>.tmp-<uuid>``) and renames it into place.
+    """Writes one index directory aside (``.<name>.tmp-<hex>``) and switches it in atomically.
 
     Use as a context manager: on an exception the partial directory is removed and the
-    destination is left as it was.
+    destination is left as it was. ``overwrite=True`` replaces only an edgeplaid index or an
+    empty directory (FileExistsError for anything else). One writer per path at a time
+    (RuntimeError when another holds it).
     """
 
     def __init__(self, dst: str | os.PathLike, overwrite: bool = False) -> None:
-        self.dst = Path(dst)
-        if self.dst.exists() and not overwrite:
-            raise FileExistsError(f"{self.dst} exists (pass overwrite=True to replace it)")
+        dst = Path(dst)
+        if dst.is_symlink():  # the user's own link: replace what it points at, keep the link
+            dst = Path(os.path.realpath(dst))
+        self.dst = dst
         self.dst.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.dst.parent / f".{self.dst.name}.tmp-{uuid.uuid4().hex[:12]}"
-        self.tmp.mkdir()
+        self._lock = _Lock(self.dst)
+        if not self._lock.acquire():
+            raise RuntimeError(f"{self.dst}: another edgeplaid process is writing this index")
+        try:
+            _recover_locked(self.dst)
+            if os.path.lexists(self.dst):
+                if not overwrite:
+                    raise FileExistsError(f"{self.dst} exists (pass overwrite=True to replace it)")
+                check_replaceable(self.dst)
+            self.tmp = self.dst.parent / f".{self.dst.name}.tmp-{uuid.uuid4().hex[:12]}"
+            self.tmp.mkdir()
+            # Marks the directory as ours and unfinished, for the cleanup after a kill.
+            (self.tmp / _MARKER).write_text(f"{os.getpid()}\n")
+        except BaseException:
+            self._lock.release()
+            raise
         self.arrays: dict[str, dict[str, Any]] = {}
         self._open: dict[str, Any] = {}
 
@@ -110,8 +740,11 @@ class IndexWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         for f in self._open.values():
             f.close()
-        if exc_type is not None or self.tmp.exists():
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            if exc_type is not None or self.tmp.exists():
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            self._lock.release()
 
     def path(self, name: str) -> Path:
         return self.tmp / name
@@ -153,131 +786,67 @@ class IndexWriter:
         meta["checksum"] = f"{CHECKSUM_ALGO}:{meta.pop('h').hexdigest()}"
         meta["nbytes"] = int(np.dtype(meta["dtype"]).itemsize * int(np.prod(meta["shape"])))
 
+    def link_array(self, src: IndexDir, name: str, meta: dict[str, Any]) -> None:
+        """Takes array ``name`` unchanged from the index open at ``src``: a hard link to the same
+        file (never rewritten, so sharing it is safe), a copy where links are not possible."""
+        file = meta["file"]
+        try:
+            os.link(file, self.tmp / file, src_dir_fd=src.fd, follow_symlinks=False)
+        except OSError:
+            fd, _ = src.open_file(file, name)
+            with os.fdopen(fd, "rb") as fin, open(self.tmp / file, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 24)
+                fout.flush()
+                os.fsync(fout.fileno())
+        self.arrays[name] = {k: meta[k] for k in _ENTRY_KEYS}
+
     def commit(self, manifest: dict[str, Any]) -> Path:
-        """Writes the manifest, fsyncs, renames the directory into place; returns its path."""
+        """Writes the manifest, fsyncs, switches the directory in; returns its path."""
         if self._open:
             raise RuntimeError(f"arrays still open: {sorted(self._open)}")
         body = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "arrays": self.arrays}
+        body.pop("manifest_checksum", None)
+        body["manifest_checksum"] = manifest_checksum(body)
+        validate_manifest(body, str(self.dst / MANIFEST))  # never write what load would refuse
         with open(self.tmp / MANIFEST, "w") as f:
             json.dump(body, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
+        os.unlink(self.tmp / _MARKER)
         _fsync_dir(self.tmp)
-        old = None
-        if self.dst.exists():  # overwrite: move the old index aside first, drop it after the rename
-            old = self.dst.parent / f".{self.dst.name}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(self.dst, old)
+        if not os.path.lexists(self.dst):
+            os.rename(self.tmp, self.dst)
+            _fsync_dir(self.dst.parent)
+            return self.dst
+        # Overwrite: one atomic exchange; the old index then sits at the tmp name until removed.
+        if _exchange(self.tmp, self.dst):
+            _fsync_dir(self.dst.parent)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return self.dst
+        # Fallback: two renames; a kill between them is repaired by recover() (.old- restored).
+        old = self.dst.parent / f".{self.dst.name}.old-{uuid.uuid4().hex[:12]}"
+        os.rename(self.dst, old)
         os.rename(self.tmp, self.dst)
         _fsync_dir(self.dst.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
         return self.dst
 
 
-def add_array(path: Path, manifest: dict[str, Any], name: str, array: np.ndarray) -> dict[str, Any]:
-    """Adds array ``name`` to the index at ``path`` in place and moves its manifest to the current
-    format version; returns the new manifest. Crash-safe: the file is written aside, fsynced and
-    renamed, then the manifest likewise; until the manifest's rename the index reads as before."""
-    a = np.ascontiguousarray(array)
-    a = a.astype(a.dtype.newbyteorder("<"), copy=False)
-    file = f"{name}.bin"
-    tmp = path / f".{file}.tmp-{uuid.uuid4().hex[:12]}"
-    h = _hasher(CHECKSUM_ALGO)
-    with open(tmp, "wb") as f:
-        data = a.tobytes()
-        f.write(data)
-        h.update(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path / file)
-    body = dict(manifest)
-    body["arrays"] = {
-        **manifest["arrays"],
-        name: {
-            "file": file,
-            "dtype": a.dtype.str,
-            "shape": list(a.shape),
-            "nbytes": int(a.nbytes),
-            "checksum": f"{CHECKSUM_ALGO}:{h.hexdigest()}",
-        },
-    }
-    body["format_version"] = FORMAT_VERSION
-    mtmp = path / f".{MANIFEST}.tmp-{uuid.uuid4().hex[:12]}"
-    with open(mtmp, "w") as f:
-        json.dump(body, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(mtmp, path / MANIFEST)
-    _fsync_dir(path)
-    return body
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The parsed manifest of the index at ``path``; IndexFormatError when absent or unreadable."""
-    mpath = path / MANIFEST
-    if not path.is_dir():
-        raise IndexFormatError(f"{path}: not an index directory")
-    if not mpath.exists():
-        raise IndexFormatError(f"{path}: no {MANIFEST} (not an edgeplaid index, or an interrupted write)")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IndexFormatError(f"{mpath}: unreadable manifest ({e})") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise IndexFormatError(
-            f"{mpath}: not an edgeplaid index manifest (format {manifest.get('format')!r})"
-        )
-    version = manifest.get("format_version")
-    if version not in READABLE_VERSIONS:
-        raise IndexFormatError(
-            f"{mpath}: format_version {version!r} is not supported (this edgeplaid reads "
-            f"{', '.join(map(str, READABLE_VERSIONS))})"
-        )
-    for key in ("dim", "nbits", "n_docs", "n_tokens", "n_centroids", "arrays"):
-        if key not in manifest:
-            raise IndexFormatError(f"{mpath}: manifest lacks {key!r}")
-    return manifest
-
-
-def open_array(path: Path, manifest: dict[str, Any], name: str, mmap: bool) -> np.ndarray:
-    """Array ``name`` of the index, memory-mapped read-only (or read into memory).
-
-    Checks the manifest entry against the file's size; IndexFormatError on any mismatch.
-    """
-    meta = manifest["arrays"].get(name)
-    if meta is None:
-        raise IndexFormatError(f"{path}: manifest has no array {name!r}")
-    try:
-        dt = np.dtype(meta["dtype"])
-        shape = tuple(int(s) for s in meta["shape"])
-        file = path / meta["file"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise IndexFormatError(f"{path}: bad manifest entry for {name!r} ({e})") from e
-    if dt.byteorder == ">" or (dt.byteorder == "=" and np.little_endian is False):
-        raise IndexFormatError(f"{path}: {name} is not little-endian ({meta['dtype']})")
-    want = dt.itemsize * int(np.prod(shape))
-    if not file.exists():
-        raise IndexFormatError(f"{path}: missing file {meta['file']} ({name})")
-    size = file.stat().st_size
-    if size != want or int(meta.get("nbytes", want)) != want:
-        raise IndexFormatError(
-            f"{path}: {meta['file']} has {size} bytes, expected {want} ({name} {meta['dtype']} {shape}); "
-            "the index is truncated or corrupt"
-        )
-    if want == 0:
-        return np.zeros(shape, dtype=dt)
-    if mmap:
-        # copy-on-write: read-only in practice, writable for torch.from_numpy (no warning)
-        return np.memmap(file, dtype=dt, mode="c", shape=shape)
-    return np.fromfile(file, dtype=dt).reshape(shape)
-
-
-def verify_checksums(path: Path, manifest: dict[str, Any]) -> None:
-    """Hashes every array file and compares with the manifest; IndexFormatError on a mismatch."""
-    for name, meta in manifest["arrays"].items():
-        algo, _, digest = str(meta.get("checksum", "")).partition(":")
-        got = checksum_file(path / meta["file"], algo)
-        if got != digest:
-            raise IndexFormatError(
-                f"{path}: checksum mismatch in {meta['file']} ({name}): the index is corrupt"
-            )
+def rewrite_index(path: Path, manifest: Manifest, add: dict[str, np.ndarray] | None = None) -> Path:
+    """A new version of the index at ``path`` in the current format: its arrays hard-linked from
+    the open directory of ``manifest`` (nothing rewritten in place), ``add`` written beside them,
+    a new checksummed manifest, switched in atomically like any write."""
+    add = add or {}
+    with IndexWriter(path, overwrite=True) as w:
+        for name, meta in manifest["arrays"].items():
+            if name not in add:
+                w.link_array(manifest.dir, name, meta)
+        for name, a in add.items():
+            w.write_array(name, a)
+        rest = {
+            k: v
+            for k, v in manifest.items()
+            if k not in ("format", "format_version", "arrays", "manifest_checksum")
+        }
+        rest.setdefault("ids", "none")
+        return w.commit(rest)
