@@ -364,3 +364,44 @@ def test_rerank_and_search_on_cuda(capsys, tmp_path, model_dir, dataset):
         d: json.loads(run(capsys, *argv, "--device", d, "--json")[1])["results"] for d in ("cpu", "cuda")
     }
     assert [r["id"] for r in ranked["cpu"][:5]] == [r["id"] for r in ranked["cuda"][:5]]
+
+
+def test_trec_ids_with_whitespace_are_refused(capsys, tmp_path, model_dir, dataset):
+    # A TREC run file is whitespace-separated: such an id would corrupt it, so it is refused,
+    # named, at `index` (before any encoding) and at `search --out`.
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"_id": "a", "text": "wing"}\n{"_id": "b c", "text": "lift"}\n')
+    code, _, err = run(capsys, "index", str(corpus), "--model", model_dir, "--out", str(tmp_path / "o"))
+    assert code == 2 and "'b c'" in err and "TREC" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    out = tmp_path / "idx"
+    assert (
+        run(
+            capsys, "index", str(dataset / "corpus.jsonl"), "--model", model_dir, "--out", str(out), "--quiet"
+        )[0]
+        == 0
+    )
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"_id": "q\\n1", "text": "wing"}\n')
+    code, _, err = run(
+        capsys, "search", str(out), "--queries", str(queries), "--out", str(tmp_path / "r"), "--quiet"
+    )
+    assert code == 2 and "'q\\n1'" in err and not (tmp_path / "r").exists()
+
+
+def test_overwrite_replaces_only_an_index(capsys, tmp_path, model_dir, dataset):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "notes.txt").write_text("x")
+    corpus = str(dataset / "corpus.jsonl")
+    code, _, err = run(
+        capsys, "index", corpus, "--model", model_dir, "--out", str(d), "--overwrite", "--quiet"
+    )
+    assert code == 2 and "not an edgeplaid index" in err and (d / "notes.txt").read_text() == "x"
+    out = tmp_path / "idx"
+    for _ in range(2):  # an index is replaced
+        assert (
+            run(capsys, "index", corpus, "--model", model_dir, "--out", str(out), "--overwrite", "--quiet")[0]
+            == 0
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "idx"]

@@ -175,6 +175,28 @@ def _check_text_arg(text: str, name: str) -> None:
         raise UserError(f"{name}: not valid UTF-8 text") from None
 
 
+def _check_trec_ids(ids: Sequence[Any], what: str) -> None:
+    """A TREC run file is whitespace-separated columns: an empty id or one holding whitespace (a
+    space, a tab, a newline...) would shift or split its line, so it is refused, named."""
+    for i in ids:
+        s = str(i)
+        if not s or any(c.isspace() for c in s):
+            raise UserError(
+                f"{what} id {s!r} is empty or contains whitespace: TREC run files cannot hold it "
+                "(edgeplaid refuses such ids rather than write a corrupt run)"
+            )
+
+
+def _check_overwrite(out: Path) -> None:
+    """Before any encoding: --overwrite replaces only an edgeplaid index (or an empty directory)."""
+    from edgeplaid.index._storage import check_replaceable
+
+    try:
+        check_replaceable(out)
+    except FileExistsError as e:
+        raise UserError(str(e)) from None
+
+
 # ---------------------------------------------------------------------------- commands
 
 
@@ -186,9 +208,12 @@ def cmd_index(args: argparse.Namespace) -> None:
     if out.exists() and not args.overwrite:
         raise UserError(f"{out}: exists; pass --overwrite to replace it")
     _check_out_dir(out)  # before minutes of encoding
+    if args.overwrite:
+        _check_overwrite(out)
     ids, texts = drop_empty(*read_texts(args.corpus, skip_bad_lines=args.skip_bad_lines))
     if not texts:
         raise UserError(f"{args.corpus}: the corpus is empty")
+    _check_trec_ids(ids, "document")  # `search --out` writes them to TREC run files
     model, _ = _load_model(args.model, args.quiet)
     t0 = time.perf_counter()
     tokens, doclens = model.encode_documents(texts, show_progress_bar=not args.quiet)
@@ -232,6 +257,8 @@ def cmd_search(args: argparse.Namespace) -> None:
         )
         if not texts:
             raise UserError(f"{args.queries}: no queries")
+    if args.out:  # before encoding
+        _check_trec_ids(query_ids, "query")
     model, _ = _load_model(_index_model(args.index, args.model), args.quiet, device=args.device)
     t0 = time.perf_counter()
     queries, mask = model.encode_queries(texts, show_progress_bar=not args.quiet)
@@ -241,6 +268,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     t_search = time.perf_counter() - t0
     run = to_run(query_ids, result.user_ids, result.scores.cpu().numpy())
     if args.out:
+        # an index built through the Python API may hold any str ids: those retrieved are checked
+        _check_trec_ids([d for docs in run.values() for d in docs], "document")
         write_trec(args.out, run)
     payload = {"encode_s": t_encode, "search_s": t_search, "results": run if not args.out else str(args.out)}
     lines = []
@@ -412,7 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model name or path ('minilm': the offline stand-in)")
     p.add_argument("--out", required=True, help="index directory to create")
     p.add_argument("--nbits", type=int, choices=(1, 2, 4, 8), default=4)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing edgeplaid index (nothing else)"
+    )
     p.set_defaults(fn=cmd_index)
 
     p = sub.add_parser("search", parents=[common, bad_lines, on_device], help="search an index")
@@ -420,7 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", nargs="?", help="a query text")
     p.add_argument("--queries", help="queries.jsonl (_id, text) or a text file, one query a line")
     p.add_argument("--k", type=k_value, default=10, help=f"results per query (at most {MAX_K:,})")
-    p.add_argument("--out", help="write a TREC run file instead of printing")
+    p.add_argument(
+        "--out",
+        help="write a TREC run file instead of printing (ids must be free of whitespace: refused otherwise)",
+    )
     p.add_argument("--model", help="override the model recorded with the index")
     p.set_defaults(fn=cmd_search)
 
