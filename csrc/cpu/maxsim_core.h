@@ -139,13 +139,21 @@ EP_INLINE void sweep_rows_dim(const float* qt, int64_t qstride, const float* row
   Vec m[NQV];
 #pragma GCC unroll 8
   for (int v = 0; v < NQV; ++v) m[v] = Vec::load(best + v * W);
+  // Non-finite document values: a row holding NaN or inf makes its dot products NaN or inf, and
+  // acc * 0 NaN in every lane. That poison is added to the first query vector's maxima, and the
+  // max keeps a NaN once there (max(x, m) returns its second operand, m, when either is NaN), so
+  // the document scores NaN as in the reference; the op then raises naming the argument. The
+  // cost is one multiply-add per row against NQV * dim for the dot products.
   auto fold = [&](auto& acc, int64_t t, int rows_in_tile) {
+    Vec poison = acc[0][0] * Vec::zero();
+    for (int r = 1; r < rows_in_tile; ++r) poison = fmadd(acc[r][0], Vec::zero(), poison);
     for (int r = 0; r < rows_in_tile; ++r)
 #pragma GCC unroll 8
       for (int v = 0; v < NQV; ++v) {
         if constexpr (kStore) acc[r][v].store(tile + (t + r) * ld + v * W);
-        m[v] = max(m[v], acc[r][v]);
+        m[v] = max(acc[r][v], m[v]);
       }
+    m[0] = m[0] + poison;
   };
   int64_t t = 0;
   for (; t + NT <= n_rows; t += NT) {

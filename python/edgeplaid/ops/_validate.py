@@ -7,6 +7,7 @@ nothing; the kernels never trust them either and check every id they dereference
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,6 +70,39 @@ def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
         )
 
 
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """ValueError naming ``name`` when a CPU tensor holds NaN or inf (CUDA tensors are not read:
+    that would synchronise the host on every call).
+
+    One vectorised sum decides (a NaN or inf makes it non-finite); only then, since a sum of
+    huge finite values can overflow too, the exact element test runs.
+    """
+    if t.device.type != "cpu" or t.numel() == 0:
+        return
+    if math.isfinite(float(t.sum(dtype=torch.float32))):
+        return
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}: expected finite values, got {t[where].item()} at index {where}")
+
+
+def check_finite_scores(out: torch.Tensor, name: str) -> torch.Tensor:
+    """``out`` unless a score is NaN or +inf: the kernels score a document holding a non-finite
+    value NaN (the reference NaN or +inf), and on CPU that is an error naming the document
+    argument. (A finite document scores a finite value, an empty one or padding -inf.)"""
+    if out.device.type != "cpu" or not out.numel():
+        return out
+    bad = torch.isnan(out) | torch.isposinf(out)
+    if bool(bad.any()):
+        q, c = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name}: expected finite values, but a document scored against query {q} (column {c}) "
+            "holds NaN or inf"
+        )
+    return out
+
+
 def float_tensor(x: Any, name: str, ndim: int, layout: str) -> torch.Tensor:
     t = as_tensor(x, name)
     check_rank(t, name, ndim, layout)
@@ -81,6 +115,7 @@ def queries(x: Any) -> torch.Tensor:
     t = float_tensor(x, "queries", 3, "(n_queries, query_len, dim)")
     if t.shape[2] < 1:
         raise ValueError(f"queries: dim must be >= 1, got shape {tuple(t.shape)}")
+    check_finite(t, "queries")
     return t
 
 
@@ -162,6 +197,8 @@ def codec(
         raise ValueError(f"nbits: dim * nbits must be a multiple of 8, got dim={dim}, nbits={n}")
     weights = float_tensor(bucket_weights_, "bucket_weights", 1, "(2**nbits,)")
     check_size(weights, "bucket_weights", 0, 1 << n, "2**nbits")
+    check_finite(cents, "centroids")
+    check_finite(weights, "bucket_weights")
     if device is not None:
         check_device("centroids", cents, device)
         check_device("bucket_weights", weights, device)

@@ -129,6 +129,14 @@ class CompressedDocs:
 
 
 @dataclass(frozen=True, eq=False)
+class CentroidScores:
+    """Stage 1's table: scores (nq, lq, n_centroids) float32, ⟨queries[q, i], centroids[c]⟩, as
+    :func:`edgeplaid.ops.centroid_scores` returns it (finite when its inputs were checked)."""
+
+    scores: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
 class Candidates:
     """Per-query candidate documents: ids (nq, nc) int64, -1 = padding (scores -inf), every other
     id in [0, n_docs) of the documents they were checked against."""
@@ -224,6 +232,24 @@ def _inv_norm(x: Any, n_tokens: int, device: torch.device) -> torch.Tensor:
     v.check_size(inv, "inv_norm", 0, n_tokens, "one per code")
     v.check_device("inv_norm", inv, device)
     return inv
+
+
+def centroid_scores(
+    x: Any, *, nq: int | None, lq: int | None, n_centroids: int | None, device: torch.device | None
+) -> CentroidScores:
+    """A validated :class:`CentroidScores` of the given sizes (None: any) on ``device``."""
+    if isinstance(x, CentroidScores):
+        cs = x.scores
+    else:
+        cs = v.float_tensor(x, "centroid_scores", 3, "(n_queries, query_len, n_centroids)")
+        v.check_dtype(cs, "centroid_scores", (torch.float32,))
+        v.check_finite(cs, "centroid_scores")
+    for axis, want, what in ((0, nq, "n_queries"), (1, lq, "query_len"), (2, n_centroids, "n_centroids")):
+        if want is not None:
+            v.check_size(cs, "centroid_scores", axis, want, what)
+    if device is not None:
+        v.check_device("centroid_scores", cs, device)
+    return x if isinstance(x, CentroidScores) else CentroidScores(cs)
 
 
 def candidates(x: Any, n_queries: int, n_docs: int, device: torch.device) -> Candidates | None:

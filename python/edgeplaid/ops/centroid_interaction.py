@@ -30,7 +30,8 @@ def centroid_interaction(
     kept token scores -inf.
 
     Args:
-        centroid_scores: (nq, Lq, C) float32, as returned by centroid_scores.
+        centroid_scores: (nq, Lq, C) float32, as returned by centroid_scores (or a
+            ``CentroidScores`` bundle, not re-checked).
         codes: (n_tokens,) uint16, int32 or int64 centroid ids; doc_offsets: (nd + 1,) int64.
         candidates: (nq, nc) int64 (-1 = padding, scores -inf) or None for every document.
         threshold: float or None.
@@ -43,8 +44,7 @@ def centroid_interaction(
     Returns:
         (nq, nc) float32.
     """
-    cs = v.float_tensor(centroid_scores, "centroid_scores", 3, "(n_queries, query_len, n_centroids)")
-    v.check_dtype(cs, "centroid_scores", (torch.float32,))
+    cs = b.centroid_scores(centroid_scores, nq=None, lq=None, n_centroids=None, device=None).scores
     nq, lq, _ = cs.shape
     if isinstance(codes, b.CompressedDocs):
         if doc_offsets is not None:

@@ -42,6 +42,7 @@ def centroid_scores(
         cents = v.float_tensor(centroids, "centroids", 2, "(n_centroids, dim)")
         v.check_size(cents, "centroids", 1, dim, "dim of queries")
         v.check_device("centroids", cents, q.device)
+        v.check_finite(cents, "centroids")
     if isinstance(n_probe, bool) or not isinstance(n_probe, int) or not 1 <= n_probe <= cents.shape[0]:
         raise ValueError(f"n_probe: expected an int in [1, n_centroids={cents.shape[0]}], got {n_probe!r}")
     return resolve("centroid_scores", q.device, backend)(q, cents, n_probe)

@@ -65,7 +65,8 @@ def fused_decompress_maxsim(
         nbits: 1, 2, 4 or 8.
         queries_mask: (nq, Lq) bool or None.
         backend: "cpp", "triton" or "reference"; None picks by device.
-        centroid_scores: (nq, Lq, C) float32, ⟨queries[q, i], centroids[c]⟩, or None.
+        centroid_scores: (nq, Lq, C) float32, ⟨queries[q, i], centroids[c]⟩ (or a
+            ``CentroidScores`` bundle), or None.
         inv_norm: (n_tokens,) float32, positive and finite, or None.
         precision: "exact" or "int8" (int8: cpp and reference backends).
 
@@ -92,12 +93,9 @@ def fused_decompress_maxsim(
         if centroid_scores is None:
             cs = _centroid_scores(q, codec.centroids, 1)[0]
         else:
-            cs = v.float_tensor(centroid_scores, "centroid_scores", 3, "(n_queries, query_len, n_centroids)")
-            v.check_dtype(cs, "centroid_scores", (torch.float32,))
-            v.check_size(cs, "centroid_scores", 0, nq, "n_queries")
-            v.check_size(cs, "centroid_scores", 1, lq, "query_len")
-            v.check_size(cs, "centroid_scores", 2, codec.n_centroids, "n_centroids")
-            v.check_device("centroid_scores", cs, q.device)
+            cs = b.centroid_scores(
+                centroid_scores, nq=nq, lq=lq, n_centroids=codec.n_centroids, device=q.device
+            ).scores
         if docs.inv_norm is None:
             inv = reference.residual_inv_norms(
                 docs.codes, docs.residuals, codec.centroids, codec.bucket_weights, codec.nbits

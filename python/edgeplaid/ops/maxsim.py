@@ -29,7 +29,9 @@ def maxsim(
 
     Returns:
         (nq, nd) float32. Accumulation is fp32; half inputs are widened exactly. A document
-        with no valid token scores -inf; a query with no valid token scores 0.
+        with no valid token scores -inf; a query with no valid token scores 0. Non-finite
+        inputs raise ValueError naming the argument (CUDA tensors are not read on the host: a
+        document holding NaN or inf scores NaN there).
     """
     q = v.queries(queries)
     nq, lq, dim = q.shape
@@ -38,7 +40,7 @@ def maxsim(
     v.check_device("documents", d, q.device)
     qm = v.mask(queries_mask, "queries_mask", nq, lq, q.device)
     dm = v.mask(documents_mask, "documents_mask", d.shape[0], d.shape[1], q.device)
-    return resolve("maxsim", q.device, backend)(q, d, qm, dm)
+    return v.check_finite_scores(resolve("maxsim", q.device, backend)(q, d, qm, dm), "documents")
 
 
 register("maxsim", "reference", reference.maxsim)

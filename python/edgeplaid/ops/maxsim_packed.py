@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from edgeplaid.ops import _validate as v
 from edgeplaid.ops import bundles as b
 from edgeplaid.ops import cpp_backend, reference, triton_backend
 from edgeplaid.ops.dispatch import register, resolve
@@ -38,12 +39,14 @@ def maxsim_packed(
 
     Returns:
         (nq, nc) float32, fp32 accumulation. Empty documents score -inf; a query with no valid
-        token scores 0.
+        token scores 0. Non-finite inputs raise ValueError naming the argument (on CUDA tensors
+        the data is not read on the host: a document holding NaN or inf scores NaN there).
     """
     q = b.queries(queries, queries_mask)
     docs = b.packed_docs(doc_tokens, doc_offsets, dim=q.shape[2], device=q.device)
     cand = b.candidates(candidates, q.shape[0], docs.n_docs, q.device)
-    return resolve("maxsim_packed", q.device, backend)(q, docs, cand)
+    out = resolve("maxsim_packed", q.device, backend)(q, docs, cand)
+    return v.check_finite_scores(out, "doc_tokens")
 
 
 def _reference(q: b.Queries, docs: b.PackedDocs, cand: b.Candidates | None) -> torch.Tensor:

@@ -27,7 +27,8 @@ def maxsim(
     """score[q, n] = Σ_{valid i} max_{valid j} ⟨queries[q, i], documents[n, j]⟩.
 
     queries (nq, Lq, dim), documents (nd, Ld, dim): float32/16/bf16; masks bool (nq, Lq),
-    (nd, Ld). Returns (nq, nd) float32.
+    (nd, Ld). Returns (nq, nd) float32. A document with a valid token holding NaN or inf scores
+    NaN (the rule the kernels follow; the public ops raise on it).
     """
     nq, lq, _ = queries.shape
     nd, ld, _ = documents.shape
@@ -47,6 +48,13 @@ def maxsim(
         if queries_mask is not None:
             best = best.masked_fill(~queries_mask[:, None, :], 0.0)
         out[:, start : start + chunk] = best.sum(dim=-1)
+        if ld:
+            bad = ~torch.isfinite(d).all(dim=-1)  # (chunk, ld)
+            if documents_mask is not None:
+                bad &= documents_mask[start : start + chunk]
+            out[:, start : start + chunk] = out[:, start : start + chunk].masked_fill(
+                bad.any(dim=-1)[None], float("nan")
+            )
     return out
 
 

@@ -300,7 +300,8 @@ class PlaidSearcher:
         n_probe = min(params.n_probe, n_cent)
         for start in range(0, nq, per_block):
             q = queries[start : start + per_block]
-            cs, top = centroid_scores(q, self.codec, n_probe, backend=backend)
+            scores, top = centroid_scores(q, self.codec, n_probe, backend=backend)
+            cs = b.CentroidScores(scores)  # finite: the queries and the codec were checked
             cand = self._candidates(q, top, subset, start, params, torch_glue)
             if cand.shape[1] > params.n_candidates:
                 s2 = centroid_interaction(
