@@ -218,6 +218,7 @@ def index_dir(tmp_path_factory: pytest.TempPathFactory, model_dir: str, dataset:
         (["search", "{index}", "--queries", "{tmp}/ok.jsonl", "--out", "{tmp}"], "is a directory"),
         (["search", "{tmp}/no-model-index", "wing"], 'encoder.json: no "model"'),
         (["search", "{tmp}/list-encoder-index", "wing"], "encoder.json: expected a JSON object"),
+        (["info", "{tmp}/list-manifest-index"], "manifest.json"),
         (["search", "{index}", "wing \udcff"], "query: not valid UTF-8"),
         (["search", "{index}", "wing", "--mode", "x"], "unrecognized arguments: --mode x"),
     ],

@@ -505,7 +505,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=positive_int, default=64)
     p.add_argument("--max-queue", type=positive_int, default=256)
     p.add_argument("--max-documents", type=positive_int, default=1000)
-    p.add_argument("--max-text-chars", type=positive_int, default=20000)
+    p.add_argument("--max-text-chars", type=positive_int, default=20000, help="characters per text")
+    p.add_argument(
+        "--max-request-chars",
+        type=positive_int,
+        default=1_000_000,
+        help="characters of all the texts of one request together (bounds one request's work)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=10.0,
+        help="seconds for a request's head and body to arrive (slow clients are disconnected)",
+    )
     p.set_defaults(fn=cmd_serve)
     return parser
 

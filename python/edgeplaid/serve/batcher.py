@@ -4,17 +4,21 @@ One worker per batcher takes the first waiting request, waits at most ``window_s
 (up to ``max_batch``), and hands the whole batch to ``process`` in a worker thread: the
 kernels run there with every core, and the event loop keeps accepting requests. A full queue
 refuses new work at once (:class:`Overloaded`, answered 503 with Retry-After) instead of
-growing without bound.
+growing without bound. A batch that fails is run again one request at a time, so that only the
+request that caused the failure gets it: one bad request never fails the others of its batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger("edgeplaid.serve")
 
 
 class Overloaded(Exception):
@@ -34,8 +38,9 @@ class _Job:
 class MicroBatcher:
     """Coalesces ``submit(item)`` calls into ``process(items) -> results`` calls.
 
-    ``process`` runs in ``executor`` and returns one result per item, in order, or raises
-    (then every request of the batch gets the exception). ``on_batch(size)`` is told each
+    ``process`` runs in ``executor`` and returns one result per item, in order, or raises; a
+    batch of several items that raises is processed again one item at a time, and only the
+    items that fail alone get their exception (logged). ``on_batch(size)`` is told each
     batch's size (for metrics).
     """
 
@@ -104,21 +109,44 @@ class MicroBatcher:
         return batch
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
             batch = [job for job in batch if not job.future.cancelled()]  # clients that left
             if not batch:
                 continue
-            if self.on_batch is not None:
-                self.on_batch(len(batch))
             try:
-                results = await loop.run_in_executor(self.executor, self.process, [job.item for job in batch])
-            except Exception as exc:  # every request of the batch learns why
+                if self.on_batch is not None:
+                    self.on_batch(len(batch))
+                await self._process(batch)
+            except Exception as exc:  # the worker must outlive any one batch
+                log.exception("batch failed outside processing")
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(exc)
-                continue
-            for job, result in zip(batch, results, strict=True):
-                if not job.future.done():
-                    job.future.set_result(result)
+
+    async def _process(self, batch: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self.executor, self.process, [job.item for job in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"process returned {len(results)} results for {len(batch)} items")
+        except Exception as exc:
+            if len(batch) == 1:
+                log.error("a request failed", exc_info=exc)
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(exc)
+                return
+            # Isolate the culprit: each request alone, so the innocent ones are answered.
+            log.warning(
+                "a batch of %d failed (%s: %s); retrying its requests one by one",
+                len(batch),
+                type(exc).__name__,
+                exc,
+            )
+            for job in batch:
+                if not job.future.cancelled():
+                    await self._process([job])
+            return
+        for job, result in zip(batch, results, strict=True):
+            if not job.future.done():
+                job.future.set_result(result)
