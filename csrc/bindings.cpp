@@ -472,6 +472,104 @@ py::dict cpu_info() {
   return info;
 }
 
+
+// ---- Index building (issue 14): nearest_centroids and compress_residuals ----------------------
+
+BlockRows block_rows_arg(const py::array& data, const py::array& ids, const char* name, const char* ids_name,
+                         int64_t dim) {
+  expect_rank(data, name, 3, "(n_blocks, dim, 16)");
+  f32_data(data, name);
+  expect_dim(data, name, 1, dim, "dim of tokens");
+  expect_dim(data, name, 2, kBlockLanes, "centroids per block");
+  expect_rank(ids, ids_name, 2, "(n_blocks, 16)");
+  if (!has_dtype(ids, 'i', 4)) fail(std::string(ids_name) + ": expected int32");
+  expect_dim(ids, ids_name, 0, data.shape(0), "n_blocks");
+  expect_dim(ids, ids_name, 1, kBlockLanes, "centroids per block");
+  return BlockRows{static_cast<const float*>(data.data()), static_cast<const int32_t*>(ids.data()), data.shape(0)};
+}
+
+py::tuple nearest_centroids(const py::array& tokens, const std::string& dtype, const py::array& group_data,
+                            const py::array& group_ids, const py::array& member_data, const py::array& member_ids,
+                            const py::array& group_blocks, const py::object& centroids, const py::object& graph,
+                            int64_t n_probe, int64_t k, int64_t max_steps, int64_t width) {
+  expect_rank(tokens, "tokens", 2, "(n_tokens, dim)");
+  const int64_t n = tokens.shape(0), dim = tokens.shape(1);
+  if (dim < 1) fail("tokens: dim must be >= 1");
+  const Rows rows{tokens.data(), parse_dtype(tokens, dtype, "tokens"), n, dim};
+  CentroidGroups g{};
+  g.dim = dim;
+  g.groups = block_rows_arg(group_data, group_ids, "group_blocks", "group_block_ids", dim);
+  g.members = block_rows_arg(member_data, member_ids, "member_blocks", "member_block_ids", dim);
+  expect_rank(group_blocks, "group_offsets", 1, "(n_groups + 1,)");
+  if (!has_dtype(group_blocks, 'i', 8)) fail("group_offsets: expected int64");
+  g.n_groups = group_blocks.shape(0) - 1;
+  if (g.n_groups < 1) fail("group_offsets: expected at least one group (n_groups + 1 >= 2 entries)");
+  g.group_blocks = static_cast<const int64_t*>(group_blocks.data());
+  if (n_probe < 1 || n_probe > g.n_groups)
+    fail("n_probe: expected 1 <= n_probe <= n_groups=" + std::to_string(g.n_groups) + ", got " +
+         std::to_string(n_probe));
+  if (k < 1) fail("k: expected k >= 1, got " + std::to_string(k));
+  if (max_steps < 0) fail("max_steps: expected >= 0, got " + std::to_string(max_steps));
+  if (width < 1) fail("width: expected >= 1, got " + std::to_string(width));
+  if (centroids.is_none() != graph.is_none()) fail("graph: expected centroids and graph both given or both None");
+  py::array cents, grph;
+  if (!graph.is_none()) {
+    cents = centroids.cast<py::array>();
+    grph = graph.cast<py::array>();
+    expect_rank(cents, "centroids", 2, "(n_centroids, dim)");
+    g.centroids = f32_data(cents, "centroids");
+    expect_dim(cents, "centroids", 1, dim, "dim of tokens");
+    g.n_centroids = cents.shape(0);
+    expect_rank(grph, "graph", 2, "(n_centroids, degree)");
+    if (!has_dtype(grph, 'i', 4)) fail("graph: expected int32");
+    expect_dim(grph, "graph", 0, g.n_centroids, "n_centroids");
+    g.graph = static_cast<const int32_t*>(grph.data());
+    g.degree = grph.shape(1);
+  }
+  py::array_t<float> scores({n, k});
+  py::array_t<int64_t> ids({n, k});
+  if (n == 0) return py::make_tuple(scores, ids);
+  float* s = scores.mutable_data();
+  int64_t* i = ids.mutable_data();
+  KernelError err;
+  {
+    py::gil_scoped_release release;
+    EP_DISPATCH(nearest_centroids, rows, g, n_probe, k, max_steps, width, s, i, err);
+  }
+  raise_if(err);
+  return py::make_tuple(scores, ids);
+}
+
+py::tuple compress_residuals(const py::array& tokens, const std::string& dtype, const py::array& codes,
+                             const py::array& centroids, const std::string& centroids_dtype,
+                             const py::array& bucket_cutoffs, const py::array& bucket_weights, int nbits) {
+  expect_rank(tokens, "tokens", 2, "(n_tokens, dim)");
+  const int64_t n = tokens.shape(0), dim = tokens.shape(1);
+  if (dim < 1) fail("tokens: dim must be >= 1");
+  const Rows rows{tokens.data(), parse_dtype(tokens, dtype, "tokens"), n, dim};
+  const Ids ids = codes_arg(codes);
+  expect_dim(codes, "codes", 0, n, "one per token");
+  const Codec codec = codec_arg(centroids, centroids_dtype, bucket_weights, nbits, dim);
+  expect_rank(bucket_cutoffs, "bucket_cutoffs", 1, "(2**nbits - 1,)");
+  expect_dim(bucket_cutoffs, "bucket_cutoffs", 0, (int64_t(1) << nbits) - 1, "2**nbits - 1");
+  const float* cutoffs = f32_data(bucket_cutoffs, "bucket_cutoffs");
+  const int64_t row_bytes = dim * nbits / 8;
+  py::array_t<uint8_t> residuals({n, row_bytes});
+  py::array_t<float> inv_norm({n});
+  if (n == 0) return py::make_tuple(residuals, inv_norm);
+  uint8_t* r = residuals.mutable_data();
+  float* in = inv_norm.mutable_data();
+  KernelError err;
+  {
+    py::gil_scoped_release release;
+    EP_DISPATCH(compress_residuals, rows, ids, codec.centroids, cutoffs, codec.bucket_weights, nbits, r, in, err);
+  }
+  raise_if(err);
+  return py::make_tuple(residuals, inv_norm);
+}
+
+// ---- end of index building ---------------------------------------------------------------------
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -493,6 +591,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("precision"));
   m.def("centroid_interaction", &centroid_interaction, py::arg("centroid_scores"), py::arg("queries_mask"),
         py::arg("codes"), py::arg("doc_offsets"), py::arg("candidates"), py::arg("threshold"));
+  m.def("nearest_centroids", &nearest_centroids, py::arg("tokens"), py::arg("dtype"), py::arg("group_blocks"),
+        py::arg("group_block_ids"), py::arg("member_blocks"), py::arg("member_block_ids"), py::arg("group_offsets"),
+        py::arg("centroids"), py::arg("graph"), py::arg("n_probe"), py::arg("k"), py::arg("max_steps"),
+        py::arg("width"));
+  m.def("compress_residuals", &compress_residuals, py::arg("tokens"), py::arg("dtype"), py::arg("codes"),
+        py::arg("centroids"), py::arg("centroids_dtype"), py::arg("bucket_cutoffs"), py::arg("bucket_weights"),
+        py::arg("nbits"));
   m.def("peak_gflops", &peak_gflops, py::arg("seconds") = 0.25,
         "Measured fp32 FMA peak (GFLOP/s) of the active ISA on all pool threads.");
   m.def("peak_int8_gops", &peak_int8_gops, py::arg("seconds") = 0.25,

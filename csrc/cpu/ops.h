@@ -95,6 +95,34 @@ struct Compressed {
   const uint8_t* residuals;
 };
 
+// Centroids laid out for nearest_centroids' coarse-to-fine search (index building). Rows are
+// stored in blocks of kBlockLanes centroids, dimension-major: in block b, lane l holds centroid
+// ids[b * kBlockLanes + l] and data[(b * dim + d) * kBlockLanes + l] is its d-th element, so a
+// token is scored against a whole block with one broadcast and one FMA per dimension. A set
+// that is not a whole number of blocks is padded with lanes of id -1 (never returned).
+constexpr int kBlockLanes = 16;
+struct BlockRows {
+  const float* data;    // (n_blocks, dim, kBlockLanes)
+  const int32_t* ids;   // (n_blocks, kBlockLanes)
+  int64_t n_blocks;
+};
+
+// Group g's member centroids are members' blocks [group_blocks[g], group_blocks[g + 1]); a
+// token probes the n_probe groups whose centroids score highest, then (graph != null) walks the
+// neighbour graph from its best centroids: each step scores the `degree` neighbours of one
+// candidate (centroids (n_centroids, dim) row-major; -1 = no neighbour).
+struct CentroidGroups {
+  BlockRows groups;             // the group centroids; ids are group ids in [0, n_groups)
+  int64_t n_groups;
+  BlockRows members;            // every centroid, group by group; ids in [0, n_centroids)
+  const int64_t* group_blocks;  // (n_groups + 1,)
+  const float* centroids;       // (n_centroids, dim) fp32, read by the walk only
+  int64_t n_centroids;
+  const int32_t* graph;         // (n_centroids, degree) or null: no walk
+  int64_t degree;
+  int64_t dim;
+};
+
 #define EDGEPLAID_DECLARE_KERNELS(ns)                                                          \
   namespace ns {                                                                               \
   void maxsim_padded(const Queries& q, const PaddedDocs& docs, float* out, KernelError& err); \
@@ -116,6 +144,12 @@ struct Compressed {
                                      const float* centroid_scores, int64_t n_centroids,         \
                                      const float* bucket_weights, int nbits, bool int8,         \
                                      const Candidates& cand, float* out, KernelError& err);     \
+  void nearest_centroids(const Rows& tokens, const CentroidGroups& groups, int64_t n_probe,      \
+                         int64_t k, int64_t max_steps, int64_t width, float* scores,            \
+                         int64_t* ids, KernelError& err);                                       \
+  void compress_residuals(const Rows& tokens, const Ids& codes, const Rows& centroids,          \
+                          const float* bucket_cutoffs, const float* bucket_weights, int nbits,  \
+                          uint8_t* residuals, float* inv_norm, KernelError& err);               \
   double fma_probe(int64_t iterations);                                                        \
   double int8_probe(int64_t iterations);                                                       \
   }

@@ -4,22 +4,28 @@
 
 from edgeplaid.ops.centroid_interaction import centroid_interaction
 from edgeplaid.ops.centroid_scores import centroid_scores
+from edgeplaid.ops.compress_residuals import compress_residuals
 from edgeplaid.ops.decompress_residuals import decompress_residuals
 from edgeplaid.ops.dispatch import BackendUnavailableError, available_backends
 from edgeplaid.ops.fused_decompress_maxsim import fused_decompress_maxsim, residual_inv_norms
 from edgeplaid.ops.maxsim import maxsim
 from edgeplaid.ops.maxsim_packed import maxsim_packed
+from edgeplaid.ops.nearest_centroids import CentroidGroups, centroid_groups, nearest_centroids
 from edgeplaid.ops.offsets import offsets_from_lengths
 
 __all__ = [
     "BackendUnavailableError",
+    "CentroidGroups",
     "available_backends",
+    "centroid_groups",
     "centroid_interaction",
     "centroid_scores",
+    "compress_residuals",
     "decompress_residuals",
     "fused_decompress_maxsim",
     "maxsim",
     "maxsim_packed",
+    "nearest_centroids",
     "offsets_from_lengths",
     "residual_inv_norms",
 ]

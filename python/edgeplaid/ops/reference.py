@@ -323,3 +323,136 @@ def centroid_interaction(
             best = per_token.amax(dim=-1)
         out[qi, keep] = best.sum(dim=0)
     return out
+
+
+# ---------------------------------------------------------------- index building (issue 14)
+
+BLOCK_LANES = 16  # centroids per block of nearest_centroids' layout (kBlockLanes in csrc/cpu/ops.h)
+
+
+def _block_rows(blocks: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks (nb, dim, 16) + ids (nb, 16) -> distinct ids ascending (m,) and their rows (m, dim);
+    lanes of id -1 (padding) are dropped."""
+    rows = blocks.float().permute(0, 2, 1).reshape(-1, blocks.shape[1])
+    ids = block_ids.reshape(-1).long()
+    rows, ids = rows[ids >= 0], ids[ids >= 0]
+    uniq, inv = torch.unique(ids, return_inverse=True)
+    first = torch.full((uniq.shape[0],), ids.shape[0], dtype=torch.long, device=ids.device)
+    first.scatter_reduce_(0, inv, torch.arange(ids.shape[0], device=ids.device), reduce="amin")
+    return uniq, rows[first]
+
+
+def _best(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of (scores (m,), distinct ids (m,) ascending): score descending, ties to the lower id."""
+    order = torch.sort(-scores, stable=True).indices[:k]
+    return scores[order], ids[order]
+
+
+def nearest_centroids(
+    tokens: torch.Tensor,
+    group_blocks: torch.Tensor,
+    group_block_ids: torch.Tensor,
+    member_blocks: torch.Tensor,
+    member_block_ids: torch.Tensor,
+    group_offsets: torch.Tensor,
+    centroids: torch.Tensor | None,
+    graph: torch.Tensor | None,
+    n_probe: int,
+    k: int,
+    max_steps: int,
+    width: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's k best centroids by inner product, searched coarse to fine.
+
+    1. groups = the n_probe best group centroids of the token (rows of group_blocks, ids
+       group_block_ids); 2. best = the kk = k (max(k, width) with a graph) best members of those
+       groups (member blocks group_offsets[g] : group_offsets[g + 1] of member_blocks /
+       member_block_ids); 3. with a graph (n_centroids, degree) int32 (-1 = none), up to max_steps
+       times: the first of best[:width] not expanded yet is expanded (its neighbours, rows of
+       centroids, are scored and enter best); stop when best[:width] are all expanded.
+    "Best" is score descending, ties to the lower id; an id met twice is listed once; lanes of id
+    -1 are padding.
+
+    tokens (n, dim) float. Returns scores (n, k) float32 and ids (n, k) int64, padded with -inf
+    and -1 when fewer than k distinct centroids were scored. Scores here come from torch
+    matmuls; the cpp kernel's are sequential FMA chains (equal on integer-valued inputs).
+    """
+    n = tokens.shape[0]
+    x = tokens.float()
+    gid, grows = _block_rows(group_blocks, group_block_ids)
+    walk = graph is not None and centroids is not None
+    kk = max(k, width) if walk else k
+    out_s = torch.full((n, k), NEG_INF, dtype=torch.float32)
+    out_i = torch.full((n, k), -1, dtype=torch.int64)
+    gscores = x @ grows.T  # (n, n_groups)
+    cents = None if centroids is None else centroids.float()
+    for t in range(n):
+        _, groups = _best(gscores[t], gid, n_probe)
+        blocks = [torch.arange(int(group_offsets[g]), int(group_offsets[g + 1])) for g in groups.tolist()]
+        b = torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.long)
+        ids, rows = _block_rows(member_blocks[b], member_block_ids[b])
+        s, i = _best(rows @ x[t], ids, kk)
+        expanded: list[int] = []
+        for _ in range(max_steps if walk else 0):
+            todo = [c for c in i[:width].tolist() if c not in expanded]
+            if not todo:
+                break
+            expanded.append(todo[0])
+            nb = graph[todo[0]].long()
+            nb = nb[nb >= 0]
+            all_i = torch.cat([i, nb])
+            all_s = torch.cat([s, cents[nb] @ x[t]])
+            uniq, inv = torch.unique(all_i, return_inverse=True)
+            first = torch.full((uniq.shape[0],), all_i.shape[0], dtype=torch.long)
+            first.scatter_reduce_(0, inv, torch.arange(all_i.shape[0]), reduce="amin")
+            s, i = _best(all_s[first], uniq, kk)
+        out_s[t, : min(k, s.shape[0])] = s[:k]
+        out_i[t, : min(k, i.shape[0])] = i[:k]
+    return out_s, out_i
+
+
+def _sum_squares16(v: torch.Tensor) -> torch.Tensor:
+    """Σ_d v[:, d]² in compress_residuals' fixed order: 16 lane sums (lane l adds dims l, l + 16, …,
+    each square rounded, then added), folded in halves. v (n, dim) float32 -> (n,) float32."""
+    n, dim = v.shape
+    acc = torch.zeros(n, 16, dtype=torch.float32, device=v.device)
+    for d0 in range(0, dim, 16):
+        part = v[:, d0 : d0 + 16]
+        sq = part * part
+        acc[:, : part.shape[1]] = acc[:, : part.shape[1]] + sq
+    h = 8
+    while h >= 1:
+        acc = acc[:, :h] + acc[:, h : 2 * h]
+        h //= 2
+    return acc[:, 0]
+
+
+def compress_residuals(
+    tokens: torch.Tensor,
+    codes: torch.Tensor,
+    centroids: torch.Tensor,
+    bucket_cutoffs: torch.Tensor,
+    bucket_weights: torch.Tensor,
+    nbits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of decompress_residuals, for tokens (n, dim) and their codes (n,).
+
+    r = tokens - centroids[codes] (fp32); bucket b[d] = #{j : bucket_cutoffs[j] < r[d]}
+    (torch.bucketize; cutoffs non-decreasing); residuals = pack_residuals(b, nbits) (n, dim * nbits / 8)
+    uint8; inv_norm (n,) float32 = 1 / max(‖centroids[codes] + bucket_weights[b]‖₂, 1e-12), the
+    squared norm summed in the order of :func:`_sum_squares16`.
+    """
+    check_codes(codes, centroids.shape[0])
+    if codes.shape[0] == 0:
+        row_bytes = tokens.shape[1] * nbits // 8
+        return torch.zeros(0, row_bytes, dtype=torch.uint8), torch.zeros(0, dtype=torch.float32)
+    cents = centroids.float()[codes.long()]
+    r = tokens.float() - cents
+    buckets = torch.bucketize(r, bucket_cutoffs.float())
+    vectors = cents + bucket_weights.float()[buckets]
+    # sqrt and 1/x correctly rounded (as the kernels' sqrtss / divss): in fp64, then rounded once
+    # to fp32 (exact for these two ops, fp64 having more than 2 * 24 + 2 bits); torch's fp32 sqrt
+    # may be off by an ulp.
+    norm = _sum_squares16(vectors).double().sqrt().float().clamp_min(1e-12)
+    inv = (1.0 / norm.double()).float()
+    return pack_residuals(buckets, nbits), inv
