@@ -14,7 +14,7 @@ from _index_tools import copy_index, edit_manifest
 
 from _plaid_data import corpus
 from edgeplaid import Index, IndexFormatError
-from edgeplaid.index import FORMAT_VERSION, _build
+from edgeplaid.index import FORMAT_VERSION, _build, _codec
 from edgeplaid.index._codec import num_centroids, pack_buckets
 from edgeplaid.ops import reference
 
@@ -252,10 +252,20 @@ def _as_version_1(path: Path) -> None:
 def test_inv_norm_is_stored_and_right(built):
     m = json.loads((built.path / "manifest.json").read_text())
     assert m["arrays"]["inv_norm"]["dtype"] == "<f4"
-    want = reference.residual_inv_norms(
+    # Bit for bit the norm in compress_residuals' fixed summation order, recomputed from the codes ...
+    want = _codec.inv_norms(
+        built.codes.numpy(),
+        built.residuals.numpy(),
+        built.centroids.float().numpy(),
+        built.bucket_weights.numpy(),
+        4,
+    )
+    assert np.array_equal(built.inv_norm.numpy(), want)
+    # ... and within fp32 rounding of residual_inv_norms (which sums in torch's order).
+    loose = reference.residual_inv_norms(
         built.codes, built.residuals, built.centroids.float(), built.bucket_weights, 4
     )
-    assert torch.equal(built.inv_norm, want)
+    torch.testing.assert_close(built.inv_norm, loose, rtol=4e-7, atol=0)
 
 
 def test_version_1_index_loads_searches_identically_and_upgrades(tmp_path, built, data):
@@ -307,3 +317,44 @@ def test_search_precision_argument(built):
     q = torch.nn.functional.normalize(torch.randn(2, 6, 48), dim=-1)
     with pytest.raises(ValueError, match="precision"):
         built.search(q, precision="fp8")
+
+
+# ---------------------------------------------------------------- build at scale (issue 14)
+
+
+def test_coarse_to_fine_build_assigns_nearly_exactly(tmp_path, data, monkeypatch):
+    """Above EXACT_MAX_CENTROIDS the build searches centroids coarse to fine (groups + graph
+    walk): the stored codes are the exact nearest centroids but for a few near-ties, the residuals
+    and inv_norm are those of compress_residuals for these codes, and the build is deterministic."""
+    tokens, doclens, _ = data
+    monkeypatch.setattr(_codec, "EXACT_MAX_CENTROIDS", 32)
+    a = Index.build(tmp_path / "a", tokens, doclens, nbits=2, n_centroids=256, progress=False)
+    b = Index.build(tmp_path / "b", tokens, doclens, nbits=2, n_centroids=256, progress=False)
+    for name in ("centroids", "codes", "residuals", "inv_norm", "ivf_docs", "bucket_cutoffs"):
+        assert torch.equal(
+            torch.as_tensor(np.asarray(getattr(a, name))), torch.as_tensor(np.asarray(getattr(b, name)))
+        )
+    cents = a.centroids.float()
+    exact = torch.from_numpy(_codec.assign(tokens.numpy(), cents.numpy()))
+    codes = a.codes.long()
+    best = (tokens @ cents.T).max(dim=1).values
+    got = (tokens * cents[codes]).sum(-1)
+    assert float((codes == exact).float().mean()) >= 0.99
+    assert float((best - got).max()) < 0.05  # a miss is a near-tie
+    res, inv = reference.compress_residuals(tokens, codes, cents, a.bucket_cutoffs, a.bucket_weights, 2)
+    assert torch.equal(a.residuals, res) and torch.equal(a.inv_norm, inv)
+
+
+def test_assigner_exact_below_threshold_and_kmeans_scales(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(3000, 48, generator=g), dim=-1).numpy()
+    cents = _codec.kmeans(x, 64, iters=2, seed=1)
+    assert cents.shape == (64, 48) and np.allclose(np.linalg.norm(cents, axis=1), 1, atol=1e-5)
+    assert _codec.Assigner(cents).exact
+    monkeypatch.setattr(_codec, "EXACT_MAX_CENTROIDS", 16)
+    approx = _codec.Assigner(cents)
+    assert not approx.exact and approx.groups.graph is not None
+    assert float(np.mean(approx(x) == _codec.assign(x, cents))) >= 0.98
+    # k-means through the coarse-to-fine path (no walk) still converges to unit centroids
+    c2 = _codec.kmeans(x, 64, iters=2, seed=1)
+    assert c2.shape == (64, 48) and np.allclose(np.linalg.norm(c2, axis=1), 1, atol=1e-5)

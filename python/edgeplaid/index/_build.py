@@ -201,7 +201,11 @@ def build(
         # Stored as fp16 (as colbert-ai stores them); residuals are taken against the rounded values.
         centroids = _codec.kmeans(fit, k, kmeans_iters, seed).astype(np.float16).astype(np.float32)
         timings["kmeans"] = time.perf_counter() - t1
-        hcodes = _codec.assign(heldout, centroids)
+        # Nearest-centroid search structure for the final centroids (groups + neighbour graph).
+        t_groups = time.perf_counter()
+        assigner = _codec.Assigner(centroids, seed=seed)
+        timings["groups"] = time.perf_counter() - t_groups
+        hcodes = assigner(heldout)
         avg_residual, cutoffs, weights = _codec.fit_buckets(heldout - centroids[hcodes], nbits)
         del sample, fit, heldout
 
@@ -215,10 +219,10 @@ def build(
         src = whole if one_shot else np.memmap(spool_path, dtype=np.float32, mode="c", shape=(n_tokens, dim))
         for s in range(0, n_tokens, _BATCH_TOKENS):
             block = np.ascontiguousarray(src[s : s + _BATCH_TOKENS])
-            c, r = _codec.compress(block, centroids, cutoffs, nbits)
+            c, r, inv = _codec.compress(block, centroids, cutoffs, weights, nbits, assigner)
             codes[s : s + block.shape[0]] = c
             w.append("residuals", r)
-            w.append("inv_norm", _codec.inv_norms(c, r, centroids, weights, nbits))
+            w.append("inv_norm", inv)
             if bar is not None:
                 bar.update(block.shape[0])
         if bar is not None:
