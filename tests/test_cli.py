@@ -221,6 +221,7 @@ def index_dir(tmp_path_factory: pytest.TempPathFactory, model_dir: str, dataset:
         (["info", "{tmp}/list-manifest-index"], "manifest.json"),
         (["search", "{index}", "wing \udcff"], "query: not valid UTF-8"),
         (["search", "{index}", "wing", "--mode", "x"], "unrecognized arguments: --mode x"),
+        (["serve", "--request-timeout", "0"], "--request-timeout: expected a positive number, got 0.0"),
     ],
 )
 def test_hostile_input_is_one_line(capsys, tmp_path, model_dir, index_dir, argv, message):

@@ -35,6 +35,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
 MAX_K = 100_000  # results are dense (n_queries, k) arrays: 2**40 would ask for terabytes
 
 
@@ -514,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--request-timeout",
-        type=float,
+        type=positive_float,
         default=10.0,
         help="seconds for a request's head and body to arrive (slow clients are disconnected)",
     )

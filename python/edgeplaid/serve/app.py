@@ -381,8 +381,8 @@ UNMATCHED = "unmatched"  # the metrics label of every URL that is no route: one 
 
 
 class _HTTPGuard:
-    """The outermost ASGI layer: the body limit on bytes as they arrive, and request metrics
-    labelled by route template.
+    """An ASGI layer around every route: the body limit on bytes as they arrive, and request
+    metrics labelled by route template.
 
     A declared Content-Length over the limit is answered 413 before the body is read; any other
     body (chunked, or a Content-Length that lies) is counted as it arrives and refused as soon
