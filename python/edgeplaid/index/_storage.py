@@ -133,10 +133,15 @@ class IndexDir:
         self._close()
 
     def removed(self) -> bool:
-        """Whether the directory was unlinked since it was opened (replaced by a writer)."""
+        """Whether the directory was replaced since it was opened: unlinked, or no longer the one
+        at its path (a writer exchanged it and may be deleting its files right now)."""
         try:
-            return os.fstat(self.fd).st_nlink == 0
-        except OSError:  # pragma: no cover
+            mine = os.fstat(self.fd)
+            if mine.st_nlink == 0:
+                return True
+            now = os.stat(self.path, follow_symlinks=True)
+            return (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino)
+        except OSError:
             return True
 
     def open_file(self, name: str, what: str | None = None) -> tuple[int, os.stat_result]:
