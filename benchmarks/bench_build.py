@@ -18,6 +18,10 @@ smoke run of 1,000 documents that writes no CSV). Each size builds in a fresh ch
   right (score within 1e-6 of the best);
 - peak RSS of the child.
 
+Size 0 is SciFact's cached MiniLM-48 tokens (benchmarks/_scifact.py; 1.24M tokens, one array)
+instead of synthetic data, with nDCG@10 of the built index's search (int8 and exact last stage)
+and of exhaustive fp32 MaxSim in the note: search quality before/after a build change.
+
 ``--out-dir`` keeps the index at ``DIR/idx_5k`` etc. (bench_search_scale.py searches them);
 otherwise it is built in a temporary directory and removed. ``--old-tree DIR`` also builds every
 size with the edgeplaid package of another checkout (``DIR/python``, e.g. a ``git worktree`` of
@@ -69,6 +73,8 @@ COLUMNS = [
 
 
 def index_name(n_docs: int) -> str:
+    if n_docs == 0:
+        return "idx_scifact"
     return f"idx_{n_docs // 1000}k" if n_docs % 1000 == 0 else f"idx_{n_docs}"
 
 
@@ -115,6 +121,47 @@ def _recall(path: Path, n_docs: int, seed: int, n_tokens: int) -> tuple[float, f
     return float(np.mean(codes == best)), float(np.mean(code_s >= best_s - 1e-6))
 
 
+def _scifact_build(path: Path, args: argparse.Namespace) -> tuple[object, float, dict]:
+    """Builds SciFact's cached MiniLM-48 tokens (benchmarks/_scifact.py) and scores the index:
+    nDCG@10 of Index.search (both precisions of its last stage) and of exhaustive fp32 MaxSim."""
+    import numpy as np
+    import torch
+
+    import _scifact
+    from bench_search import ndcg_at_k
+    from edgeplaid import Index
+    from edgeplaid.ops import maxsim_packed
+
+    data = _scifact.embeddings(DIM)
+    tokens, doclens = torch.from_numpy(data["doc_tokens"]), torch.from_numpy(data["doclens"])
+    t = time.perf_counter()
+    idx = Index.build(
+        path, tokens, doclens, nbits=args.nbits, ids=data["doc_ids"], overwrite=True, progress=False
+    )
+    build_s = time.perf_counter() - t
+    q, qmask = torch.from_numpy(data["queries"]), torch.from_numpy(data["queries_mask"])
+    qids, qrels, doc_ids = data["query_ids"], data["qrels"], data["doc_ids"]
+    extra = {}
+    for precision in ("int8", "exact"):
+        try:
+            r = idx.search(q, 10, qmask, precision=precision)
+        except TypeError:  # an older tree without the precision argument
+            r = idx.search(q, 10, qmask)
+        ranked = [[doc_ids[i] for i in row if i >= 0] for row in r.ids.tolist()]  # positions -> ids
+        extra[f"ndcg10_{precision}"] = ndcg_at_k(ranked, qids, qrels)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), doclens.cumsum(0)])
+    exact = maxsim_packed(q, tokens, offsets, None, qmask).topk(10, dim=1).indices.tolist()
+    extra["ndcg10_exhaustive_fp32"] = ndcg_at_k([[doc_ids[i] for i in row] for row in exact], qids, qrels)
+    # assignment recall on the corpus' first tokens
+    x = data["doc_tokens"][: args.recall_tokens].astype(np.float64)
+    cents = idx.centroids.float().numpy().astype(np.float64)
+    codes = np.asarray(idx.codes[: x.shape[0]]).astype(np.int64)
+    sc = x @ cents.T
+    extra["recall"] = float(np.mean(codes == sc.argmax(1)))
+    extra["recall_ties"] = float(np.mean(sc[np.arange(x.shape[0]), codes] >= sc.max(1) - 1e-6))
+    return idx, build_s, extra
+
+
 def child(args: argparse.Namespace) -> None:
     """One build in this process; prints one JSON line."""
     import resource
@@ -126,13 +173,20 @@ def child(args: argparse.Namespace) -> None:
     if args.threads:
         edgeplaid.set_num_threads(args.threads)
     path = Path(args.path)
-    gen = _Timed(_synthetic.synthetic_corpus(args.n_docs, dim=DIM, seed=args.seed))
-    t = time.perf_counter()
-    idx = Index.build(path, gen, None, nbits=args.nbits, overwrite=True, progress=False)
-    build_s = time.perf_counter() - t
+    if args.n_docs == 0:  # SciFact
+        idx, build_s, extra = _scifact_build(path, args)
+        gen = _Timed(iter(()))
+        recall, recall_ties = extra.pop("recall"), extra.pop("recall_ties")
+    else:
+        gen = _Timed(_synthetic.synthetic_corpus(args.n_docs, dim=DIM, seed=args.seed))
+        t = time.perf_counter()
+        idx = Index.build(path, gen, None, nbits=args.nbits, overwrite=True, progress=False)
+        build_s = time.perf_counter() - t
+        recall, recall_ties = _recall(path, args.n_docs, args.seed, args.recall_tokens)
+        extra = {}
     timings = dict(getattr(idx, "build_timings", {}) or {})
-    recall, recall_ties = _recall(path, args.n_docs, args.seed, args.recall_tokens)
     out = {
+        **extra,
         "n_docs": idx.n_docs,
         "n_tokens": idx.n_tokens,
         "n_centroids": idx.n_centroids,
@@ -202,13 +256,15 @@ def _row(r: dict, contender: str, nbits: int) -> dict:
         "recall": round(r["recall"], 5),
         "recall_ties": round(r["recall_ties"], 5),
         "peak_rss_gb": round(r["peak_rss_gb"], 2),
-        "note": "",
+        "note": "; ".join(f"{k} {v:.4f}" for k, v in r.items() if k.startswith("ndcg10")),
     }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("sizes", nargs="*", type=int, default=[5000, 50000], help="corpus sizes in documents")
+    ap.add_argument(
+        "sizes", nargs="*", type=int, default=[5000, 50000], help="corpus sizes in documents (0: SciFact)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--nbits", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="kernel threads (0: one per core)")
@@ -245,6 +301,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{row['generator_s']} s); read {row['read_s']} s, kmeans {row['kmeans_s']} s, groups "
                 f"{row['groups_s']} s, compress {row['compress_s']} s, ivf {row['ivf_s']} s; recall "
                 f"{row['recall']} ({row['recall_ties']} ties aside); peak RSS {row['peak_rss_gb']} GB"
+                + (f"; {row['note']}" if row["note"] else "")
                 + (f"; kept at {path}" if keep else ""),
                 flush=True,
             )

@@ -10,26 +10,19 @@ import torch
 
 from edgeplaid.ops import reference
 from edgeplaid.ops.compress_residuals import compress_residuals
-from edgeplaid.ops.nearest_centroids import (
-    CentroidGroups,
-    centroid_groups,
-    default_n_groups,
-    exhaustive,
-    nearest_centroids,
-)
+from edgeplaid.ops.nearest_centroids import centroid_groups, default_n_groups, exhaustive, nearest_centroids
 
 # Nearest-centroid search (edgeplaid.ops.nearest_centroids). Up to EXACT_MAX_CENTROIDS centroids
 # every token is scored against every centroid; above, coarse to fine: the centroids are grouped
-# into sqrt(N_PROBE * C) groups, a token scores the group centroids, then the members of its
-# N_PROBE best groups, then walks the GRAPH_DEGREE-nearest-neighbour graph of the centroids from
-# its best one. Measured (k-means centroids, 20,000 held-out tokens): recall of the exact nearest
-# 0.9966 at 2^15 centroids, 0.9993 at 2^16 (synthetic, benchmarks/_synthetic.py), 0.997 at 2^14
-# on SciFact's MiniLM-48 tokens; without the walk 0.974 at 2^15. benchmarks/bench_build.py
-# reports the recall of every build it times.
+# into sqrt(8 C) groups (nearest_centroids.default_n_groups), a token scores the group centroids,
+# then the members of its N_PROBE best groups. Measured (k-means centroids of the build, 20,000
+# held-out tokens; recall = the exact nearest found): SciFact's MiniLM-48 tokens, 2^14 centroids,
+# 0.9967; synthetic (benchmarks/_synthetic.py) 2^15: 0.9978, 2^16: 0.9990. The op's neighbour-graph
+# walk reached the same recall with 16 probes but cost more than 8 more probes (scalar-chain dot
+# products, gathered rows) and an O(C^2) graph: the build does not walk. bench_build.py reports
+# the recall of every build it times.
 EXACT_MAX_CENTROIDS = 4096
-N_PROBE = 8
-GRAPH_DEGREE = 32
-MAX_STEPS = 8
+N_PROBE = 24
 
 
 def num_centroids(n_tokens: int) -> int:
@@ -43,50 +36,29 @@ def num_centroids(n_tokens: int) -> int:
 class Assigner:
     """Nearest centroid (max inner product, ties to the lower id) of token rows, for fixed centroids.
 
-    Exhaustive up to EXACT_MAX_CENTROIDS centroids or with ``exact=True``; otherwise coarse to
-    fine (see above), with the neighbour-graph walk unless ``walk=False`` (k-means iterations:
-    the graph costs O(C^2) to build, and Lloyd's means barely notice a near-nearest centroid).
+    Exhaustive up to EXACT_MAX_CENTROIDS centroids or with ``exact=True``, otherwise coarse to
+    fine (see above).
 
     Args:
         centroids: (C, dim) float32 unit rows.
+        seed: seed of the grouping's k-means.
     """
 
-    def __init__(
-        self, centroids: np.ndarray, *, exact: bool = False, walk: bool = True, seed: int = 0
-    ) -> None:
+    def __init__(self, centroids: np.ndarray, *, exact: bool = False, seed: int = 0) -> None:
         cents = np.ascontiguousarray(centroids, dtype=np.float32)
         c = cents.shape[0]
         self.exact = exact or c <= EXACT_MAX_CENTROIDS
         if self.exact:
-            self.groups = exhaustive(cents)
-            self.n_probe = 1
-            return
-        self.n_probe = N_PROBE
-        groups = centroid_groups(cents, default_n_groups(c, N_PROBE), degree=0, seed=seed)
-        if walk:
-            # Exact neighbours (an approximate graph walked from the probes' best lost a third of
-            # the recall the walk gains): one exhaustive top-(degree + 1) search of the centroids.
-            deg = min(GRAPH_DEGREE, c - 1)
-            ids = nearest_centroids(cents, exhaustive(cents), 1, k=deg + 1)[1].numpy()
-            self_at = ids == np.arange(c)[:, None]
-            self_at[~self_at.any(1), -1] = True
-            graph = np.ascontiguousarray(ids[~self_at].reshape(c, deg), dtype=np.int32)
-            groups = CentroidGroups(
-                groups.group_blocks,
-                groups.group_block_ids,
-                groups.member_blocks,
-                groups.member_block_ids,
-                groups.group_offsets,
-                groups.centroids,
-                torch.from_numpy(graph),
-            )
-        self.groups = groups
+            self.groups, self.n_probe = exhaustive(cents), 1
+        else:
+            self.groups = centroid_groups(cents, default_n_groups(c), degree=0, seed=seed)
+            self.n_probe = min(N_PROBE, self.groups.n_groups)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """(n,) int64 centroid ids of rows x (n, dim) float32/float16."""
         if x.shape[0] == 0:
             return np.empty(0, dtype=np.int64)
-        return nearest_centroids(x, self.groups, self.n_probe, max_steps=MAX_STEPS)[1][:, 0].numpy()
+        return nearest_centroids(x, self.groups, self.n_probe, max_steps=0)[1][:, 0].numpy()
 
 
 def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -105,7 +77,7 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 def kmeans(sample: np.ndarray, k: int, iters: int = 4, seed: int = 0) -> np.ndarray:
     """Spherical k-means (inner-product assignment, normalised means), as ColBERT's centroids.
 
-    Assignment is coarse to fine without the walk above EXACT_MAX_CENTROIDS centroids (Assigner).
+    Assignment is coarse to fine above EXACT_MAX_CENTROIDS centroids (Assigner).
 
     Args:
         sample: (n, dim) float32 unit rows, n >= k.
@@ -121,7 +93,7 @@ def kmeans(sample: np.ndarray, k: int, iters: int = 4, seed: int = 0) -> np.ndar
     cents = np.ascontiguousarray(sample[np.sort(rng.choice(n, size=k, replace=False))], dtype=np.float32)
     xs = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32))
     for _ in range(iters):
-        ids = torch.from_numpy(Assigner(cents, walk=False, seed=seed)(xs.numpy()))
+        ids = torch.from_numpy(Assigner(cents, seed=seed)(xs.numpy()))
         sums = torch.zeros(k, dim, dtype=torch.float32).index_add_(0, ids, xs)
         counts = torch.bincount(ids, minlength=k)
         norms = sums.norm(dim=1, keepdim=True)
