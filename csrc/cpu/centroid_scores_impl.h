@@ -18,31 +18,10 @@
 #include <functional>
 
 #include "maxsim_core.h"
+#include "rank_key.h"
 
 namespace edgeplaid {
 namespace EDGEPLAID_ISA_NS {
-
-// (score, centroid id) as one integer whose order is the ranking order: a higher key is a
-// higher score, then a lower id. Selection then compares plain integers, which the standard
-// algorithms (compiled for the baseline ISA, see isa_begin.h) inline; a comparator defined
-// under this file's ISA pragma cannot be inlined into them and cost a call per comparison
-// (40% of the time at n_probe 128). Ids must fit 32 bits.
-using RankKey = uint64_t;
-
-EP_INLINE RankKey rank_key(float score, int64_t id) {
-  uint32_t b;
-  std::memcpy(&b, &score, sizeof b);
-  b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);  // monotonic map of IEEE floats to uint32
-  return (RankKey(b) << 32) | RankKey(~uint32_t(id));
-}
-EP_INLINE float key_score(RankKey key) {
-  uint32_t b = uint32_t(key >> 32);
-  b = (b & 0x80000000u) ? (b & 0x7fffffffu) : ~b;
-  float score;
-  std::memcpy(&score, &b, sizeof score);
-  return score;
-}
-EP_INLINE int64_t key_id(RankKey key) { return int64_t(~uint32_t(key)); }
 
 // One token's shortlist of centroids on one thread. Every score above the threshold is
 // appended (a store, no branches on the data); when the list is full, nth_element keeps the

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "maxsim_core.h"
+#include "rank_key.h"
 
 namespace edgeplaid {
 namespace EDGEPLAID_ISA_NS {
@@ -53,22 +54,10 @@ struct BestK {
   }
 };
 
-// (score, id) as one integer in ranking order (higher score first, then lower id), for the
-// candidate lists below: sorting plain integers inlines where a comparator would not.
-EP_INLINE uint64_t candidate_key(float score, int32_t id) {
-  uint32_t b;
-  std::memcpy(&b, &score, sizeof b);
-  b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);  // monotonic map of IEEE floats to uint32
-  return (uint64_t(b) << 32) | uint64_t(~uint32_t(id));
-}
-EP_INLINE float candidate_score(uint64_t key) {
-  uint32_t b = uint32_t(key >> 32);
-  b = (b & 0x80000000u) ? (b & 0x7fffffffu) : ~b;
-  float score;
-  std::memcpy(&score, &b, sizeof score);
-  return score;
-}
-EP_INLINE int32_t candidate_id(uint64_t key) { return int32_t(~uint32_t(key)); }
+// Candidates as rank keys (rank_key.h): sorting plain integers inlines where a comparator would not.
+EP_INLINE uint64_t candidate_key(float score, int32_t id) { return rank_key(score, id); }
+EP_INLINE float candidate_score(uint64_t key) { return key_score(key); }
+EP_INLINE int32_t candidate_id(uint64_t key) { return int32_t(key_id(key)); }
 
 // A token's best k candidates while a stage sweeps blocks: every lane at or above the floor is
 // appended (a store, no search); a full list is cut to its k best keys by a linear selection and
