@@ -16,7 +16,8 @@ smoke run of 1,000 documents that writes no CSV). Each size builds in a fresh ch
 - assignment recall: of ``--recall-tokens`` tokens (the corpus' first), the fraction whose stored
   code is their exact nearest centroid (max inner product), and the same with ties counted as
   right (score within 1e-6 of the best);
-- peak RSS of the child.
+- peak RSS of the child, the build's CPU seconds (all threads; the generator's included) and the
+  1-minute load average at its end (the machine is shared: a busy machine slows a build).
 
 Size 0 is SciFact's cached MiniLM-48 tokens (benchmarks/_scifact.py; 1.24M tokens, one array)
 instead of synthetic data, with nDCG@10 of the built index's search (int8 and exact last stage)
@@ -68,6 +69,8 @@ COLUMNS = [
     "recall",
     "recall_ties",
     "peak_rss_gb",
+    "build_cpu_s",
+    "load1",
     "note",
 ]
 
@@ -173,6 +176,12 @@ def child(args: argparse.Namespace) -> None:
     if args.threads:
         edgeplaid.set_num_threads(args.threads)
     path = Path(args.path)
+
+    def cpu() -> float:  # CPU seconds of every thread of this process
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+
+    cpu0 = cpu()
     if args.n_docs == 0:  # SciFact
         idx, build_s, extra = _scifact_build(path, args)
         gen = _Timed(iter(()))
@@ -182,9 +191,14 @@ def child(args: argparse.Namespace) -> None:
         t = time.perf_counter()
         idx = Index.build(path, gen, None, nbits=args.nbits, overwrite=True, progress=False)
         build_s = time.perf_counter() - t
-        recall, recall_ties = _recall(path, args.n_docs, args.seed, args.recall_tokens)
         extra = {}
+    build_cpu_s = cpu() - cpu0  # SciFact: includes its searches
+    if args.n_docs:
+        recall, recall_ties = _recall(path, args.n_docs, args.seed, args.recall_tokens)
     timings = dict(getattr(idx, "build_timings", {}) or {})
+    assignment = json.loads((path / "manifest.json").read_text()).get("build", {}).get("assignment")
+    if assignment:  # the probes the build tuned (absent in older trees)
+        extra["search"] = f"{assignment['n_probe']} of {assignment['n_groups']} groups probed"
     out = {
         **extra,
         "n_docs": idx.n_docs,
@@ -196,6 +210,7 @@ def child(args: argparse.Namespace) -> None:
         "recall": recall,
         "recall_ties": recall_ties,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "build_cpu_s": build_cpu_s,
         "threads": edgeplaid.get_num_threads(),
     }
     print("RESULT " + json.dumps(out), flush=True)
@@ -227,7 +242,9 @@ def run_one(n_docs: int, path: Path, args: argparse.Namespace, tree: str | None)
     if proc.returncode != 0:
         raise RuntimeError(f"build of {n_docs} documents failed:\n{proc.stdout}\n{proc.stderr}")
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
+    out = json.loads(line[len("RESULT ") :])
+    out["load"] = os.getloadavg()[0]  # the machine is shared: how busy it was, over the last minute
+    return out
 
 
 def _row(r: dict, contender: str, nbits: int) -> dict:
@@ -256,7 +273,11 @@ def _row(r: dict, contender: str, nbits: int) -> dict:
         "recall": round(r["recall"], 5),
         "recall_ties": round(r["recall_ties"], 5),
         "peak_rss_gb": round(r["peak_rss_gb"], 2),
-        "note": "; ".join(f"{k} {v:.4f}" for k, v in r.items() if k.startswith("ndcg10")),
+        "build_cpu_s": round(r["build_cpu_s"], 1),
+        "load1": round(r["load"], 2),
+        "note": "; ".join(
+            [r["search"]] * ("search" in r) + [f"{k} {v:.4f}" for k, v in r.items() if k.startswith("ndcg10")]
+        ),
     }
 
 
@@ -300,7 +321,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{row['tokens_per_s_without_generator']} tok/s without the generator's "
                 f"{row['generator_s']} s); read {row['read_s']} s, kmeans {row['kmeans_s']} s, groups "
                 f"{row['groups_s']} s, compress {row['compress_s']} s, ivf {row['ivf_s']} s; recall "
-                f"{row['recall']} ({row['recall_ties']} ties aside); peak RSS {row['peak_rss_gb']} GB"
+                f"{row['recall']} ({row['recall_ties']} ties aside); peak RSS {row['peak_rss_gb']} GB; "
+                f"{row['build_cpu_s']} CPU-s; load {row['load1']}"
                 + (f"; {row['note']}" if row["note"] else "")
                 + (f"; kept at {path}" if keep else ""),
                 flush=True,

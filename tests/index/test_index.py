@@ -344,6 +344,8 @@ def test_coarse_to_fine_build_assigns_nearly_exactly(tmp_path, data, monkeypatch
     assert float((best - got).max()) < 0.05  # a miss is a near-tie
     res, inv = reference.compress_residuals(tokens, codes, cents, a.bucket_cutoffs, a.bucket_weights, 2)
     assert torch.equal(a.residuals, res) and torch.equal(a.inv_norm, inv)
+    info = json.loads((tmp_path / "a" / "manifest.json").read_text())["build"]["assignment"]
+    assert info["n_groups"] > 1 and info["heldout_recall"] >= _codec.RECALL_TARGET
 
 
 def test_assigner_exact_below_threshold_and_kmeans_scales(monkeypatch):
@@ -355,7 +357,15 @@ def test_assigner_exact_below_threshold_and_kmeans_scales(monkeypatch):
     monkeypatch.setattr(_codec, "EXACT_MAX_CENTROIDS", 16)
     approx = _codec.Assigner(cents)
     assert not approx.exact and approx.groups.n_groups > 1
-    assert float(np.mean(approx(x) == _codec.assign(x, cents))) >= 0.98
+    # tune() picks the fewest probes reaching the recall target on the rows it is given
+    recall = approx.tune(x)
+    assert recall >= _codec.RECALL_TARGET
+    assert float(np.mean(approx(x) == _codec.assign(x, cents))) == recall
+    if approx.n_probe > _codec.PROBE_LADDER[0]:
+        fewer = _codec.Assigner(
+            cents, n_probe=_codec.PROBE_LADDER[_codec.PROBE_LADDER.index(approx.n_probe) - 1]
+        )
+        assert float(np.mean(fewer(x) == _codec.assign(x, cents))) < _codec.RECALL_TARGET
     # k-means through the coarse-to-fine path still converges to unit centroids
     c2 = _codec.kmeans(x, 64, iters=2, seed=1)
     assert c2.shape == (64, 48) and np.allclose(np.linalg.norm(c2, axis=1), 1, atol=1e-5)

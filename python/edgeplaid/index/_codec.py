@@ -15,14 +15,19 @@ from edgeplaid.ops.nearest_centroids import centroid_groups, default_n_groups, e
 # Nearest-centroid search (edgeplaid.ops.nearest_centroids). Up to EXACT_MAX_CENTROIDS centroids
 # every token is scored against every centroid; above, coarse to fine: the centroids are grouped
 # into sqrt(8 C) groups (nearest_centroids.default_n_groups), a token scores the group centroids,
-# then the members of its N_PROBE best groups. Measured (k-means centroids of the build, 20,000
-# held-out tokens; recall = the exact nearest found): SciFact's MiniLM-48 tokens, 2^14 centroids,
-# 0.9967; synthetic (benchmarks/_synthetic.py) 2^15: 0.9978, 2^16: 0.9990. The op's neighbour-graph
-# walk reached the same recall with 16 probes but cost more than 8 more probes (scalar-chain dot
-# products, gathered rows) and an O(C^2) graph: the build does not walk. bench_build.py reports
-# the recall of every build it times.
+# then the members of its n_probe best groups. n_probe is tuned per index (Assigner.tune): the
+# fewest probes of PROBE_LADDER whose recall of the exact nearest centroid on held-out sample
+# tokens reaches RECALL_TARGET. Recall at 24 probes (k-means centroids, 20,000 held-out tokens):
+# SciFact's MiniLM-48 tokens, 2^14 centroids, 0.9967; synthetic (benchmarks/_synthetic.py) 2^15
+# 0.9978, 2^16 0.9990; 16 probes: 0.9956, -, 0.9972. The op's neighbour-graph walk reached the
+# same recall with fewer probes but cost more than the probes it saved (scalar-chain dot products
+# of gathered rows) plus an O(C^2) graph: the build does not walk. k-means iterations probe
+# KMEANS_PROBE groups (Lloyd's means barely move for a near-nearest centroid).
 EXACT_MAX_CENTROIDS = 4096
-N_PROBE = 24
+RECALL_TARGET = 0.995
+PROBE_LADDER = (8, 12, 16, 24, 32, 48, 64, 96, 128)
+TUNE_TOKENS = 10_000
+KMEANS_PROBE = 8
 
 
 def num_centroids(n_tokens: int) -> int:
@@ -37,22 +42,43 @@ class Assigner:
     """Nearest centroid (max inner product, ties to the lower id) of token rows, for fixed centroids.
 
     Exhaustive up to EXACT_MAX_CENTROIDS centroids or with ``exact=True``, otherwise coarse to
-    fine (see above).
+    fine (see above) with ``n_probe`` probes (:meth:`tune` picks them).
 
     Args:
         centroids: (C, dim) float32 unit rows.
+        n_probe: groups probed per token.
         seed: seed of the grouping's k-means.
     """
 
-    def __init__(self, centroids: np.ndarray, *, exact: bool = False, seed: int = 0) -> None:
-        cents = np.ascontiguousarray(centroids, dtype=np.float32)
-        c = cents.shape[0]
+    def __init__(
+        self, centroids: np.ndarray, *, exact: bool = False, n_probe: int = KMEANS_PROBE, seed: int = 0
+    ) -> None:
+        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        c = self.centroids.shape[0]
         self.exact = exact or c <= EXACT_MAX_CENTROIDS
+        self.recall: float | None = None  # measured by tune()
         if self.exact:
-            self.groups, self.n_probe = exhaustive(cents), 1
+            self.groups, self.n_probe = exhaustive(self.centroids), 1
         else:
-            self.groups = centroid_groups(cents, default_n_groups(c), degree=0, seed=seed)
-            self.n_probe = min(N_PROBE, self.groups.n_groups)
+            self.groups = centroid_groups(self.centroids, default_n_groups(c), degree=0, seed=seed)
+            self.n_probe = min(n_probe, self.groups.n_groups)
+
+    def tune(self, x: np.ndarray, target: float = RECALL_TARGET) -> float:
+        """Sets n_probe to the fewest of PROBE_LADDER (then every group) whose recall of the exact
+        nearest centroid on rows x (n, dim) float32 (the first TUNE_TOKENS) reaches ``target``;
+        returns that recall. Exhaustive: 1.0."""
+        if self.exact or x.shape[0] == 0:
+            self.recall = 1.0
+            return 1.0
+        x = np.ascontiguousarray(x[:TUNE_TOKENS], dtype=np.float32)
+        exact = nearest_centroids(x, exhaustive(self.centroids), 1)[1][:, 0].numpy()
+        g = self.groups.n_groups
+        for p in [q for q in PROBE_LADDER if q < g] + [g]:
+            got = nearest_centroids(x, self.groups, p, max_steps=0)[1][:, 0].numpy()
+            self.n_probe, self.recall = p, float(np.mean(got == exact))
+            if self.recall >= target:
+                break
+        return self.recall
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """(n,) int64 centroid ids of rows x (n, dim) float32/float16."""
@@ -77,7 +103,7 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 def kmeans(sample: np.ndarray, k: int, iters: int = 4, seed: int = 0) -> np.ndarray:
     """Spherical k-means (inner-product assignment, normalised means), as ColBERT's centroids.
 
-    Assignment is coarse to fine above EXACT_MAX_CENTROIDS centroids (Assigner).
+    Assignment is coarse to fine above EXACT_MAX_CENTROIDS centroids (Assigner, KMEANS_PROBE probes).
 
     Args:
         sample: (n, dim) float32 unit rows, n >= k.
@@ -93,7 +119,7 @@ def kmeans(sample: np.ndarray, k: int, iters: int = 4, seed: int = 0) -> np.ndar
     cents = np.ascontiguousarray(sample[np.sort(rng.choice(n, size=k, replace=False))], dtype=np.float32)
     xs = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32))
     for _ in range(iters):
-        ids = torch.from_numpy(Assigner(cents, seed=seed)(xs.numpy()))
+        ids = torch.from_numpy(Assigner(cents, n_probe=KMEANS_PROBE, seed=seed)(xs.numpy()))
         sums = torch.zeros(k, dim, dtype=torch.float32).index_add_(0, ids, xs)
         counts = torch.bincount(ids, minlength=k)
         norms = sums.norm(dim=1, keepdim=True)
