@@ -276,7 +276,8 @@ def _row(r: dict, contender: str, nbits: int) -> dict:
         "build_cpu_s": round(r["build_cpu_s"], 1),
         "load1": round(r["load"], 2),
         "note": "; ".join(
-            [r["search"]] * ("search" in r) + [f"{k} {v:.4f}" for k, v in r.items() if k.startswith("ndcg10")]
+            ([r["search"]] if "search" in r else [])
+            + [f"{k} {v:.4f}" for k, v in r.items() if k.startswith("ndcg10")]
         ),
     }
 

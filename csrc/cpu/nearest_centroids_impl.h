@@ -144,7 +144,8 @@ EP_INLINE void tile_scores(const float* xs, const float* blocks, int64_t dim, fl
     for (int64_t d = 0; d < dim; ++d) {
       Vec c[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) c[v] = Vec::load(blocks + (v / kLaneVecs) * bstride + d * kBlockLanes + (v % kLaneVecs) * W);
+      for (int v = 0; v < NV; ++v)
+        c[v] = Vec::load(blocks + (v / kLaneVecs) * bstride + d * kBlockLanes + (v % kLaneVecs) * W);
 #pragma GCC unroll 8
       for (int t = 0; t < NT; ++t) {
         const Vec xd = Vec::set1(xs[t * dim + d]);
@@ -183,7 +184,8 @@ inline void sweep(const float* xs, const int32_t* tok, int64_t n_tok, const Bloc
       const int64_t nt = std::min<int64_t>(NT, n_tok - i0);
       // A short tile repeats its last token; the repeats' scores are not offered.
       for (int t = 0; t < NT; ++t)
-        std::memcpy(stage + t * dim, xs + int64_t(tok[i0 + std::min<int64_t>(t, nt - 1)]) * dim, sizeof(float) * size_t(dim));
+        std::memcpy(stage + t * dim, xs + int64_t(tok[i0 + std::min<int64_t>(t, nt - 1)]) * dim,
+                    sizeof(float) * size_t(dim));
       int64_t b = r0;
       for (; b + kTileBlocks <= r1; b += kTileBlocks) {
         tile_scores<kTileBlocks>(stage, rows.data + b * dim * kBlockLanes, dim, s);
@@ -310,7 +312,10 @@ void nearest_centroids(const Rows& tokens, const CentroidGroups& g, int64_t n_pr
       {
         std::vector<int64_t> fill(start.begin(), start.end() - 1);
         for (int64_t i = 0; i < m; ++i)
-          for (int64_t j = 0; j < glists[size_t(i)].size; ++j) by_group[size_t(fill[size_t(candidate_id(glists[size_t(i)].items[j]))]++)] = int32_t(i);
+          for (int64_t j = 0; j < glists[size_t(i)].size; ++j) {
+            const int32_t grp = candidate_id(glists[size_t(i)].items[j]);
+            by_group[size_t(fill[size_t(grp)]++)] = int32_t(i);
+          }
       }
       for (int64_t grp = 0; grp < n_groups && !err.set(); ++grp) {
         const int64_t t0 = start[size_t(grp)], t1 = start[size_t(grp + 1)];
@@ -323,7 +328,7 @@ void nearest_centroids(const Rows& tokens, const CentroidGroups& g, int64_t n_pr
         }
         sweep(xs.data(), by_group.data() + t0, t1 - t0, g.members, b0, b1, dim, lists.data(), stage.data(), s.data());
       }
-      // 3. the walk, token by token
+      // 3. the walk (with a graph), token by token, and the output
       for (int64_t i = 0; i < m; ++i) {
         CandidateList& list = lists[size_t(i)];
         list.finish();
