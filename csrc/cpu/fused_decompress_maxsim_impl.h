@@ -1,4 +1,5 @@
 // fused_decompress_maxsim: MaxSim straight from codes + packed residuals (residual_codec.h).
+// edgeplaid-isa: avx512vnni (the int8 code-scoring kernel with vpdpbusd; setup.py builds it)
 #pragma once
 #include "code_scoring.h"
 #include "residual_codec.h"

@@ -158,13 +158,8 @@ EDGEPLAID_DECLARE_KERNELS(scalar)
 EDGEPLAID_DECLARE_KERNELS(avx2)
 EDGEPLAID_DECLARE_KERNELS(avx512)
 
-// AVX-512 with VNNI (vpdpbusd): only the int8 code-scoring kernel and its probe differ.
-namespace avx512vnni {
-void fused_decompress_maxsim_codes(const Queries& q, const Compressed& tokens, const float* inv_norm,
-                                   const int64_t* offsets, int64_t nd, const float* centroid_scores,
-                                   int64_t n_centroids, const float* bucket_weights, int nbits, bool int8,
-                                   const Candidates& cand, float* out, KernelError& err);
-double int8_probe(int64_t iterations);
-}  // namespace avx512vnni
+// AVX-512 with VNNI (vpdpbusd): its unit defines only the int8 code-scoring kernel and int8_probe;
+// the other declarations are never called (bindings.cpp's EP_DISPATCH_INT8).
+EDGEPLAID_DECLARE_KERNELS(avx512vnni)
 
 }  // namespace edgeplaid

@@ -1,6 +1,7 @@
 // The fp32 FMA peak probe: 10 independent accumulator chains per thread (enough to cover
 // the FMA latency x throughput of current x86 cores without spilling: 16 would spill and
 // halve the rate on AVX2). Returns the FLOPs executed.
+// edgeplaid-isa: avx512vnni (int8_probe with vpdpbusd; setup.py builds it)
 #pragma once
 #include "code_scoring.h"
 

@@ -1,4 +1,0 @@
-// decompress_residuals compiled for avx512.
-#define EDGEPLAID_ISA_AVX512
-#include "isa_begin.h"
-#include "decompress_residuals_impl.h"

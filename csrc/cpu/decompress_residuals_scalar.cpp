@@ -1,4 +1,0 @@
-// decompress_residuals compiled for scalar.
-#define EDGEPLAID_ISA_SCALAR
-#include "isa_begin.h"
-#include "decompress_residuals_impl.h"
