@@ -202,8 +202,26 @@ py::array_t<float> maxsim_packed(const py::array& queries, const py::object& que
   return out;
 }
 
+// The stride of a centroid-major ScoreTable of lq-token queries: lq rounded up to kTableLanes.
+int64_t table_stride_for(int64_t lq) { return std::max<int64_t>(1, (lq + kTableLanes - 1) / kTableLanes) * kTableLanes; }
+
+// Stage 1's scores as a kernel argument: token-major (nq, lq, n_centroids) when query_len is None,
+// else centroid-major (nq, n_centroids, stride) of query_len-token queries (valid tokens compacted).
+ScoreTable score_table_arg(const py::array& scores, const py::object& query_len) {
+  if (query_len.is_none()) {
+    expect_rank(scores, "centroid_scores", 3, "(n_queries, query_len, n_centroids)");
+    return ScoreTable{f32_data(scores, "centroid_scores"), scores.shape(0), scores.shape(1), scores.shape(2), 0};
+  }
+  expect_rank(scores, "centroid_scores", 3, "(n_queries, n_centroids, stride) (centroid-major)");
+  const int64_t lq = query_len.cast<int64_t>();
+  if (lq < 0) fail("query_len: expected >= 0, got " + std::to_string(lq));
+  expect_dim(scores, "centroid_scores", 2, table_stride_for(lq), "query_len rounded up to 16");
+  return ScoreTable{f32_data(scores, "centroid_scores"), scores.shape(0), lq, scores.shape(1), scores.shape(2)};
+}
+
 py::tuple centroid_scores(const py::array& queries, const py::object& queries_mask, const py::array& centroids,
-                          const std::string& dtype, int64_t n_probe, const py::object& scores_out) {
+                          const std::string& dtype, int64_t n_probe, const py::object& scores_out,
+                          bool centroid_major) {
   const Queries q = queries_arg(queries, queries_mask);
   expect_rank(centroids, "centroids", 2, "(n_centroids, dim)");
   expect_dim(centroids, "centroids", 1, q.dim, "dim of queries");
@@ -213,16 +231,17 @@ py::tuple centroid_scores(const py::array& queries, const py::object& queries_ma
   if (n_probe < 1 || n_probe > c.rows)
     fail("n_probe: expected 1 <= n_probe <= n_centroids=" + std::to_string(c.rows) + ", got " +
          std::to_string(n_probe));
+  const int64_t ts = centroid_major ? table_stride_for(q.lq) : 0;
+  const std::vector<py::ssize_t> shape =
+      centroid_major ? std::vector<py::ssize_t>{q.nq, c.rows, ts} : std::vector<py::ssize_t>{q.nq, q.lq, c.rows};
   py::array_t<float> scores;
   if (scores_out.is_none()) {
-    scores = py::array_t<float>({q.nq, q.lq, c.rows});
+    scores = py::array_t<float>(shape);
   } else {  // a caller's buffer, reused across calls (saves the page faults of a fresh one)
     scores = scores_out.cast<py::array>();
-    expect_rank(scores, "out", 3, "(n_queries, query_len, n_centroids)");
+    expect_rank(scores, "out", 3, centroid_major ? "(n_queries, n_centroids, stride)" : "(n_queries, query_len, n_centroids)");
     f32_data(scores, "out");
-    expect_dim(scores, "out", 0, q.nq, "n_queries");
-    expect_dim(scores, "out", 1, q.lq, "query_len");
-    expect_dim(scores, "out", 2, c.rows, "n_centroids");
+    for (int axis = 0; axis < 3; ++axis) expect_dim(scores, "out", axis, shape[size_t(axis)], "the scores' shape");
     if (!scores.writeable()) fail("out: expected a writeable array");
   }
   py::array_t<int64_t> ids({q.nq, q.lq, n_probe});
@@ -232,7 +251,7 @@ py::tuple centroid_scores(const py::array& queries, const py::object& queries_ma
   KernelError err;
   {
     py::gil_scoped_release release;
-    EP_DISPATCH(centroid_scores, q, c, n_probe, s, i, err);
+    EP_DISPATCH(centroid_scores, q, c, n_probe, ts, s, i, err);
   }
   raise_if(err);
   return py::make_tuple(scores, ids);
@@ -294,11 +313,11 @@ py::array_t<float> fused_decompress_maxsim(const py::array& queries, const py::o
 
 py::array_t<float> centroid_interaction(const py::array& scores, const py::object& queries_mask,
                                         const py::array& codes, const py::array& offsets,
-                                        const py::object& candidates, const py::object& threshold) {
-  expect_rank(scores, "centroid_scores", 3, "(n_queries, query_len, n_centroids)");
-  const float* s = f32_data(scores, "centroid_scores");
-  const int64_t nq = scores.shape(0), lq = scores.shape(1), n_cent = scores.shape(2);
-  const uint8_t* qmask = mask_data(queries_mask, "queries_mask", nq, lq);
+                                        const py::object& candidates, const py::object& threshold,
+                                        const py::object& query_len) {
+  const ScoreTable table = score_table_arg(scores, query_len);
+  const int64_t nq = table.nq;
+  const uint8_t* qmask = mask_data(queries_mask, "queries_mask", nq, table.lq);
   const Ids ids = codes_arg(codes);
   int64_t nd = 0;
   const int64_t* off = offsets_arg(offsets, &nd);
@@ -315,7 +334,7 @@ py::array_t<float> centroid_interaction(const py::array& scores, const py::objec
   KernelError err;
   {
     py::gil_scoped_release release;
-    EP_DISPATCH(centroid_interaction, s, qmask, nq, lq, n_cent, ids, off, nd, c, thr_ptr, o, err);
+    EP_DISPATCH(centroid_interaction, table, qmask, ids, off, nd, c, thr_ptr, o, err);
   }
   raise_if(err);
   return out;
@@ -357,7 +376,7 @@ py::array_t<float> fused_decompress_maxsim_codes(const py::array& queries, const
                                                  const py::array& inv_norm, const py::array& offsets,
                                                  const py::object& candidates, const py::array& centroid_scores,
                                                  const py::array& bucket_weights, int nbits,
-                                                 const std::string& precision) {
+                                                 const std::string& precision, const py::object& query_len) {
   const Queries q = queries_arg(queries, queries_mask);
   if (precision != "exact" && precision != "int8")
     fail("precision: expected 'exact' or 'int8', got '" + precision + "'");
@@ -367,11 +386,10 @@ py::array_t<float> fused_decompress_maxsim_codes(const py::array& queries, const
   expect_rank(inv_norm, "inv_norm", 1, "(n_tokens,)");
   expect_dim(inv_norm, "inv_norm", 0, ids.n, "one per code");
   const float* inv = f32_data(inv_norm, "inv_norm");
-  expect_rank(centroid_scores, "centroid_scores", 3, "(n_queries, query_len, n_centroids)");
+  const ScoreTable table = score_table_arg(centroid_scores, query_len);
   expect_dim(centroid_scores, "centroid_scores", 0, q.nq, "n_queries");
-  expect_dim(centroid_scores, "centroid_scores", 1, q.lq, "query_len");
-  const float* cs = f32_data(centroid_scores, "centroid_scores");
-  const int64_t n_cent = centroid_scores.shape(2);
+  if (table.lq != q.lq)
+    fail("query_len: expected " + std::to_string(q.lq) + " (the queries'), got " + std::to_string(table.lq));
   int64_t nd = 0;
   const int64_t* off = offsets_arg(offsets, &nd);
   const Candidates c = candidates_arg(candidates, q.nq, nd);
@@ -382,8 +400,8 @@ py::array_t<float> fused_decompress_maxsim_codes(const py::array& queries, const
   const bool int8 = precision == "int8";
   {
     py::gil_scoped_release release;
-    if (int8) EP_DISPATCH_INT8(fused_decompress_maxsim_codes, q, tokens, inv, off, nd, cs, n_cent, weights, nbits, int8, c, o, err);
-    else EP_DISPATCH(fused_decompress_maxsim_codes, q, tokens, inv, off, nd, cs, n_cent, weights, nbits, int8, c, o, err);
+    if (int8) EP_DISPATCH_INT8(fused_decompress_maxsim_codes, q, tokens, inv, off, nd, table, weights, nbits, int8, c, o, err);
+    else EP_DISPATCH(fused_decompress_maxsim_codes, q, tokens, inv, off, nd, table, weights, nbits, int8, c, o, err);
   }
   raise_if(err);
   return out;
@@ -579,7 +597,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("maxsim_packed", &maxsim_packed, py::arg("queries"), py::arg("queries_mask"), py::arg("doc_tokens"),
         py::arg("dtype"), py::arg("doc_offsets"), py::arg("candidates"));
   m.def("centroid_scores", &centroid_scores, py::arg("queries"), py::arg("queries_mask"), py::arg("centroids"),
-        py::arg("dtype"), py::arg("n_probe"), py::arg("scores_out") = py::none());
+        py::arg("dtype"), py::arg("n_probe"), py::arg("scores_out") = py::none(), py::arg("centroid_major") = false);
   m.def("decompress_residuals", &decompress_residuals, py::arg("codes"), py::arg("residuals"), py::arg("centroids"),
         py::arg("dtype"), py::arg("bucket_weights"), py::arg("nbits"), py::arg("out_dtype"));
   m.def("fused_decompress_maxsim", &fused_decompress_maxsim, py::arg("queries"), py::arg("queries_mask"),
@@ -588,9 +606,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("fused_decompress_maxsim_codes", &fused_decompress_maxsim_codes, py::arg("queries"),
         py::arg("queries_mask"), py::arg("codes"), py::arg("residuals"), py::arg("inv_norm"), py::arg("doc_offsets"),
         py::arg("candidates"), py::arg("centroid_scores"), py::arg("bucket_weights"), py::arg("nbits"),
-        py::arg("precision"));
+        py::arg("precision"), py::arg("query_len") = py::none());
   m.def("centroid_interaction", &centroid_interaction, py::arg("centroid_scores"), py::arg("queries_mask"),
-        py::arg("codes"), py::arg("doc_offsets"), py::arg("candidates"), py::arg("threshold"));
+        py::arg("codes"), py::arg("doc_offsets"), py::arg("candidates"), py::arg("threshold"),
+        py::arg("query_len") = py::none());
   m.def("nearest_centroids", &nearest_centroids, py::arg("tokens"), py::arg("dtype"), py::arg("group_blocks"),
         py::arg("group_block_ids"), py::arg("member_blocks"), py::arg("member_block_ids"), py::arg("group_offsets"),
         py::arg("centroids"), py::arg("graph"), py::arg("n_probe"), py::arg("k"), py::arg("max_steps"),

@@ -5,8 +5,9 @@
 // rows. A block of centroid scores lands in a small L1 tile, with each token's maximum over
 // the block kept in registers on the way; one lane-wise compare of those maxima against each
 // token's threshold tells which tokens (rarely any, once warm) need their column of the tile
-// scanned into their shortlist. The tile reaches the row-major output by 8 x 8 register
-// transposes.
+// scanned into their shortlist. The tile reaches the token-major output by 8 x 8 register
+// transposes, or the centroid-major table (ScoreTable, stride > 0) by plain row copies: the tile
+// is already centroid-major, so that layout costs no transposition here and none in stages 2-4.
 // Each thread owns a contiguous range of centroids, visited in increasing id order, so a
 // score equal to a shortlist's threshold never displaces it (the lower id wins ties); the
 // per-thread shortlists are merged at the end with the full (score, id) order.
@@ -61,19 +62,57 @@ inline void copy_out(const float* tile, int64_t ld, int64_t n_cols, int64_t n_la
     for (int64_t c = 0; c < n_cols; ++c) out_rows[lane][c] = tile[c * ld + lane];
 }
 
-void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, float* scores,
-                     int64_t* top_ids, KernelError& err) {
+// table[lane][c * ts] = tile[c * ld + lane] for c < n_cols, lane < n_lanes: W lanes whose slots
+// are consecutive (one query's tokens) are one vector copy per centroid.
+inline void copy_out_table(const float* tile, int64_t ld, int64_t n_cols, int64_t n_lanes, float* const* out,
+                           int64_t ts) {
+  for (int64_t v = 0; v * W < n_lanes; ++v) {
+    float* const* dst = out + v * W;
+    const int64_t lanes = std::min<int64_t>(W, n_lanes - v * W);
+    bool consecutive = lanes == W;
+    for (int64_t j = 1; j < lanes && consecutive; ++j) consecutive = dst[j] == dst[0] + j;
+    if (consecutive) {
+      for (int64_t c = 0; c < n_cols; ++c) Vec::load(tile + c * ld + v * W).store(dst[0] + c * ts);
+    } else {
+      for (int64_t j = 0; j < lanes; ++j)
+        for (int64_t c = 0; c < n_cols; ++c) dst[j][c * ts] = tile[c * ld + v * W + j];
+    }
+  }
+}
+
+// table_stride == 0: scores is token-major (nq * lq, n_centroids); > 0: centroid-major
+// (nq, n_centroids, table_stride), each query's valid tokens compacted into lanes 0.., the rest zero.
+void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, int64_t table_stride,
+                     float* scores, int64_t* top_ids, KernelError& err) {
   (void)err;
   const int64_t n_rows = q.nq * q.lq, n_cent = centroids.rows, dim = q.dim, k = n_probe;
+  const int64_t ts = table_stride;
   std::vector<float> qbuf;
   std::vector<int64_t> row_of;  // packed lane -> output row
   const PackedQuery packed = pack_rows(q.data, q.mask, 0, n_rows, dim, qbuf, &row_of);
+  // Centroid-major: the j-th valid token of query qi is lane j of its rows (the valid tokens
+  // compacted, as stages 2-4 read them); lanes past a query's valid tokens are zero.
+  std::vector<int64_t> slot_of, n_valid_of;
+  if (ts > 0) {
+    n_valid_of.assign(size_t(q.nq), 0);
+    slot_of.resize(size_t(packed.n_valid));
+    for (int64_t lane = 0; lane < packed.n_valid; ++lane) {
+      const int64_t qi = row_of[size_t(lane)] / q.lq;
+      slot_of[size_t(lane)] = qi * n_cent * ts + n_valid_of[size_t(qi)]++;
+    }
+    parallel_for(q.nq * n_cent, 4096, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t used = n_valid_of[size_t(r / n_cent)];
+        if (used < ts) std::fill(scores + r * ts + used, scores + (r + 1) * ts, 0.0f);
+      }
+    });
+  }
   if (q.mask != nullptr) {
     // Masked query tokens: scores 0, no centroid ids.
     parallel_for(n_rows, 64, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         if (q.mask[r]) continue;
-        std::fill(scores + r * n_cent, scores + (r + 1) * n_cent, 0.0f);
+        if (ts == 0) std::fill(scores + r * n_cent, scores + (r + 1) * n_cent, 0.0f);
         std::fill(top_ids + r * k, top_ids + (r + 1) * k, int64_t(-1));
       }
     });
@@ -92,7 +131,7 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, f
   // The (n_rows, C) output is written once here and read later by other code: streaming it
   // skips the read-for-ownership of every line and keeps the centroids in cache.
   const bool stream_out =
-      W > 1 && std::getenv("EP_NOSTREAM") == nullptr && reinterpret_cast<uintptr_t>(scores) % 32 == 0 && n_cent % 8 == 0;
+      W > 1 && ts == 0 && std::getenv("EP_NOSTREAM") == nullptr && reinterpret_cast<uintptr_t>(scores) % 32 == 0 && n_cent % 8 == 0;
 
   with_dtype(centroids.dtype, [&](auto tag) {
     constexpr DType T = decltype(tag)::value;
@@ -123,12 +162,18 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, f
             sweep_rows<decltype(nqv)::value, true>(qt, packed.stride, rows, nc, dim, bm, tile.data(), ld);
           });
           const int64_t lanes = std::min(ld, n_valid - v0 * W);
-          for (int64_t lane = 0; lane < lanes; ++lane)
-            out_rows[size_t(lane)] = scores + row_of[size_t(v0 * W + lane)] * n_cent + c0;
-          if (stream_out && nc == kBlock)
-            copy_out<true>(tile.data(), ld, nc, lanes, out_rows.data());
-          else
-            copy_out<false>(tile.data(), ld, nc, lanes, out_rows.data());
+          if (ts > 0) {  // centroid-major: valid token j of query qi at (qi * n_cent + c) * ts + j
+            for (int64_t lane = 0; lane < lanes; ++lane)
+              out_rows[size_t(lane)] = scores + slot_of[size_t(v0 * W + lane)] + c0 * ts;
+            copy_out_table(tile.data(), ld, nc, lanes, out_rows.data(), ts);
+          } else {
+            for (int64_t lane = 0; lane < lanes; ++lane)
+              out_rows[size_t(lane)] = scores + row_of[size_t(v0 * W + lane)] * n_cent + c0;
+            if (stream_out && nc == kBlock)
+              copy_out<true>(tile.data(), ld, nc, lanes, out_rows.data());
+            else
+              copy_out<false>(tile.data(), ld, nc, lanes, out_rows.data());
+          }
           // Top-k from the tile, still in L1; only tokens whose block maximum beats their
           // threshold take part, W of them per compare.
           for (int64_t v = 0; v < nv; ++v) {

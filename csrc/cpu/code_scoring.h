@@ -271,7 +271,8 @@ struct ScoredQuery {
   const int8_t* q8;     // int8: [dim4 / 4][stride][4] quantised values
   const float* scale;   // int8: [stride] qscale_i * wscale
   const int32_t* bias;  // int8: [stride] -64 * sum_d qq_id
-  const float* table;   // [n_centroids][stride] centroid scores of the valid tokens
+  const float* table;   // [n_centroids][tstride] centroid scores of the valid tokens
+  int64_t tstride;      // >= stride: the ScoreTable's own when it is centroid-major
 };
 
 struct ScoredQueries {
@@ -299,22 +300,23 @@ inline float quantise_query_row(const float* q, int64_t dim, int64_t stride, int
   return qscale;
 }
 
-inline ScoredQueries prepare_queries(const Queries& q, const float* centroid_scores, int64_t n_centroids,
-                                     bool int8, float wscale) {
+inline ScoredQueries prepare_queries(const Queries& q, const ScoreTable& scores, bool int8, float wscale) {
   ScoredQueries out;
-  const int64_t nq = q.nq, dim = q.dim, dim4 = (dim + 3) / 4 * 4;
+  const int64_t nq = q.nq, dim = q.dim, dim4 = (dim + 3) / 4 * 4, n_centroids = scores.n_centroids;
   out.qs.resize(size_t(nq));
   out.qt.resize(size_t(nq));
   out.scale.resize(size_t(nq));
-  // The tables: n_centroids x stride floats a query (0.5-2 MiB), in one call_buffer.
+  // A token-major ScoreTable is transposed: n_centroids x stride floats a query (0.5-2 MiB), in
+  // one call_buffer. A centroid-major one (unmasked queries) is read in place.
+  const bool in_place = scores.stride > 0;
   std::vector<int64_t> table_at(size_t(nq) + 1, 0);
-  for (int64_t k = 0; k < nq; ++k) {
+  for (int64_t k = 0; k < nq && !in_place; ++k) {
     int64_t n_valid = 0;
     for (int64_t i = 0; i < q.lq; ++i) n_valid += (q.mask == nullptr || q.mask[k * q.lq + i]) ? 1 : 0;
     const int64_t stride = std::max<int64_t>((n_valid + W - 1) / W * W, W);
     table_at[size_t(k) + 1] = table_at[size_t(k)] + n_centroids * stride;
   }
-  float* const tables = call_buffer(table_at[size_t(nq)], out.table_fallback);
+  float* const tables = in_place ? nullptr : call_buffer(table_at[size_t(nq)], out.table_fallback);
   out.q8.resize(size_t(nq));
   out.bias.resize(size_t(nq));
   for (int64_t k = 0; k < nq; ++k) {
@@ -340,15 +342,21 @@ inline ScoredQueries prepare_queries(const Queries& q, const float* centroid_sco
       s.bias = out.bias[size_t(k)].data();
     }
     s.qt = out.qt[size_t(k)].data();
+    if (in_place) {
+      s.table = scores.data + k * n_centroids * scores.stride;
+      s.tstride = scores.stride;
+      continue;
+    }
     // The table transposed once per query: one token's scores are then a contiguous row of lanes.
     float* tp = tables + table_at[size_t(k)];  // every element written below
     std::vector<const float*> src(size_t(pq.n_valid));
-    for (int64_t lane = 0; lane < pq.n_valid; ++lane) src[size_t(lane)] = centroid_scores + rows[size_t(lane)] * n_centroids;
+    for (int64_t lane = 0; lane < pq.n_valid; ++lane) src[size_t(lane)] = scores.data + rows[size_t(lane)] * n_centroids;
     // ~512 KiB of table per task: a smaller table is filled inline (waking the pool costs more).
     parallel_for(n_centroids, std::max<int64_t>(1024, (int64_t(1) << 17) / s.stride), [&](int64_t c0, int64_t c1) {
       transpose_rows(src.data(), pq.n_valid, c0, c1, tp, s.stride);
     });
     s.table = tp;
+    s.tstride = s.stride;
   }
   return out;
 }
@@ -486,21 +494,21 @@ EP_INLINE void sweep_i8_dim(const ScoredQuery& q, int64_t v0, const uint8_t* row
   int64_t t = 0;
   for (; t + NT <= n_rows; t += NT) {
     IVec acc[NT][NQV];
-    prefetch_table_rows<NQV, NT>(codes + t, table, q.stride);
+    prefetch_table_rows<NQV, NT>(codes + t, table, q.tstride);
     dot_tile_i8<NQV, NT, GROUPS>(q8, qstride4, rows + t * row_bytes, row_bytes, groups, bias, acc);
-    fold_i8<NQV, NT>(acc, scale, codes + t, inv + t, table, q.stride, m);
+    fold_i8<NQV, NT>(acc, scale, codes + t, inv + t, table, q.tstride, m);
   }
   if (t < n_rows && n_rows >= NT) {
     IVec acc[NT][NQV];
     t = n_rows - NT;
     dot_tile_i8<NQV, NT, GROUPS>(q8, qstride4, rows + t * row_bytes, row_bytes, groups, bias, acc);
-    fold_i8<NQV, NT>(acc, scale, codes + t, inv + t, table, q.stride, m);
+    fold_i8<NQV, NT>(acc, scale, codes + t, inv + t, table, q.tstride, m);
     t = n_rows;
   }
   for (; t < n_rows; ++t) {
     IVec acc[1][NQV];
     dot_tile_i8<NQV, 1, GROUPS>(q8, qstride4, rows + t * row_bytes, row_bytes, groups, bias, acc);
-    fold_i8<NQV, 1>(acc, scale, codes + t, inv + t, table, q.stride, m);
+    fold_i8<NQV, 1>(acc, scale, codes + t, inv + t, table, q.tstride, m);
   }
 #pragma GCC unroll 8
   for (int v = 0; v < NQV; ++v) m[v].store(best + v * W);
@@ -631,7 +639,7 @@ inline void score_codes_document(const CodeScoring& cs, int64_t begin, int64_t e
             sweep_i8<NQV>(q, v0, s.rows8.data(), dim4, s.codes.data(), s.inv.data(), rows, best + v0 * W);
           else
             sweep_exact<NQV>(q.qt + v0 * W, q.stride, s.rows.data(), s.codes.data(), s.inv.data(), rows, dim,
-                             q.table + v0 * W, q.stride, best + v0 * W);
+                             q.table + v0 * W, q.tstride, best + v0 * W);
         });
       }
     }

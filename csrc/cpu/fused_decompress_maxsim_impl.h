@@ -31,16 +31,17 @@ void fused_decompress_maxsim(const Queries& q, const Compressed& tokens, const i
 }
 #endif
 
-// Scored from the codes (code_scoring.h): centroid_scores (nq, lq, n_centroids) fp32 from PLAID's
+// Scored from the codes (code_scoring.h): the ScoreTable of PLAID's
 // stage 1 and inv_norm (n_tokens,) fp32 from the index; int8 selects the quantised precision.
 void fused_decompress_maxsim_codes(const Queries& q, const Compressed& tokens, const float* inv_norm,
-                                   const int64_t* offsets, int64_t nd, const float* centroid_scores,
-                                   int64_t n_centroids, const float* bucket_weights, int nbits, bool int8,
-                                   const Candidates& cand, float* out, KernelError& err) {
+                                   const int64_t* offsets, int64_t nd, const ScoreTable& scores,
+                                   const float* bucket_weights, int nbits, bool int8, const Candidates& cand,
+                                   float* out, KernelError& err) {
+  const int64_t n_centroids = scores.n_centroids;
   const Levels levels(bucket_weights, nbits);
   const ResidualDecoder decoder(bucket_weights, nbits, q.dim);
   const LevelDecoder level_decoder(levels, nbits, q.dim);
-  const ScoredQueries prepared = prepare_queries(q, centroid_scores, n_centroids, int8, levels.wscale);
+  const ScoredQueries prepared = prepare_queries(q, scores, int8, levels.wscale);
   const CodeScoring cs{&tokens, inv_norm, n_centroids, q.dim, &decoder, &level_decoder, int8};
   const int64_t row_bytes = q.dim * nbits / 8, cap = chunk_rows(q.dim);
   run_pairs(

@@ -95,6 +95,19 @@ struct Compressed {
   const uint8_t* residuals;
 };
 
+// Stage 1's scores <queries[q, i], centroids[c]> (fp32) in one of two layouts:
+//   token-major (stride == 0): data[(q * lq + i) * n_centroids + c], every token of every query;
+//   centroid-major (stride > 0): data[(q * n_centroids + c) * stride + j] for the j-th valid
+//     token of query q (its valid tokens compacted into lanes 0..n_valid, the other lanes zero):
+//     one centroid's scores for all tokens of a query are contiguous, the layout stages 2-4 read,
+//     so they use it in place instead of transposing the token-major one.
+// kTableLanes divides every centroid-major stride (a multiple of every ISA's vector width).
+constexpr int64_t kTableLanes = 16;
+struct ScoreTable {
+  const float* data;
+  int64_t nq, lq, n_centroids, stride;
+};
+
 // Centroids laid out for nearest_centroids' coarse-to-fine search (index building). Rows are
 // stored in blocks of kBlockLanes centroids, dimension-major: in block b, lane l holds centroid
 // ids[b * kBlockLanes + l] and data[(b * dim + d) * kBlockLanes + l] is its d-th element, so a
@@ -129,21 +142,21 @@ struct CentroidGroups {
   void maxsim_packed(const Queries& q, const PackedDocs& docs, const Candidates& cand,         \
                      float* out, KernelError& err);                                            \
   void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe,              \
-                       float* scores, int64_t* top_ids, KernelError& err);                    \
+                       int64_t table_stride, float* scores, int64_t* top_ids, KernelError& err); \
   void decompress_residuals(const Compressed& tokens, const Codec& codec, void* out,          \
                             DType out_dtype, KernelError& err);                                \
   void fused_decompress_maxsim(const Queries& q, const Compressed& tokens,                     \
                                const int64_t* offsets, int64_t nd, const Codec& codec,         \
                                const Candidates& cand, float* out, KernelError& err);          \
-  void centroid_interaction(const float* centroid_scores, const uint8_t* queries_mask,        \
-                            int64_t nq, int64_t lq, int64_t n_centroids, const Ids& codes,     \
-                            const int64_t* offsets, int64_t nd, const Candidates& cand,        \
-                            const float* threshold, float* out, KernelError& err);             \
+  void centroid_interaction(const ScoreTable& scores, const uint8_t* queries_mask,             \
+                            const Ids& codes, const int64_t* offsets, int64_t nd,              \
+                            const Candidates& cand, const float* threshold, float* out,        \
+                            KernelError& err);                                                 \
   void fused_decompress_maxsim_codes(const Queries& q, const Compressed& tokens,              \
                                      const float* inv_norm, const int64_t* offsets, int64_t nd, \
-                                     const float* centroid_scores, int64_t n_centroids,         \
-                                     const float* bucket_weights, int nbits, bool int8,         \
-                                     const Candidates& cand, float* out, KernelError& err);     \
+                                     const ScoreTable& scores, const float* bucket_weights,     \
+                                     int nbits, bool int8, const Candidates& cand, float* out,  \
+                                     KernelError& err);                                         \
   void nearest_centroids(const Rows& tokens, const CentroidGroups& groups, int64_t n_probe,      \
                          int64_t k, int64_t max_steps, int64_t width, float* scores,            \
                          int64_t* ids, KernelError& err);                                       \

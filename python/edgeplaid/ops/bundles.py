@@ -130,10 +130,66 @@ class CompressedDocs:
 
 @dataclass(frozen=True, eq=False)
 class CentroidScores:
-    """Stage 1's table: scores (nq, lq, n_centroids) float32, ⟨queries[q, i], centroids[c]⟩, as
-    :func:`edgeplaid.ops.centroid_scores` returns it (finite when its inputs were checked)."""
+    """Stage 1's scores ⟨queries[q, i], centroids[c]⟩, float32 (finite when its inputs were
+    checked), as :func:`edgeplaid.ops.centroid_scores` returns them, in one of two layouts:
+
+    * token-major (``query_len`` None): scores (nq, lq, n_centroids);
+    * centroid-major (``query_len`` = lq): scores (nq, n_centroids, stride), stride = lq rounded
+      up to :data:`TABLE_LANES`; lane j of a row is the query's j-th valid token (valid tokens
+      compacted, the other lanes zero). One centroid's scores for every token of a query are
+      contiguous: the layout the C++ stages 2-4 read, so they use it in place instead of
+      transposing the token-major one (``layout="centroid"`` of centroid_scores).
+    """
 
     scores: torch.Tensor
+    query_len: int | None = None
+
+    @property
+    def centroid_major(self) -> bool:
+        return self.query_len is not None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(nq, lq, n_centroids) in either layout."""
+        if self.query_len is None:
+            nq, lq, n_cent = self.scores.shape
+            return nq, lq, n_cent
+        return self.scores.shape[0], self.query_len, self.scores.shape[1]
+
+    def token_major(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(nq, lq, n_centroids) float32: the scores in the token-major layout, masked tokens 0.
+        ``mask`` (nq, lq) bool: the queries' mask, which a centroid-major table compacted."""
+        if self.query_len is None:
+            return self.scores
+        nq, lq, n_cent = self.shape
+        if mask is None:
+            return self.scores[:, :, :lq].transpose(1, 2)
+        out = self.scores.new_zeros(nq, lq, n_cent)
+        for i in range(nq):
+            valid = mask[i].nonzero().squeeze(1)
+            out[i, valid] = self.scores[i, :, : valid.shape[0]].T
+        return out
+
+
+def centroid_major(scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Token-major (nq, lq, n_centroids) scores -> the centroid-major table (nq, n_centroids,
+    table_stride(lq)) of :class:`CentroidScores`, each query's valid tokens compacted."""
+    nq, lq, n_cent = scores.shape
+    table = scores.new_zeros(nq, n_cent, table_stride(lq))
+    for i in range(nq):
+        valid = torch.arange(lq, device=scores.device) if mask is None else mask[i].nonzero().squeeze(1)
+        table[i, :, : valid.shape[0]] = scores[i, valid].T
+    return table
+
+
+# Lanes of a centroid-major CentroidScores row: its stride is lq rounded up to this (csrc/cpu/ops.h
+# kTableLanes, a multiple of every CPU vector width).
+TABLE_LANES = 16
+
+
+def table_stride(query_len: int) -> int:
+    """The stride of a centroid-major CentroidScores of query_len-token queries."""
+    return max(1, -(-query_len // TABLE_LANES)) * TABLE_LANES
 
 
 @dataclass(frozen=True, eq=False)
@@ -237,19 +293,29 @@ def _inv_norm(x: Any, n_tokens: int, device: torch.device) -> torch.Tensor:
 def centroid_scores(
     x: Any, *, nq: int | None, lq: int | None, n_centroids: int | None, device: torch.device | None
 ) -> CentroidScores:
-    """A validated :class:`CentroidScores` of the given sizes (None: any) on ``device``."""
+    """A validated :class:`CentroidScores` of the given sizes (None: any) on ``device``: a bundle
+    (either layout, O(1) checks), or a token-major (nq, lq, n_centroids) float32 tensor."""
     if isinstance(x, CentroidScores):
-        cs = x.scores
+        bundle, cs = x, x.scores
     else:
         cs = v.float_tensor(x, "centroid_scores", 3, "(n_queries, query_len, n_centroids)")
         v.check_dtype(cs, "centroid_scores", (torch.float32,))
         v.check_finite(cs, "centroid_scores")
-    for axis, want, what in ((0, nq, "n_queries"), (1, lq, "query_len"), (2, n_centroids, "n_centroids")):
-        if want is not None:
+        bundle = CentroidScores(cs)
+    names = ("n_queries", "query_len", "n_centroids")
+    for axis, want, what in zip(range(3), (nq, lq, n_centroids), names, strict=True):
+        if want is None:
+            continue
+        if not bundle.centroid_major:
             v.check_size(cs, "centroid_scores", axis, want, what)
+        elif bundle.shape[axis] != want:
+            raise ValueError(
+                f"centroid_scores: expected {what} {want}, got {bundle.shape[axis]} (centroid-major, "
+                f"shape {tuple(cs.shape)}, query_len {bundle.query_len})"
+            )
     if device is not None:
         v.check_device("centroid_scores", cs, device)
-    return x if isinstance(x, CentroidScores) else CentroidScores(cs)
+    return bundle
 
 
 def candidates(x: Any, n_queries: int, n_docs: int, device: torch.device) -> Candidates | None:

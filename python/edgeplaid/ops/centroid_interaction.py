@@ -31,7 +31,7 @@ def centroid_interaction(
 
     Args:
         centroid_scores: (nq, Lq, C) float32, as returned by centroid_scores (or a
-            ``CentroidScores`` bundle, not re-checked).
+            ``CentroidScores`` bundle, not re-checked, in either layout).
         codes: (n_tokens,) uint16, int32 or int64 centroid ids; doc_offsets: (nd + 1,) int64.
         candidates: (nq, nc) int64 (-1 = padding, scores -inf) or None for every document.
         threshold: float or None.
@@ -44,29 +44,35 @@ def centroid_interaction(
     Returns:
         (nq, nc) float32.
     """
-    cs = b.centroid_scores(centroid_scores, nq=None, lq=None, n_centroids=None, device=None).scores
+    cs = b.centroid_scores(centroid_scores, nq=None, lq=None, n_centroids=None, device=None)
     nq, lq, _ = cs.shape
+    device = cs.scores.device
     if isinstance(codes, b.CompressedDocs):
         if doc_offsets is not None:
             raise ValueError("doc_offsets: give the offsets inside the CompressedDocs bundle, not beside it")
-        v.check_device("codes", codes.codes, cs.device)
+        v.check_device("codes", codes.codes, device)
         c, offsets = codes.codes, codes.offsets
     else:
-        c = v.codes(codes, cs.device)
-        offsets = v.offsets(doc_offsets, c.shape[0], cs.device)
-    cand = b.candidates(candidates, nq, offsets.shape[0] - 1, cs.device)
-    qm = v.mask(queries_mask, "queries_mask", nq, lq, cs.device)
+        c = v.codes(codes, device)
+        offsets = v.offsets(doc_offsets, c.shape[0], device)
+    cand = b.candidates(candidates, nq, offsets.shape[0] - 1, device)
+    qm = v.mask(queries_mask, "queries_mask", nq, lq, device)
     if threshold is not None:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
             raise ValueError(f"threshold: expected a float or None, got {threshold!r}")
         threshold = float(threshold)
-    return resolve("centroid_interaction", cs.device, backend)(cs, c, offsets, cand, threshold, qm)
+    return resolve("centroid_interaction", device, backend)(cs, c, offsets, cand, threshold, qm)
 
 
-def _reference(cs, codes, offsets, cand, threshold, qm) -> torch.Tensor:
-    return reference.centroid_interaction(cs, codes, offsets, b.ids_of(cand), threshold, qm)
+def _reference(cs: b.CentroidScores, codes, offsets, cand, threshold, qm) -> torch.Tensor:
+    return reference.centroid_interaction(cs.token_major(qm), codes, offsets, b.ids_of(cand), threshold, qm)
+
+
+def _triton(cs: b.CentroidScores, codes, offsets, cand, threshold, qm) -> torch.Tensor:
+    scores = cs.token_major(qm).contiguous()
+    return triton_backend.centroid_interaction(scores, codes, offsets, cand, threshold, qm)
 
 
 register("centroid_interaction", "reference", _reference)
 register("centroid_interaction", "cpp", cpp_backend.centroid_interaction)
-register("centroid_interaction", "triton", triton_backend.centroid_interaction)
+register("centroid_interaction", "triton", _triton)

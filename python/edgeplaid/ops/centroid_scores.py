@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,6 +12,8 @@ from edgeplaid.ops import bundles as b
 from edgeplaid.ops import cpp_backend, reference, triton_backend
 from edgeplaid.ops.dispatch import register, resolve
 
+Pair = tuple[torch.Tensor, torch.Tensor]
+
 
 def centroid_scores(
     queries: Any,
@@ -18,6 +21,7 @@ def centroid_scores(
     n_probe: int,
     queries_mask: Any = None,
     backend: str | None = None,
+    layout: str = "token",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """scores[q, i, c] = ⟨queries[q, i], centroids[c]⟩, and each token's n_probe best centroids.
 
@@ -27,6 +31,11 @@ def centroid_scores(
         n_probe: centroids kept per query token, 1 <= n_probe <= C.
         queries_mask: (nq, Lq) bool; masked tokens get scores 0 and ids -1.
         backend: "cpp", "triton" or "reference"; None picks by device.
+        layout: "token" (scores (nq, Lq, C)) or "centroid": scores (nq, C, stride), stride = Lq
+            rounded up to 16, lane j of a row the query's j-th valid token, the other lanes 0: the
+            layout the C++ stages 2-4 read in place (wrap it as ``CentroidScores(scores,
+            query_len=Lq)``). The cpp kernel writes it straight from its centroid-major tiles;
+            other backends transpose.
 
     ``queries`` may be a ``Queries`` bundle (mask inside) and ``centroids`` a ``Codec``.
 
@@ -45,13 +54,27 @@ def centroid_scores(
         v.check_finite(cents, "centroids")
     if isinstance(n_probe, bool) or not isinstance(n_probe, int) or not 1 <= n_probe <= cents.shape[0]:
         raise ValueError(f"n_probe: expected an int in [1, n_centroids={cents.shape[0]}], got {n_probe!r}")
-    return resolve("centroid_scores", q.device, backend)(q, cents, n_probe)
+    if layout not in ("token", "centroid"):
+        raise ValueError(f"layout: expected 'token' or 'centroid', got {layout!r}")
+    return resolve("centroid_scores", q.device, backend)(q, cents, n_probe, layout == "centroid")
+
+
+def _transposing(fn: Callable[..., Pair]) -> Callable[..., Pair]:
+    """A backend that writes the token-major layout, giving the centroid-major one on request."""
+
+    def run(
+        q: b.Queries, centroids: torch.Tensor, n_probe: int, centroid_major: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, ids = fn(q, centroids, n_probe)
+        return (b.centroid_major(scores, q.mask) if centroid_major else scores), ids
+
+    return run
 
 
 def _reference(q: b.Queries, centroids: torch.Tensor, n_probe: int) -> tuple[torch.Tensor, torch.Tensor]:
     return reference.centroid_scores(q.data, centroids, n_probe, q.mask)
 
 
-register("centroid_scores", "reference", _reference)
+register("centroid_scores", "reference", _transposing(_reference))
 register("centroid_scores", "cpp", cpp_backend.centroid_scores)
-register("centroid_scores", "triton", triton_backend.centroid_scores)
+register("centroid_scores", "triton", _transposing(triton_backend.centroid_scores))

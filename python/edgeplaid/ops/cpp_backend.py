@@ -10,7 +10,15 @@ import numpy as np
 import torch
 
 from edgeplaid._native import C
-from edgeplaid.ops.bundles import Candidates, Codec, CompressedDocs, PackedDocs, Queries, ids_of
+from edgeplaid.ops.bundles import (
+    Candidates,
+    CentroidScores,
+    Codec,
+    CompressedDocs,
+    PackedDocs,
+    Queries,
+    ids_of,
+)
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -54,9 +62,16 @@ def maxsim_packed(q: Queries, docs: PackedDocs, cand: Candidates | None) -> Tens
     return torch.from_numpy(out)
 
 
-def centroid_scores(q: Queries, centroids: Tensor, n_probe: int) -> tuple[Tensor, Tensor]:
+def centroid_scores(
+    q: Queries, centroids: Tensor, n_probe: int, centroid_major: bool
+) -> tuple[Tensor, Tensor]:
     scores, ids = C.centroid_scores(
-        _q(q.data), _np(q.mask), _np(centroids), _DTYPE_NAMES[centroids.dtype], int(n_probe)
+        _q(q.data),
+        _np(q.mask),
+        _np(centroids),
+        _DTYPE_NAMES[centroids.dtype],
+        int(n_probe),
+        centroid_major=centroid_major,
     )
     return torch.from_numpy(scores), torch.from_numpy(ids)
 
@@ -93,7 +108,7 @@ def fused_decompress_maxsim_codes(
     docs: CompressedDocs,
     codec: Codec,
     cand: Candidates | None,
-    centroid_scores: Tensor,
+    cs: CentroidScores,
     precision: str,
 ) -> Tensor:
     out = C.fused_decompress_maxsim_codes(
@@ -104,16 +119,17 @@ def fused_decompress_maxsim_codes(
         _np(docs.inv_norm),
         _np(docs.offsets),
         _np(ids_of(cand)),
-        _np(centroid_scores),
+        _np(cs.scores.contiguous()),
         _np(codec.bucket_weights),
         codec.nbits,
         precision,
+        cs.query_len,
     )
     return torch.from_numpy(out)
 
 
 def centroid_interaction(
-    centroid_scores: Tensor,
+    cs: CentroidScores,
     codes: Tensor,
     doc_offsets: Tensor,
     cand: Candidates | None,
@@ -121,11 +137,12 @@ def centroid_interaction(
     queries_mask: Tensor | None,
 ) -> Tensor:
     out = C.centroid_interaction(
-        _np(centroid_scores.float().contiguous()),
+        _np(cs.scores.contiguous()),
         _np(queries_mask),
         _np(codes),
         _np(doc_offsets),
         _np(ids_of(cand)),
         threshold,
+        cs.query_len,
     )
     return torch.from_numpy(out)

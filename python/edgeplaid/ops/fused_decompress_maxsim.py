@@ -66,7 +66,7 @@ def fused_decompress_maxsim(
         queries_mask: (nq, Lq) bool or None.
         backend: "cpp", "triton" or "reference"; None picks by device.
         centroid_scores: (nq, Lq, C) float32, ⟨queries[q, i], centroids[c]⟩ (or a
-            ``CentroidScores`` bundle), or None.
+            ``CentroidScores`` bundle, in either layout), or None.
         inv_norm: (n_tokens,) float32, positive and finite, or None.
         precision: "exact" or "int8" (int8: cpp and reference backends).
 
@@ -91,11 +91,11 @@ def fused_decompress_maxsim(
         "fused_decompress_maxsim_codes", q.device, backend, like="fused_decompress_maxsim"
     ):
         if centroid_scores is None:
-            cs = _centroid_scores(q, codec.centroids, 1)[0]
+            cs = b.CentroidScores(_centroid_scores(q, codec.centroids, 1)[0])
         else:
             cs = b.centroid_scores(
                 centroid_scores, nq=nq, lq=lq, n_centroids=codec.n_centroids, device=q.device
-            ).scores
+            )
         if docs.inv_norm is None:
             inv = reference.residual_inv_norms(
                 docs.codes, docs.residuals, codec.centroids, codec.bucket_weights, codec.nbits
@@ -142,7 +142,7 @@ def _reference_codes(
     docs: b.CompressedDocs,
     codec: b.Codec,
     cand: b.Candidates | None,
-    cs: torch.Tensor,
+    cs: b.CentroidScores,
     precision: str,
 ) -> torch.Tensor:
     return reference.fused_decompress_maxsim_codes(
@@ -154,7 +154,7 @@ def _reference_codes(
         codec.bucket_weights,
         codec.nbits,
         q.mask,
-        cs,
+        cs.token_major(q.mask),
         docs.inv_norm,
         precision,
     )

@@ -300,8 +300,11 @@ class PlaidSearcher:
         n_probe = min(params.n_probe, n_cent)
         for start in range(0, nq, per_block):
             q = queries[start : start + per_block]
-            scores, top = centroid_scores(q, self.codec, n_probe, backend=backend)
-            cs = b.CentroidScores(scores)  # finite: the queries and the codec were checked
+            # On CPU stage 1 writes the centroid-major table that stages 2-4 read in place.
+            layout = "token" if torch_glue else "centroid"
+            scores, top = centroid_scores(q, self.codec, n_probe, backend=backend, layout=layout)
+            # finite: the queries and the codec were checked
+            cs = b.CentroidScores(scores, query_len=lq if layout == "centroid" else None)
             cand = self._candidates(q, top, subset, start, params, torch_glue)
             if cand.shape[1] > params.n_candidates:
                 s2 = centroid_interaction(
