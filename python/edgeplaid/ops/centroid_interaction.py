@@ -9,7 +9,8 @@ import torch
 
 from edgeplaid.ops import _validate as v
 from edgeplaid.ops import bundles as b
-from edgeplaid.ops import cpp_backend, reference, triton_backend
+from edgeplaid.ops import cpp_backend as cpp
+from edgeplaid.ops import reference, triton_backend
 from edgeplaid.ops.dispatch import register, resolve
 
 
@@ -68,11 +69,25 @@ def _reference(cs: b.CentroidScores, codes, offsets, cand, threshold, qm) -> tor
     return reference.centroid_interaction(cs.token_major(qm), codes, offsets, b.ids_of(cand), threshold, qm)
 
 
+def _cpp(cs: b.CentroidScores, codes, offsets, cand, threshold, qm) -> torch.Tensor:
+    # The centroid-major layout is read in place (query_len given); token-major is transposed.
+    out = cpp.C.centroid_interaction(
+        cpp.host(cs.scores.contiguous()),
+        cpp.host(qm),
+        cpp.host(codes),
+        cpp.host(offsets),
+        cpp.host(b.ids_of(cand)),
+        threshold,
+        cs.query_len,
+    )
+    return torch.from_numpy(out)
+
+
 def _triton(cs: b.CentroidScores, codes, offsets, cand, threshold, qm) -> torch.Tensor:
     scores = cs.token_major(qm).contiguous()
-    return triton_backend.centroid_interaction(scores, codes, offsets, cand, threshold, qm)
+    return triton_backend.call("centroid_interaction", scores, codes, offsets, b.ids_of(cand), threshold, qm)
 
 
 register("centroid_interaction", "reference", _reference)
-register("centroid_interaction", "cpp", cpp_backend.centroid_interaction)
+register("centroid_interaction", "cpp", _cpp)
 register("centroid_interaction", "triton", _triton)

@@ -9,7 +9,8 @@ import torch
 
 from edgeplaid.ops import _validate as v
 from edgeplaid.ops import bundles as b
-from edgeplaid.ops import cpp_backend, reference, triton_backend
+from edgeplaid.ops import cpp_backend as cpp
+from edgeplaid.ops import reference, triton_backend
 from edgeplaid.ops.dispatch import register, resolve
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -75,6 +76,22 @@ def _reference(q: b.Queries, centroids: torch.Tensor, n_probe: int) -> tuple[tor
     return reference.centroid_scores(q.data, centroids, n_probe, q.mask)
 
 
+def _cpp(q: b.Queries, centroids: torch.Tensor, n_probe: int, centroid_major: bool) -> Pair:
+    scores, ids = cpp.C.centroid_scores(
+        cpp.host_queries(q.data),
+        cpp.host(q.mask),
+        cpp.host(centroids),
+        cpp.dtype_name(centroids),
+        int(n_probe),
+        centroid_major=centroid_major,
+    )
+    return torch.from_numpy(scores), torch.from_numpy(ids)
+
+
+def _triton(q: b.Queries, centroids: torch.Tensor, n_probe: int) -> Pair:
+    return triton_backend.call("centroid_scores", q.data, centroids, n_probe, q.mask)
+
+
 register("centroid_scores", "reference", _transposing(_reference))
-register("centroid_scores", "cpp", cpp_backend.centroid_scores)
-register("centroid_scores", "triton", _transposing(triton_backend.centroid_scores))
+register("centroid_scores", "cpp", _cpp)
+register("centroid_scores", "triton", _transposing(_triton))

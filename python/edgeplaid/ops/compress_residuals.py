@@ -10,10 +10,9 @@ from typing import Any
 import torch
 
 from edgeplaid.ops import _validate as v
+from edgeplaid.ops import cpp_backend as cpp
 from edgeplaid.ops import reference
 from edgeplaid.ops.dispatch import register, resolve
-
-_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def compress_residuals(
@@ -60,21 +59,15 @@ def compress_residuals(
     return resolve("compress_residuals", x.device, backend)(x, c, cents, cut, weights, n)
 
 
-def _np(t: torch.Tensor):
-    return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
-
-
 def _cpp(x, codes, centroids, cutoffs, weights, nbits):
-    from edgeplaid._native import C
-
-    res, inv = C.compress_residuals(
-        _np(x),
-        _NAMES[x.dtype],
-        codes.numpy(),
-        _np(centroids),
-        _NAMES[centroids.dtype],
-        cutoffs.numpy(),
-        weights.numpy(),
+    res, inv = cpp.C.compress_residuals(
+        cpp.host(x),
+        cpp.dtype_name(x),
+        cpp.host(codes),
+        cpp.host(centroids),
+        cpp.dtype_name(centroids),
+        cpp.host(cutoffs),
+        cpp.host(weights),
         nbits,
     )
     return torch.from_numpy(res), torch.from_numpy(inv)

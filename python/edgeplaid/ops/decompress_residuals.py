@@ -8,7 +8,8 @@ import torch
 
 from edgeplaid.ops import _validate as v
 from edgeplaid.ops import bundles as b
-from edgeplaid.ops import cpp_backend, reference, triton_backend
+from edgeplaid.ops import cpp_backend as cpp
+from edgeplaid.ops import reference, triton_backend
 from edgeplaid.ops.dispatch import register, resolve
 
 
@@ -54,6 +55,27 @@ def _reference(codes: torch.Tensor, residuals: torch.Tensor, codec: b.Codec) -> 
     )
 
 
+def _cpp(codes: torch.Tensor, residuals: torch.Tensor, codec: b.Codec) -> torch.Tensor:
+    name = cpp.dtype_name(codec.centroids)
+    out = cpp.C.decompress_residuals(
+        cpp.host(codes),
+        cpp.host(residuals),
+        cpp.host(codec.centroids),
+        name,
+        cpp.host(codec.bucket_weights),
+        codec.nbits,
+        name,
+    )
+    # Half-precision results come back as uint16 bit patterns.
+    return torch.from_numpy(out).view(codec.centroids.dtype)
+
+
+def _triton(codes: torch.Tensor, residuals: torch.Tensor, codec: b.Codec) -> torch.Tensor:
+    return triton_backend.call(
+        "decompress_residuals", codes, residuals, codec.centroids, codec.bucket_weights, codec.nbits
+    )
+
+
 register("decompress_residuals", "reference", _reference)
-register("decompress_residuals", "cpp", cpp_backend.decompress_residuals)
-register("decompress_residuals", "triton", triton_backend.decompress_residuals)
+register("decompress_residuals", "cpp", _cpp)
+register("decompress_residuals", "triton", _triton)

@@ -8,7 +8,8 @@ import torch
 
 from edgeplaid.ops import _validate as v
 from edgeplaid.ops import bundles as b
-from edgeplaid.ops import cpp_backend, reference, triton_backend
+from edgeplaid.ops import cpp_backend as cpp
+from edgeplaid.ops import reference, triton_backend
 from edgeplaid.ops.bundles import PRECISIONS  # noqa: F401  (re-exported: the one definition is in bundles)
 from edgeplaid.ops.centroid_scores import centroid_scores as _centroid_scores
 from edgeplaid.ops.dispatch import implements, register, resolve
@@ -160,8 +161,58 @@ def _reference_codes(
     )
 
 
+def _cpp(q: b.Queries, docs: b.CompressedDocs, codec: b.Codec, cand: b.Candidates | None) -> torch.Tensor:
+    out = cpp.C.fused_decompress_maxsim(
+        cpp.host_queries(q.data),
+        cpp.host(q.mask),
+        cpp.host(docs.codes),
+        cpp.host(docs.residuals),
+        cpp.host(docs.offsets),
+        cpp.host(b.ids_of(cand)),
+        cpp.host(codec.centroids),
+        cpp.dtype_name(codec.centroids),
+        cpp.host(codec.bucket_weights),
+        codec.nbits,
+    )
+    return torch.from_numpy(out)
+
+
+def _cpp_codes(
+    q: b.Queries,
+    docs: b.CompressedDocs,
+    codec: b.Codec,
+    cand: b.Candidates | None,
+    cs: b.CentroidScores,
+    precision: str,
+) -> torch.Tensor:
+    # The centroid-major score table is read in place (query_len given).
+    out = cpp.C.fused_decompress_maxsim_codes(
+        cpp.host_queries(q.data),
+        cpp.host(q.mask),
+        cpp.host(docs.codes),
+        cpp.host(docs.residuals),
+        cpp.host(docs.inv_norm),
+        cpp.host(docs.offsets),
+        cpp.host(b.ids_of(cand)),
+        cpp.host(cs.scores.contiguous()),
+        cpp.host(codec.bucket_weights),
+        codec.nbits,
+        precision,
+        cs.query_len,
+    )
+    return torch.from_numpy(out)
+
+
+def _triton(q: b.Queries, docs: b.CompressedDocs, codec: b.Codec, cand: b.Candidates | None) -> torch.Tensor:
+    return triton_backend.call(
+        "fused_decompress_maxsim",
+        *(q.data, docs.codes, docs.residuals, docs.offsets, b.ids_of(cand)),
+        *(codec.centroids, codec.bucket_weights, codec.nbits, q.mask),
+    )
+
+
 register("fused_decompress_maxsim", "reference", _reference)
-register("fused_decompress_maxsim", "cpp", cpp_backend.fused_decompress_maxsim)
-register("fused_decompress_maxsim", "triton", triton_backend.fused_decompress_maxsim)
+register("fused_decompress_maxsim", "cpp", _cpp)
+register("fused_decompress_maxsim", "triton", _triton)
 register("fused_decompress_maxsim_codes", "reference", _reference_codes)
-register("fused_decompress_maxsim_codes", "cpp", cpp_backend.fused_decompress_maxsim_codes)
+register("fused_decompress_maxsim_codes", "cpp", _cpp_codes)

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from edgeplaid.ops import _validate as v
-from edgeplaid.ops import cpp_backend, reference, triton_backend
+from edgeplaid.ops import cpp_backend as cpp
+from edgeplaid.ops import reference, triton_backend
 from edgeplaid.ops.dispatch import register, resolve
 
 
@@ -43,6 +44,18 @@ def maxsim(
     return v.check_finite_scores(resolve("maxsim", q.device, backend)(q, d, qm, dm), "documents")
 
 
+Mask = torch.Tensor | None
+
+
+def _cpp(q: torch.Tensor, d: torch.Tensor, qm: Mask, dm: Mask) -> torch.Tensor:
+    out = cpp.C.maxsim_padded(cpp.host_queries(q), cpp.host(qm), cpp.host(d), cpp.dtype_name(d), cpp.host(dm))
+    return torch.from_numpy(out)
+
+
+def _triton(q: torch.Tensor, d: torch.Tensor, qm: Mask, dm: Mask) -> torch.Tensor:
+    return triton_backend.call("maxsim", q, d, qm, dm)
+
+
 register("maxsim", "reference", reference.maxsim)
-register("maxsim", "cpp", cpp_backend.maxsim)
-register("maxsim", "triton", triton_backend.maxsim)
+register("maxsim", "cpp", _cpp)
+register("maxsim", "triton", _triton)

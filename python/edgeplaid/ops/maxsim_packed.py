@@ -8,7 +8,8 @@ import torch
 
 from edgeplaid.ops import _validate as v
 from edgeplaid.ops import bundles as b
-from edgeplaid.ops import cpp_backend, reference, triton_backend
+from edgeplaid.ops import cpp_backend as cpp
+from edgeplaid.ops import reference, triton_backend
 from edgeplaid.ops.dispatch import register, resolve
 
 
@@ -53,6 +54,22 @@ def _reference(q: b.Queries, docs: b.PackedDocs, cand: b.Candidates | None) -> t
     return reference.maxsim_packed(q.data, docs.tokens, docs.offsets, b.ids_of(cand), q.mask)
 
 
+def _cpp(q: b.Queries, docs: b.PackedDocs, cand: b.Candidates | None) -> torch.Tensor:
+    out = cpp.C.maxsim_packed(
+        cpp.host_queries(q.data),
+        cpp.host(q.mask),
+        cpp.host(docs.tokens),
+        cpp.dtype_name(docs.tokens),
+        cpp.host(docs.offsets),
+        cpp.host(b.ids_of(cand)),
+    )
+    return torch.from_numpy(out)
+
+
+def _triton(q: b.Queries, docs: b.PackedDocs, cand: b.Candidates | None) -> torch.Tensor:
+    return triton_backend.call("maxsim_packed", q.data, docs.tokens, docs.offsets, b.ids_of(cand), q.mask)
+
+
 register("maxsim_packed", "reference", _reference)
-register("maxsim_packed", "cpp", cpp_backend.maxsim_packed)
-register("maxsim_packed", "triton", triton_backend.maxsim_packed)
+register("maxsim_packed", "cpp", _cpp)
+register("maxsim_packed", "triton", _triton)

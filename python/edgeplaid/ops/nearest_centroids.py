@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from edgeplaid.ops import _validate as v
+from edgeplaid.ops import cpp_backend as cpp
 from edgeplaid.ops import reference
 from edgeplaid.ops.dispatch import register, resolve
 
@@ -250,14 +251,10 @@ def nearest_centroids(
 
 
 def _cpp(x: torch.Tensor, g: CentroidGroups, n_probe: int, k: int, max_steps: int, width: int):
-    from edgeplaid._native import C
-
-    names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-    data = x.view(torch.uint16) if x.dtype == torch.bfloat16 else x
     walk = g.graph is not None
-    scores, ids = C.nearest_centroids(
-        data.numpy(),
-        names[x.dtype],
+    scores, ids = cpp.C.nearest_centroids(
+        cpp.host(x),
+        cpp.dtype_name(x),
         g.group_blocks.numpy(),
         g.group_block_ids.numpy(),
         g.member_blocks.numpy(),
