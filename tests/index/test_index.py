@@ -16,6 +16,8 @@ from _plaid_data import corpus
 from edgeplaid import Index, IndexFormatError
 from edgeplaid.index import FORMAT_VERSION, _build, _codec
 from edgeplaid.index._codec import num_centroids, pack_buckets
+from edgeplaid.index._snapshot import open_snapshot
+from edgeplaid.index._storage import read_manifest
 from edgeplaid.ops import reference
 
 
@@ -57,7 +59,7 @@ def test_roundtrip(built, data):
         64,
     )
     assert torch.equal(idx.doclens.long(), doclens)
-    assert isinstance(idx._residuals_array, np.memmap)
+    assert isinstance(idx.segments[0].residuals_array, np.memmap)
     # on disk: int32 codes, packed residuals, int32 doclens, CSR IVF
     m = json.loads((built.path / "manifest.json").read_text())
     assert m["format_version"] == FORMAT_VERSION and m["manifest_checksum"].startswith("blake2b:")
@@ -187,7 +189,7 @@ def test_corrupt_bytes_fail_verification(tmp_path, built):
         (lambda m: m.update(format_version=99), "format_version"),
         (lambda m: m.update(dim=64), "centroids"),
         (lambda m: m.update(nbits=3), "nbits"),
-        (lambda m: m.update(n_tokens=m["n_tokens"] + 1), "codes"),
+        (lambda m: m.update(n_tokens=m["n_tokens"] + 1), "tokens"),
         (lambda m: m.update(format="something"), "not an edgeplaid"),
     ],
 )
@@ -245,6 +247,7 @@ def _as_version_1(path: Path) -> None:
     m = json.loads((path / "manifest.json").read_text())
     del m["arrays"]["inv_norm"], m["manifest_checksum"]
     m["format_version"] = 1
+    m.pop("segments", None)  # written before segments existed
     (path / "manifest.json").write_text(json.dumps(m))
     os.remove(path / "inv_norm.bin")
 
@@ -307,7 +310,7 @@ def test_missing_or_corrupt_inv_norm_is_an_error(tmp_path, built):
             Index.load(c, verify=True)
         with pytest.raises(IndexFormatError, match="inv_norm values are not positive"):
             Index.load(c, verify=False)
-        idx = Index(c, json.loads((c / "manifest.json").read_text()), True)  # no load-time checks
+        idx = Index(c, open_snapshot(c, read_manifest(c), True))  # no load-time checks
         for precision in ("int8", "exact"):
             with pytest.raises(ValueError, match="inv_norm: token"):
                 idx.search(q, k=3, precision=precision)

@@ -1,7 +1,8 @@
-"""kill -9 during index writes (issue 13): a child process builds, overwrites or upgrades an
-index and is killed at a random moment (a share of them inside the directory switch, widened by
-a pause, with and without the atomic exchange). Afterwards the path always loads as the old or
-the new index (a first build: no index or the new one), and the next open leaves no leftovers."""
+"""kill -9 during index writes (issues 13, 16): a child process builds, overwrites, upgrades, adds to,
+deletes from, updates or compacts an index and is killed at a random moment (a share of them inside
+the directory switch, widened by a pause, with and without the atomic exchange). Afterwards the path
+always loads as the old or the new index (a first build: no index or the new one), and the next open
+leaves no leftovers."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _kill_child import mutate
 
 from _plaid_data import corpus
 from edgeplaid import Index, IndexFormatError
@@ -33,7 +35,11 @@ def _corpus(n_docs: int):
 
 def _answer(index: Index, q: torch.Tensor) -> tuple:
     r = index.search(q, k=5)
-    return (index.n_docs, r.scores.tolist(), r.ids.tolist())
+    e = index.search_exhaustive(q, k=8)
+    return (index.n_docs, r.scores.tolist(), r.user_ids, e.scores.tolist(), e.user_ids, sorted(index.ids()))
+
+
+MUTATIONS = ("add", "delete", "update", "compact")
 
 
 class Harness:
@@ -50,10 +56,25 @@ class Harness:
             "old": _answer(Index.load(self.a), self.q),
             "new": _answer(Index.load(self.b), self.q),
         }
+        # The living index's changes: each from A (compact: from A with deletions), and the state
+        # the same change leaves when not killed (the child's change is deterministic).
+        self.deleted = root / "ref-deleted"
+        shutil.copytree(self.a, self.deleted)
+        Index.load(self.deleted).delete([5, 6, 7, 20])
+        for op in MUTATIONS:
+            base = self.deleted if op == "compact" else self.a
+            after = root / f"ref-{op}"
+            shutil.copytree(base, after)
+            mutate(op, Index.load(after))
+            self.answers[op] = {
+                "old": _answer(Index.load(base), self.q),
+                "new": _answer(Index.load(after), self.q),
+            }
         shutil.copytree(self.a, self.legacy)
         m = json.loads((self.legacy / "manifest.json").read_text())
         del m["manifest_checksum"]
         m["format_version"] = 2
+        m.pop("segments", None)  # written before segments existed
         (self.legacy / "manifest.json").write_text(json.dumps(m))
 
     def trial(
@@ -64,8 +85,10 @@ class Harness:
         work = self.root / f"t{i}"
         work.mkdir()
         path = work / "index"
-        if op == "overwrite":
+        if op == "overwrite" or (op in MUTATIONS and op != "compact"):
             shutil.copytree(self.a, path)
+        elif op == "compact":
+            shutil.copytree(self.deleted, path)
         elif op == "upgrade":
             shutil.copytree(self.legacy, path)
         env = dict(os.environ)
@@ -94,6 +117,10 @@ class Harness:
             got = None
         if got is None:
             outcome = "absent" if op == "build" and not os.path.lexists(path) else "BROKEN"
+        elif op in MUTATIONS:
+            outcome = next((k for k, v in self.answers[op].items() if got == v), "WRONG")
+            if outcome != "WRONG":
+                Index.load(path).verify()  # every checksum of the version found holds
         elif op == "upgrade":
             v = json.loads((path / "manifest.json").read_text())["format_version"]
             outcome = f"{'old' if v == 2 else 'new'}" if got == self.answers["old"] else "WRONG"
@@ -152,6 +179,23 @@ def test_kill_sample(tmp_path):
     report = run_kills(tmp_path, n=2, seed=1, ops=("overwrite",))  # one in the switch window
     print(json.dumps(report, indent=1))
     assert not report["bad"], report["bad"]
+
+
+def test_kill_living_index_sample(tmp_path):
+    """A handful of kills during add, delete, update and compact (the slow suite runs 60)."""
+    report = run_kills(tmp_path, n=8, seed=3, ops=MUTATIONS)
+    print(json.dumps(report, indent=1))
+    assert not report["bad"], report["bad"]
+    assert set(report["outcomes"]) & {f"{op}: old" for op in MUTATIONS}, report["outcomes"]
+
+
+@pytest.mark.slow
+def test_kill_9_living_index(tmp_path):
+    report = run_kills(tmp_path, n=60, seed=4, ops=MUTATIONS)
+    print(json.dumps(report, indent=1))
+    assert not report["bad"], report["bad"]
+    in_window = sum(v for k, v in report["last_phase"].items() if "switch" in k or "rename" in k)
+    assert in_window >= 10, report["last_phase"]
 
 
 @pytest.mark.slow

@@ -206,6 +206,7 @@ def build(
     nbits: int = 4,
     ids: Any = None,
     *,
+    metadata: Any = None,
     n_centroids: int | None = None,
     kmeans_iters: int = 4,
     sample_per_centroid: int = 16,
@@ -270,6 +271,8 @@ def build(
         n_docs = dls.shape[0]
         if n_tokens == 0:
             raise ValueError("doc_tokens: the corpus has no token")
+        # Checked and written before the costly passes: bad metadata fails fast.
+        meta_entry = write_metadata_file(w, metadata, n_docs)
         timings["read"] = time.perf_counter() - t0
 
         # ---- k-means on the sample, codec on a held-out slice
@@ -348,6 +351,7 @@ def build(
             "n_tokens": int(n_tokens),
             "n_centroids": int(k),
             "ids": id_kind,
+            "segments": [{"prefix": "", "n_docs": int(n_docs), "n_tokens": int(n_tokens)}],
             "build": {
                 "kmeans_iters": kmeans_iters,
                 "kmeans_sample": int(n_fit),
@@ -361,6 +365,8 @@ def build(
                 },
             },
         }
+        if meta_entry is not None:
+            manifest["metadata"] = meta_entry
         w.commit(manifest)
     timings["total"] = time.perf_counter() - t0
     return timings
@@ -389,25 +395,54 @@ def build_ivf(codes: np.ndarray, doclens: np.ndarray, n_centroids: int) -> tuple
     return offsets, docs
 
 
-def write_ids(w: IndexWriter, ids: list[Any] | None, n_docs: int) -> str:
-    """Stores user ids (all int or all str, unique); returns their kind: none, int or str."""
+def id_kind_of(ids: list[Any]) -> str:
+    """ "int" or "str" for a list of ids all of one kind, unique; ValueError otherwise."""
+    if all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
+        arr = np.asarray(ids, dtype=np.int64) if ids else np.zeros(0, np.int64)
+        if np.unique(arr).shape[0] != len(ids):
+            raise ValueError("ids: duplicate document ids")
+        return "int"
+    if all(isinstance(i, str) for i in ids):
+        if len(set(ids)) != len(ids):
+            raise ValueError("ids: duplicate document ids")
+        return "str"
+    raise ValueError("ids: expected all int or all str document ids")
+
+
+def write_ids(
+    w: IndexWriter, ids: list[Any] | None, n_docs: int, prefix: str = "", kind: str | None = None
+) -> str:
+    """Stores one segment's user ids (all int or all str, unique) under ``prefix``; returns their
+    kind: none, int or str (``kind``: the index's, which the ids must match)."""
     if ids is None:
         return "none"
     if len(ids) != n_docs:
         raise ValueError(f"ids: {len(ids)} ids for {n_docs} documents")
-    if all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
-        arr = np.asarray(ids, dtype=np.int64)
-        if np.unique(arr).shape[0] != n_docs:
-            raise ValueError("ids: duplicate document ids")
-        w.write_array("ids", arr)
+    got = id_kind_of(ids) if ids or kind is None else kind
+    if kind is not None and got != kind:
+        raise ValueError(f"ids: this index's ids are {kind}, got {got} ids")
+    if got == "int":
+        w.write_array(prefix + "ids", np.asarray(ids, dtype=np.int64).reshape(-1))
         return "int"
-    if all(isinstance(i, str) for i in ids):
-        if len(set(ids)) != n_docs:
-            raise ValueError("ids: duplicate document ids")
-        enc = [s.encode("utf-8") for s in ids]
-        offsets = np.zeros(n_docs + 1, dtype=np.int64)
-        np.cumsum([len(b) for b in enc], out=offsets[1:])
-        w.write_array("ids_str", np.frombuffer(b"".join(enc), dtype=np.uint8))
-        w.write_array("ids_str_offsets", offsets)
-        return "str"
-    raise ValueError("ids: expected all int or all str document ids")
+    enc = [s.encode("utf-8") for s in ids]
+    offsets = np.zeros(n_docs + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in enc], out=offsets[1:])
+    w.write_array(prefix + "ids_str", np.frombuffer(b"".join(enc), dtype=np.uint8))
+    w.write_array(prefix + "ids_str_offsets", offsets)
+    return "str"
+
+
+def write_metadata_file(
+    w: IndexWriter, metadata: Any, n_docs: int, src: Any = None, start: int = 0
+) -> dict[str, Any] | None:
+    """Writes the metadata file of the version ``w`` writes: the rows of ``src`` (a path, or
+    None) plus ``metadata`` (None or one JSON object / None per document) for positions
+    start, start + 1, ...; returns its manifest entry, None when there is no metadata at all."""
+    from edgeplaid.index._metadata import METADATA_FILE, check_metadata, write_metadata
+
+    metas = check_metadata(metadata, n_docs)
+    rows = [(start + i, m) for i, m in enumerate(metas) if m is not None]
+    if not rows and src is None:
+        return None
+    write_metadata(w.path(METADATA_FILE), src, add=rows)
+    return w.file_entry(METADATA_FILE)

@@ -29,6 +29,7 @@ from edgeplaid.index._storage import (
     iter_array,
     read_manifest,
     recover,
+    segments_of,
 )
 
 # Default verification hashes every array of an index up to this size (xxh64 runs at several
@@ -47,14 +48,13 @@ def arrays_to_hash(manifest: dict[str, Any], mmap: bool, verify: bool | None) ->
     total = sum(int(e["nbytes"]) for e in manifest["arrays"].values())
     if verify is True or not mmap or total <= AUTO_VERIFY_BYTES:
         return names
-    return names - {"residuals"}
+    return {n for n in names if not n.endswith("residuals")}
 
 
 def check_arrays(path: Path, manifest: dict[str, Any], hash_names: set[str]) -> None:
     """Structural checks of every array (residuals: checksum only), checksums of ``hash_names``
     in the same pass; IndexFormatError naming the first problem."""
     m = manifest
-    nc, n_docs, n_tokens = m["n_centroids"], m["n_docs"], m["n_tokens"]
 
     def scan(name: str, check: Callable[[int, np.ndarray], None] | None = None) -> None:
         h = None
@@ -93,20 +93,35 @@ def check_arrays(path: Path, manifest: dict[str, Any], hash_names: set[str]) -> 
 
     scan("bucket_cutoffs", cutoffs)
 
+    for seg in segments_of(m):
+        _check_segment(path, m, seg, scan, bad)
+    if m.get("n_deleted", 0):
+        dele: list[np.ndarray] = []
+        scan("deleted", lambda _, b: dele.append(b.copy()))
+        d = np.concatenate(dele)
+        if int(d[0]) < 0 or int(d[-1]) >= m["n_docs"] or bool((d[1:] <= d[:-1]).any()):
+            raise bad(f"deleted positions are not sorted, unique and below n_docs={m['n_docs']}")
+
+
+def _check_segment(path: Path, m: dict[str, Any], seg: dict[str, Any], scan: Any, bad: Any) -> None:
+    """One segment's arrays (see check_arrays); its IVF and ids are local to it."""
+    p, nc = seg["prefix"], m["n_centroids"]
+    n_docs, n_tokens = seg["n_docs"], seg["n_tokens"]
+
     def codes(_: int, b: np.ndarray) -> None:
         if b.shape[0] and (int(b.max()) >= nc or int(b.min()) < 0):
-            raise bad(f"codes outside [0, {nc})")
+            raise bad(f"{p}codes outside [0, {nc})")
 
-    scan("codes", codes)
-    if "inv_norm" in m["arrays"]:
+    scan(p + "codes", codes)
+    if p + "inv_norm" in m["arrays"]:
 
         def inv_norm(_: int, b: np.ndarray) -> None:
             # NaN fails `> 0`; +inf is caught by isfinite
             if not ((b > 0).all() and np.isfinite(b).all()):
                 raise bad("inv_norm values are not positive and finite")
 
-        scan("inv_norm", inv_norm)
-    scan("residuals")  # any bit pattern is a valid residual: checksum only (when asked)
+        scan(p + "inv_norm", inv_norm)
+    scan(p + "residuals")  # any bit pattern is a valid residual: checksum only (when asked)
 
     total = [0]
 
@@ -115,14 +130,14 @@ def check_arrays(path: Path, manifest: dict[str, Any], hash_names: set[str]) -> 
             raise bad("negative document length")
         total[0] += int(b.sum(dtype=np.int64))
 
-    scan("doclens", doclens)
+    scan(p + "doclens", doclens)
     if total[0] != n_tokens:
-        raise bad(f"doclens sum to {total[0]}, not n_tokens={n_tokens}")
+        raise bad(f"{p}doclens sum to {total[0]}, not n_tokens={n_tokens}")
 
     offs: list[np.ndarray] = []
-    scan("ivf_offsets", lambda _, b: offs.append(b.copy()))
+    scan(p + "ivf_offsets", lambda _, b: offs.append(b.copy()))
     io = np.concatenate(offs) if offs else np.zeros(0, np.int64)
-    n_ivf = int(m["arrays"]["ivf_docs"]["shape"][0])
+    n_ivf = int(m["arrays"][p + "ivf_docs"]["shape"][0])
     if io[0] != 0 or io[-1] != n_ivf or bool((io[1:] < io[:-1]).any()):
         raise bad(f"IVF offsets are not a CSR over {n_ivf} entries")
     # positions where a new (non-empty) list starts: no order required across that boundary
@@ -147,21 +162,21 @@ def check_arrays(path: Path, manifest: dict[str, Any], hash_names: set[str]) -> 
             raise bad("IVF lists are not sorted and unique")
         prev[0] = int(b[-1])
 
-    scan("ivf_docs", ivf_docs)
+    scan(p + "ivf_docs", ivf_docs)
 
     kind = m.get("ids", "none")
     if kind == "int":
         ids: list[np.ndarray] = []
-        scan("ids", lambda _, b: ids.append(b.copy()))
+        scan(p + "ids", lambda _, b: ids.append(b.copy()))
         a = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         if np.unique(a).shape[0] != a.shape[0]:
             raise bad("duplicate document ids")
     elif kind == "str":
         so_parts: list[np.ndarray] = []
-        scan("ids_str_offsets", lambda _, b: so_parts.append(b.copy()))
+        scan(p + "ids_str_offsets", lambda _, b: so_parts.append(b.copy()))
         so = np.concatenate(so_parts)
         raw_parts: list[bytes] = []
-        scan("ids_str", lambda _, b: raw_parts.append(b.tobytes()))
+        scan(p + "ids_str", lambda _, b: raw_parts.append(b.tobytes()))
         raw = b"".join(raw_parts)
         if so[0] != 0 or so[-1] != len(raw) or bool((so[1:] < so[:-1]).any()):
             raise bad("string id offsets are not monotone over the id bytes")

@@ -1,9 +1,9 @@
-"""``edgeplaid.Index``: build, load (memory map), search, exhaustive search, colbert-ai import."""
+"""``edgeplaid.Index``: build, load (memory map), search, exhaustive search, add / delete / update /
+compact (a living index), metadata filters, colbert-ai import."""
 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,32 +11,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgeplaid.index import _build, _codec
+from edgeplaid.index import _build, _mutate
 from edgeplaid.index._checks import open_checked
-from edgeplaid.index._storage import (
-    FORMAT_VERSION,
-    IndexFormatError,
-    changed,
-    open_array,
-    rewrite_index,
-    verify_checksums,
-)
+from edgeplaid.index._snapshot import Snapshot, open_snapshot
+from edgeplaid.index._storage import FORMAT_VERSION, changed, rewrite_index, verify_checksums
 from edgeplaid.ops import bundles
-from edgeplaid.search._plaid import Ivf, PlaidSearcher, SearchParams, resolve_params
+from edgeplaid.search._plaid import SearchParams, resolve_params
 
 
 class SearchResult(tuple):
-    """``(scores, ids)``: scores (nq, k) float32, ids (nq, k) int64 document positions (-1: none).
+    """``(scores, ids)``: scores (nq, k) float32, ids (nq, k) int64 internal document positions
+    of the index version searched (-1: none).
 
-    Unpacks as a pair; ``user_ids`` maps the positions to the ids given at build (None for -1).
+    Unpacks as a pair; ``user_ids`` maps the positions to the user's ids (None for -1) through the
+    same version, so a concurrent add, delete or compaction never changes what they name.
+    Positions are internal (compaction renumbers them); the ids are what to keep.
     """
 
     scores: torch.Tensor
     ids: torch.Tensor
 
-    def __new__(cls, scores: torch.Tensor, ids: torch.Tensor, index: Index) -> SearchResult:
+    def __new__(cls, scores: torch.Tensor, ids: torch.Tensor, state: Snapshot) -> SearchResult:
         self = super().__new__(cls, (scores, ids))
-        self.__dict__["_index"] = index
+        self.__dict__["_state"] = state
         return self
 
     @property
@@ -50,36 +47,83 @@ class SearchResult(tuple):
     @property
     def user_ids(self) -> list[list[Any]]:
         """(nq, k) nested list of the user's document ids (positions when none were given)."""
-        return self.__dict__["_index"].to_user_ids(self[1])
+        return self.__dict__["_state"].to_user_ids(self[1])
+
+
+def _joined(name: str, doc: str) -> property:
+    return property(lambda self: self._state.joined(name), doc=doc)
+
+
+def _codec_attr(name: str) -> property:
+    return property(lambda self: getattr(self._state, name))
 
 
 class Index:
     """A PLAID index of ColBERT document token vectors, stored in edgeplaid's on-disk format.
 
-    Create one with :meth:`build` or :meth:`import_colbert`, open it with :meth:`load`.
-    Attributes (read-only views of the files): ``centroids (C, dim) float16`` (float32 when
-    stored so),
-    ``bucket_cutoffs (2**nbits - 1,) float32``, ``bucket_weights (2**nbits,) float32``,
-    ``codes (n_tokens,) uint16 (<= 65,536 centroids) or int32``,
-    ``residuals (n_tokens, dim * nbits / 8) uint8``, ``inv_norm (n_tokens,) float32``
-    (1 / ||centroid + residual|| per token, for scoring from the codes),
-    ``doclens (n_docs,) int32``, ``doc_offsets (n_docs + 1,) int64``, ``ivf_offsets (C + 1,) int64``,
-    ``ivf_docs (n_ivf,) int32``.
+    Create one with :meth:`build` or :meth:`import_colbert`, open it with :meth:`load`; change it
+    with :meth:`add`, :meth:`delete`, :meth:`update` and :meth:`compact` (each one atomic, see
+    :mod:`edgeplaid.index._mutate`).
+
+    An index is one or more immutable segments sharing one codec, plus tombstones. Attributes
+    (read-only views of the files of the loaded version): ``centroids (C, dim) float16`` (float32
+    when stored so), ``bucket_cutoffs (2**nbits - 1,) float32``, ``bucket_weights (2**nbits,)
+    float32``; over all segments, in position order: ``codes (n_tokens,) uint16 (<= 65,536
+    centroids) or int32``, ``residuals (n_tokens, dim * nbits / 8) uint8``, ``inv_norm (n_tokens,)
+    float32`` (1 / ||centroid + residual|| per token), ``doclens (n_positions,) int32``,
+    ``doc_offsets (n_positions + 1,) int64`` (with several segments these are concatenated copies,
+    made on first use; the searcher reads each segment's mapped files). ``n_docs`` counts live
+    documents, ``n_positions`` every stored one (deleted included, until :meth:`compact`).
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], mmap: bool) -> None:
-        self.device = torch.device("cpu")
+    centroids = _codec_attr("centroids")
+    bucket_cutoffs = _codec_attr("bucket_cutoffs")
+    bucket_weights = _codec_attr("bucket_weights")
+    avg_residual = _codec_attr("avg_residual")
+    dim = _codec_attr("dim")
+    nbits = _codec_attr("nbits")
+    n_centroids = _codec_attr("n_centroids")
+    n_docs = _codec_attr("n_docs")
+    n_positions = _codec_attr("n_positions")
+    n_tokens = _codec_attr("n_tokens")
+    manifest = _codec_attr("manifest")
+    segments = _codec_attr("segments")
+    codes = _joined("codes", "(n_tokens,) codes over all segments")
+    residuals = _joined("residuals", "(n_tokens, dim * nbits / 8) uint8 over all segments")
+    inv_norm = _joined("inv_norm", "(n_tokens,) float32 over all segments")
+    doclens = _joined("doclens", "(n_positions,) int32 over all segments")
+    doc_offsets = _joined("doc_offsets", "(n_positions + 1,) int64 over all segments")
+
+    def __init__(self, path: Path, state: Snapshot) -> None:
         self.path = path
-        self.manifest = manifest
-        self.mmap = mmap
-        self.dim = int(manifest["dim"])
-        self.nbits = int(manifest["nbits"])
-        self.n_docs = int(manifest["n_docs"])
-        self.n_tokens = int(manifest["n_tokens"])
-        self.n_centroids = int(manifest["n_centroids"])
-        self._user_ids: np.ndarray | list[str] | None = None
-        self._position: dict[Any, int] | None = None
-        self._open(mmap)
+        self.mmap = state.mmap
+        self._state = state
+
+    @property
+    def device(self) -> torch.device:
+        return self._state.device
+
+    @property
+    def ivf_offsets(self) -> np.ndarray:
+        """(C + 1,) int64 IVF offsets of a one-segment index (each segment has its own)."""
+        return self._one_segment("ivf_offsets")
+
+    @property
+    def ivf_docs(self) -> np.ndarray:
+        """(n_ivf,) int32 IVF document positions of a one-segment index."""
+        return self._one_segment("ivf_docs")
+
+    def _one_segment(self, name: str) -> Any:
+        segs = self._state.segments
+        if len(segs) != 1:
+            raise AttributeError(
+                f"{name}: the index has {len(segs)} segments, each with its own (index.segments)"
+            )
+        return getattr(segs[0], name)
+
+    @property
+    def _searcher(self):  # the search pipeline of the loaded version (tests and benchmarks)
+        return self._state.searcher
 
     # ------------------------------------------------------------------ build / load
 
@@ -92,6 +136,7 @@ class Index:
         nbits: int = 4,
         ids: Sequence[str] | Sequence[int] | None = None,
         *,
+        metadata: Sequence[dict[str, Any] | None] | None = None,
         n_centroids: int | None = None,
         kmeans_iters: int = 4,
         sample_per_centroid: int = 16,
@@ -110,7 +155,11 @@ class Index:
                 for a corpus larger than memory (spooled to disk once, bounded memory).
             doclens: (n_docs,) integer tokens per document, summing to n_tokens.
             nbits: residual bits per dimension (1, 2, 4 or 8; dim * nbits a multiple of 8).
-            ids: optional user document ids, all int or all str, unique (n_docs,).
+            ids: optional user document ids, all int or all str, unique (n_docs,); without them
+                the ids are 0 .. n_docs - 1. Ids are stable: add, delete, update and compaction
+                never change them.
+            metadata: optional per-document JSON objects (n_docs,) (None for a document without),
+                stored in the index's SQLite file for ``where`` filters (see :meth:`search`).
             n_centroids: default 2 ** floor(log2(16 * sqrt(n_tokens))), as colbert-ai.
             kmeans_iters: Lloyd iterations; sample_per_centroid: k-means sample size per centroid
                 (the sample is at most 2**19 tokens, 5% more held out for the residual codec).
@@ -126,6 +175,7 @@ class Index:
             doclens,
             nbits,
             ids,
+            metadata=metadata,
             n_centroids=n_centroids,
             kmeans_iters=kmeans_iters,
             sample_per_centroid=sample_per_centroid,
@@ -148,17 +198,18 @@ class Index:
         only regular files of the directory and checks their sizes first, and scans every array
         but the residuals once for what a search relies on (finite centroids and weights, codes
         below the centroid count, positive finite inv_norm, monotone doc and IVF offsets, IVF
-        positions below n_docs). Checksums: ``verify=None`` (default) checks every array's while
-        the index is at most 1 GiB (``edgeplaid.index._checks.AUTO_VERIFY_BYTES``), above it all
-        but the residuals' (those the scan reads anyway); ``verify=True`` every one (reads the
-        whole index); ``verify=False`` none. Raises :class:`IndexFormatError` on a truncated,
-        corrupt or mismatched index. Leftovers of a killed writer are cleaned up first.
+        positions below each segment's n_docs, tombstones sorted and in range). Checksums:
+        ``verify=None`` (default) checks every array's while the index is at most 1 GiB
+        (``edgeplaid.index._checks.AUTO_VERIFY_BYTES``), above it all but the residuals' (those
+        the scan reads anyway); ``verify=True`` every one (reads the whole index);
+        ``verify=False`` none. Raises :class:`IndexFormatError` on a truncated, corrupt or
+        mismatched index. Leftovers of a killed writer are cleaned up first.
         With ``mmap=True`` the codes, the residuals and the IVF are memory-mapped (the kernels
         read them in place). ``device`` ("cpu", "cuda", "cuda:N" or a torch.device) is where the
         index searches: on a GPU its arrays are copied there once (see :meth:`to`).
         """
         p = Path(path)
-        index = open_checked(p, mmap, verify, lambda manifest: cls(p, manifest, mmap))
+        index = open_checked(p, mmap, verify, lambda manifest: cls(p, open_snapshot(p, manifest, mmap)))
         return index.to(device)
 
     def to(self, device: Any) -> Index:
@@ -167,188 +218,168 @@ class Index:
         the CPU the files are mapped again (nothing copied back). Bundles are rebuilt from the
         arrays checked at load: nothing is re-validated."""
         dev = _device(device)
-        if dev == self.device:
+        st = self._state
+        if dev == st.device:
             return self
         if dev.type == "cpu":
-            self.device = dev
-            self._open(self.mmap)
+            self._state = open_snapshot(self.path, st.manifest, self.mmap)
             return self
         if not torch.cuda.is_available():
             raise ValueError(f"device: {dev} was asked for, but CUDA is not available here")
-        codec, ivf = self._searcher.codec, self._searcher.ivf
-
-        def move(t: torch.Tensor) -> torch.Tensor:
-            return t.to(dev)
-
-        self.centroids = move(self.centroids)
-        self.bucket_weights = move(self.bucket_weights)
-        self.codes = move(self.codes)
-        self.residuals = move(self.residuals)
-        self.inv_norm = move(self.inv_norm)
-        self.doc_offsets = move(self.doc_offsets)
-        self.device = dev
-        self._searcher = PlaidSearcher(
-            bundles.Codec(self.centroids, self.bucket_weights, codec.nbits),
-            bundles.CompressedDocs(self.codes, self.residuals, self.doc_offsets, self.inv_norm),
-            Ivf(move(ivf.offsets), move(ivf.docs)),
-        )
+        self._state = st.to(dev)
         return self
 
     def upgrade(self) -> bool:
         """Moves an index written by an older edgeplaid to the current format, adding what it
         lacks (format_version 1: the per-token inv_norm, computed from the codes; 1 and 2: the
-        manifest's own checksum), and reopens it. Returns whether anything was written. No file
-        is modified in place: a new version of the directory (unchanged arrays hard-linked) is
-        switched in atomically, as every write is (see :mod:`edgeplaid.index._storage`)."""
-        if int(self.manifest["format_version"]) >= FORMAT_VERSION:
+        manifest's own checksum; 1-3: the segment list), and reopens it. Returns whether anything
+        was written. No file is modified in place: a new version of the directory (unchanged
+        arrays hard-linked) is switched in atomically, as every write is (see
+        :mod:`edgeplaid.index._storage`)."""
+        st = self._state
+        if int(st.manifest["format_version"]) >= FORMAT_VERSION:
             return False
         add = {}
-        if "inv_norm" not in self.manifest["arrays"]:
-            add["inv_norm"] = self.inv_norm.cpu().numpy()
-        rewrite_index(self.path, self.manifest, add)
+        if "inv_norm" not in st.manifest["arrays"]:
+            add["inv_norm"] = st.segments[0].inv_norm.cpu().numpy()
+        rewrite_index(self.path, st.manifest, add)
         self.refresh()
         return True
 
     def verify(self) -> None:
-        """Checks every file's checksum against the manifest (IndexFormatError on a mismatch)."""
-        verify_checksums(self.path, self.manifest)
+        """Checks every file's checksum (arrays and metadata) against the manifest of the loaded
+        version (IndexFormatError on a mismatch)."""
+        verify_checksums(self.path, self._state.manifest)
 
     def refresh(self) -> bool:
-        """Reopens the index if the one at its path changed since it was loaded (overwritten,
-        upgraded, or a file modified in place by another program); returns whether it did.
+        """Switches to the newest version of the index at its path if it changed since this one
+        was loaded (another process or Index object added, deleted, compacted, overwrote or
+        upgraded it; or a file was modified in place by another program); returns whether it did.
 
-        edgeplaid never modifies an index file in place, so an index another process replaces
-        keeps searching its old files until refreshed. A file modified in place by something
-        else would fault its memory map (SIGBUS) at the next search: refresh detects it (inode,
-        size, mtime) and reloads, raising IndexFormatError if the files are now inconsistent;
-        do not search an index whose refresh raised."""
-        if not changed(self.path, self.manifest):
+        Searches already running finish on the version they started with; the next ones see the
+        new version. edgeplaid never modifies an index file in place, so an index another process
+        replaces keeps searching its old files until refreshed. A file modified in place by
+        something else would fault its memory map (SIGBUS) at the next search: refresh detects it
+        (inode, size, mtime) and reloads, raising IndexFormatError if the files are now
+        inconsistent; do not search an index whose refresh raised."""
+        if not changed(self.path, self._state.manifest):
             return False
         fresh = type(self).load(self.path, mmap=self.mmap, device=self.device)
-        self.__dict__.update(fresh.__dict__)
+        self._state = fresh._state
         return True
 
-    def _open(self, mmap: bool) -> None:
-        p, m = self.path, self.manifest
-
-        def arr(name: str, dtypes: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
-            a = open_array(p, m, name, mmap)
-            if a.dtype.str not in dtypes or a.shape != shape:
-                raise IndexFormatError(
-                    f"{p}: {name} is {a.dtype.str} {a.shape}, expected {'/'.join(dtypes)} {shape} "
-                    f"(dim={self.dim}, nbits={self.nbits}, n_docs={self.n_docs}, n_tokens={self.n_tokens}, "
-                    f"n_centroids={self.n_centroids})"
-                )
-            return a
-
-        if self.nbits not in (1, 2, 4, 8) or self.dim < 1 or self.dim * self.nbits % 8:
-            raise IndexFormatError(f"{p}: bad dim={self.dim} / nbits={self.nbits} in the manifest")
-        nc, nb = self.n_centroids, 1 << self.nbits
-        cents = arr("centroids", ("<f2", "<f4"), (nc, self.dim))
-        # Kept in the stored dtype (fp16 from our builds and colbert-ai's): the kernels widen in
-        # registers, and a fp32 copy would be memory outside the index's own bytes.
-        self.centroids = torch.from_numpy(cents)
-        self.bucket_cutoffs = torch.from_numpy(np.array(arr("bucket_cutoffs", ("<f4",), (nb - 1,))))
-        self.bucket_weights = torch.from_numpy(np.array(arr("bucket_weights", ("<f4",), (nb,))))
-        self.avg_residual = float(np.array(arr("avg_residual", ("<f4",), (1,)))[0])
-        codes = arr("codes", ("<u2", "<i4"), (self.n_tokens,))
-        # uint16 (<= 65,536 centroids) and int32 codes both stay mapped: the kernels read either
-        # width. Not scanned here (that would read them all): the kernels check every code they
-        # dereference, and verify=True checks the bytes.
-        self.codes = torch.from_numpy(codes)
-        res = arr("residuals", ("|u1", "<u1"), (self.n_tokens, self.dim * self.nbits // 8))
-        self.residuals = torch.from_numpy(res)
-        self._residuals_array = res  # the numpy.memmap under self.residuals when mmap
-        if "inv_norm" in m["arrays"]:
-            # Mapped like the codes. Not scanned here: the kernels reject a token whose inv_norm is
-            # not positive and finite, and verify=True checks the bytes.
-            self.inv_norm = torch.from_numpy(arr("inv_norm", ("<f4",), (self.n_tokens,)))
-        elif int(m["format_version"]) >= 2:
-            raise IndexFormatError(f"{p}: the manifest lacks inv_norm (format_version {m['format_version']})")
-        else:
-            warnings.warn(
-                f"edgeplaid: {p} is a format_version 1 index: computing inv_norm on load "
-                "(Index.upgrade() stores it once)",
-                stacklevel=3,
-            )
-            self.inv_norm = torch.from_numpy(
-                _codec.inv_norms(
-                    codes, res, cents.astype(np.float32), self.bucket_weights.numpy(), self.nbits
-                )
-            )
-        dl = arr("doclens", ("<i4",), (self.n_docs,))
-        self.doclens = torch.from_numpy(np.array(dl))
-        offsets = np.zeros(self.n_docs + 1, dtype=np.int64)
-        np.cumsum(dl, out=offsets[1:])
-        if self.n_docs and (int(dl.min()) < 0 or int(offsets[-1]) != self.n_tokens):
-            raise IndexFormatError(
-                f"{p}: doclens do not sum to n_tokens={self.n_tokens}: the index is corrupt"
-            )
-        self.doc_offsets = torch.from_numpy(offsets)
-        self.ivf_offsets = np.array(arr("ivf_offsets", ("<i8",), (nc + 1,)))
-        n_ivf = int(m["arrays"].get("ivf_docs", {}).get("shape", [0])[0])
-        # A plain ndarray over the map: slicing a numpy.memmap builds a memmap object per slice
-        # (measured 0.1 ms per query in the candidate gathering).
-        self.ivf_docs = arr("ivf_docs", ("<i4",), (n_ivf,)).view(np.ndarray)
-        io = self.ivf_offsets
-        if io[0] != 0 or io[-1] != n_ivf or (nc and bool((io[1:] < io[:-1]).any())):
-            raise IndexFormatError(
-                f"{p}: IVF offsets are not a CSR over {n_ivf} entries: the index is corrupt"
-            )
-        kind = m.get("ids", "none")
-        if kind == "int":
-            self._user_ids = np.array(arr("ids", ("<i8",), (self.n_docs,)))
-        elif kind == "str":
-            raw = open_array(p, m, "ids_str", False).tobytes()
-            so = arr("ids_str_offsets", ("<i8",), (self.n_docs + 1,))
-            if int(so[-1]) != len(raw):
-                raise IndexFormatError(f"{p}: string ids are truncated")
-            self._user_ids = [
-                raw[a:b].decode("utf-8") for a, b in zip(so[:-1].tolist(), so[1:].tolist(), strict=True)
-            ]
-        elif kind != "none":
-            raise IndexFormatError(f"{p}: unknown ids kind {kind!r}")
-        # The bundles the kernels receive, checked here once (the offsets were just derived from
-        # the doclens; the kernels check every code and id they dereference).
-        codec = bundles.codec(self.centroids, self.bucket_weights, self.nbits)
-        docs = bundles.compressed_docs(
-            self.codes,
-            self.residuals,
-            self.doc_offsets,
-            self.inv_norm,
-            codec=codec,
-            device=codec.centroids.device,
-        )
-        self._searcher = PlaidSearcher(
-            codec, docs, Ivf(torch.from_numpy(self.ivf_offsets), torch.from_numpy(self.ivf_docs))
-        )
-
-    # ------------------------------------------------------------------ ids
+    # ------------------------------------------------------------------ ids and metadata
 
     @property
     def user_ids(self) -> np.ndarray | list[str] | None:
-        """The ids given at build: (n_docs,) int64, a list of str, or None."""
-        return self._user_ids
+        """The ids of every stored position, deleted ones included: (n_positions,) int64, a list
+        of str, or None (an index built without ids and never changed: the ids are positions)."""
+        return self._state.user_ids
+
+    def ids(self) -> list[Any]:
+        """The ids of the live documents, in position order."""
+        return self._state.live_ids()
 
     def to_user_ids(self, positions: Any) -> list[list[Any]]:
-        """Document positions (nq, k) (-1: none) -> nested lists of user ids (None for -1)."""
-        pos = positions.tolist() if hasattr(positions, "tolist") else positions
-        u = self._user_ids
-        if u is None:
-            return [[p if p >= 0 else None for p in row] for row in pos]
-        if isinstance(u, np.ndarray):
-            ul = u.tolist()
-            return [[ul[p] if p >= 0 else None for p in row] for row in pos]
-        return [[u[p] if p >= 0 else None for p in row] for row in pos]
+        """Document positions (nq, k) (-1: none) of the loaded version -> nested lists of user ids
+        (None for -1)."""
+        return self._state.to_user_ids(positions)
 
     def positions(self, user_ids: Sequence[Any]) -> np.ndarray:
-        """User ids -> document positions (n,) int64 (KeyError for an unknown id)."""
-        if self._user_ids is None:
-            return np.asarray(user_ids, dtype=np.int64)
-        if self._position is None:
-            ul = self._user_ids.tolist() if isinstance(self._user_ids, np.ndarray) else self._user_ids
-            self._position = {u: i for i, u in enumerate(ul)}
-        return np.array([self._position[u] for u in user_ids], dtype=np.int64)
+        """User ids -> positions (n,) int64 of the live documents holding them in the loaded
+        version (KeyError for an unknown or deleted id)."""
+        return self._state.positions(user_ids)
+
+    def __contains__(self, user_id: Any) -> bool:
+        return user_id in self._state.position_map()
+
+    def metadata(self, ids: Sequence[Any]) -> list[dict[str, Any] | None]:
+        """The metadata of the documents with these ids (None where a document has none)."""
+        st = self._state
+        pos = st.positions(ids)
+        if st.metadata is None:
+            return [None] * len(pos)
+        return st.metadata.get(pos.tolist())
+
+    def select(self, where: str, params: Sequence[Any] | None = None) -> list[Any]:
+        """The ids of the live documents whose metadata satisfies ``where`` (see :meth:`search`)."""
+        st = self._state
+        pos = self._where(st, where, params)
+        return st.to_user_ids([pos.tolist()])[0]
+
+    @staticmethod
+    def _where(st: Snapshot, where: str, params: Sequence[Any] | None) -> np.ndarray:
+        """Live positions (sorted int64) whose metadata matches ``where``."""
+        if st.metadata is None:
+            from edgeplaid.index._metadata import compile_where
+
+            compile_where(where, params)  # a malformed filter is refused even without metadata
+            return np.zeros(0, dtype=np.int64)
+        pos = st.metadata.select(where, params)
+        if st.live is not None and pos.shape[0]:
+            pos = pos[st.live[pos]]
+        return pos
+
+    # ------------------------------------------------------------------ changes
+
+    def add(
+        self,
+        doc_tokens: Any,
+        doclens: Any,
+        ids: Sequence[Any] | None = None,
+        metadata: Sequence[dict[str, Any] | None] | None = None,
+    ) -> list[Any]:
+        """Adds documents as a new segment compressed with the index's codec (no k-means), in
+        one atomic write; returns their ids.
+
+        Args:
+            doc_tokens: (n_tokens, dim) float32/float16 document vectors (torch or numpy).
+            doclens: (n_docs,) integers summing to n_tokens.
+            ids: new ids, unique and not in the index (same kind, int or str, as the index's);
+                None: int ids continuing after the largest the index ever held (never reused).
+            metadata: optional per-document JSON objects (or None each).
+
+        A segment whose mean residual magnitude exceeds the codec's by more than 50% warns that
+        the new documents drift from the codec (``index.segments[-1].residual_error`` against
+        ``index.avg_residual``); :meth:`rebuild` retrains it."""
+        return _mutate.add(self, doc_tokens, doclens, ids, metadata)
+
+    def delete(
+        self,
+        ids: Sequence[Any] | None = None,
+        *,
+        where: str | None = None,
+        params: Sequence[Any] | None = None,
+    ) -> int:
+        """Deletes the documents with these ids, or those whose metadata matches ``where``, in one
+        atomic write (tombstones: the data stays on disk until :meth:`compact`); returns how many
+        were deleted. An unknown id raises KeyError and deletes nothing."""
+        return _mutate.delete(self, ids, where, params)
+
+    def update(
+        self,
+        ids: Sequence[Any],
+        doc_tokens: Any,
+        doclens: Any,
+        metadata: Sequence[dict[str, Any] | None] | None = None,
+    ) -> list[Any]:
+        """Replaces the documents with these ids (all must exist) by new vectors (and metadata)
+        under the same ids: delete + add in one atomic write."""
+        return _mutate.update(self, ids, doc_tokens, doclens, metadata)
+
+    def compact(self) -> bool:
+        """Merges every segment into one and drops deleted documents (codes and residuals copied,
+        not recompressed; the IVF rebuilt; ids and metadata kept); returns whether anything was
+        written. Positions change, ids do not."""
+        return _mutate.compact(self)
+
+    def rebuild(self, *, n_centroids: int | None = None, seed: int = 0, progress: bool = False) -> Index:
+        """Retrains the codec (k-means, buckets) on the live documents, decompressed, and
+        recompresses them into one segment, keeping ids and metadata: for an index whose added
+        documents drifted from its codec. Costs a build; the decompressed vectors carry the old
+        codec's error once more (rebuild from the original vectors with :meth:`build` when you
+        have them)."""
+        return _mutate.rebuild(self, n_centroids=n_centroids, seed=seed, progress=progress)
 
     # ------------------------------------------------------------------ search
 
@@ -376,9 +407,16 @@ class Index:
                 raise ValueError(f"queries_mask: expected shape {tuple(q.shape[:2])}, got {tuple(m.shape)}")
         return q, m
 
-    def _subsets(self, subset: Any, nq: int) -> list[np.ndarray | None] | None:
+    def _subsets(
+        self, st: Snapshot, subset: Any, nq: int, where: str | None, params: Sequence[Any] | None
+    ) -> list[np.ndarray | None] | None:
+        """Per query None or the sorted unique live positions allowed (``subset`` and ``where``
+        intersected; deleted positions dropped)."""
+        allowed = None if where is None else self._where(st, where, params)
+        if params is not None and where is None:
+            raise ValueError("params: given without a where filter")
         if subset is None:
-            return None
+            return None if allowed is None else [allowed] * nq
         if isinstance(subset, (np.ndarray, torch.Tensor)) or (
             len(subset) > 0 and not isinstance(subset[0], (list, tuple, np.ndarray, torch.Tensor, type(None)))
         ):
@@ -386,13 +424,18 @@ class Index:
         if len(subset) != nq:
             raise ValueError(f"subset: expected one allowed-id list per query ({nq}), got {len(subset)}")
         out: list[np.ndarray | None] = []
+        n = st.n_positions
         for s in subset:
             if s is None:
-                out.append(None)
+                out.append(allowed)
                 continue
             a = np.unique(np.asarray(s.cpu().numpy() if isinstance(s, torch.Tensor) else s, dtype=np.int64))
-            if a.shape[0] and (a[0] < 0 or a[-1] >= self.n_docs):
-                raise ValueError(f"subset: document positions must be in [0, {self.n_docs})")
+            if a.shape[0] and (a[0] < 0 or a[-1] >= n):
+                raise ValueError(f"subset: document positions must be in [0, {n})")
+            if st.live is not None and a.shape[0]:
+                a = a[st.live[a]]
+            if allowed is not None:
+                a = np.intersect1d(a, allowed, assume_unique=True)
             out.append(a)
         return out
 
@@ -403,9 +446,12 @@ class Index:
         queries_mask: Any = None,
         subset: Any = None,
         backend: str | None = None,
-        **params: Any,
+        *,
+        where: str | None = None,
+        params: Sequence[Any] | None = None,
+        **knobs: Any,
     ) -> SearchResult:
-        """PLAID search: the k best documents of each query.
+        """PLAID search: the k best live documents of each query.
 
         Args:
             queries: (nq, Lq, dim) (or (Lq, dim)) float32/float16/bfloat16 query token vectors.
@@ -413,7 +459,13 @@ class Index:
             queries_mask: (nq, Lq) bool, True for real tokens; None: every token counts.
             subset: allowed document positions (see :meth:`positions` for user ids): one sequence
                 for every query, or a list with one sequence (or None) per query.
-            **params: ``n_probe`` (IVF cells per query token), ``threshold`` (centroid-score
+            where: a metadata filter, e.g. ``"year >= ? AND source = ?"`` with ``params=[2020,
+                "pubmed"]`` (grammar: :func:`edgeplaid.index._metadata.compile_where`; values
+                bound, never spliced into SQL). An allowed set of at most ``n_candidates``
+                documents is scored whole (exact top-k among them); a larger one filters the
+                candidates.
+            params: the values of the ``?`` of ``where``, in order.
+            **knobs: ``n_probe`` (IVF cells per query token), ``threshold`` (centroid-score
                 pruning, stage 2; None disables), ``n_candidates`` (kept after stage 2),
                 ``n_rerank`` (kept after stage 3, scored from the codes), ``precision`` of that
                 last stage (``"int8"``, the default, or ``"exact"`` fp32; see
@@ -425,28 +477,38 @@ class Index:
 
         Returns:
             SearchResult ``(scores (nq, k) float32, ids (nq, k) int64)`` on the index's device,
-            best first; -inf / -1
-            where fewer than k documents were found; ``.user_ids`` maps ids to the user's ids.
+            best first; -inf / -1 where fewer than k documents were found; ``.user_ids`` maps ids
+            to the user's ids. Deleted documents are never returned nor counted in k.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k: expected a positive int, got {k!r}")
-        p: SearchParams = resolve_params(k, **params)
+        p: SearchParams = resolve_params(k, **knobs)
+        st = self._state  # one version for the whole search and its result
         q, m = self._queries(queries, queries_mask)
-        scores, ids = self._searcher.search(
-            bundles.queries(q, m), k, p, self._subsets(subset, q.shape[0]), backend=backend
-        )
-        return SearchResult(scores, ids, self)
+        subsets = self._subsets(st, subset, q.shape[0], where, params)
+        scores, ids = st.searcher.search(bundles.queries(q, m), k, p, subsets, backend=backend)
+        return SearchResult(scores, ids, st)
 
     def search_exhaustive(
-        self, queries: Any, k: int = 10, queries_mask: Any = None, backend: str | None = None
+        self,
+        queries: Any,
+        k: int = 10,
+        queries_mask: Any = None,
+        backend: str | None = None,
+        *,
+        where: str | None = None,
+        params: Sequence[Any] | None = None,
     ) -> SearchResult:
-        """Exact MaxSim of every query against every document of the index (decompressed):
-        the quality reference for :meth:`search`. Same arguments and result as :meth:`search`."""
+        """Exact MaxSim of every query against every live document of the index (decompressed),
+        or against those matching ``where``: the quality reference for :meth:`search`. Same
+        arguments and result as :meth:`search`."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k: expected a positive int, got {k!r}")
+        st = self._state
         q, m = self._queries(queries, queries_mask)
-        scores, ids = self._searcher.exhaustive(bundles.queries(q, m), k, backend=backend)
-        return SearchResult(scores, ids, self)
+        allowed = None if where is None else self._where(st, where, params)
+        scores, ids = st.searcher.exhaustive(bundles.queries(q, m), k, backend=backend, allowed=allowed)
+        return SearchResult(scores, ids, st)
 
     # ------------------------------------------------------------------ misc
 
@@ -475,9 +537,15 @@ class Index:
         return self.n_docs
 
     def __repr__(self) -> str:
+        st = self._state
+        more = (
+            f", segments={len(st.segments)}, deleted={st.deleted.shape[0]}"
+            if len(st.segments) > 1 or st.live is not None
+            else ""
+        )
         return (
-            f"Index({str(self.path)!r}, n_docs={self.n_docs}, n_tokens={self.n_tokens}, dim={self.dim}, "
-            f"nbits={self.nbits}, n_centroids={self.n_centroids})"
+            f"Index({str(self.path)!r}, n_docs={st.n_docs}, n_tokens={st.n_tokens}, dim={st.dim}, "
+            f"nbits={st.nbits}, n_centroids={st.n_centroids}{more})"
         )
 
 

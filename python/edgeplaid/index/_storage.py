@@ -59,10 +59,12 @@ from typing import Any
 import numpy as np
 
 FORMAT = "edgeplaid-plaid"
-# 2 adds inv_norm (n_tokens,) <f4; 3 adds manifest_checksum (the manifest covers itself). Versions 1
-# and 2 still load (inv_norm computed on load for 1); Index.upgrade() moves them to the current one.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# 2 adds inv_norm (n_tokens,) <f4; 3 adds manifest_checksum (the manifest covers itself); 4 makes an
+# index a list of segments sharing one codec, plus tombstones (``deleted``) and an optional SQLite
+# metadata file (a living index: edgeplaid.index._mutate). Versions 1-3 still load as one segment
+# (inv_norm computed on load for 1); Index.upgrade() moves them to the current one.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST = "manifest.json"
 # A manifest holds counts, shapes and checksums, never per-document data: a few kB. The bound
 # keeps a hostile or corrupt one from being read into memory whole.
@@ -84,6 +86,7 @@ _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\.bin")
+_OTHER_FILES = {"metadata.sqlite"}  # the only non-array file an index holds
 
 
 class IndexFormatError(ValueError):
@@ -148,7 +151,7 @@ class IndexDir:
         """(descriptor, fstat) of the regular file ``name`` of this directory; IndexFormatError for
         anything else. The caller closes the descriptor."""
         label = f"{name} ({what})" if what and what != name else name
-        if name != MANIFEST and not _FILE_NAME.fullmatch(name):
+        if name != MANIFEST and name not in _OTHER_FILES and not _FILE_NAME.fullmatch(name):
             raise IndexFormatError(f"{self.path}: {label}: not a plain file name inside the index")
         try:
             # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: no symlink, so
@@ -268,7 +271,16 @@ _TOP_KEYS = {
     "build",
     "arrays",
     "manifest_checksum",
+    "segments",
+    "n_deleted",
+    "metadata",
 }
+_SEGMENT_KEYS = {"prefix", "n_docs", "n_tokens", "residual_error"}
+# Segment j >= 1 stores its arrays as "s<j>.codes" etc.; the first segment of a build keeps the
+# unprefixed names of format_version <= 3, so an old index is a one-segment index as it stands.
+_PREFIX = re.compile(r"(s[0-9]{1,9}\.)?")
+_FILE_KEYS = {"file", "nbytes", "checksum"}
+METADATA_FILE = "metadata.sqlite"
 _ENTRY_KEYS = {"file", "dtype", "shape", "nbytes", "checksum"}
 _MAX_COUNT = 1 << 48  # tokens, bytes: far beyond any index, small enough to never overflow int64
 _MAX_INT32 = (1 << 31) - 1  # document positions and ivf entries are int32
@@ -281,32 +293,90 @@ def _int(m: dict[str, Any], key: str, lo: int, hi: int, where: str) -> int:
     return v
 
 
+def segments_of(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's segments (prefix, n_docs, n_tokens, ...); an index written before format 4
+    is one unprefixed segment holding everything."""
+    segs = m.get("segments")
+    if segs is None:
+        return [{"prefix": "", "n_docs": m["n_docs"], "n_tokens": m["n_tokens"]}]
+    return segs
+
+
 def expected_arrays(m: dict[str, Any]) -> dict[str, tuple[tuple[str, ...], tuple[int | None, ...]]]:
     """name -> (allowed dtypes, shape; None where the manifest's own value is taken) of the arrays
     a valid manifest ``m`` (counts already checked) must list, exactly."""
     dim, nbits, nc = m["dim"], m["nbits"], m["n_centroids"]
-    n_docs, n_tokens = m["n_docs"], m["n_tokens"]
     nb = 1 << nbits
     want: dict[str, tuple[tuple[str, ...], tuple[int | None, ...]]] = {
         "centroids": (("<f2", "<f4"), (nc, dim)),
         "avg_residual": (("<f4",), (1,)),
         "bucket_cutoffs": (("<f4",), (nb - 1,)),
         "bucket_weights": (("<f4",), (nb,)),
-        "codes": (("<u2", "<i4") if nc <= 1 << 16 else ("<i4",), (n_tokens,)),
-        "residuals": (("|u1",), (n_tokens, dim * nbits // 8)),
-        "doclens": (("<i4",), (n_docs,)),
-        "ivf_offsets": (("<i8",), (nc + 1,)),
-        "ivf_docs": (("<i4",), (None,)),
     }
-    if m["format_version"] >= 2:
-        want["inv_norm"] = (("<f4",), (n_tokens,))
     kind = m.get("ids", "none")
-    if kind == "int":
-        want["ids"] = (("<i8",), (n_docs,))
-    elif kind == "str":
-        want["ids_str"] = (("|u1",), (None,))
-        want["ids_str_offsets"] = (("<i8",), (n_docs + 1,))
+    for seg in segments_of(m):
+        p, n_docs, n_tokens = seg["prefix"], seg["n_docs"], seg["n_tokens"]
+        want[p + "codes"] = (("<u2", "<i4") if nc <= 1 << 16 else ("<i4",), (n_tokens,))
+        want[p + "residuals"] = (("|u1",), (n_tokens, dim * nbits // 8))
+        want[p + "doclens"] = (("<i4",), (n_docs,))
+        want[p + "ivf_offsets"] = (("<i8",), (nc + 1,))
+        want[p + "ivf_docs"] = (("<i4",), (None,))
+        if m["format_version"] >= 2:
+            want[p + "inv_norm"] = (("<f4",), (n_tokens,))
+        if kind == "int":
+            want[p + "ids"] = (("<i8",), (n_docs,))
+        elif kind == "str":
+            want[p + "ids_str"] = (("|u1",), (None,))
+            want[p + "ids_str_offsets"] = (("<i8",), (n_docs + 1,))
+    if m.get("n_deleted", 0):
+        want["deleted"] = (("<i8",), (m["n_deleted"],))
     return want
+
+
+def _validate_segments(m: dict[str, Any], where: str) -> None:
+    """Format 4: a non-empty list of segments with distinct prefixes whose counts sum to the
+    manifest's n_docs / n_tokens; tombstones fewer than the documents."""
+    segs = m.get("segments")
+    if m["format_version"] < 4:
+        if segs is not None or "n_deleted" in m or "metadata" in m:
+            raise IndexFormatError(f"{where}: segments, n_deleted and metadata need format_version 4")
+        return
+    if not isinstance(segs, list) or not segs or len(segs) > 10_000:
+        raise IndexFormatError(f"{where}: segments must be a non-empty list")
+    seen: set[str] = set()
+    docs = tokens = 0
+    for i, seg in enumerate(segs):
+        if not isinstance(seg, dict) or not {"prefix", "n_docs", "n_tokens"} <= set(seg) <= _SEGMENT_KEYS:
+            raise IndexFormatError(f"{where}: segment {i}: expected keys {sorted(_SEGMENT_KEYS)}")
+        p = seg["prefix"]
+        if not isinstance(p, str) or not _PREFIX.fullmatch(p) or p in seen:
+            raise IndexFormatError(f"{where}: segment {i}: bad or repeated prefix {p!r}")
+        seen.add(p)
+        docs += _int(seg, "n_docs", 0, _MAX_INT32, f"{where}: segment {i}")
+        tokens += _int(seg, "n_tokens", 0, _MAX_COUNT, f"{where}: segment {i}")
+        err = seg.get("residual_error")
+        if err is not None and (type(err) not in (int, float) or not 0 <= err < 1e6):
+            raise IndexFormatError(f"{where}: segment {i}: bad residual_error {err!r}")
+    if docs != m["n_docs"] or tokens != m["n_tokens"]:
+        raise IndexFormatError(
+            f"{where}: segments hold {docs} documents / {tokens} tokens, the manifest says "
+            f"{m['n_docs']} / {m['n_tokens']}"
+        )
+    if "n_deleted" in m:
+        _int(m, "n_deleted", 0, m["n_docs"], where)
+    meta = m.get("metadata")
+    if meta is not None:
+        if not isinstance(meta, dict) or set(meta) != _FILE_KEYS or meta["file"] != METADATA_FILE:
+            raise IndexFormatError(f"{where}: metadata must be {{file: {METADATA_FILE!r}, nbytes, checksum}}")
+        if type(meta["nbytes"]) is not int or not 0 <= meta["nbytes"] <= _MAX_COUNT:
+            raise IndexFormatError(f"{where}: metadata: bad nbytes {meta['nbytes']!r}")
+        _check_digest(meta["checksum"], f"{where}: metadata")
+
+
+def _check_digest(value: Any, where: str) -> None:
+    algo, _, digest = value.partition(":") if isinstance(value, str) else ("", "", "")
+    if algo not in _DIGEST_HEX or not re.fullmatch(f"[0-9a-f]{{{_DIGEST_HEX[algo]}}}", digest):
+        raise IndexFormatError(f"{where}: bad checksum {value!r}")
 
 
 def validate_manifest(m: Any, where: str) -> None:
@@ -349,6 +419,7 @@ def validate_manifest(m: Any, where: str) -> None:
         raise IndexFormatError(f"{where}: unknown ids kind {kind!r} (expected none, int or str)")
     if "build" in m and not isinstance(m["build"], dict):
         raise IndexFormatError(f"{where}: build must be an object")
+    _validate_segments(m, where)
     arrays = m["arrays"]
     if not isinstance(arrays, dict):
         raise IndexFormatError(f"{where}: arrays must be an object")
@@ -387,14 +458,12 @@ def validate_manifest(m: Any, where: str) -> None:
                 f"(dim={dim}, nbits={nbits}, n_docs={n_docs}, n_tokens={n_tokens}, "
                 f"n_centroids={m['n_centroids']})"
             )
-        if name == "ivf_docs" and free[0] > n_tokens:
-            raise IndexFormatError(f"{where}: ivf_docs has {free[0]} entries for {n_tokens} tokens")
+        if name.endswith("ivf_docs") and free[0] > n_tokens:
+            raise IndexFormatError(f"{where}: {name} has {free[0]} entries for {n_tokens} tokens")
         nbytes = np.dtype(e["dtype"]).itemsize * int(np.prod(got, dtype=object))
         if type(e["nbytes"]) is not int or e["nbytes"] != nbytes:
             raise IndexFormatError(f"{where}: {name}: nbytes {e['nbytes']!r} != {nbytes}")
-        algo, _, digest = e["checksum"].partition(":") if isinstance(e["checksum"], str) else ("", "", "")
-        if algo not in _DIGEST_HEX or not re.fullmatch(f"[0-9a-f]{{{_DIGEST_HEX[algo]}}}", digest):
-            raise IndexFormatError(f"{where}: {name}: bad checksum {e['checksum']!r}")
+        _check_digest(e["checksum"], f"{where}: {name}")
 
 
 # ---------------------------------------------------------------------------- arrays
@@ -495,6 +564,23 @@ def verify_checksums(path: Path, manifest: dict[str, Any], names: Any = None) ->
                 f"{path}: checksum mismatch in {manifest['arrays'][name]['file']} ({name}): "
                 "the index is corrupt"
             )
+    if names is None and manifest.get("metadata") is not None:
+        meta = manifest["metadata"]
+        fd, st = _index_dir(path, manifest).open_file(meta["file"], "metadata")
+        with os.fdopen(fd, "rb") as f:
+            if (
+                st.st_size != meta["nbytes"]
+                or file_checksum(f, meta["checksum"].partition(":")[0]) != meta["checksum"]
+            ):
+                raise IndexFormatError(f"{path}: checksum mismatch in {meta['file']}: the index is corrupt")
+
+
+def file_checksum(f: Any, algo: str = CHECKSUM_ALGO) -> str:
+    """``algo:hexdigest`` of an open binary file read from its current position to the end."""
+    h = _hasher(algo)
+    while chunk := f.read(1 << 24):
+        h.update(chunk)
+    return f"{algo}:{h.hexdigest()}"
 
 
 def changed(path: Path, manifest: dict[str, Any]) -> bool:
@@ -805,12 +891,34 @@ class IndexWriter:
                 os.fsync(fout.fileno())
         self.arrays[name] = {k: meta[k] for k in _ENTRY_KEYS}
 
+    def link_file(self, src: IndexDir, file: str) -> None:
+        """Takes the non-array file ``file`` unchanged from the index open at ``src`` (hard link,
+        else a copy): nothing in an index is modified in place, so sharing it is safe."""
+        try:
+            os.link(file, self.tmp / file, src_dir_fd=src.fd, follow_symlinks=False)
+        except OSError:
+            fd, _ = src.open_file(file)
+            with os.fdopen(fd, "rb") as fin, open(self.tmp / file, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 24)
+                fout.flush()
+                os.fsync(fout.fileno())
+
+    def file_entry(self, file: str) -> dict[str, Any]:
+        """{file, nbytes, checksum} of a finished non-array file of the directory being written."""
+        with open(self.tmp / file, "rb") as f:
+            digest = file_checksum(f)
+        return {"file": file, "nbytes": os.stat(self.tmp / file).st_size, "checksum": digest}
+
     def commit(self, manifest: dict[str, Any]) -> Path:
         """Writes the manifest, fsyncs, switches the directory in; returns its path."""
         if self._open:
             raise RuntimeError(f"arrays still open: {sorted(self._open)}")
         body = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "arrays": self.arrays}
         body.pop("manifest_checksum", None)
+        # A writer of one whole index (build, import) need not spell its single segment out.
+        body.setdefault(
+            "segments", [{"prefix": "", "n_docs": body.get("n_docs"), "n_tokens": body.get("n_tokens")}]
+        )
         body["manifest_checksum"] = manifest_checksum(body)
         validate_manifest(body, str(self.dst / MANIFEST))  # never write what load would refuse
         with open(self.tmp / MANIFEST, "w") as f:
@@ -854,4 +962,7 @@ def rewrite_index(path: Path, manifest: Manifest, add: dict[str, np.ndarray] | N
             if k not in ("format", "format_version", "arrays", "manifest_checksum")
         }
         rest.setdefault("ids", "none")
+        rest.setdefault("segments", segments_of(manifest))
+        if manifest.get("metadata") is not None:
+            w.link_file(manifest.dir, manifest["metadata"]["file"])
         return w.commit(rest)

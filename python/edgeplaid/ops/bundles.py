@@ -129,6 +129,21 @@ class CompressedDocs:
 
 
 @dataclass(frozen=True, eq=False)
+class DocCodes:
+    """What stages 2-3 (:func:`edgeplaid.ops.centroid_interaction`) read of compressed documents:
+    codes (n_tokens,) uint16/int32/int64 and offsets (n_docs + 1,) int64, non-decreasing from 0 to
+    n_tokens. A living index joins its segments' codes into one of these, so that one kernel call
+    scores candidates from every segment."""
+
+    codes: torch.Tensor
+    offsets: torch.Tensor
+
+    @property
+    def n_docs(self) -> int:
+        return self.offsets.shape[0] - 1
+
+
+@dataclass(frozen=True, eq=False)
 class CentroidScores:
     """Stage 1's scores ⟨queries[q, i], centroids[c]⟩, float32 (finite when its inputs were
     checked), as :func:`edgeplaid.ops.centroid_scores` returns them, in one of two layouts:

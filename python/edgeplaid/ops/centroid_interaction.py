@@ -39,7 +39,7 @@ def centroid_interaction(
         queries_mask: (nq, Lq) bool or None; masked tokens neither score nor prune.
         backend: "cpp", "triton" or "reference"; None picks by device.
 
-    ``codes`` may be a ``CompressedDocs`` bundle (offsets inside, not re-checked) and
+    ``codes`` may be a ``CompressedDocs`` or ``DocCodes`` bundle (offsets inside, not re-checked) and
     ``candidates`` a ``Candidates``.
 
     Returns:
@@ -48,7 +48,7 @@ def centroid_interaction(
     cs = b.centroid_scores(centroid_scores, nq=None, lq=None, n_centroids=None, device=None)
     nq, lq, _ = cs.shape
     device = cs.scores.device
-    if isinstance(codes, b.CompressedDocs):
+    if isinstance(codes, (b.CompressedDocs, b.DocCodes)):
         if doc_offsets is not None:
             raise ValueError("doc_offsets: give the offsets inside the CompressedDocs bundle, not beside it")
         v.check_device("codes", codes.codes, device)

@@ -102,17 +102,29 @@ def resolve_params(k: int, **overrides: Any) -> SearchParams:
 # ---------------------------------------------------------------------------------- the glue
 
 
+def _cells(top: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The sorted unique probed centroids of one query: top (lq, n_probe) int64, valid (lq,) bool."""
+    cells = np.unique(top[valid].ravel())
+    return cells[cells >= 0]
+
+
 def _gather_numpy(
-    top: np.ndarray, valid: np.ndarray, ivf_offsets: np.ndarray, ivf_docs: np.ndarray, marks: np.ndarray
+    top: np.ndarray,
+    valid: np.ndarray,
+    ivf_offsets: np.ndarray,
+    ivf_docs: np.ndarray,
+    marks: np.ndarray,
+    cells: np.ndarray | None = None,
 ) -> np.ndarray:
     """Sorted unique documents in the IVF lists of one query's probed centroids, (n,) int64.
 
-    top (lq, n_probe) int64 centroid ids, valid (lq,) bool. ``marks`` is a zeroed (n_docs,) bool
+    top (lq, n_probe) int64 centroid ids, valid (lq,) bool (or ``cells``, their
+    :func:`_cells`, computed once for every segment). ``marks`` is a zeroed (n_docs,) bool
     scratch, left zeroed: marking then scanning it is O(entries + n_docs / 64) and measured
     faster than sorting the concatenated lists (np.unique) once lists hold thousands of entries.
     """
-    cells = np.unique(top[valid].ravel())
-    cells = cells[cells >= 0]
+    if cells is None:
+        cells = _cells(top, valid)
     if cells.shape[0] == 0:
         return np.zeros(0, dtype=np.int64)
     starts = ivf_offsets[cells].tolist()
@@ -214,6 +226,25 @@ def _best(
 # ---------------------------------------------------------------------------------- the searcher
 
 
+@dataclass(frozen=True)
+class Part:
+    """One segment of an index as the searcher sees it: its bundles, its IVF (local document
+    positions), the global position of its first document, and which of its documents are live.
+
+    live: (n_docs,) bool on CPU (None: every document is live); live_t the same on the index's
+    device (the torch glue's copy)."""
+
+    docs: b.CompressedDocs
+    ivf: Ivf
+    start: int = 0
+    live: np.ndarray | None = None
+    live_t: torch.Tensor | None = None
+
+    @property
+    def n_docs(self) -> int:
+        return self.docs.n_docs
+
+
 class PlaidSearcher:
     """Runs the PLAID stages over an index's bundles, all on one device.
 
@@ -223,17 +254,45 @@ class PlaidSearcher:
         docs: its :class:`~edgeplaid.ops.bundles.CompressedDocs` (codes, residuals, offsets and
             inv_norm, checked once at load).
         ivf: its :class:`Ivf`.
+        parts: instead of ``docs`` / ``ivf``, the segments of a living index (:class:`Part`, in
+            position order, each starting where the previous ends). Search over several parts
+            returns what one part holding the same live documents returns: stage 1 runs once
+            (one codec); each part gathers its IVF candidates (deleted documents dropped), which
+            become one list of global positions; stages 2-3 score that list in one kernel call
+            over the parts' codes joined (2 bytes a token, made on the first search: a call per
+            part would score every centroid against the query once per part); stage 4 scores
+            each part's share of the survivors from its own files, and the best k are taken over
+            all of them.
     """
 
-    def __init__(self, codec: b.Codec, docs: b.CompressedDocs, ivf: Ivf) -> None:
+    def __init__(
+        self, codec: b.Codec, docs: b.CompressedDocs | None = None, ivf: Ivf | None = None, *, parts=None
+    ) -> None:
+        if parts is None:
+            if docs is None or ivf is None:
+                raise ValueError("PlaidSearcher: give docs and ivf, or parts")
+            parts = [Part(docs, ivf)]
         self.codec = codec
-        self.docs = docs
-        self.ivf = ivf
-        self.n_docs = docs.n_docs
+        self.parts: list[Part] = list(parts)
+        self.docs = self.parts[0].docs  # the first part's, for callers of a one-segment index
+        self.ivf = self.parts[0].ivf
+        self.n_docs = sum(p.n_docs for p in self.parts)  # positions, deleted ones included
         self.device = codec.centroids.device
+        self._codes: b.CompressedDocs | b.DocCodes | None = self.docs if len(self.parts) == 1 else None
         if self.device.type == "cpu":
-            self._ivf_offsets = ivf.offsets.numpy()
-            self._ivf_docs = ivf.docs.numpy()
+            self._ivf_np = [(p.ivf.offsets.numpy(), p.ivf.docs.numpy()) for p in self.parts]
+            self._ivf_offsets, self._ivf_docs = self._ivf_np[0]
+
+    def doc_codes(self) -> b.CompressedDocs | b.DocCodes:
+        """The codes and offsets stages 2-3 read: the one part's bundle, or every part's joined
+        (global positions), made once (concurrent first searches may both make it: harmless)."""
+        if self._codes is None:
+            codes = torch.cat([p.docs.codes for p in self.parts])
+            lens = torch.cat([p.docs.offsets[1:] - p.docs.offsets[:-1] for p in self.parts])
+            offsets = torch.zeros(lens.shape[0] + 1, dtype=torch.int64, device=lens.device)
+            torch.cumsum(lens, 0, out=offsets[1:])
+            self._codes = b.DocCodes(codes, offsets)
+        return self._codes
 
     def _torch_glue(self, backend: str | None) -> bool:
         # The GPU's path; on CPU tensors too when the Triton backend is asked for (its
@@ -246,14 +305,22 @@ class PlaidSearcher:
         top: torch.Tensor,
         subset: list[np.ndarray | None] | None,
         offset: int,
-        params: SearchParams,
+        whole: list[bool] | None,
         torch_glue: bool,
     ) -> torch.Tensor:
-        """Stage 1's candidate lists for a block of queries: (nb, width) int64, -1 padded."""
+        """Stage 1's candidate lists for a block of queries: (nb, width) int64 global positions,
+        -1 padded, deleted documents dropped. ``subset`` holds sorted live global positions per
+        query; ``whole[i]``: query i's allowed set is small enough to be scored whole (exact)."""
         nb, lq, _ = q.shape
         valid = torch.ones(nb, lq, dtype=torch.bool, device=top.device) if q.mask is None else q.mask
         if torch_glue:
-            cand = _gather_torch(top, valid, self.ivf, self.n_docs)
+            per = []
+            for part in self.parts:
+                c = _gather_torch(top, valid, part.ivf, part.n_docs)
+                if part.live_t is not None:
+                    c = c.masked_fill((c >= 0) & ~part.live_t[c.clamp_min(0)], -1)
+                per.append(c if part.start == 0 else torch.where(c >= 0, c + part.start, c))
+            cand = per[0] if len(per) == 1 else torch.cat(per, dim=1)
             if subset is None:
                 return cand
             rows = []
@@ -262,22 +329,63 @@ class PlaidSearcher:
                 row = cand[i][cand[i] >= 0]
                 if sub is not None:
                     allowed = torch.from_numpy(sub).to(self.device)
-                    row = allowed if sub.shape[0] <= params.n_candidates else row[torch.isin(row, allowed)]
+                    row = allowed if whole[offset + i] else row[torch.isin(row, allowed)]
                 rows.append(row)
             return _pad_torch(rows, self.device)
         top_np, valid_np = top.numpy(), valid.numpy()
-        marks = np.zeros(self.n_docs, dtype=bool)
+        marks = [np.zeros(p.n_docs, dtype=bool) for p in self.parts]
         rows = []
         for i in range(nb):
             sub = None if subset is None else subset[offset + i]
-            if sub is not None and sub.shape[0] <= params.n_candidates:
+            if sub is not None and whole[offset + i]:
                 rows.append(sub)  # a small allowed set is scored whole: exact filtering
                 continue
-            row = _gather_numpy(top_np[i], valid_np[i], self._ivf_offsets, self._ivf_docs, marks)
+            cells = _cells(top_np[i], valid_np[i])
+            got = []
+            for j, part in enumerate(self.parts):
+                offs, docs = self._ivf_np[j]
+                row = _gather_numpy(top_np[i], valid_np[i], offs, docs, marks[j], cells)
+                if part.live is not None:
+                    row = row[part.live[row]]
+                got.append(row if part.start == 0 else row + part.start)
+            row = got[0] if len(got) == 1 else np.concatenate(got)
             if sub is not None:
                 row = row[np.isin(row, sub, assume_unique=True)]
             rows.append(row)
         return _pad_numpy(rows)
+
+    def _stage4(
+        self, q: b.Queries, cs: b.CentroidScores, cand: torch.Tensor, precision: str, backend: str | None
+    ) -> torch.Tensor:
+        """MaxSim of the survivors (nb, n) global positions, each part's from its own files:
+        (nb, n) float32 aligned with ``cand`` (-inf for padding)."""
+        if len(self.parts) == 1:
+            return fused_decompress_maxsim(
+                q,
+                self.docs,
+                candidates=b.Candidates(cand, self.n_docs),
+                centroids=self.codec,
+                backend=backend,
+                centroid_scores=cs,
+                precision=precision,
+            )
+        out = torch.full(cand.shape, NEG_INF, dtype=torch.float32, device=cand.device)
+        for part in self.parts:
+            inside = (cand >= part.start) & (cand < part.start + part.n_docs)
+            if not bool(inside.any()):
+                continue
+            local = torch.where(inside, cand - part.start, torch.full_like(cand, -1))
+            s = fused_decompress_maxsim(
+                q,
+                part.docs,
+                candidates=b.Candidates(local, part.n_docs),
+                centroids=self.codec,
+                backend=backend,
+                centroid_scores=cs,
+                precision=precision,
+            )
+            out = torch.where(inside, s, out)
+        return out
 
     def search(
         self,
@@ -287,7 +395,8 @@ class PlaidSearcher:
         subset: list[np.ndarray | None] | None = None,
         backend: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries on the index's device -> scores (nq, k) float32, ids (nq, k) int64, there too."""
+        """queries on the index's device -> scores (nq, k) float32, ids (nq, k) int64 global
+        document positions, there too. ``subset``: per query, None or sorted unique live positions."""
         nq, lq, _ = queries.shape
         device = self.device
         n_cent = self.codec.n_centroids
@@ -297,9 +406,13 @@ class PlaidSearcher:
         if params.precision is None:
             on_cpu = device.type == "cpu" and backend != "triton"
             params = replace(params, precision=DEFAULT_PRECISION if on_cpu else "exact")
+        whole = (
+            None if subset is None else [s is not None and s.shape[0] <= params.n_candidates for s in subset]
+        )
         out_s = torch.full((nq, k), NEG_INF, dtype=torch.float32, device=device)
         out_i = torch.full((nq, k), -1, dtype=torch.int64, device=device)
         n_probe = min(params.n_probe, n_cent)
+        codes = self.doc_codes()
         for start in range(0, nq, per_block):
             q = queries[start : start + per_block]
             # On CPU stage 1 writes the centroid-major table that stages 2-4 read in place.
@@ -307,11 +420,11 @@ class PlaidSearcher:
             scores, top = centroid_scores(q, self.codec, n_probe, backend=backend, layout=layout)
             # finite: the queries and the codec were checked
             cs = b.CentroidScores(scores, query_len=lq if layout == "centroid" else None)
-            cand = self._candidates(q, top, subset, start, params, torch_glue)
+            cand = self._candidates(q, top, subset, start, whole, torch_glue)
             if cand.shape[1] > params.n_candidates:
                 s2 = centroid_interaction(
                     cs,
-                    self.docs,
+                    codes,
                     None,
                     b.Candidates(cand, self.n_docs),
                     params.threshold,
@@ -321,18 +434,10 @@ class PlaidSearcher:
                 _, cand = _best(s2, cand, params.n_candidates, ordered=False)
             if cand.shape[1] > params.n_rerank:
                 s3 = centroid_interaction(
-                    cs, self.docs, None, b.Candidates(cand, self.n_docs), None, q.mask, backend=backend
+                    cs, codes, None, b.Candidates(cand, self.n_docs), None, q.mask, backend=backend
                 )
                 _, cand = _best(s3, cand, params.n_rerank, ordered=False)
-            s4 = fused_decompress_maxsim(
-                q,
-                self.docs,
-                candidates=b.Candidates(cand, self.n_docs),
-                centroids=self.codec,
-                backend=backend,
-                centroid_scores=cs,
-                precision=params.precision,
-            )
+            s4 = self._stage4(q, cs, cand, params.precision, backend)
             del cs
             vals, ids = _best(s4, cand, k, ordered=True)
             ids = ids.masked_fill(torch.isneginf(vals), -1)  # an empty document is no result
@@ -341,9 +446,11 @@ class PlaidSearcher:
         return out_s, out_i
 
     def exhaustive(
-        self, queries: b.Queries, k: int, backend: str | None = None
+        self, queries: b.Queries, k: int, backend: str | None = None, allowed: np.ndarray | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact MaxSim of every query against every (decompressed) document, top k."""
+        """Exact MaxSim of every query against every live (decompressed) document, top k; ids
+        are global positions (the parts' positions are consecutive). ``allowed``: sorted global
+        positions; only those are scored (the others' scores are -inf)."""
         nq = queries.shape[0]
         out_s = torch.full((nq, k), NEG_INF, dtype=torch.float32, device=self.device)
         out_i = torch.full((nq, k), -1, dtype=torch.int64, device=self.device)
@@ -353,7 +460,19 @@ class PlaidSearcher:
         block = max(1, (1 << 26) // max(1, self.n_docs))
         for start in range(0, nq, block):
             q = queries[start : start + block]
-            s = fused_decompress_maxsim(q, self.docs, centroids=self.codec, backend=backend)
+            per = []
+            for part in self.parts:
+                if part.n_docs == 0:
+                    continue
+                s = fused_decompress_maxsim(q, part.docs, centroids=self.codec, backend=backend)
+                if part.live_t is not None:
+                    s = s.masked_fill(~part.live_t[None], NEG_INF)
+                per.append(s)
+            s = per[0] if len(per) == 1 else torch.cat(per, dim=1)
+            if allowed is not None:
+                keep = torch.zeros(s.shape[1], dtype=torch.bool, device=s.device)
+                keep[torch.from_numpy(allowed).to(s.device)] = True
+                s = s.masked_fill(~keep[None], NEG_INF)
             vals, ids = torch.topk(s, kk, dim=1)
             ids[torch.isneginf(vals)] = -1
             out_s[start : start + q.shape[0], :kk] = vals

@@ -1,0 +1,364 @@
+"""One consistent version of an index in memory: its codec, segments, tombstones, ids, metadata.
+
+An :class:`edgeplaid.Index` holds one :class:`Snapshot` and swaps it whole on ``refresh()``: a
+search reads one snapshot from start to end (and its result maps positions to ids through that
+same snapshot), so a concurrent writer, or a refresh from another thread, never mixes versions.
+Every array of a snapshot is a view of the files of one directory version (memory-mapped); a
+writer never modifies those files, so a snapshot stays valid while newer versions are written.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgeplaid.index import _codec
+from edgeplaid.index._metadata import MetadataReader
+from edgeplaid.index._storage import IndexFormatError, Manifest, open_array, segments_of
+from edgeplaid.ops import bundles
+from edgeplaid.search._plaid import Ivf, Part, PlaidSearcher
+
+
+@dataclass
+class Segment:
+    """One immutable segment (what one build or one ``add`` wrote), all arrays local to it.
+
+    codes (n_tokens,) uint16/int32, residuals (n_tokens, dim * nbits / 8) uint8, inv_norm
+    (n_tokens,) float32, doclens (n_docs,) int32, doc_offsets (n_docs + 1,) int64, ivf_offsets
+    (C + 1,) int64, ivf_docs (n_ivf,) int32 (local positions); ``start`` is the global position
+    of its first document.
+    """
+
+    prefix: str
+    start: int
+    n_docs: int
+    n_tokens: int
+    codes: torch.Tensor
+    residuals: torch.Tensor
+    inv_norm: torch.Tensor
+    doclens: torch.Tensor
+    doc_offsets: torch.Tensor
+    ivf_offsets: np.ndarray
+    ivf_docs: np.ndarray
+    residual_error: float | None = None
+    residuals_array: np.ndarray | None = None  # the numpy.memmap under residuals when mapped
+
+
+@dataclass
+class Snapshot:
+    """Everything a search of one index version reads (see the module docstring)."""
+
+    path: Path
+    manifest: Manifest
+    mmap: bool
+    device: torch.device
+    dim: int
+    nbits: int
+    n_centroids: int
+    centroids: torch.Tensor
+    bucket_cutoffs: torch.Tensor
+    bucket_weights: torch.Tensor
+    avg_residual: float
+    segments: list[Segment]
+    deleted: np.ndarray  # (n_deleted,) int64 sorted global positions
+    live: np.ndarray | None  # (n_positions,) bool; None when nothing is deleted
+    id_kind: str  # "none" (ids are positions), "int" or "str"
+    user_ids: np.ndarray | list[str] | None  # per position, deleted ones included
+    metadata: MetadataReader | None
+    searcher: PlaidSearcher
+    _position: dict[Any, int] | None = field(default=None, repr=False)
+    _joined: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_positions(self) -> int:
+        return sum(s.n_docs for s in self.segments)
+
+    @property
+    def n_docs(self) -> int:
+        """Live documents."""
+        return self.n_positions - int(self.deleted.shape[0])
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(s.n_tokens for s in self.segments)
+
+    def joined(self, name: str) -> torch.Tensor:
+        """Array ``name`` over all segments (the segment's own when there is one; a cached
+        concatenation otherwise, doc_offsets made global)."""
+        if len(self.segments) == 1:
+            return getattr(self.segments[0], name)
+        if name not in self._joined:
+            if name == "doc_offsets":
+                lens = torch.cat([s.doclens.to(torch.int64) for s in self.segments])
+                out = torch.zeros(lens.shape[0] + 1, dtype=torch.int64, device=lens.device)
+                torch.cumsum(lens, 0, out=out[1:])
+            else:
+                out = torch.cat([getattr(s, name) for s in self.segments])
+            self._joined[name] = out
+        return self._joined[name]
+
+    # ------------------------------------------------------------------ ids
+
+    def position_map(self) -> dict[Any, int]:
+        """user id -> global position of the live document holding it (built once per snapshot)."""
+        if self._position is None:
+            if self.user_ids is None:
+                ul: list[Any] = list(range(self.n_positions))
+            else:
+                ul = self.user_ids.tolist() if isinstance(self.user_ids, np.ndarray) else self.user_ids
+            if self.live is None:
+                self._position = {u: i for i, u in enumerate(ul)}
+            else:
+                live = self.live
+                self._position = {u: i for i, u in enumerate(ul) if live[i]}
+        return self._position
+
+    def positions(self, user_ids: Any) -> np.ndarray:
+        """User ids -> global positions (n,) int64; KeyError naming the first unknown (or deleted) id."""
+        pmap = self.position_map()
+        out = np.empty(len(user_ids), dtype=np.int64)
+        for i, u in enumerate(user_ids):
+            key = u.item() if isinstance(u, np.generic) else u
+            try:
+                out[i] = pmap[key]
+            except (KeyError, TypeError):
+                raise KeyError(f"ids: {u!r} is not a document of this index") from None
+        return out
+
+    def to_user_ids(self, positions: Any) -> list[list[Any]]:
+        pos = positions.tolist() if hasattr(positions, "tolist") else positions
+        u = self.user_ids
+        if u is None:
+            return [[p if p >= 0 else None for p in row] for row in pos]
+        ul = u.tolist() if isinstance(u, np.ndarray) else u
+        return [[ul[p] if p >= 0 else None for p in row] for row in pos]
+
+    def live_ids(self) -> list[Any]:
+        """The user ids of every live document, in position order."""
+        if self.user_ids is None:
+            ul: list[Any] = list(range(self.n_positions))
+        else:
+            ul = self.user_ids.tolist() if isinstance(self.user_ids, np.ndarray) else list(self.user_ids)
+        if self.live is None:
+            return ul
+        return [u for u, keep in zip(ul, self.live.tolist(), strict=True) if keep]
+
+    # ------------------------------------------------------------------ device
+
+    def to(self, device: torch.device) -> Snapshot:
+        """A copy of this snapshot whose arrays live on ``device`` (CUDA: copied once)."""
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device)
+
+        segs = [
+            Segment(
+                s.prefix,
+                s.start,
+                s.n_docs,
+                s.n_tokens,
+                move(s.codes),
+                move(s.residuals),
+                move(s.inv_norm),
+                s.doclens,
+                move(s.doc_offsets),
+                s.ivf_offsets,
+                s.ivf_docs,
+                s.residual_error,
+            )
+            for s in self.segments
+        ]
+        out = Snapshot(
+            self.path,
+            self.manifest,
+            self.mmap,
+            device,
+            self.dim,
+            self.nbits,
+            self.n_centroids,
+            move(self.centroids),
+            self.bucket_cutoffs,
+            move(self.bucket_weights),
+            self.avg_residual,
+            segs,
+            self.deleted,
+            self.live,
+            self.id_kind,
+            self.user_ids,
+            self.metadata,
+            self.searcher,
+        )
+        out.searcher = _searcher(out)
+        return out
+
+
+def _searcher(st: Snapshot) -> PlaidSearcher:
+    codec = bundles.codec(st.centroids, st.bucket_weights, st.nbits)
+    parts = []
+    for s in st.segments:
+        docs = bundles.compressed_docs(
+            s.codes, s.residuals, s.doc_offsets, s.inv_norm, codec=codec, device=codec.centroids.device
+        )
+        live = None if st.live is None else st.live[s.start : s.start + s.n_docs]
+        if live is not None and live.all():
+            live = None
+        live_t = None if live is None else torch.from_numpy(live).to(st.device)
+        ivf = Ivf(torch.from_numpy(s.ivf_offsets).to(st.device), torch.from_numpy(s.ivf_docs).to(st.device))
+        parts.append(Part(docs, ivf, s.start, live, live_t))
+    return PlaidSearcher(codec, parts=parts)
+
+
+def open_snapshot(path: Path, m: Manifest, mmap: bool) -> Snapshot:
+    """The snapshot of the index version ``m`` was read from (arrays checked by the caller's
+    load-time scan; here only dtypes and shapes against the manifest), on the CPU."""
+    dim, nbits, nc = int(m["dim"]), int(m["nbits"]), int(m["n_centroids"])
+
+    def arr(name: str, dtypes: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
+        a = open_array(path, m, name, mmap)
+        if a.dtype.str not in dtypes or a.shape != shape:
+            raise IndexFormatError(
+                f"{path}: {name} is {a.dtype.str} {a.shape}, expected {'/'.join(dtypes)} {shape} "
+                f"(dim={dim}, nbits={nbits}, n_centroids={nc})"
+            )
+        return a
+
+    if nbits not in (1, 2, 4, 8) or dim < 1 or dim * nbits % 8:
+        raise IndexFormatError(f"{path}: bad dim={dim} / nbits={nbits} in the manifest")
+    nb = 1 << nbits
+    cents = arr("centroids", ("<f2", "<f4"), (nc, dim))
+    # Kept in the stored dtype (fp16 from our builds and colbert-ai's): the kernels widen in
+    # registers, and a fp32 copy would be memory outside the index's own bytes.
+    centroids = torch.from_numpy(cents)
+    cutoffs = torch.from_numpy(np.array(arr("bucket_cutoffs", ("<f4",), (nb - 1,))))
+    weights = torch.from_numpy(np.array(arr("bucket_weights", ("<f4",), (nb,))))
+    avg_residual = float(np.array(arr("avg_residual", ("<f4",), (1,)))[0])
+    kind = m.get("ids", "none")
+    if kind not in ("none", "int", "str"):
+        raise IndexFormatError(f"{path}: unknown ids kind {kind!r}")
+    segments: list[Segment] = []
+    id_parts: list[Any] = []
+    start = 0
+    for entry in segments_of(m):
+        p, n_docs, n_tokens = entry["prefix"], int(entry["n_docs"]), int(entry["n_tokens"])
+        codes = arr(p + "codes", ("<u2", "<i4"), (n_tokens,))
+        # uint16 (<= 65,536 centroids) and int32 codes both stay mapped: the kernels read either
+        # width. Not scanned here (that would read them all): the kernels check every code they
+        # dereference, and verify=True checks the bytes.
+        res = arr(p + "residuals", ("|u1", "<u1"), (n_tokens, dim * nbits // 8))
+        if p + "inv_norm" in m["arrays"]:
+            # Mapped like the codes: the kernels reject a token whose inv_norm is not positive
+            # and finite, and verify=True checks the bytes.
+            inv = torch.from_numpy(arr(p + "inv_norm", ("<f4",), (n_tokens,)))
+        elif int(m["format_version"]) >= 2:
+            raise IndexFormatError(
+                f"{path}: the manifest lacks inv_norm (format_version {m['format_version']})"
+            )
+        else:
+            warnings.warn(
+                f"edgeplaid: {path} is a format_version 1 index: computing inv_norm on load "
+                "(Index.upgrade() stores it once)",
+                stacklevel=4,
+            )
+            inv = torch.from_numpy(
+                _codec.inv_norms(codes, res, cents.astype(np.float32), weights.numpy(), nbits)
+            )
+        dl = arr(p + "doclens", ("<i4",), (n_docs,))
+        offsets = np.zeros(n_docs + 1, dtype=np.int64)
+        np.cumsum(dl, out=offsets[1:])
+        if n_docs and (int(dl.min()) < 0 or int(offsets[-1]) != n_tokens):
+            raise IndexFormatError(
+                f"{path}: {p}doclens do not sum to n_tokens={n_tokens}: the index is corrupt"
+            )
+        ivf_offsets = np.array(arr(p + "ivf_offsets", ("<i8",), (nc + 1,)))
+        n_ivf = int(m["arrays"].get(p + "ivf_docs", {}).get("shape", [0])[0])
+        # A plain ndarray over the map: slicing a numpy.memmap builds a memmap object per slice
+        # (measured 0.1 ms per query in the candidate gathering).
+        ivf_docs = arr(p + "ivf_docs", ("<i4",), (n_ivf,)).view(np.ndarray)
+        io = ivf_offsets
+        if io[0] != 0 or io[-1] != n_ivf or (nc and bool((io[1:] < io[:-1]).any())):
+            raise IndexFormatError(
+                f"{path}: IVF offsets are not a CSR over {n_ivf} entries: the index is corrupt"
+            )
+        segments.append(
+            Segment(
+                p,
+                start,
+                n_docs,
+                n_tokens,
+                torch.from_numpy(codes),
+                torch.from_numpy(res),
+                inv,
+                torch.from_numpy(np.array(dl)),
+                torch.from_numpy(offsets),
+                ivf_offsets,
+                ivf_docs,
+                entry.get("residual_error"),
+                res,
+            )
+        )
+        if kind == "int":
+            id_parts.append(np.array(arr(p + "ids", ("<i8",), (n_docs,))))
+        elif kind == "str":
+            raw = open_array(path, m, p + "ids_str", False).tobytes()
+            so = arr(p + "ids_str_offsets", ("<i8",), (n_docs + 1,))
+            if int(so[-1]) != len(raw):
+                raise IndexFormatError(f"{path}: string ids are truncated")
+            id_parts.extend(
+                raw[a:b].decode("utf-8") for a, b in zip(so[:-1].tolist(), so[1:].tolist(), strict=True)
+            )
+        start += n_docs
+    n_positions = start
+    user_ids: np.ndarray | list[str] | None = None
+    if kind == "int":
+        user_ids = np.concatenate(id_parts) if id_parts else np.zeros(0, np.int64)
+    elif kind == "str":
+        user_ids = id_parts
+    n_deleted = int(m.get("n_deleted", 0))
+    deleted = np.array(arr("deleted", ("<i8",), (n_deleted,))) if n_deleted else np.zeros(0, np.int64)
+    live = None
+    if n_deleted:
+        live = np.ones(n_positions, dtype=bool)
+        live[deleted] = False
+    if user_ids is not None and len(segments) > 1:
+        # Within a segment ids are unique (checked at load); across segments a deleted document's
+        # id may live again in a later one (update), but two live documents never share one.
+        live_ids = user_ids[live] if isinstance(user_ids, np.ndarray) and live is not None else user_ids
+        if isinstance(live_ids, list) and live is not None:
+            live_ids = [u for u, keep in zip(live_ids, live.tolist(), strict=True) if keep]
+        n_unique = np.unique(live_ids).shape[0] if isinstance(live_ids, np.ndarray) else len(set(live_ids))
+        if n_unique != len(live_ids):
+            raise IndexFormatError(f"{path}: two live documents share an id: the index is corrupt")
+    metadata = None
+    if m.get("metadata") is not None:
+        # Opened through the directory descriptor of this version: a writer switching in a new
+        # directory cannot make this snapshot read the other version's metadata.
+        fd_path = f"/proc/self/fd/{m.dir.fd}/{m['metadata']['file']}"
+        metadata = MetadataReader(fd_path if os.path.exists(fd_path) else path / m["metadata"]["file"])
+    st = Snapshot(
+        path,
+        m,
+        mmap,
+        torch.device("cpu"),
+        dim,
+        nbits,
+        nc,
+        centroids,
+        cutoffs,
+        weights,
+        avg_residual,
+        segments,
+        deleted,
+        live,
+        kind,
+        user_ids,
+        metadata,
+        None,  # type: ignore[arg-type]
+    )
+    st.searcher = _searcher(st)
+    return st
