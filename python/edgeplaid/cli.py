@@ -1,4 +1,5 @@
-"""The ``edgeplaid`` command line: index, search, rerank, eval, bench, info, demo, serve.
+"""The ``edgeplaid`` command line: index, add, delete, compact, search, rerank, eval, bench, info,
+demo, serve.
 
 Every command prints a human-readable report, or one JSON object with ``--json``; a failure
 prints one line ``edgeplaid: error: ...`` and exits with status 2 (bad input) or 1 (a bug).
@@ -7,18 +8,23 @@ prints one line ``edgeplaid: error: ...`` and exits with status 2 (bad input) or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 ENCODER_FILE = "encoder.json"  # beside the index files: which model encoded the documents
 DEFAULT_MODEL = "mixedbread-ai/mxbai-edge-colbert-v0-17m"
 OFFLINE_MODEL = "minilm"  # edgeplaid.model.load: the offline MiniLM stand-in
+# The fields of a corpus line that read_texts (edgeplaid.eval.beir) takes as the document's id and
+# text; every other field of the line is the document's metadata (for `search --where`).
+CORPUS_FIELDS = frozenset({"_id", "id", "title", "text"})
 
 
 class UserError(Exception):
@@ -207,11 +213,140 @@ def _check_overwrite(out: Path) -> None:
         raise UserError(str(e)) from None
 
 
+Metadata = list[dict[str, Any] | None]
+
+
+def _read_corpus(
+    path: str, skip_bad_lines: bool, with_metadata: bool
+) -> tuple[list[str], list[str], Metadata | None]:
+    """(ids, texts, metadata) of a corpus file, empty texts left out (as ``read_texts`` and
+    ``drop_empty`` read it); metadata: one dict or None per document (the fields of its JSONL
+    line other than CORPUS_FIELDS), or None when no document has any (or not ``with_metadata``)."""
+    from edgeplaid.eval import drop_empty, read_texts
+
+    ids, texts = drop_empty(*read_texts(path, skip_bad_lines=skip_bad_lines))
+    if not texts:
+        raise UserError(f"{path}: the corpus is empty")
+    metadata = _read_metadata(Path(path), ids) if with_metadata else None
+    return ids, texts, metadata
+
+
+def _read_metadata(path: Path, ids: list[str]) -> Metadata | None:
+    """The metadata of the documents ``ids`` of a JSONL corpus, in their order (None: no
+    document has any; a plain text file has none).
+
+    A second pass over the file, after ``read_texts`` (which keeps only ids and texts): the lines
+    it refused or skipped are skipped here too, silently (it reported them already)."""
+    if path.suffix != ".jsonl":
+        return None
+    from edgeplaid.eval.beir import DataError, _records, _text_record
+    from edgeplaid.index._metadata import check_metadata
+
+    wanted = set(ids)
+    found: dict[str, dict[str, Any]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for number, record in _records(path, skip_bad_lines=True):
+            try:
+                doc_id, _ = _text_record(path, number, record, True)
+            except DataError:
+                continue
+            fields = {k: v for k, v in record.items() if k not in CORPUS_FIELDS}
+            if doc_id not in wanted or not fields:
+                continue
+            try:
+                check_metadata([fields], 1)  # here, to name the line (JSON allows NaN, 2**70...)
+            except ValueError as e:
+                what = str(e).replace("metadata: document 0", f"metadata of {doc_id!r}", 1)
+                raise UserError(f"{path}:{number}: {what} (--no-metadata leaves the fields out)") from None
+            found[doc_id] = fields
+    return [found.get(i) for i in ids] if found else None
+
+
+def _encode_documents(spec: str, texts: list[str], quiet: bool) -> tuple[Any, Any, float]:
+    """(tokens, doclens, seconds) of the texts encoded by the model ``spec`` on the CPU."""
+    model, _ = _load_model(spec, quiet)
+    t0 = time.perf_counter()
+    tokens, doclens = model.encode_documents(texts, show_progress_bar=not quiet)
+    return tokens, doclens, time.perf_counter() - t0
+
+
+_INT_ID = re.compile(r"-?[0-9]+")
+
+
+def _index_ids(index: Any, ids: Sequence[str], what: str) -> list[Any]:
+    """Ids read as text (a corpus, the command line) in the kind of the index's ids: as they are
+    for an index of str ids (every index `edgeplaid index` builds), as ints for one of int ids
+    (built through the Python API)."""
+    if isinstance(index.user_ids, list):
+        return list(ids)
+    bad = [i for i in ids if not _INT_ID.fullmatch(i)]
+    if bad:
+        raise UserError(f"{what}: this index's ids are integers, got {bad[0]!r}")
+    return [int(i) for i in ids]
+
+
+def _param_value(text: str) -> Any:
+    """A --param value: JSON when it parses as JSON (numbers, true, false, null, "quoted"
+    strings), else the text itself. NaN and Infinity, which Python's JSON reader takes, stay text."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(name)
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except ValueError:
+        return text
+
+
+def _where_params(args: argparse.Namespace) -> tuple[str | None, list[Any] | None]:
+    """(--where, --param values) checked against the filter grammar, before any work."""
+    from edgeplaid.index._metadata import WhereError, compile_where
+
+    if args.where is None:
+        if args.param:
+            raise UserError("--param: given without --where")
+        return None, None
+    _check_text_arg(args.where, "--where")  # compile_where lets a lone surrogate through
+    params = [_param_value(p) for p in args.param] if args.param else None
+    try:
+        compile_where(args.where, params)
+    except WhereError as e:
+        raise UserError(f"--where: {str(e).removeprefix('where: ')}") from None
+    return args.where, params
+
+
+@contextlib.contextmanager
+def _changing(ids_arg: str) -> Iterator[None]:
+    """One line for what an index change may refuse: an unknown id (KeyError, named after the
+    argument that gave it), a filter outside the grammar, another writer holding the index."""
+    from edgeplaid.index import IndexLockedError, WhereError
+
+    try:
+        yield
+    except WhereError as e:
+        raise UserError(f"--where: {str(e).removeprefix('where: ')}") from None
+    except KeyError as e:
+        message = str(e.args[0]) if e.args else "unknown id"
+        raise UserError(f"{ids_arg}: {message.removeprefix('ids: ')}") from None
+    except IndexLockedError as e:
+        # The writer's lock wait ran out (another process is changing the index): not a bug.
+        raise UserError(str(e)) from None
+
+
+def _shape(index: Any) -> dict[str, int]:
+    return {
+        "documents": index.n_docs,
+        "positions": index.n_positions,
+        "deleted": index.n_positions - index.n_docs,
+        "segments": len(index.segments),
+    }
+
+
 # ---------------------------------------------------------------------------- commands
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    from edgeplaid.eval import drop_empty, read_texts
     from edgeplaid.index import Index
 
     out = Path(args.out)
@@ -220,23 +355,27 @@ def cmd_index(args: argparse.Namespace) -> None:
     _check_out_dir(out)  # before minutes of encoding
     if args.overwrite:
         _check_overwrite(out)
-    ids, texts = drop_empty(*read_texts(args.corpus, skip_bad_lines=args.skip_bad_lines))
-    if not texts:
-        raise UserError(f"{args.corpus}: the corpus is empty")
+    ids, texts, metadata = _read_corpus(args.corpus, args.skip_bad_lines, not args.no_metadata)
     _check_trec_ids(ids, "document")  # `search --out` writes them to TREC run files
-    model, _ = _load_model(args.model, args.quiet)
-    t0 = time.perf_counter()
-    tokens, doclens = model.encode_documents(texts, show_progress_bar=not args.quiet)
-    t_encode = time.perf_counter() - t0
+    tokens, doclens, t_encode = _encode_documents(args.model, texts, args.quiet)
     t0 = time.perf_counter()
     index = Index.build(
-        out, tokens, doclens, nbits=args.nbits, ids=ids, overwrite=args.overwrite, progress=not args.quiet
+        out,
+        tokens,
+        doclens,
+        nbits=args.nbits,
+        ids=ids,
+        metadata=metadata,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
     )
     t_build = time.perf_counter() - t0
     _write_json_atomic(out / ENCODER_FILE, {"model": args.model, "dim": int(tokens.shape[1])})
+    n_meta = 0 if metadata is None else sum(m is not None for m in metadata)
     payload = {
         "index": str(out),
         "documents": len(ids),
+        "with_metadata": n_meta,
         "tokens": int(tokens.shape[0]),
         "bytes": index.nbytes(),
         "encode_s": round(t_encode, 3),
@@ -245,9 +384,111 @@ def cmd_index(args: argparse.Namespace) -> None:
     _emit(
         args,
         payload,
-        f"indexed {len(ids):,} documents ({tokens.shape[0]:,} tokens) into {out} "
-        f"({index.nbytes() / 2**20:.1f} MiB); encode {t_encode:.1f} s, build {t_build:.1f} s",
+        f"indexed {len(ids):,} documents ({tokens.shape[0]:,} tokens, {n_meta:,} with metadata) into "
+        f"{out} ({index.nbytes() / 2**20:.1f} MiB); encode {t_encode:.1f} s, build {t_build:.1f} s",
     )
+
+
+def cmd_add(args: argparse.Namespace) -> None:
+    index = _load_index(args.index)
+    ids, texts, metadata = _read_corpus(args.corpus, args.skip_bad_lines, not args.no_metadata)
+    _check_trec_ids(ids, "document")
+    keys = _index_ids(index, ids, args.corpus)
+    # Checked before the model loads: a refused run costs nothing. The index's own check (under
+    # its writer lock) still refuses an id another process adds meanwhile.
+    old = [r for r, key in enumerate(keys) if key in index]
+    if old and not args.update:
+        shown = ", ".join(repr(ids[r]) for r in old[:5]) + (" ..." if len(old) > 5 else "")
+        raise UserError(
+            f"{args.corpus}: {len(old):,} ids already in the index ({shown}); "
+            "--update replaces those documents"
+        )
+    tokens, doclens, t_encode = _encode_documents(_index_model(args.index, args.model), texts, args.quiet)
+    if int(tokens.shape[1]) != index.dim:
+        raise UserError(
+            f"--model: it encodes {tokens.shape[1]}-dim vectors, the index holds {index.dim}-dim ones"
+        )
+    new = sorted(set(range(len(keys))) - set(old))
+    t0 = time.perf_counter()
+    with _changing(args.corpus):
+        # One atomic version: the new documents added, the existing ones replaced.
+        if old:
+            index.upsert(keys, tokens, doclens, metadata=metadata)
+        else:
+            index.add(tokens, doclens, ids=keys, metadata=metadata)
+    t_write = time.perf_counter() - t0
+    payload = {
+        "index": args.index,
+        "added": len(new),
+        "updated": len(old),
+        "n_docs": index.n_docs,
+        "segments": len(index.segments),
+        "tokens": int(tokens.shape[0]),
+        "encode_s": round(t_encode, 3),
+        "write_s": round(t_write, 3),
+    }
+    _emit(
+        args,
+        payload,
+        f"added {len(new):,} and updated {len(old):,} documents in {args.index}: {index.n_docs:,} "
+        f"documents in all ({len(index.segments)} segments); encode {t_encode:.1f} s, write {t_write:.1f} s",
+    )
+
+
+def _read_ids_file(path: str) -> list[str]:
+    """One id a line (the line's end stripped, blank lines skipped)."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            ids = [line.rstrip("\r\n") for line in f if line.strip()]
+    except OSError as e:
+        raise UserError(f"--ids-file {path}: {e.strerror or e}") from None
+    if not ids:
+        raise UserError(f"--ids-file {path}: no ids in the file")
+    return ids
+
+
+def cmd_delete(args: argparse.Namespace) -> None:
+    selectors = (("--ids", args.ids), ("--ids-file", args.ids_file), ("--where", args.where))
+    given = [name for name, value in selectors if value is not None]
+    if len(given) != 1:
+        both = f" (got {' and '.join(given)})" if given else ""
+        raise UserError(f"--ids, --ids-file, --where: give exactly one of them{both}")
+    where, params = _where_params(args)
+    index = _load_index(args.index)
+    if where is not None:
+        with _changing("--where"):
+            n = index.delete(where=where, params=params)
+    else:
+        arg = "--ids" if args.ids else f"--ids-file {args.ids_file}"
+        keys = _index_ids(index, args.ids or _read_ids_file(args.ids_file), arg)
+        with _changing(arg):
+            n = index.delete(keys)
+    _emit(
+        args,
+        {"index": args.index, "deleted": n, "n_docs": index.n_docs},
+        f"deleted {n:,} documents from {args.index}: {index.n_docs:,} left",
+    )
+
+
+def cmd_compact(args: argparse.Namespace) -> None:
+    index = _load_index(args.index)
+    before = _shape(index)
+    t0 = time.perf_counter()
+    with _changing(args.index):
+        wrote = index.compact()
+    seconds = time.perf_counter() - t0
+    after = _shape(index)
+
+    def describe(s: dict[str, int]) -> str:
+        segments = f"{s['segments']} segment{'' if s['segments'] == 1 else 's'}"
+        return f"{segments}, {s['positions']:,} positions ({s['deleted']:,} deleted)"
+
+    text = (
+        f"compacted {args.index} in {seconds:.1f} s: {describe(before)} -> {describe(after)}"
+        if wrote
+        else f"{args.index}: nothing to compact ({describe(before)})"
+    )
+    _emit(args, {"index": args.index, "compacted": wrote, "before": before, "after": after}, text)
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -255,9 +496,12 @@ def cmd_search(args: argparse.Namespace) -> None:
 
     if (args.query is None) == (args.queries is None):
         raise UserError("give either a query text or --queries FILE")
-    if args.out:  # before loading and encoding anything
+    where, params = _where_params(args)  # before loading and encoding anything
+    if args.out:
         _check_out_file(Path(args.out))
     index = _load_index(args.index, args.device)
+    if where is not None and index.manifest.get("metadata") is None:
+        warnings.warn(f"--where: {args.index} holds no metadata: no document matches", stacklevel=1)
     if args.query is not None:
         _check_text_arg(args.query, "query")
         query_ids, texts = ["1"], [args.query]
@@ -274,7 +518,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     queries, mask = model.encode_queries(texts, show_progress_bar=not args.quiet)
     t_encode = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result = index.search(queries, k=args.k, queries_mask=mask)
+    result = index.search(queries, k=args.k, queries_mask=mask, where=where, params=params)
     t_search = time.perf_counter() - t0
     run = to_run(query_ids, result.user_ids, result.scores.cpu().numpy())
     if args.out:
@@ -384,8 +628,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     index = _load_index(args.index)
     files = {p.name: p.stat().st_size for p in sorted(Path(args.index).iterdir()) if p.is_file()}
     encoder = Path(args.index) / ENCODER_FILE
+    shape = _shape(index)
     payload = {
         "manifest": index.manifest,
+        **shape,
+        "metadata": index.manifest.get("metadata") is not None,
         "files": files,
         "bytes": sum(files.values()),
         "bytes_per_token": sum(files.values()) / max(index.n_tokens, 1),
@@ -394,6 +641,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     lines = [
         f"{args.index}: format {index.manifest.get('format_version')}, {index.n_docs:,} documents, "
         f"{index.n_tokens:,} tokens, dim {index.dim}, nbits {index.nbits}, {index.n_centroids:,} centroids",
+        f"  {shape['segments']} segment{'' if shape['segments'] == 1 else 's'}, "
+        f"{shape['deleted']:,} deleted documents (until compact), "
+        f"metadata: {'yes' if payload['metadata'] else 'none'}",
         f"  {payload['bytes'] / 2**20:.2f} MiB, {payload['bytes_per_token']:.1f} bytes per token",
     ]
     lines += [f"  {name:<28} {size:>14,} B" for name, size in files.items()]
@@ -454,9 +704,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite", action="store_true", help="replace an existing edgeplaid index (nothing else)"
     )
+    p.add_argument(
+        "--no-metadata",
+        action="store_true",
+        help="leave out the metadata (by default every field of a JSONL line but _id/id/title/text)",
+    )
     p.set_defaults(fn=cmd_index)
 
-    p = sub.add_parser("search", parents=[common, bad_lines, on_device], help="search an index")
+    p = sub.add_parser(
+        "add", parents=[common, bad_lines], help="encode a corpus and add its documents to an index"
+    )
+    p.add_argument("index", help="index directory")
+    p.add_argument("corpus", help="corpus.jsonl (_id, title, text, metadata fields) or a text file")
+    p.add_argument("--model", help="override the model recorded with the index")
+    p.add_argument(
+        "--update", action="store_true", help="replace the documents whose ids are in the index already"
+    )
+    p.add_argument("--no-metadata", action="store_true", help="leave out the metadata fields")
+    p.set_defaults(fn=cmd_add)
+
+    filters = _Parser(add_help=False)
+    filters.add_argument(
+        "--where", help='metadata filter, e.g. "year >= ? AND source = ?" (values as ? with --param)'
+    )
+    filters.add_argument(
+        "--param",
+        action="append",
+        metavar="VALUE",
+        help='the value of the next ? of --where (repeat; JSON when it parses: 2020, true, null, "2020")',
+    )
+
+    p = sub.add_parser("delete", parents=[common, filters], help="delete documents from an index")
+    p.add_argument("index", help="index directory")
+    p.add_argument("--ids", nargs="+", metavar="ID", help="the ids of the documents to delete")
+    p.add_argument("--ids-file", help="a file of ids to delete, one a line")
+    p.set_defaults(fn=cmd_delete)
+
+    p = sub.add_parser(
+        "compact", parents=[common], help="merge an index's segments and drop its deleted documents"
+    )
+    p.add_argument("index", help="index directory")
+    p.set_defaults(fn=cmd_compact)
+
+    p = sub.add_parser("search", parents=[common, bad_lines, on_device, filters], help="search an index")
     p.add_argument("index")
     p.add_argument("query", nargs="?", help="a query text")
     p.add_argument("--queries", help="queries.jsonl (_id, text) or a text file, one query a line")
@@ -523,6 +813,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="characters of all the texts of one request together (bounds one request's work)",
     )
     p.add_argument(
+        "--max-write-queue",
+        type=positive_int,
+        default=16,
+        help="writes (POST/DELETE /v1/documents) waiting at a time; more are answered 503",
+    )
+    p.add_argument(
         "--request-timeout",
         type=positive_float,
         default=10.0,
@@ -536,7 +832,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # transformers' load reports are not for command-line users; our warnings print as one line.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    warnings.formatwarning = lambda message, *rest, **kw: f"edgeplaid: warning: {message}\n"
+    # (the library's own warnings may start with "edgeplaid: " already: not said twice)
+    warnings.formatwarning = lambda message, *rest, **kw: (
+        f"edgeplaid: warning: {str(message).removeprefix('edgeplaid: ')}\n"
+    )
     from edgeplaid.eval.beir import DataError
 
     # OSError: the file system's answer (permission, full disk, not a directory...), one line too.

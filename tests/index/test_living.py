@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -239,12 +240,15 @@ def test_readers_keep_one_version_while_a_writer_works(tmp_path, pool, q):
             writer.add(*_pack(pool[nxt : nxt + 3]), ids=[nxt, nxt + 1, nxt + 2])
             nxt += 3
             writer.delete([i * 2])
+        deadline = time.monotonic() + 60
+        while checked[0] < 6 and not errors and time.monotonic() < deadline:
+            time.sleep(0.05)  # readers also check the last version
     finally:
         stop.set()
         for t in threads:
             t.join()
     assert not errors, errors[0]
-    assert checked[0] > 4
+    assert checked[0] >= 6
 
 
 def test_second_writer_waits_then_errors(tmp_path, pool, monkeypatch):
@@ -361,3 +365,49 @@ def test_tiered_merge_keeps_ids_metadata_and_tombstones(tmp_path, pool, q):
     assert index.metadata(sorted(live)) == [meta[i] for i in sorted(live)]
     assert index.select("tag = 'b3'") == [215, 217, 218, 219]
     _check(index, live, q)
+
+
+def test_upsert_is_one_version_and_foreign_files_survive(tmp_path, pool, q):
+    """upsert adds the new ids and replaces the existing ones in one version; a file the user
+    keeps beside the index (the command line's encoder.json) survives every change."""
+    path = tmp_path / "ix"
+    index = Index.build(
+        path, *_pack(pool[:30]), ids=[f"d{i}" for i in range(30)], n_centroids=8, progress=False
+    )
+    (path / "encoder.json").write_text('{"model": "m"}')
+    stamp = (path / "manifest.json").stat().st_mtime_ns
+    assert index.upsert(["d3", "new"], *_pack([pool[40], pool[41]]), metadata=[{"v": 2}, None]) == (1, 1)
+    assert (path / "manifest.json").stat().st_mtime_ns != stamp
+    assert sorted(index.ids()) == sorted([f"d{i}" for i in range(30)] + ["new"])
+    assert index.metadata(["d3", "new"]) == [{"v": 2}, None]
+    got = index.search_exhaustive(pool[40][None], k=1).user_ids
+    assert got == [["d3"]]  # d3 now holds pool[40]
+    for change in (lambda: index.delete(["d1"]), index.compact, index.upgrade):
+        change()
+        assert (path / "encoder.json").read_text() == '{"model": "m"}'
+    index.verify()
+
+
+def test_odd_inputs_get_clear_errors(tmp_path, pool):
+    from edgeplaid.index import IndexLockedError, WhereError
+    from edgeplaid.index._storage import _Lock
+
+    index = Index.build(tmp_path / "ix", *_pack(pool[:10]), n_centroids=4, progress=False)
+    assert [1] not in index and 3 in index and 99 not in index
+    with pytest.raises(ValueError, match="int64"):
+        index.add(*_pack(pool[:1]), ids=[2**70])
+    with pytest.raises(WhereError, match="surrogate"):
+        index.select("name = '\udfff'")
+    lock = _Lock(index.path)
+    assert lock.acquire()
+    try:
+        from edgeplaid.index import _mutate
+
+        _mutate.LOCK_WAIT_S, old = 0.05, _mutate.LOCK_WAIT_S
+        try:
+            with pytest.raises(IndexLockedError):
+                index.delete([1])
+        finally:
+            _mutate.LOCK_WAIT_S = old
+    finally:
+        lock.release()

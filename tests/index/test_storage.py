@@ -315,7 +315,8 @@ def test_overwrite_keeps_a_users_symlink(tmp_path, data):
     assert (tmp_path / "current").is_symlink() and Index.load(real).n_docs == 30
 
 
-def test_one_writer_at_a_time(tmp_path, data):
+def test_one_writer_at_a_time(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(_storage, "WRITER_WAIT_S", 0.05)
     with IndexWriter(tmp_path / "w"):
         with pytest.raises(RuntimeError, match="another edgeplaid process"):
             _build(tmp_path / "w", data, 10)

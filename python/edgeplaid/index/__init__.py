@@ -2,6 +2,15 @@
 
 from edgeplaid.index._colbert import ColbertImportError
 from edgeplaid.index._index import Index, SearchResult
-from edgeplaid.index._storage import FORMAT_VERSION, IndexFormatError
+from edgeplaid.index._metadata import WhereError
+from edgeplaid.index._storage import FORMAT_VERSION, IndexFormatError, IndexLockedError
 
-__all__ = ["FORMAT_VERSION", "ColbertImportError", "Index", "IndexFormatError", "SearchResult"]
+__all__ = [
+    "FORMAT_VERSION",
+    "ColbertImportError",
+    "Index",
+    "IndexFormatError",
+    "IndexLockedError",
+    "SearchResult",
+    "WhereError",
+]

@@ -398,6 +398,9 @@ def build_ivf(codes: np.ndarray, doclens: np.ndarray, n_centroids: int) -> tuple
 def id_kind_of(ids: list[Any]) -> str:
     """ "int" or "str" for a list of ids all of one kind, unique; ValueError otherwise."""
     if all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
+        big = next((i for i in ids if not -(1 << 63) <= int(i) < 1 << 63), None)
+        if big is not None:
+            raise ValueError(f"ids: {big} does not fit in int64")
         arr = np.asarray(ids, dtype=np.int64) if ids else np.zeros(0, np.int64)
         if np.unique(arr).shape[0] != len(ids):
             raise ValueError("ids: duplicate document ids")

@@ -291,7 +291,10 @@ class Index:
         return self._state.positions(user_ids)
 
     def __contains__(self, user_id: Any) -> bool:
-        return user_id in self._state.position_map()
+        try:
+            return user_id in self._state.position_map()
+        except TypeError:  # unhashable: no id is
+            return False
 
     def metadata(self, ids: Sequence[Any]) -> list[dict[str, Any] | None]:
         """The metadata of the documents with these ids (None where a document has none)."""
@@ -364,8 +367,20 @@ class Index:
         metadata: Sequence[dict[str, Any] | None] | None = None,
     ) -> list[Any]:
         """Replaces the documents with these ids (all must exist) by new vectors (and metadata)
-        under the same ids: delete + add in one atomic write."""
+        under the same ids: delete + add in one atomic write. The replaced documents' metadata go
+        with them: pass ``metadata`` again to keep it."""
         return _mutate.update(self, ids, doc_tokens, doclens, metadata)
+
+    def upsert(
+        self,
+        ids: Sequence[Any],
+        doc_tokens: Any,
+        doclens: Any,
+        metadata: Sequence[dict[str, Any] | None] | None = None,
+    ) -> tuple[int, int]:
+        """Adds the documents whose ids are new and replaces those whose ids exist, in one atomic
+        write (a reader sees all of it or none); returns (added, updated)."""
+        return _mutate.upsert(self, ids, doc_tokens, doclens, metadata)
 
     def compact(self) -> bool:
         """Merges every segment into one and drops deleted documents (codes and residuals copied,

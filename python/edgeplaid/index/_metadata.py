@@ -96,6 +96,12 @@ class _Tok:
 
 
 def _tokenize(where: str) -> list[_Tok]:
+    try:  # a lone surrogate would reach SQLite's UTF-8 encoder (UnicodeEncodeError there)
+        where.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise WhereError(
+            f"the filter is not valid Unicode text (lone surrogate at position {e.start})"
+        ) from None
     toks: list[_Tok] = []
     i, n = 0, len(where)
     while i < n:

@@ -14,18 +14,18 @@ the new one, never anything else, and the next open removes what the killed writ
 - ``rebuild`` retrains the codec on the decompressed live documents (a build).
 
 One writer at a time: the writer's ``flock`` beside the index; a second one waits up to
-``LOCK_WAIT_S`` seconds, then gets a RuntimeError naming the index. A writer works on the newest
-committed version (an Index object loaded before another process's change is refreshed first),
-so no change is ever lost. Readers keep the version they loaded until ``refresh()``.
+``LOCK_WAIT_S`` seconds, then gets an IndexLockedError (a RuntimeError) naming the index. A
+writer works on the newest committed version (an Index object loaded before another process's
+change is refreshed first), so no change is ever lost. Readers keep the version they loaded
+until ``refresh()``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,7 +36,7 @@ from edgeplaid.index._build import build_ivf, check_batch, id_kind_of, write_ids
 from edgeplaid.index._checks import open_checked
 from edgeplaid.index._metadata import METADATA_FILE, check_metadata, write_metadata
 from edgeplaid.index._snapshot import Snapshot, open_snapshot
-from edgeplaid.index._storage import IndexWriter, changed, expected_arrays, segments_of
+from edgeplaid.index._storage import IndexLockedError, IndexWriter, changed, expected_arrays, segments_of
 
 if TYPE_CHECKING:
     from edgeplaid.index._index import Index
@@ -55,18 +55,13 @@ _assigners: dict[tuple[str, str], _codec.Assigner] = {}
 def _writing(index: Index) -> Iterator[tuple[IndexWriter, Snapshot]]:
     """The writer's lock and a version directory being written, with the newest committed
     snapshot; on success the index is refreshed to the new version."""
-    deadline = time.monotonic() + LOCK_WAIT_S
-    while True:
-        try:
-            w = IndexWriter(index.path, overwrite=True)
-            break
-        except RuntimeError:
-            if time.monotonic() >= deadline:
-                raise RuntimeError(
-                    f"{index.path}: another edgeplaid writer has held this index for {LOCK_WAIT_S:.0f} s; "
-                    "try again later (one writer at a time)"
-                ) from None
-            time.sleep(0.02)
+    try:
+        w = IndexWriter(index.path, overwrite=True, wait=LOCK_WAIT_S)
+    except IndexLockedError:
+        raise IndexLockedError(
+            f"{index.path}: another edgeplaid writer has held this index for {LOCK_WAIT_S:g} s; "
+            "try again later (one writer at a time)"
+        ) from None
     with w:
         st = index._state
         if st.device.type != "cpu" or changed(index.path, st.manifest):
@@ -120,6 +115,7 @@ def _finish(
     elif metadata is not None:
         body["metadata"] = metadata
     body.pop("format_version")
+    w.carry_foreign(m.dir, m)
     w.commit(body)
 
 
@@ -304,9 +300,10 @@ def add(
     doclens: Any,
     ids: Sequence[Any] | None,
     metadata: Any,
-    replace: Sequence[Any] | None = None,
+    replace: Sequence[Any] | Callable[[Snapshot], Sequence[Any]] | None = None,
 ) -> list[Any]:
-    """See :meth:`edgeplaid.Index.add` (``replace``: ids to delete in the same version, update).
+    """See :meth:`edgeplaid.Index.add` (``replace``: ids to delete in the same version, update;
+    or a function of the newest snapshot giving them, upsert).
 
     The new segment absorbs the trailing segments (see :func:`_absorbed`), dropping their deleted
     documents; the segments before them, their positions and their files are untouched."""
@@ -315,7 +312,9 @@ def add(
     metas = check_metadata(metadata, n)  # before taking the lock: bad input costs nothing
     err = None
     with _writing(index) as (w, st):
-        replacing = st.positions(replace) if replace is not None else np.zeros(0, np.int64)
+        if callable(replace):
+            replace = replace(st)
+        replacing = st.positions(replace) if replace else np.zeros(0, np.int64)
         new_ids, kind = _ids_for_new(st, ids, n, replacing)
         deleted = np.union1d(st.deleted, replacing) if replacing.shape[0] else st.deleted
         k = _absorbed(st, n_tok, deleted)
@@ -389,6 +388,36 @@ def update(index: Index, ids: Sequence[Any], doc_tokens: Any, doclens: Any, meta
     if len(set(ids)) != len(ids):
         raise ValueError("ids: duplicate ids")
     return add(index, doc_tokens, doclens, ids, metadata, replace=ids)
+
+
+def upsert(index: Index, ids: Sequence[Any], doc_tokens: Any, doclens: Any, metadata: Any) -> tuple[int, int]:
+    """See :meth:`edgeplaid.Index.upsert`."""
+    if ids is None:
+        raise ValueError("ids: upsert needs the documents' ids")
+    ids = [
+        i.item() if isinstance(i, np.generic) else i
+        for i in (ids.tolist() if hasattr(ids, "tolist") else ids)
+    ]
+    if len(set(ids)) != len(ids):
+        raise ValueError("ids: duplicate ids")
+    counts = [0, 0]
+
+    def existing(st: Snapshot) -> list[Any]:
+        pmap = st.position_map()
+        old = [i for i in ids if _hashable(i) and i in pmap]
+        counts[:] = [len(ids) - len(old), len(old)]
+        return old
+
+    add(index, doc_tokens, doclens, ids, metadata, replace=existing)
+    return counts[0], counts[1]
+
+
+def _hashable(x: Any) -> bool:
+    try:
+        hash(x)
+    except TypeError:
+        return False
+    return True
 
 
 def compact(index: Index) -> bool:

@@ -50,6 +50,7 @@ import os
 import re
 import shutil
 import stat
+import time
 import uuid
 import warnings
 import weakref
@@ -72,6 +73,7 @@ MANIFEST_MAX_BYTES = 1 << 20
 # The manifest's own checksum: blake2b from the standard library, so it is always checkable.
 MANIFEST_CHECKSUM_ALGO = "blake2b"
 _MARKER = ".edgeplaid-partial"  # inside a directory being written: ours, and not finished
+WRITER_WAIT_S = 2.0  # how long a writer waits for the lock before IndexLockedError
 
 try:  # xxh64 is ~10x faster than blake2b; both are stable across platforms
     import xxhash
@@ -91,6 +93,10 @@ _OTHER_FILES = {"metadata.sqlite"}  # the only non-array file an index holds
 
 class IndexFormatError(ValueError):
     """A truncated, corrupt, mismatched or unsupported index directory."""
+
+
+class IndexLockedError(RuntimeError):
+    """Another writer holds the index (one writer at a time)."""
 
 
 def _hasher(algo: str):
@@ -628,7 +634,17 @@ class _Lock:
         self.path = dst.parent / f".{dst.name}.lock"
         self.fd: int | None = None
 
-    def acquire(self, blocking: bool = False) -> bool:
+    def acquire(self, blocking: bool = False, wait: float = 0.0) -> bool:
+        """Takes the lock; False when another holds it (after polling up to ``wait`` seconds)."""
+        deadline = time.monotonic() + wait
+        while True:
+            if self._try(blocking):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+
+    def _try(self, blocking: bool) -> bool:
         for _ in range(100):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
             try:
@@ -797,18 +813,20 @@ class IndexWriter:
     Use as a context manager: on an exception the partial directory is removed and the
     destination is left as it was. ``overwrite=True`` replaces only an edgeplaid index or an
     empty directory (FileExistsError for anything else). One writer per path at a time
-    (RuntimeError when another holds it).
+    (IndexLockedError, a RuntimeError, when another holds it for more than ``wait`` seconds: a
+    load cleaning up a killed writer's leftovers holds it for milliseconds, and a writer must not
+    fail for that).
     """
 
-    def __init__(self, dst: str | os.PathLike, overwrite: bool = False) -> None:
+    def __init__(self, dst: str | os.PathLike, overwrite: bool = False, wait: float | None = None) -> None:
         dst = Path(dst)
         if dst.is_symlink():  # the user's own link: replace what it points at, keep the link
             dst = Path(os.path.realpath(dst))
         self.dst = dst
         self.dst.parent.mkdir(parents=True, exist_ok=True)
         self._lock = _Lock(self.dst)
-        if not self._lock.acquire():
-            raise RuntimeError(f"{self.dst}: another edgeplaid process is writing this index")
+        if not self._lock.acquire(wait=WRITER_WAIT_S if wait is None else wait):
+            raise IndexLockedError(f"{self.dst}: another edgeplaid process is writing this index")
         try:
             _recover_locked(self.dst)
             if os.path.lexists(self.dst):
@@ -897,11 +915,29 @@ class IndexWriter:
         try:
             os.link(file, self.tmp / file, src_dir_fd=src.fd, follow_symlinks=False)
         except OSError:
-            fd, _ = src.open_file(file)
+            fd = os.open(file, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC, dir_fd=src.fd)
             with os.fdopen(fd, "rb") as fin, open(self.tmp / file, "wb") as fout:
                 shutil.copyfileobj(fin, fout, 1 << 24)
                 fout.flush()
                 os.fsync(fout.fileno())
+
+    def carry_foreign(self, src: IndexDir, manifest: dict[str, Any]) -> list[str]:
+        """Hard-links into the new version the regular files of ``src`` that are not the index's
+        own (the manifest, its arrays, its metadata): what a user or a tool keeps beside the index
+        (the command line's ``encoder.json``) survives every change. Returns their names."""
+        own = {MANIFEST, _MARKER, METADATA_FILE} | {e["file"] for e in manifest["arrays"].values()}
+        carried = []
+        for name in os.listdir(src.fd):
+            if name in own or os.path.lexists(self.tmp / name):
+                continue
+            try:
+                st = os.stat(name, dir_fd=src.fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                self.link_file(src, name)
+                carried.append(name)
+        return carried
 
     def file_entry(self, file: str) -> dict[str, Any]:
         """{file, nbytes, checksum} of a finished non-array file of the directory being written."""
@@ -965,4 +1001,5 @@ def rewrite_index(path: Path, manifest: Manifest, add: dict[str, np.ndarray] | N
         rest.setdefault("segments", segments_of(manifest))
         if manifest.get("metadata") is not None:
             w.link_file(manifest.dir, manifest["metadata"]["file"])
+        w.carry_foreign(manifest.dir, manifest)
         return w.commit(rest)

@@ -73,6 +73,7 @@ def serve(args: argparse.Namespace) -> None:
         max_text_chars=args.max_text_chars,
         max_request_chars=getattr(args, "max_request_chars", ServeConfig.max_request_chars),
         request_timeout_s=getattr(args, "request_timeout", ServeConfig.request_timeout_s),
+        max_write_queue=getattr(args, "max_write_queue", ServeConfig.max_write_queue),
         api_key=args.api_key or None,
     )
     app = create_app(model, index, config, device=device)

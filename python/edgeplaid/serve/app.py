@@ -1,4 +1,5 @@
-"""The HTTP service: ``/v1/rerank``, ``/v1/search``, ``/v1/encode``, ``/healthz``, ``/metrics``.
+"""The HTTP service: ``/v1/rerank``, ``/v1/search``, ``/v1/encode``, ``/v1/documents`` (POST: add
+or update, DELETE: delete), ``/healthz``, ``/metrics``.
 
 Rerank, search and encode requests go through micro-batchers (batcher.py): the requests of one
 window are encoded together and scored by one ``maxsim_packed`` call per token width (rerank;
@@ -10,6 +11,13 @@ batch; a batch that fails anyway is retried request by request, so only the culp
 oversized body 413 (counted as it arrives, chunked or not), a full queue 503 with Retry-After,
 a missing or wrong API key 401.
 
+Writes (``/v1/documents``) change the served index while it keeps answering searches: texts
+are encoded on the batch worker (the one thread that runs the model), then the index write
+(compression, fsync, an atomic switch of the index directory) runs on a writer thread of its own,
+one write at a time, so searches go on meanwhile; each search reads the index version it started
+with, and every search after a write sees it. Writes waiting beyond ``max_write_queue`` are
+refused 503; an unknown id is 404, an id already in the index 409 (unless ``upsert``).
+
 Everything is computed on one device (the model's and the index's; ``--device``): the
 encoder's outputs, the packed documents, their offsets and the candidate lists stay there, and
 only the scores come back to the host.
@@ -17,11 +25,14 @@ only the scores come back to the host.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import hmac
+import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,10 +45,12 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt, StrictStr
 from starlette.routing import Match
 
 from edgeplaid import ops
+from edgeplaid.index import IndexLockedError
+from edgeplaid.index._metadata import WhereError, check_metadata, compile_where
 from edgeplaid.serve.batcher import MicroBatcher, Overloaded
 
 log = logging.getLogger("edgeplaid.serve")
@@ -58,6 +71,9 @@ class ServeConfig:
     max_queries: int = 256
     max_k: int = 1000
     max_body_bytes: int = 16 * 2**20
+    # Writes (/v1/documents) waiting for the writer thread, beyond which a write is refused 503:
+    # each one holds its request body's documents in memory while it waits.
+    max_write_queue: int = 16
     api_key: str | None = None
     # Slow or idle clients (server.py): a request's head and body must arrive within
     # request_timeout_s; an idle keep-alive connection is closed after keep_alive_s.
@@ -93,6 +109,39 @@ class EmbeddingJob:
 class SearchRequest(BaseModel):
     queries: list[str] = Field(min_length=1)
     k: int = Field(default=10, ge=1)
+    # A metadata filter (edgeplaid.index._metadata.compile_where) and the values of its "?".
+    where: str | None = None
+    params: list[Any] | None = None
+
+
+DocumentId = StrictStr | StrictInt  # strict: JSON true or 1.5 is no id (True == 1 in Python)
+
+
+class DocumentIn(BaseModel):
+    """One document of ``POST /v1/documents``: its id and either a text (encoded by the server's
+    model) or its token vectors (``embedding``, (n_tokens, dim))."""
+
+    id: DocumentId
+    text: str | None = None
+    embedding: list[Any] | None = Field(default=None, min_length=1)  # numpy converts (see RerankRequest)
+    metadata: dict[str, Any] | None = None
+
+
+class DocumentsRequest(BaseModel):
+    """``POST /v1/documents``: documents to add (``upsert``: or to replace, by id). Metadata per
+    document (its ``metadata`` key) or as one list beside the documents, not both."""
+
+    documents: list[DocumentIn] = Field(min_length=1)
+    metadata: list[dict[str, Any] | None] | None = None
+    upsert: bool = False
+
+
+class DeleteRequest(BaseModel):
+    """``DELETE /v1/documents``: the ids to delete, or a metadata filter (``where`` + ``params``)."""
+
+    ids: list[DocumentId] | None = Field(default=None, min_length=1)
+    where: str | None = None
+    params: list[Any] | None = None
 
 
 class EncodeRequest(BaseModel):
@@ -106,24 +155,26 @@ class _BadRequest(Exception):
         self.status = status
 
 
-def _check_texts(texts: Sequence[str], field: str, limit: int) -> int:
-    """Each text non-empty, within ``limit`` characters and valid Unicode (JSON's ``\\udfff``
+def _check_text(text: str, name: str, limit: int) -> int:
+    """The text is non-empty, within ``limit`` characters and valid Unicode (JSON's ``\\udfff``
     escapes decode to lone surrogates, which the tokenizer refuses: checked here, before the
-    request joins a batch). Returns the characters in all."""
-    total = 0
-    for i, text in enumerate(texts):
-        if not text.strip():
-            raise _BadRequest(f"{field}[{i}]: empty text")
-        if len(text) > limit:
-            raise _BadRequest(f"{field}[{i}]: {len(text)} characters, more than the limit of {limit}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise _BadRequest(
-                f"{field}[{i}]: not valid Unicode (a lone surrogate, {text[e.start]!r}, at {e.start})"
-            ) from None
-        total += len(text)
-    return total
+    request joins a batch); returns its length. ``name`` names it in the message."""
+    if not text.strip():
+        raise _BadRequest(f"{name}: empty text")
+    if len(text) > limit:
+        raise _BadRequest(f"{name}: {len(text)} characters, more than the limit of {limit}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _BadRequest(
+            f"{name}: not valid Unicode (a lone surrogate, {text[e.start]!r}, at {e.start})"
+        ) from None
+    return len(text)
+
+
+def _check_texts(texts: Sequence[str], field: str, limit: int) -> int:
+    """:func:`_check_text` of each text (named ``field[i]``); the characters in all."""
+    return sum(_check_text(text, f"{field}[{i}]", limit) for i, text in enumerate(texts))
 
 
 def _check_request_chars(total: int, field: str, limit: int) -> None:
@@ -268,16 +319,21 @@ def search_batch(model: Any, index: Any, jobs: Sequence[SearchRequest]) -> list[
     same request offline, whatever else is in its batch: each job's queries are encoded on their
     own (encoded with other texts, a query's vectors can differ in the last bits, and PLAID's
     candidate choices can turn that into other results), and each distinct k is its own search
-    (the search effort follows k). Jobs of one k are searched together."""
-    groups: dict[tuple[int, int], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    (the search effort follows k). Jobs of one k and one metadata filter (``where`` and
+    ``params``, checked before they joined the batch) are searched together."""
+    groups: dict[tuple[int, int, str | None], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    filters: dict[str | None, dict[str, Any]] = {None: {}}
     for i, job in enumerate(jobs):
         queries, mask = model.encode_queries(job.queries)
-        groups.setdefault((job.k, queries.shape[1]), []).append((i, queries, mask))
+        # The filter's JSON as its key: 1 and 1.0 and true are distinct params (equal in Python).
+        key = None if job.where is None else json.dumps([job.where, job.params])
+        filters.setdefault(key, {"where": job.where, "params": job.params})
+        groups.setdefault((job.k, queries.shape[1], key), []).append((i, queries, mask))
     out: list[dict[str, Any]] = [{} for _ in jobs]
-    for (k, _), members in groups.items():
+    for (k, _, key), members in groups.items():
         queries = torch.cat([q for _, q, _ in members])
         mask = torch.cat([m for _, _, m in members])
-        result = index.search(queries, k=k, queries_mask=mask)
+        result = index.search(queries, k=k, queries_mask=mask, **filters[key])
         # The result is all that leaves the device: one copy, not one per row.
         scores, ids, user_ids = result.scores.cpu().tolist(), result.ids.cpu().tolist(), result.user_ids
         row = 0
@@ -316,6 +372,93 @@ def encode_batch(model: Any, jobs: Sequence[EncodeRequest]) -> list[dict[str, An
             out[i] = {"embeddings": vectors[row : row + n]}
             row += n
     return out
+
+
+@dataclass
+class _Documents:
+    """The documents of a ``POST /v1/documents``, checked: ids, token vectors (host, float32)
+    and metadata, each in request order."""
+
+    ids: list[Any]
+    vectors: list[torch.Tensor]  # one (n_tokens_i, dim) per document
+    metadata: list[dict[str, Any] | None] | None
+    upsert: bool
+
+    def pack(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(tokens, doclens, metadata) of the documents ``rows``, packed as Index.add takes them."""
+        tokens = torch.cat([self.vectors[r] for r in rows])
+        doclens = torch.tensor([self.vectors[r].shape[0] for r in rows], dtype=torch.int64)
+        meta = None if self.metadata is None else [self.metadata[r] for r in rows]
+        return tokens, doclens, meta
+
+
+def _id_kind(index: Any) -> type:
+    """str or int: the kind of the index's ids (an index built without ids numbers them)."""
+    return str if isinstance(index.user_ids, list) else int
+
+
+def _check_ids(ids: Sequence[Any], field: str, kind: type, unique: bool) -> None:
+    """Every id of the index's kind, ints within int64, strings valid Unicode (and, with
+    ``unique``, none twice): refused 422 before any work, naming the id's field."""
+    seen: set[Any] = set()
+    for i, doc_id in enumerate(ids):
+        name = field.format(i=i)
+        if not isinstance(doc_id, kind):
+            want = "strings" if kind is str else "integers"
+            raise _BadRequest(f"{name}: this index's ids are {want}, got {doc_id!r}")
+        if kind is int and not -(2**63) <= doc_id < 2**63:
+            raise _BadRequest(f"{name}: {doc_id} is out of the 64-bit integer range")
+        if kind is str:
+            try:
+                doc_id.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _BadRequest(f"{name}: not valid Unicode (a lone surrogate)") from None
+        if unique:
+            if doc_id in seen:
+                raise _BadRequest(f"{name}: the id {doc_id!r} is given twice")
+            seen.add(doc_id)
+
+
+def _check_where(where: str | None, params: list[Any] | None) -> None:
+    """A filter outside the grammar (or params without one) is refused 422 before any work."""
+    if where is None:
+        if params is not None:
+            raise _BadRequest("params: given without a where filter")
+        return
+    try:
+        compile_where(where, params)
+    except WhereError as e:  # its message starts with "where: "
+        raise _BadRequest(str(e)) from None
+
+
+def write_documents(index: Any, docs: _Documents) -> dict[str, int]:
+    """Adds the documents (``upsert``: replaces those whose ids are in the index, adds the
+    others, in one atomic version); the caller serialises writes. An id in the index without
+    ``upsert`` is refused (409) before anything is written."""
+    old = [r for r, doc_id in enumerate(docs.ids) if doc_id in index]
+    if old and not docs.upsert:
+        raise _BadRequest(
+            f"documents[{old[0]}].id: {docs.ids[old[0]]!r} is in the index already"
+            + (f" (and {len(old) - 1} more)" if len(old) > 1 else "")
+            + '; "upsert": true replaces documents',
+            409,
+        )
+    tokens, doclens, meta = docs.pack(range(len(docs.ids)))
+    if docs.upsert:
+        added, updated = index.upsert(list(docs.ids), tokens, doclens, metadata=meta)
+    else:
+        index.add(tokens, doclens, ids=list(docs.ids), metadata=meta)
+        added, updated = len(docs.ids), 0
+    return {"added": added, "updated": updated, "n_docs": index.n_docs}
+
+
+def delete_documents(index: Any, req: DeleteRequest) -> dict[str, int]:
+    """Deletes by ids (KeyError for an unknown one: nothing deleted) or by filter."""
+    if req.ids is not None:
+        n = index.delete(req.ids)
+    else:
+        n = index.delete(where=req.where, params=req.params)
+    return {"deleted": n, "n_docs": index.n_docs}
 
 
 class _Metrics:
@@ -487,6 +630,12 @@ def create_app(
     # One worker thread: the kernels and the encoder already use every core per call; a second
     # batch in parallel would only contend for them.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeplaid-batch")
+    # Index writes block for their fsyncs: a thread of their own, so searches (on the batch
+    # worker) go on meanwhile. One thread and one lock: one write at a time, each one's checks
+    # (which ids exist) and its change made together.
+    write_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeplaid-write")
+    write_lock = threading.Lock()
+    pending_writes = 0
     window = cfg.batch_window_ms / 1e3
     work = {
         "rerank": lambda jobs: rerank_batch(model, jobs, where),
@@ -524,6 +673,7 @@ def create_app(
         for b in batchers.values():
             await b.stop()
         executor.shutdown(wait=True)
+        write_executor.shutdown(wait=True)  # a write under way is finished, never cut
 
     # With a key, the interactive docs are off (a browser would fetch the schema without the key)
     # and the schema is served to key holders only (below): only /healthz answers without a key.
@@ -582,6 +732,106 @@ def create_app(
         if model is None:
             raise _BadRequest(f"no model loaded: start the server with --model M to {what}", 404)
 
+    def need_index() -> None:
+        if index is None:
+            raise _BadRequest("no index loaded: start the server with --index DIR", 404)
+
+    def locked(fn: Any, *args: Any) -> Any:
+        with write_lock:
+            return fn(index, *args)
+
+    async def write(fn: Any, *args: Any) -> dict[str, int]:
+        """``fn(index, *args)`` on the writer thread, under the write lock; the index's refusals
+        answered as the client's errors. A client that leaves does not cut a write short."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(write_executor, locked, fn, *args)
+        except _BadRequest:
+            raise
+        except KeyError as exc:  # an unknown id: nothing was written
+            raise _BadRequest(str(exc.args[0]) if exc.args else "unknown id", 404) from None
+        except ValueError as exc:  # WhereError included: the index refused the input
+            raise _BadRequest(str(exc)) from None
+        except IndexLockedError:
+            # Another process (e.g. `edgeplaid add`) held the index's lock for the whole wait.
+            raise Overloaded(retry_after=5) from None
+        except Exception as exc:
+            log.error("a write failed", exc_info=exc)
+            raise _BadRequest(f"internal error: {type(exc).__name__}: {exc}", 500) from None
+
+    @contextlib.contextmanager
+    def write_slot() -> Any:
+        """Admission for writes: at most ``max_write_queue`` at a time (503 beyond)."""
+        nonlocal pending_writes
+        if pending_writes >= cfg.max_write_queue:
+            raise Overloaded()
+        pending_writes += 1
+        try:
+            yield
+        finally:
+            pending_writes -= 1
+
+    def encode_texts(texts: list[str]) -> list[torch.Tensor]:
+        """Each text's token vectors (host tensors): runs on the batch worker, the thread that
+        runs the model for every other request."""
+        tokens, doclens = model.encode_documents(texts)
+        return list(torch.split(tokens.cpu().float(), doclens.cpu().tolist()))
+
+    async def documents_of(req: DocumentsRequest) -> _Documents:
+        """The request's documents checked (422 naming the field) and their texts encoded."""
+        n = len(req.documents)
+        if n > cfg.max_documents:
+            raise _BadRequest(f"documents: {n} documents, more than the limit of {cfg.max_documents}")
+        ids = [d.id for d in req.documents]
+        _check_ids(ids, "documents[{i}].id", _id_kind(index), unique=True)
+        per_doc = [d.metadata for d in req.documents]
+        if req.metadata is not None:
+            if any(m is not None for m in per_doc):
+                raise _BadRequest("metadata: give it per document or as one list, not both")
+            if len(req.metadata) != n:
+                raise _BadRequest(f"metadata: {len(req.metadata)} items for {n} documents")
+            per_doc = list(req.metadata)
+        metadata = per_doc if any(m is not None for m in per_doc) else None
+        try:
+            check_metadata(metadata, n)  # "metadata: document i: ..." names the document
+        except ValueError as exc:
+            raise _BadRequest(str(exc)) from None
+        vectors: list[torch.Tensor | None] = [None] * n
+        texts: list[int] = []
+        chars = 0
+        for i, d in enumerate(req.documents):
+            if (d.text is None) == (d.embedding is None):
+                raise _BadRequest(f"documents[{i}]: give either text or embedding (token vectors)")
+            if d.text is not None:
+                if model is None:
+                    raise _BadRequest(
+                        f"documents[{i}].text: this server has no model to encode texts (started "
+                        "without --model): send embedding"
+                    )
+                chars += _check_text(d.text, f"documents[{i}].text", cfg.max_text_chars)
+                texts.append(i)
+                continue
+            v = _matrix(d.embedding, f"documents[{i}].embedding")
+            if v.shape[1] != index.dim:
+                raise _BadRequest(
+                    f"documents[{i}].embedding: token vectors of dim {v.shape[1]}, "
+                    f"the index's are of dim {index.dim}"
+                )
+            vectors[i] = v
+        _check_request_chars(chars, "documents", cfg.max_request_chars)
+        if texts:
+            loop = asyncio.get_running_loop()
+            encoded = await loop.run_in_executor(
+                executor, encode_texts, [req.documents[i].text for i in texts]
+            )
+            for i, v in zip(texts, encoded, strict=True):
+                if v.shape[1] != index.dim:  # the server's model and index disagree
+                    raise _BadRequest(
+                        f"the model encodes {v.shape[1]}-dim vectors, the index holds {index.dim}", 500
+                    )
+                vectors[i] = v
+        return _Documents(ids, vectors, metadata, req.upsert)  # type: ignore[arg-type]
+
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "model": model is not None, "index": index is not None, "device": str(where)}
@@ -633,8 +883,7 @@ def create_app(
 
     @app.post("/v1/search", dependencies=[Depends(check_key)])
     async def search(req: SearchRequest) -> dict[str, Any]:
-        if index is None:
-            raise _BadRequest("no index loaded: start the server with --index DIR", 404)
+        need_index()
         need_model("encode the queries")
         if len(req.queries) > cfg.max_queries:
             raise _BadRequest(
@@ -644,7 +893,30 @@ def create_app(
             raise _BadRequest(f"k: {req.k} is over the limit of {cfg.max_k}")
         total = _check_texts(req.queries, "queries", cfg.max_text_chars)
         _check_request_chars(total, "queries", cfg.max_request_chars)
+        _check_where(req.where, req.params)
         return await submit("search", req)
+
+    @app.post("/v1/documents", dependencies=[Depends(check_key)])
+    async def add_documents(req: DocumentsRequest) -> dict[str, int]:
+        need_index()
+        with write_slot():
+            docs = await documents_of(req)
+            return await write(write_documents, docs)
+
+    @app.delete("/v1/documents", dependencies=[Depends(check_key)])
+    async def remove_documents(req: DeleteRequest) -> dict[str, int]:
+        need_index()
+        if (req.ids is None) == (req.where is None):
+            raise _BadRequest("ids: give either ids or a where filter (with its params), one of them")
+        if req.ids is not None:
+            if req.params is not None:
+                raise _BadRequest("params: given without a where filter")
+            if len(req.ids) > cfg.max_documents:
+                raise _BadRequest(f"ids: {len(req.ids)} ids, more than the limit of {cfg.max_documents}")
+            _check_ids(req.ids, "ids[{i}]", _id_kind(index), unique=False)
+        _check_where(req.where, req.params)
+        with write_slot():
+            return await write(delete_documents, req)
 
     @app.post("/v1/encode", dependencies=[Depends(check_key)])
     async def encode(req: EncodeRequest) -> dict[str, Any]:
