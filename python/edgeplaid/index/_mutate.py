@@ -446,6 +446,7 @@ def rebuild(index: Index, *, n_centroids: int | None, seed: int, progress: bool)
     """See :meth:`edgeplaid.Index.rebuild`."""
     from edgeplaid.ops import decompress_residuals
 
+    index.refresh()
     st = index._state
     if st.n_docs == 0:
         raise ValueError("rebuild: the index holds no live document")
@@ -453,6 +454,10 @@ def rebuild(index: Index, *, n_centroids: int | None, seed: int, progress: bool)
     metas = st.metadata.get(_live_positions(st).tolist()) if st.metadata is not None else None
 
     def batches() -> Iterator[tuple[np.ndarray, np.ndarray, list[Any]]]:
+        # Read inside the build's writer lock: a version switched in before the lock was taken is
+        # seen here, and none can be switched in after; never rebuild from a stale version.
+        if changed(index.path, st.manifest):
+            raise IndexLockedError(f"{index.path}: the index changed while rebuild started; run it again")
         done = 0
         for seg in st.segments:
             live = (
