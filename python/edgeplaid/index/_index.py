@@ -54,7 +54,7 @@ def _joined(name: str, doc: str) -> property:
     return property(lambda self: self._state.joined(name), doc=doc)
 
 
-def _codec_attr(name: str) -> property:
+def _state_attr(name: str) -> property:
     return property(lambda self: getattr(self._state, name))
 
 
@@ -76,18 +76,18 @@ class Index:
     documents, ``n_positions`` every stored one (deleted included, until :meth:`compact`).
     """
 
-    centroids = _codec_attr("centroids")
-    bucket_cutoffs = _codec_attr("bucket_cutoffs")
-    bucket_weights = _codec_attr("bucket_weights")
-    avg_residual = _codec_attr("avg_residual")
-    dim = _codec_attr("dim")
-    nbits = _codec_attr("nbits")
-    n_centroids = _codec_attr("n_centroids")
-    n_docs = _codec_attr("n_docs")
-    n_positions = _codec_attr("n_positions")
-    n_tokens = _codec_attr("n_tokens")
-    manifest = _codec_attr("manifest")
-    segments = _codec_attr("segments")
+    centroids = _state_attr("centroids")
+    bucket_cutoffs = _state_attr("bucket_cutoffs")
+    bucket_weights = _state_attr("bucket_weights")
+    avg_residual = _state_attr("avg_residual")
+    dim = _state_attr("dim")
+    nbits = _state_attr("nbits")
+    n_centroids = _state_attr("n_centroids")
+    n_docs = _state_attr("n_docs")
+    n_positions = _state_attr("n_positions")
+    n_tokens = _state_attr("n_tokens")
+    manifest = _state_attr("manifest")
+    segments = _state_attr("segments")
     codes = _joined("codes", "(n_tokens,) codes over all segments")
     residuals = _joined("residuals", "(n_tokens, dim * nbits / 8) uint8 over all segments")
     inv_norm = _joined("inv_norm", "(n_tokens,) float32 over all segments")

@@ -35,7 +35,7 @@ from edgeplaid.index import _codec
 from edgeplaid.index._build import build_ivf, check_batch, id_kind_of, write_ids
 from edgeplaid.index._checks import open_checked
 from edgeplaid.index._metadata import METADATA_FILE, check_metadata, write_metadata
-from edgeplaid.index._snapshot import Snapshot, open_snapshot
+from edgeplaid.index._snapshot import Snapshot, metadata_path, open_snapshot
 from edgeplaid.index._storage import IndexLockedError, IndexWriter, changed, expected_arrays, segments_of
 
 if TYPE_CHECKING:
@@ -120,11 +120,7 @@ def _finish(
 
 
 def _metadata_src(st: Snapshot) -> str | None:
-    """A path to the loaded version's metadata file (through its directory descriptor)."""
-    entry = st.manifest.get("metadata")
-    if entry is None:
-        return None
-    return f"/proc/self/fd/{st.manifest.dir.fd}/{entry['file']}"
+    return metadata_path(st.manifest)
 
 
 def _assigner(st: Snapshot) -> _codec.Assigner:

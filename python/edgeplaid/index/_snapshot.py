@@ -105,13 +105,17 @@ class Snapshot:
 
     # ------------------------------------------------------------------ ids
 
+    def _id_list(self) -> list[Any]:
+        """The id of every position as a Python list (positions when the index has no ids)."""
+        u = self.user_ids
+        if u is None:
+            return list(range(self.n_positions))
+        return u.tolist() if isinstance(u, np.ndarray) else u
+
     def position_map(self) -> dict[Any, int]:
         """user id -> global position of the live document holding it (built once per snapshot)."""
         if self._position is None:
-            if self.user_ids is None:
-                ul: list[Any] = list(range(self.n_positions))
-            else:
-                ul = self.user_ids.tolist() if isinstance(self.user_ids, np.ndarray) else self.user_ids
+            ul = self._id_list()
             if self.live is None:
                 self._position = {u: i for i, u in enumerate(ul)}
             else:
@@ -133,18 +137,14 @@ class Snapshot:
 
     def to_user_ids(self, positions: Any) -> list[list[Any]]:
         pos = positions.tolist() if hasattr(positions, "tolist") else positions
-        u = self.user_ids
-        if u is None:
+        if self.user_ids is None:
             return [[p if p >= 0 else None for p in row] for row in pos]
-        ul = u.tolist() if isinstance(u, np.ndarray) else u
+        ul = self._id_list()
         return [[ul[p] if p >= 0 else None for p in row] for row in pos]
 
     def live_ids(self) -> list[Any]:
         """The user ids of every live document, in position order."""
-        if self.user_ids is None:
-            ul: list[Any] = list(range(self.n_positions))
-        else:
-            ul = self.user_ids.tolist() if isinstance(self.user_ids, np.ndarray) else list(self.user_ids)
+        ul = list(self._id_list())
         if self.live is None:
             return ul
         return [u for u, keep in zip(ul, self.live.tolist(), strict=True) if keep]
@@ -196,6 +196,13 @@ class Snapshot:
         )
         out.searcher = _searcher(out)
         return out
+
+
+def metadata_path(m: Manifest) -> str | None:
+    """The metadata file of the version ``m`` was read from, through that version's directory
+    descriptor (a writer switching in a new directory cannot redirect it); None without one."""
+    entry = m.get("metadata")
+    return None if entry is None else f"/proc/self/fd/{m.dir.fd}/{entry['file']}"
 
 
 def _searcher(st: Snapshot) -> PlaidSearcher:
@@ -335,11 +342,9 @@ def open_snapshot(path: Path, m: Manifest, mmap: bool) -> Snapshot:
         if n_unique != len(live_ids):
             raise IndexFormatError(f"{path}: two live documents share an id: the index is corrupt")
     metadata = None
-    if m.get("metadata") is not None:
-        # Opened through the directory descriptor of this version: a writer switching in a new
-        # directory cannot make this snapshot read the other version's metadata.
-        fd_path = f"/proc/self/fd/{m.dir.fd}/{m['metadata']['file']}"
-        metadata = MetadataReader(fd_path if os.path.exists(fd_path) else path / m["metadata"]["file"])
+    src = metadata_path(m)
+    if src is not None:
+        metadata = MetadataReader(src if os.path.exists(src) else path / m["metadata"]["file"])
     st = Snapshot(
         path,
         m,

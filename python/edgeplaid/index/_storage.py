@@ -896,17 +896,8 @@ class IndexWriter:
         meta["nbytes"] = int(np.dtype(meta["dtype"]).itemsize * int(np.prod(meta["shape"])))
 
     def link_array(self, src: IndexDir, name: str, meta: dict[str, Any]) -> None:
-        """Takes array ``name`` unchanged from the index open at ``src``: a hard link to the same
-        file (never rewritten, so sharing it is safe), a copy where links are not possible."""
-        file = meta["file"]
-        try:
-            os.link(file, self.tmp / file, src_dir_fd=src.fd, follow_symlinks=False)
-        except OSError:
-            fd, _ = src.open_file(file, name)
-            with os.fdopen(fd, "rb") as fin, open(self.tmp / file, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 24)
-                fout.flush()
-                os.fsync(fout.fileno())
+        """Takes array ``name`` unchanged from the index open at ``src`` (see :meth:`link_file`)."""
+        self.link_file(src, meta["file"])
         self.arrays[name] = {k: meta[k] for k in _ENTRY_KEYS}
 
     def link_file(self, src: IndexDir, file: str) -> None:

@@ -359,32 +359,26 @@ class PlaidSearcher:
     ) -> torch.Tensor:
         """MaxSim of the survivors (nb, n) global positions, each part's from its own files:
         (nb, n) float32 aligned with ``cand`` (-inf for padding)."""
-        if len(self.parts) == 1:
+
+        def score(part: Part, ids: torch.Tensor) -> torch.Tensor:
             return fused_decompress_maxsim(
                 q,
-                self.docs,
-                candidates=b.Candidates(cand, self.n_docs),
+                part.docs,
+                candidates=b.Candidates(ids, part.n_docs),
                 centroids=self.codec,
                 backend=backend,
                 centroid_scores=cs,
                 precision=precision,
             )
+
+        if len(self.parts) == 1:
+            return score(self.parts[0], cand)
         out = torch.full(cand.shape, NEG_INF, dtype=torch.float32, device=cand.device)
         for part in self.parts:
             inside = (cand >= part.start) & (cand < part.start + part.n_docs)
-            if not bool(inside.any()):
-                continue
-            local = torch.where(inside, cand - part.start, torch.full_like(cand, -1))
-            s = fused_decompress_maxsim(
-                q,
-                part.docs,
-                candidates=b.Candidates(local, part.n_docs),
-                centroids=self.codec,
-                backend=backend,
-                centroid_scores=cs,
-                precision=precision,
-            )
-            out = torch.where(inside, s, out)
+            if bool(inside.any()):
+                local = torch.where(inside, cand - part.start, torch.full_like(cand, -1))
+                out = torch.where(inside, score(part, local), out)
         return out
 
     def search(
