@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from _plaid_data import corpus, queries
 from edgeplaid import Index
 from edgeplaid.index import _codec, _mutate
-from edgeplaid.ops import reference
+from edgeplaid.ops import bundles, reference
 
 DIM = 32
 # Tiny codecs (a few centroids from a few dozen documents) see new documents as drifting; the
@@ -158,6 +158,18 @@ def test_segments_search_like_one_segment(tmp_path, pool, q, monkeypatch):
         assert a.user_ids == b.user_ids, knobs
     deleted = set(range(0, 400, 7))
     assert not {x for row in index.search(q, k=50).user_ids for x in row} & deleted
+    # The device glue (torch) forms the rows the CPU glue forms: sorted live global positions.
+    from edgeplaid.search._plaid import _gather_torch
+
+    s = index._searcher
+    top = torch.randint(-1, index.n_centroids, (5, 6, 3), generator=torch.Generator().manual_seed(1))
+    valid = torch.ones(5, 6, dtype=torch.bool)
+    got = _gather_torch(top, valid, s.parts)
+    want = s._candidates(bundles.queries(q[:, :6].contiguous(), None), top, None, 0, None, False)
+    assert torch.equal(got[:, : want.shape[1]], want) and bool((got[:, want.shape[1] :] == -1).all())
+    a, b = (x.search(q[:2], k=10, backend="triton", n_candidates=40) for x in (index, one))
+    torch.testing.assert_close(a.scores, b.scores)
+    assert a.user_ids == b.user_ids
 
 
 def test_ids_are_stable_and_never_reused(tmp_path, pool):
@@ -180,6 +192,14 @@ def test_ids_are_stable_and_never_reused(tmp_path, pool):
     with pytest.raises(KeyError, match="99"):
         index.update([99], *_pack(pool[:1]))
     assert index.n_docs == 11  # the refused changes wrote nothing
+    # The largest ids deleted and compacted away (a merge drops them too): still never reused.
+    index.delete([10, 13])
+    index.compact()
+    assert index.manifest["next_id"] == 14
+    assert index.add(*_pack(pool[14:15])) == [14]
+    index.delete([14])
+    assert index.add(*_pack(pool[15:16])) == [15]  # the add merged 14's segment away
+    assert 14 not in index and Index.load(index.path).add(*_pack(pool[16:17])) == [16]
 
 
 def test_old_indexes_load_and_change(tmp_path, pool):
@@ -251,6 +271,31 @@ def test_readers_keep_one_version_while_a_writer_works(tmp_path, pool, q):
     assert checked[0] >= 6
 
 
+def test_racing_refreshes_never_go_back(tmp_path, pool, monkeypatch):
+    """A slow refresh (loading an older version) finishing after a change made through the same
+    object never leaves that object on the older version."""
+    path = tmp_path / "ix"
+    index = Index.build(path, *_pack(pool[:20]), n_centroids=4, progress=False)
+    Index.load(path).add(*_pack(pool[20:22]))  # v2, by another writer
+    real_load = Index.load.__func__
+    loaded = threading.Event()
+
+    def slow_load(cls, *a, **k):
+        out = real_load(cls, *a, **k)
+        if threading.current_thread().name == "slow-reader":
+            loaded.set()
+            time.sleep(0.5)  # holds v2 while the writer below switches v3 in
+        return out
+
+    monkeypatch.setattr(Index, "load", classmethod(slow_load))
+    reader = threading.Thread(target=index.refresh, name="slow-reader")
+    reader.start()
+    loaded.wait()
+    index.add(*_pack(pool[22:25]))  # v3 through the same object
+    reader.join()
+    assert index.n_docs == 25 and index.refresh() is False
+
+
 def test_second_writer_waits_then_errors(tmp_path, pool, monkeypatch):
     from edgeplaid.index import _mutate
     from edgeplaid.index._storage import _Lock
@@ -307,6 +352,83 @@ def test_metadata_filters(tmp_path, pool, q):
             index.search(q, k=3, where=hostile)
     assert index.select("src = ?", ["x' OR 1=1 --"]) == []
     index.verify()
+
+
+def _restamp_metadata(path) -> None:
+    """Records the metadata file's current size and checksum in the manifest (a consistent but
+    hand-made index, as a buggy or hostile writer would leave)."""
+    from edgeplaid.index._storage import file_checksum, manifest_checksum
+
+    m = json.loads((path / "manifest.json").read_text())
+    with open(path / "metadata.sqlite", "rb") as f:
+        m["metadata"]["checksum"] = file_checksum(f)
+    m["metadata"]["nbytes"] = (path / "metadata.sqlite").stat().st_size
+    m["manifest_checksum"] = manifest_checksum(m)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_metadata_file_is_checked_at_load(tmp_path, pool, monkeypatch):
+    """The metadata file is held to what the arrays are: a regular file of the recorded size
+    (even with verify=False), no symlink, a docs table whose positions are in range; and a load
+    never reads another version's metadata file."""
+    import shutil
+    import sqlite3
+
+    from edgeplaid.index import IndexFormatError
+    from edgeplaid.index._storage import IndexDir
+
+    path = tmp_path / "ix"
+    Index.build(
+        path, *_pack(pool[:20]), metadata=[{"a": i} for i in range(20)], n_centroids=4, progress=False
+    )
+    good = tmp_path / "good"
+    shutil.copytree(path, good)
+
+    def broken(edit) -> Index:
+        shutil.rmtree(path)
+        shutil.copytree(good, path)
+        con = sqlite3.connect(path / "metadata.sqlite")
+        edit(con)
+        con.commit()
+        con.close()
+        _restamp_metadata(path)
+        return Index.load(path, verify=False)
+
+    with pytest.raises(IndexFormatError, match=r"outside the index's \[0, 20\)"):
+        broken(lambda c: c.execute("INSERT INTO docs VALUES (20, '{}')"))
+    with pytest.raises(IndexFormatError, match="outside"):
+        broken(lambda c: c.execute("UPDATE docs SET pos = -1 WHERE pos = 0"))
+
+    def view(c) -> None:
+        c.execute("ALTER TABLE docs RENAME TO t")
+        c.execute("CREATE VIEW docs AS SELECT pos + 100 AS pos, meta FROM t")
+
+    with pytest.raises(IndexFormatError, match="no table docs"):
+        broken(view)
+    with pytest.raises(IndexFormatError, match="INTEGER PRIMARY KEY"):
+        broken(
+            lambda c: c.executescript(
+                "ALTER TABLE docs RENAME TO t; CREATE TABLE docs (pos INT, meta TEXT);"
+                "INSERT INTO docs SELECT * FROM t; INSERT INTO docs SELECT * FROM t; DROP TABLE t;"
+            )
+        )
+    broken(lambda c: None).verify()  # the helper itself leaves a loadable index
+    (path / "metadata.sqlite").rename(tmp_path / "elsewhere.sqlite")
+    (path / "metadata.sqlite").symlink_to(tmp_path / "elsewhere.sqlite")
+    with pytest.raises(IndexFormatError, match="symbolic link"):
+        Index.load(path, verify=False)
+    (path / "metadata.sqlite").unlink()
+    (tmp_path / "elsewhere.sqlite").rename(path / "metadata.sqlite")
+    with open(path / "metadata.sqlite", "ab") as f:
+        f.write(b"\0" * 4096)
+    with pytest.raises(IndexFormatError, match="bytes, the manifest says"):
+        Index.load(path, verify=False)
+    shutil.rmtree(path)
+    shutil.copytree(good, path)
+    # A version replaced while its metadata was being opened: refused, never read by path.
+    monkeypatch.setattr(IndexDir, "removed", lambda self: True)
+    with pytest.raises(IndexFormatError, match="replaced while its metadata"):
+        Index.load(path)
 
 
 def test_drift_is_reported(tmp_path, pool):
@@ -382,10 +504,17 @@ def test_upsert_is_one_version_and_foreign_files_survive(tmp_path, pool, q):
     assert index.metadata(["d3", "new"]) == [{"v": 2}, None]
     got = index.search_exhaustive(pool[40][None], k=1).user_ids
     assert got == [["d3"]]  # d3 now holds pool[40]
-    for change in (lambda: index.delete(["d1"]), index.compact, index.upgrade):
+    for change in (lambda: index.delete(["d1"]), index.compact, index.upgrade, index.rebuild):
         change()
         assert (path / "encoder.json").read_text() == '{"model": "m"}'
     index.verify()
+
+
+def test_rebuild_keeps_the_id_high_water_mark(tmp_path, pool):
+    index = Index.build(tmp_path / "ix", *_pack(pool[:20]), n_centroids=4, progress=False)
+    index.delete([18, 19])
+    index.rebuild(n_centroids=4)
+    assert index.ids() == list(range(18)) and index.add(*_pack(pool[20:21])) == [20]
 
 
 def test_odd_inputs_get_clear_errors(tmp_path, pool):

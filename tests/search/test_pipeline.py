@@ -66,7 +66,7 @@ def test_torch_glue_gathers_what_numpy_gathers(small):
     s = idx._searcher
     _q, m = queries(topics, n=5, length=6, seed=4)
     top = torch.randint(-1, idx.n_centroids, (5, 6, 3))
-    got = _gather_torch(top, m, s.ivf, s.n_docs)
+    got = _gather_torch(top, m, s.parts)
     marks = np.zeros(s.n_docs, dtype=bool)
     for i in range(5):
         want = _gather_numpy(top[i].numpy(), m[i].numpy(), s._ivf_offsets, s._ivf_docs, marks)

@@ -214,8 +214,14 @@ def build(
     overwrite: bool = False,
     progress: bool = True,
     compact_codes: bool = True,
+    carry_from: Any = None,
+    next_id: int | None = None,
 ) -> dict[str, float]:
-    """Builds an index at ``path`` (see :meth:`edgeplaid.Index.build`); returns stage timings (s)."""
+    """Builds an index at ``path`` (see :meth:`edgeplaid.Index.build`); returns stage timings (s).
+
+    For ``Index.rebuild``: ``carry_from``, the manifest of the version the build replaces, whose
+    files kept beside the index (``encoder.json``) are carried over; ``next_id``, its auto-id
+    high-water mark, kept so that ids dropped with deleted documents are never given again."""
     if nbits not in (1, 2, 4, 8):
         raise ValueError(f"nbits: expected 1, 2, 4 or 8, got {nbits!r}")
     timings: dict[str, float] = {}
@@ -367,6 +373,10 @@ def build(
         }
         if meta_entry is not None:
             manifest["metadata"] = meta_entry
+        if carry_from is not None:
+            w.carry_foreign(carry_from.dir, carry_from)
+        if next_id is not None and id_kind != "str":
+            manifest["next_id"] = int(next_id)
         w.commit(manifest)
     timings["total"] = time.perf_counter() - t0
     return timings

@@ -25,6 +25,7 @@ from edgeplaid.index._storage import (
     IndexFormatError,
     Manifest,
     _hasher,
+    check_metadata_file,
     checksum_of,
     iter_array,
     read_manifest,
@@ -46,6 +47,7 @@ def arrays_to_hash(manifest: dict[str, Any], mmap: bool, verify: bool | None) ->
     if verify is False:
         return set()
     total = sum(int(e["nbytes"]) for e in manifest["arrays"].values())
+    total += int((manifest.get("metadata") or {}).get("nbytes", 0))
     if verify is True or not mmap or total <= AUTO_VERIFY_BYTES:
         return names
     return {n for n in names if not n.endswith("residuals")}
@@ -101,6 +103,8 @@ def check_arrays(path: Path, manifest: dict[str, Any], hash_names: set[str]) -> 
         d = np.concatenate(dele)
         if int(d[0]) < 0 or int(d[-1]) >= m["n_docs"] or bool((d[1:] <= d[:-1]).any()):
             raise bad(f"deleted positions are not sorted, unique and below n_docs={m['n_docs']}")
+    # The metadata file with the arrays: hashed when every array is (small, or verify=True).
+    check_metadata_file(path, m, hash=bool(hash_names) and hash_names == set(m["arrays"]))
 
 
 def _check_segment(path: Path, m: dict[str, Any], seg: dict[str, Any], scan: Any, bad: Any) -> None:

@@ -4,6 +4,7 @@ compact (a living index), metadata filters, colbert-ai import."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,9 @@ class Index:
         self.path = path
         self.mmap = state.mmap
         self._state = state
+        # Serialises the swaps of _state (refresh, to): two refreshes racing could otherwise
+        # install the older of the versions they loaded last. Searches never take it.
+        self._swap = threading.RLock()
 
     @property
     def device(self) -> torch.device:
@@ -218,16 +222,19 @@ class Index:
         the CPU the files are mapped again (nothing copied back). Bundles are rebuilt from the
         arrays checked at load: nothing is re-validated."""
         dev = _device(device)
-        st = self._state
-        if dev == st.device:
+        with self._swap:
+            st = self._state
+            if dev == st.device:
+                return self
+            if dev.type == "cpu":
+                self._state = (
+                    st.host if st.host is not None else open_snapshot(self.path, st.manifest, self.mmap)
+                )
+                return self
+            if not torch.cuda.is_available():
+                raise ValueError(f"device: {dev} was asked for, but CUDA is not available here")
+            self._state = st.to(dev)
             return self
-        if dev.type == "cpu":
-            self._state = open_snapshot(self.path, st.manifest, self.mmap)
-            return self
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: {dev} was asked for, but CUDA is not available here")
-        self._state = st.to(dev)
-        return self
 
     def upgrade(self) -> bool:
         """Moves an index written by an older edgeplaid to the current format, adding what it
@@ -262,11 +269,12 @@ class Index:
         something else would fault its memory map (SIGBUS) at the next search: refresh detects it
         (inode, size, mtime) and reloads, raising IndexFormatError if the files are now
         inconsistent; do not search an index whose refresh raised."""
-        if not changed(self.path, self._state.manifest):
-            return False
-        fresh = type(self).load(self.path, mmap=self.mmap, device=self.device)
-        self._state = fresh._state
-        return True
+        with self._swap:  # each refresh loads a version no older than the one it replaces
+            if not changed(self.path, self._state.manifest):
+                return False
+            fresh = type(self).load(self.path, mmap=self.mmap, device=self.device)
+            self._state = fresh._state
+            return True
 
     # ------------------------------------------------------------------ ids and metadata
 
@@ -476,9 +484,9 @@ class Index:
                 for every query, or a list with one sequence (or None) per query.
             where: a metadata filter, e.g. ``"year >= ? AND source = ?"`` with ``params=[2020,
                 "pubmed"]`` (grammar: :func:`edgeplaid.index._metadata.compile_where`; values
-                bound, never spliced into SQL). An allowed set of at most ``n_candidates``
-                documents is scored whole (exact top-k among them); a larger one filters the
-                candidates.
+                bound, never spliced into SQL). An allowed set of at most ``min(n_candidates,
+                n_rerank)`` documents (160 at k <= 10) is scored whole (exact top-k among them);
+                a larger one filters the IVF candidates.
             params: the values of the ``?`` of ``where``, in order.
             **knobs: ``n_probe`` (IVF cells per query token), ``threshold`` (centroid-score
                 pruning, stage 2; None disables), ``n_candidates`` (kept after stage 2),

@@ -629,17 +629,30 @@ def _connect_ro(path: Path | str) -> sqlite3.Connection:
     )
 
 
-def _check_schema(conn: sqlite3.Connection, path: Path | str, schema: str = "main") -> None:
-    """Raises IndexFormatError unless the database is a metadata file of this FORMAT."""
+def _check_schema(
+    conn: sqlite3.Connection, path: Path | str, schema: str = "main", n_positions: int | None = None
+) -> None:
+    """Raises IndexFormatError unless the database is a metadata file of this FORMAT: ``docs`` a
+    table (not a view) whose ``pos`` is the INTEGER PRIMARY KEY (so positions are unique
+    integers), every position in [0, n_positions) when that is given (two rowid lookups)."""
     try:
         version = conn.execute(f"PRAGMA {schema}.user_version").fetchone()[0]
-        cols = [r[1] for r in conn.execute(f"PRAGMA {schema}.table_info(docs)").fetchall()]
+        kind = conn.execute(f"SELECT type FROM {schema}.sqlite_master WHERE name = 'docs'").fetchone()
+        cols = [(r[1], str(r[2]).upper(), r[5]) for r in conn.execute(f"PRAGMA {schema}.table_info(docs)")]
+        lo, hi = conn.execute(f"SELECT min(pos), max(pos) FROM {schema}.docs").fetchone()
     except sqlite3.DatabaseError as e:
         raise IndexFormatError(f"{path}: not a metadata file: {e}") from e
     if version != FORMAT:
         raise IndexFormatError(f"{path}: metadata format version {version}, this edgeplaid reads {FORMAT}")
-    if cols != ["pos", "meta"]:
-        raise IndexFormatError(f"{path}: not a metadata file (table docs has columns {cols})")
+    if kind is None or kind[0] != "table" or [c[0] for c in cols] != ["pos", "meta"]:
+        raise IndexFormatError(f"{path}: not a metadata file (no table docs (pos, meta))")
+    if cols[0][1:] != ("INTEGER", 1):
+        raise IndexFormatError(f"{path}: not a metadata file (docs.pos is not its INTEGER PRIMARY KEY)")
+    if n_positions is not None and lo is not None and (lo < 0 or hi >= n_positions):
+        raise IndexFormatError(
+            f"{path}: metadata rows at positions [{lo}, {hi}] outside the index's [0, {n_positions}): "
+            "the index is corrupt"
+        )
 
 
 def _int_array(a: Any, name: str) -> np.ndarray | None:
@@ -759,15 +772,16 @@ class MetadataReader:
     reached through ``/proc/self/fd/<dir fd>/...`` and read by any number of processes. The
     connection is shared by the threads of a process, one query at a time (a lock)."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, n_positions: int | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{path}: no metadata file")
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = _connect_ro(path)
         try:
-            # Reads the header now, so the file is open while ``path`` still names it.
-            _check_schema(self._conn, path)
+            # Reads the header now, so the file is open while ``path`` still names it; with
+            # ``n_positions`` every row's position is checked to be below it (select() trusts it).
+            _check_schema(self._conn, path, n_positions=n_positions)
         except BaseException:
             self._conn.close()
             raise

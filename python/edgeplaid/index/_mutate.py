@@ -48,6 +48,7 @@ LOCK_WAIT_S = float(os.environ.get("EDGEPLAID_LOCK_WAIT_S", 30.0))
 DRIFT_WARN = 1.5
 _BLOCK_TOKENS = 1 << 16
 MERGE_FACTOR = 4
+_INT64_END = 1 << 63
 _assigners: dict[tuple[str, str], _codec.Assigner] = {}
 
 
@@ -64,7 +65,8 @@ def _writing(index: Index) -> Iterator[tuple[IndexWriter, Snapshot]]:
         ) from None
     with w:
         st = index._state
-        if st.device.type != "cpu" or changed(index.path, st.manifest):
+        st = st if st.host is None else st.host  # a GPU index: the CPU views it was copied from
+        if changed(index.path, st.manifest):
             # The newest version (another writer's change, or CPU views of a GPU index).
             st = open_checked(
                 index.path, index.mmap, False, lambda m: open_snapshot(index.path, m, index.mmap)
@@ -83,10 +85,11 @@ def _finish(
     id_kind: str,
     n_deleted: int,
     metadata: dict[str, Any] | str | None,
-    codec_from: Snapshot | None = None,
+    next_id: int = 0,
 ) -> None:
     """Links every array the new version needs and the writer did not write from the old
-    version, then commits. ``metadata``: the new file's entry, None (no metadata) or "keep"."""
+    version, then commits. ``metadata``: the new file's entry, None (no metadata) or "keep";
+    ``next_id``: one past the largest id the change added (the high-water mark only grows)."""
     m = st.manifest
     body: dict[str, Any] = {
         "format_version": 4,  # for expected_arrays; commit() stamps the current version
@@ -101,6 +104,8 @@ def _finish(
     }
     if "build" in m:
         body["build"] = m["build"]
+    if id_kind != "str":
+        body["next_id"] = min(max(_next_id(st), next_id), _INT64_END - 1)
     for name in expected_arrays(body):
         if name not in w.arrays:
             if name not in m["arrays"]:
@@ -147,6 +152,19 @@ def _next_prefix(st: Snapshot) -> str:
     return f"s{max(used, default=0) + 1}."
 
 
+def _next_id(st: Snapshot) -> int:
+    """The first auto id of the next add: one past the largest int id this index ever held. The
+    manifest keeps it (``next_id``) because a compaction or a merge drops deleted documents and
+    their ids: an id is never given to a second document, even after its first one is gone."""
+    high = int(st.manifest.get("next_id", 0))
+    u = st.user_ids
+    if u is None:
+        return max(high, st.n_positions)
+    if isinstance(u, np.ndarray) and u.shape[0]:
+        return max(high, int(u.max()) + 1)
+    return high
+
+
 def _ids_for_new(
     st: Snapshot, ids: Sequence[Any] | None, n: int, replacing: np.ndarray
 ) -> tuple[list[Any], str]:
@@ -155,10 +173,9 @@ def _ids_for_new(
     if ids is None:
         if kind == "str":
             raise ValueError("ids: this index has str ids; give the new documents' ids")
-        if st.user_ids is None:
-            base = st.n_positions
-        else:
-            base = int(np.max(st.user_ids)) + 1 if len(st.user_ids) else 0
+        base = _next_id(st)
+        if base + n > _INT64_END:
+            raise ValueError("ids: the automatic ids would pass the int64 range; give the documents' ids")
         return list(range(base, base + n)), "int" if kind == "none" else kind
     new = [
         i.item() if isinstance(i, np.generic) else i
@@ -326,7 +343,7 @@ def add(
         start = st.n_positions if not absorb else absorb[0].start
         deleted = deleted[deleted < start]  # tombstones of absorbed segments are gone with them
         if deleted.shape[0]:
-            w.write_array("deleted", deleted)
+            w.write_array("deleted", _tombstones(deleted, start))
         segments = [*[dict(e) for e in segments_of(st.manifest)][: len(keep_segs)], entry]
         meta: dict[str, Any] | str | None = "keep"
         src = _metadata_src(st)
@@ -341,7 +358,8 @@ def add(
             rows = [(first_new + i, m) for i, m in enumerate(metas) if m is not None]
             write_metadata(w.path(METADATA_FILE), src, add=rows, renumber=renumber)
             meta = w.file_entry(METADATA_FILE)
-        _finish(w, st, segments, kind, int(deleted.shape[0]), meta)
+        top = max(new_ids) + 1 if new_ids and kind == "int" else 0
+        _finish(w, st, segments, kind, int(deleted.shape[0]), meta, next_id=top)
     if n_tok and err is not None and err > DRIFT_WARN * index.avg_residual:
         warnings.warn(
             f"edgeplaid: the {n} added documents drift from the index's codec (mean |residual| "
@@ -367,9 +385,18 @@ def delete(index: Index, ids: Sequence[Any] | None, where: str | None, params: S
         if not count:
             raise _Nothing
         deleted = np.union1d(st.deleted, pos)
-        w.write_array("deleted", deleted)
+        w.write_array("deleted", _tombstones(deleted, st.n_positions))
         _finish(w, st, [dict(e) for e in segments_of(st.manifest)], st.id_kind, int(deleted.shape[0]), "keep")
     return count
+
+
+def _tombstones(deleted: np.ndarray, n_positions: int) -> np.ndarray:
+    """``deleted`` as written: (n,) int64, sorted, unique, in [0, n_positions). Checked before the
+    version is committed (a load would refuse anything else: never commit what cannot load)."""
+    d = np.asarray(deleted, dtype=np.int64)
+    if d.shape[0] and (d[0] < 0 or d[-1] >= n_positions or bool((d[1:] <= d[:-1]).any())):
+        raise RuntimeError(f"edgeplaid bug: tombstones not sorted, unique and in [0, {n_positions})")
+    return d
 
 
 class _Nothing(Exception):
@@ -492,6 +519,8 @@ def rebuild(index: Index, *, n_centroids: int | None, seed: int, progress: bool)
         seed=seed,
         overwrite=True,
         progress=progress,
+        carry_from=st.manifest,
+        next_id=_next_id(st),
     )
     index.refresh()
     return index

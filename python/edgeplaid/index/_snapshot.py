@@ -10,6 +10,7 @@ writer never modifies those files, so a snapshot stays valid while newer version
 from __future__ import annotations
 
 import os
+import sqlite3
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,8 @@ class Snapshot:
     user_ids: np.ndarray | list[str] | None  # per position, deleted ones included
     metadata: MetadataReader | None
     searcher: PlaidSearcher
+    # A device copy's CPU snapshot (moving back to the CPU reopens nothing; None on the CPU).
+    host: Snapshot | None = field(default=None, repr=False)
     _position: dict[Any, int] | None = field(default=None, repr=False)
     _joined: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -195,6 +198,7 @@ class Snapshot:
             self.searcher,
         )
         out.searcher = _searcher(out)
+        out.host = self if self.host is None else self.host
         return out
 
 
@@ -203,6 +207,30 @@ def metadata_path(m: Manifest) -> str | None:
     descriptor (a writer switching in a new directory cannot redirect it); None without one."""
     entry = m.get("metadata")
     return None if entry is None else f"/proc/self/fd/{m.dir.fd}/{entry['file']}"
+
+
+def _open_metadata(path: Path, m: Manifest, n_positions: int) -> MetadataReader | None:
+    """The metadata reader of the version ``m`` was read from (None without metadata).
+
+    SQLite opens a file by path (it even resolves /proc/self/fd links to the path they name), so
+    this version's file is reached through its directory's descriptor and, once open, the
+    directory is checked to be still the one at the index's path: then SQLite cannot have opened
+    a newer version's file. When it was replaced meanwhile, IndexFormatError (a load starts again
+    on the new version); never a fall back to ``path``, which may name another version's file."""
+    entry = m.get("metadata")
+    if entry is None:
+        return None
+    src = metadata_path(m)
+    if not os.path.isdir("/proc/self/fd"):  # no procfs: by path, the check below still holds
+        src = str(path / entry["file"])
+    try:
+        reader = MetadataReader(src, n_positions)
+    except (FileNotFoundError, sqlite3.Error) as e:
+        raise IndexFormatError(f"{path}: cannot open the metadata of this version ({e})") from e
+    if m.dir.removed():
+        reader.close()
+        raise IndexFormatError(f"{path}: the index was replaced while its metadata was opened")
+    return reader
 
 
 def _searcher(st: Snapshot) -> PlaidSearcher:
@@ -341,10 +369,7 @@ def open_snapshot(path: Path, m: Manifest, mmap: bool) -> Snapshot:
         n_unique = np.unique(live_ids).shape[0] if isinstance(live_ids, np.ndarray) else len(set(live_ids))
         if n_unique != len(live_ids):
             raise IndexFormatError(f"{path}: two live documents share an id: the index is corrupt")
-    metadata = None
-    src = metadata_path(m)
-    if src is not None:
-        metadata = MetadataReader(src if os.path.exists(src) else path / m["metadata"]["file"])
+    metadata = _open_metadata(path, m, n_positions)
     st = Snapshot(
         path,
         m,

@@ -280,6 +280,7 @@ _TOP_KEYS = {
     "segments",
     "n_deleted",
     "metadata",
+    "next_id",
 }
 _SEGMENT_KEYS = {"prefix", "n_docs", "n_tokens", "residual_error"}
 # Segment j >= 1 stores its arrays as "s<j>.codes" etc.; the first segment of a build keeps the
@@ -344,8 +345,10 @@ def _validate_segments(m: dict[str, Any], where: str) -> None:
     manifest's n_docs / n_tokens; tombstones fewer than the documents."""
     segs = m.get("segments")
     if m["format_version"] < 4:
-        if segs is not None or "n_deleted" in m or "metadata" in m:
-            raise IndexFormatError(f"{where}: segments, n_deleted and metadata need format_version 4")
+        if segs is not None or "n_deleted" in m or "metadata" in m or "next_id" in m:
+            raise IndexFormatError(
+                f"{where}: segments, n_deleted, metadata and next_id need format_version 4"
+            )
         return
     if not isinstance(segs, list) or not segs or len(segs) > 10_000:
         raise IndexFormatError(f"{where}: segments must be a non-empty list")
@@ -370,6 +373,8 @@ def _validate_segments(m: dict[str, Any], where: str) -> None:
         )
     if "n_deleted" in m:
         _int(m, "n_deleted", 0, m["n_docs"], where)
+    if "next_id" in m:  # the smallest auto id never given (int ids; see _mutate._next_id)
+        _int(m, "next_id", 0, (1 << 63) - 1, where)
     meta = m.get("metadata")
     if meta is not None:
         if not isinstance(meta, dict) or set(meta) != _FILE_KEYS or meta["file"] != METADATA_FILE:
@@ -570,15 +575,25 @@ def verify_checksums(path: Path, manifest: dict[str, Any], names: Any = None) ->
                 f"{path}: checksum mismatch in {manifest['arrays'][name]['file']} ({name}): "
                 "the index is corrupt"
             )
-    if names is None and manifest.get("metadata") is not None:
-        meta = manifest["metadata"]
-        fd, st = _index_dir(path, manifest).open_file(meta["file"], "metadata")
-        with os.fdopen(fd, "rb") as f:
-            if (
-                st.st_size != meta["nbytes"]
-                or file_checksum(f, meta["checksum"].partition(":")[0]) != meta["checksum"]
-            ):
-                raise IndexFormatError(f"{path}: checksum mismatch in {meta['file']}: the index is corrupt")
+    if names is None:
+        check_metadata_file(path, manifest, hash=True)
+
+
+def check_metadata_file(path: Path, manifest: dict[str, Any], hash: bool) -> None:
+    """The manifest's metadata file (if any) is a regular file of the directory (no symlink) of
+    the recorded size, and with ``hash`` of the recorded checksum; IndexFormatError otherwise."""
+    meta = manifest.get("metadata")
+    if meta is None:
+        return
+    fd, st = _index_dir(path, manifest).open_file(meta["file"], "metadata")
+    with os.fdopen(fd, "rb") as f:
+        if st.st_size != meta["nbytes"]:
+            raise IndexFormatError(
+                f"{path}: {meta['file']} has {st.st_size} bytes, the manifest says {meta['nbytes']}: "
+                "the index is corrupt"
+            )
+        if hash and file_checksum(f, meta["checksum"].partition(":")[0]) != meta["checksum"]:
+            raise IndexFormatError(f"{path}: checksum mismatch in {meta['file']}: the index is corrupt")
 
 
 def file_checksum(f: Any, algo: str = CHECKSUM_ALGO) -> str:

@@ -147,35 +147,47 @@ def _pad_numpy(rows: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def _gather_torch(top: torch.Tensor, valid: torch.Tensor, ivf: Ivf, n_docs: int) -> torch.Tensor:
+def _gather_torch(top: torch.Tensor, valid: torch.Tensor, parts: list[Part]) -> torch.Tensor:
     """Every query's candidate documents at once, on the queries' device: (nb, width) int64,
-    each row the sorted unique documents of its probed cells, padded with -1.
+    each row the sorted unique live global positions in its probed cells of every part, padded
+    with -1 (the rows a one-segment index holding the same live documents gives, in the same
+    order: ties break alike).
 
-    top (nb, lq, n_probe) int64, valid (nb, lq) bool. Two host synchronisations: the number of
-    IVF entries to gather and the widest row (sizes of the outputs)."""
+    top (nb, lq, n_probe) int64, valid (nb, lq) bool. Deleted documents are dropped before the
+    rows are formed (no -1 holes, no width spent on them). Two host synchronisations per part
+    and two in all: the number of IVF entries to gather and the widest row (output sizes)."""
     nb = top.shape[0]
     device = top.device
+    n_total = sum(p.n_docs for p in parts)
     cells = top.masked_fill(~valid[..., None], -1).reshape(nb, -1).sort(dim=1).values
     keep = cells >= 0
     keep[:, 1:] &= cells[:, 1:] != cells[:, :-1]  # unique cells per query
     owner_q = torch.arange(nb, device=device)[:, None].expand_as(cells)[keep]
     cells = cells[keep]
-    starts = ivf.offsets[cells]
-    lens = ivf.offsets[cells + 1] - starts
-    ends = torch.cumsum(lens, 0)
-    total = int(ends[-1]) if ends.numel() else 0
-    if total == 0:
+    keys = []
+    for part in parts:
+        starts = part.ivf.offsets[cells]
+        lens = part.ivf.offsets[cells + 1] - starts
+        ends = torch.cumsum(lens, 0)
+        total = int(ends[-1]) if ends.numel() else 0
+        if total == 0:
+            continue
+        entry = torch.repeat_interleave(torch.arange(cells.shape[0], device=device), lens, output_size=total)
+        doc = part.ivf.docs[torch.arange(total, device=device) - (ends - lens)[entry] + starts[entry]].long()
+        q = owner_q[entry]
+        if part.live_t is not None:
+            alive = part.live_t[doc]
+            doc, q = doc[alive], q[alive]
+        keys.append(q * n_total + (doc + part.start))
+    if not keys:
         return torch.full((nb, 1), -1, dtype=torch.int64, device=device)
-    entry = torch.repeat_interleave(torch.arange(cells.shape[0], device=device), lens, output_size=total)
-    pos = torch.arange(total, device=device) - (ends - lens)[entry] + starts[entry]
-    key = owner_q[entry] * n_docs + ivf.docs[pos].long()
-    key = torch.unique(key)  # sorted: by query, then document
-    q_of = key // n_docs
+    key = torch.unique(torch.cat(keys))  # sorted: by query, then global position
+    q_of = key // n_total
     counts = torch.bincount(q_of, minlength=nb)
-    width = max(int(counts.max()), 1)
+    width = max(int(counts.max()), 1) if key.numel() else 1
     col = torch.arange(key.shape[0], device=device) - (torch.cumsum(counts, 0) - counts)[q_of]
     out = torch.full((nb, width), -1, dtype=torch.int64, device=device)
-    out[q_of, col] = key - q_of * n_docs
+    out[q_of, col] = key - q_of * n_total
     return out
 
 
@@ -314,13 +326,7 @@ class PlaidSearcher:
         nb, lq, _ = q.shape
         valid = torch.ones(nb, lq, dtype=torch.bool, device=top.device) if q.mask is None else q.mask
         if torch_glue:
-            per = []
-            for part in self.parts:
-                c = _gather_torch(top, valid, part.ivf, part.n_docs)
-                if part.live_t is not None:
-                    c = c.masked_fill((c >= 0) & ~part.live_t[c.clamp_min(0)], -1)
-                per.append(c if part.start == 0 else torch.where(c >= 0, c + part.start, c))
-            cand = per[0] if len(per) == 1 else torch.cat(per, dim=1)
+            cand = _gather_torch(top, valid, self.parts)
             if subset is None:
                 return cand
             rows = []
@@ -400,9 +406,12 @@ class PlaidSearcher:
         if params.precision is None:
             on_cpu = device.type == "cpu" and backend != "triton"
             params = replace(params, precision=DEFAULT_PRECISION if on_cpu else "exact")
-        whole = (
-            None if subset is None else [s is not None and s.shape[0] <= params.n_candidates for s in subset]
-        )
+        # An allowed set no larger than what stages 2-3 keep (min(n_candidates, n_rerank)) is
+        # taken whole: every document survives both selections (a pruned one stays, last) and
+        # stage 4 scores it, so its top k is exact. A larger one could be cut by stage 3's
+        # centroid-only scores: it filters the IVF candidates instead.
+        cap = min(params.n_candidates, params.n_rerank)
+        whole = None if subset is None else [s is not None and s.shape[0] <= cap for s in subset]
         out_s = torch.full((nq, k), NEG_INF, dtype=torch.float32, device=device)
         out_i = torch.full((nq, k), -1, dtype=torch.int64, device=device)
         n_probe = min(params.n_probe, n_cent)
