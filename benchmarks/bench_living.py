@@ -17,8 +17,10 @@ Measured, each against a baseline from the same run:
 
 With ``--scale 50000 500000`` the same changes at scale, on the synthetic indexes of
 bench_search_scale.py (``/tmp/edgeplaid_scale/idx_50k`` ...; hard-linked copies, safe because no
-file of an index is ever modified in place): delete 10% in one call, add 1% (tokens/s), and
-search p50 before and after (200 queries), to show how each cost grows with the index.
+file of an index is ever modified in place): delete 10% in one call, add 1% (tokens/s), delete
+one id, search p50 before and after (200 queries), metadata set on every document, and a 1%
+filter's first search (which scans the metadata) and p50 after it, to show how each cost grows
+with the index.
 
 Rows append to benchmarks/results/living.csv.
 """
@@ -222,15 +224,40 @@ def run_scale(sizes: list[int], index_dir: Path) -> list[dict]:
             delete_s = time.perf_counter() - t
             tok, dl = next(_synthetic.synthetic_corpus(n // 100, dim=48, seed=0, batch_docs=n // 100))
             t = time.perf_counter()
-            idx.add(tok, dl)
+            new_ids = idx.add(tok, dl)
             add_s = time.perf_counter() - t
+            t = time.perf_counter()
+            idx.delete(new_ids[:1])
+            delete1_s = time.perf_counter() - t
             p = _interleaved({"before": unchanged, "after": idx}, q, m)
             before, after = p["before"], p["after"]
+            # metadata on every live document, then a 1% filter: its first use scans every row,
+            # later ones reuse the result (the metadata file of a version never changes)
+            live = idx.ids()
+            t = time.perf_counter()
+            idx.set_metadata(live, [{"bucket": i % 100} for i in range(len(live))])
+            meta_s = time.perf_counter() - t
+            where = {"where": "bucket = ?", "params": [7]}
+            t = time.perf_counter()
+            idx.search(q[:1], K, m[:1], **where)
+            cold_ms = (time.perf_counter() - t) * 1e3
+            allowed = set(idx.select(**where))
+            lat: dict[str, list[float]] = {"plain": [], "filtered": []}
+            for i in range(q.shape[0]):
+                for name, kw in (("plain", {}), ("filtered", where))[:: 1 if i % 2 else -1]:
+                    t = time.perf_counter()
+                    r = idx.search(q[i : i + 1], K, m[i : i + 1], **kw)
+                    lat[name].append(time.perf_counter() - t)
+                    if kw:
+                        assert set(r.user_ids[0]) - {None} <= allowed
+            plain, filt = (float(np.median(lat[k])) * 1e3 for k in ("plain", "filtered"))
             print(
-                f"{n:,} docs ({idx.n_tokens:,} tokens): delete 10% in {delete_s:.2f} s; add 1% "
-                f"({tok.shape[0]:,} tokens) at {tok.shape[0] / add_s:,.0f} tokens/s; "
-                f"p50 {before:.2f} -> {after:.2f} ms "
-                f"(x{after / before:.2f}), {len(idx.segments)} segments"
+                f"{n:,} docs ({idx.n_tokens:,} tokens): delete 10% in {delete_s:.2f} s, 1 id in "
+                f"{delete1_s * 1e3:.0f} ms; add 1% ({tok.shape[0]:,} tokens) at "
+                f"{tok.shape[0] / add_s:,.0f} tokens/s; p50 {before:.2f} -> {after:.2f} ms "
+                f"(x{after / before:.2f}), {len(idx.segments)} segments; metadata on all in "
+                f"{meta_s:.2f} s; 1% filter: first search {cold_ms:.1f} ms, then p50 {filt:.2f} ms "
+                f"(unfiltered {plain:.2f})"
             )
             rows += [
                 dict(case=f"{n} docs: delete 10% in one call", value=delete_s * 1e3, unit="ms", baseline=""),
@@ -245,6 +272,20 @@ def run_scale(sizes: list[int], index_dir: Path) -> list[dict]:
                     value=after,
                     unit="ms",
                     baseline=f"before {before:.3f} ms",
+                ),
+                dict(case=f"{n} docs: delete 1 id", value=delete1_s * 1e3, unit="ms", baseline=""),
+                dict(case=f"{n} docs: set_metadata on every document", value=meta_s, unit="s", baseline=""),
+                dict(
+                    case=f"{n} docs: filter 1%, first search (scans the metadata)",
+                    value=cold_ms,
+                    unit="ms",
+                    baseline=f"unfiltered p50 {plain:.3f} ms",
+                ),
+                dict(
+                    case=f"{n} docs: filter 1%, p50 of the next searches",
+                    value=filt,
+                    unit="ms",
+                    baseline=f"unfiltered p50 {plain:.3f} ms",
                 ),
             ]
         finally:

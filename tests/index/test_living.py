@@ -119,6 +119,8 @@ def test_75_rounds_of_add_delete_update(tmp_path, pool, q, merge_factor, monkeyp
             live.update(zip(which, docs, strict=True))
         if rnd % 5 == 4 or rnd == 74:
             _check(index, live, q)
+            # the writer's own snapshot (opened without the load scan, ids reused) is the load's
+            assert index.user_ids == Index.load(index.path).user_ids
         else:
             assert sorted(index.ids()) == sorted(live)
     assert len(index.segments) > 20 if merge_factor == 0 else len(index.segments) <= 6
@@ -507,6 +509,60 @@ def test_upsert_is_one_version_and_foreign_files_survive(tmp_path, pool, q):
     for change in (lambda: index.delete(["d1"]), index.compact, index.upgrade, index.rebuild):
         change()
         assert (path / "encoder.json").read_text() == '{"model": "m"}'
+    index.verify()
+
+
+@pytest.mark.parametrize("kind", ["none", "int", "str"])
+def test_id_lookup(tmp_path, pool, kind):
+    """positions / `in` / to_user_ids for each id kind, deleted documents absent, odd keys absent
+    (never an error but KeyError from positions); numpy and Python ints alike."""
+    ids = {"none": None, "int": [100 + 3 * i for i in range(12)], "str": [f"d{i}" for i in range(12)]}[kind]
+    index = Index.build(tmp_path / "ix", *_pack(pool[:12]), ids=ids, n_centroids=4, progress=False)
+    every = list(range(12)) if ids is None else ids
+    if kind != "none":
+        index.delete([every[4]])
+    st = index._state
+    odd = [True, 1.0, None, "x", -1, 1 << 70, b"d1", (1,)]
+    got = st.lookup([every[0], every[4], every[11], *odd])
+    assert got.tolist()[:3] == [0, -1 if kind != "none" else 4, 11] and (got[3:] == -1).all()
+    if kind == "int":
+        assert st.lookup(np.array(every, dtype=np.int32)).tolist() == [i if i != 4 else -1 for i in range(12)]
+        assert st.lookup(np.array(every, dtype=np.uint64)).tolist()[:2] == [0, 1]
+        assert np.int64(every[3]) in index
+    assert (every[4] in index) is (kind == "none") and every[5] in index and [1] not in index
+    with pytest.raises(KeyError, match="x"):
+        index.positions([every[0], "x"])
+    assert index.to_user_ids(torch.tensor([[11, -1, 0]])) == [[every[11], None, every[0]]]
+    assert index.to_user_ids([[5]]) == [[every[5]]] and index.to_user_ids(np.zeros((1, 0), int)) == [[]]
+
+
+def test_set_metadata(tmp_path, pool):
+    """Metadata replaced or removed by id in one version, vectors untouched (arrays linked)."""
+    index = Index.build(
+        tmp_path / "ix",
+        *_pack(pool[:12]),
+        ids=[f"d{i}" for i in range(12)],
+        n_centroids=4,
+        metadata=[{"v": i} for i in range(12)],
+        progress=False,
+    )
+    index.delete(["d0"])
+    codes = index.segments[0].codes.clone()
+    assert index.set_metadata(["d3", "d4"], [{"v": 30, "tag": "x"}, None]) == 2
+    assert index.metadata(["d3", "d4", "d5"]) == [{"v": 30, "tag": "x"}, None, {"v": 5}]
+    assert index.select("tag = 'x'") == ["d3"] and index.select("v >= 0") == [
+        f"d{i}" for i in range(1, 12) if i != 4
+    ]
+    assert torch.equal(index.segments[0].codes, codes) and index.n_docs == 11
+    with pytest.raises(KeyError, match="d0"):
+        index.set_metadata(["d1", "d0"], [{}, {}])  # deleted: nothing changes
+    with pytest.raises(ValueError, match="duplicate"):
+        index.set_metadata(["d1", "d1"], [{}, {}])
+    with pytest.raises(ValueError, match="metadata"):
+        index.set_metadata(["d1"], [{}, {}])
+    assert index.metadata(["d1"]) == [{"v": 1}]
+    index.compact()
+    assert index.metadata(["d3", "d4"]) == [{"v": 30, "tag": "x"}, None]
     index.verify()
 
 

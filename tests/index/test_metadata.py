@@ -133,6 +133,28 @@ def test_get_and_count(small: MetadataReader) -> None:
         small.get([1.5])
 
 
+def test_select_cache(small: MetadataReader, monkeypatch) -> None:
+    """A repeated filter is answered from the reader's cache (the file never changes): the same
+    read-only result; distinct params and value types are distinct filters; the cache is bounded."""
+    from edgeplaid.index import _metadata
+
+    monkeypatch.setattr(_metadata, "CACHE_FILTERS", 2)
+    a = small.select("year >= ?", [2000])
+    assert small.select("year >= ?", [2000]) is a and not a.flags.writeable
+    with pytest.raises(ValueError):
+        a[0] = 1
+    assert small.select("year >= ?", [2010]).tolist() == [3, 6, 7]  # other params: another filter
+    assert small.select("flag = ?", [True]).tolist() == small.select("flag = ?", [1]).tolist() != []
+    assert len(small._cache) == 2 and small._cached == sum(x.shape[0] for x in small._cache.values())
+    assert (
+        small.select("year >= ?", [2000]) is not a
+        and small.select("year >= ?", [2000]).tolist() == a.tolist()
+    )
+    monkeypatch.setattr(_metadata, "CACHE_POSITIONS", 1)
+    big = small.select("year IS NOT NULL")
+    assert big.shape[0] > 1 and small.select("year IS NOT NULL") is not big  # too large to keep
+
+
 def test_closed_reader(tmp_path: Path) -> None:
     r = MetadataReader(_write(tmp_path / "m.sqlite", SMALL))
     r.close()

@@ -406,7 +406,14 @@ def build_ivf(codes: np.ndarray, doclens: np.ndarray, n_centroids: int) -> tuple
 
 
 def id_kind_of(ids: list[Any]) -> str:
-    """ "int" or "str" for a list of ids all of one kind, unique; ValueError otherwise."""
+    """ "int" or "str" for a list (or 1-d int array) of ids all of one kind, unique; ValueError
+    otherwise."""
+    if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu" and ids.ndim == 1:
+        if ids.dtype == np.uint64 and ids.shape[0] and int(ids.max()) >= 1 << 63:
+            raise ValueError(f"ids: {int(ids.max())} does not fit in int64")
+        if np.unique(ids).shape[0] != ids.shape[0]:
+            raise ValueError("ids: duplicate document ids")
+        return "int"
     if all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
         big = next((i for i in ids if not -(1 << 63) <= int(i) < 1 << 63), None)
         if big is not None:
@@ -431,7 +438,7 @@ def write_ids(
         return "none"
     if len(ids) != n_docs:
         raise ValueError(f"ids: {len(ids)} ids for {n_docs} documents")
-    got = id_kind_of(ids) if ids or kind is None else kind
+    got = id_kind_of(ids) if len(ids) or kind is None else kind
     if kind is not None and got != kind:
         raise ValueError(f"ids: this index's ids are {kind}, got {got} ids")
     if got == "int":

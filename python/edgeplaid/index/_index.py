@@ -258,6 +258,12 @@ class Index:
         version (IndexFormatError on a mismatch)."""
         verify_checksums(self.path, self._state.manifest)
 
+    def _install(self, st: Snapshot) -> None:
+        """Switches to ``st`` (a CPU snapshot of a version this object's writer just committed),
+        on this index's device."""
+        with self._swap:
+            self._state = st if self.device.type == "cpu" else st.to(self.device)
+
     def refresh(self) -> bool:
         """Switches to the newest version of the index at its path if it changed since this one
         was loaded (another process or Index object added, deleted, compacted, overwrote or
@@ -299,10 +305,7 @@ class Index:
         return self._state.positions(user_ids)
 
     def __contains__(self, user_id: Any) -> bool:
-        try:
-            return user_id in self._state.position_map()
-        except TypeError:  # unhashable: no id is
-            return False
+        return bool(self._state.lookup([user_id])[0] >= 0)
 
     def metadata(self, ids: Sequence[Any]) -> list[dict[str, Any] | None]:
         """The metadata of the documents with these ids (None where a document has none)."""
@@ -316,7 +319,7 @@ class Index:
         """The ids of the live documents whose metadata satisfies ``where`` (see :meth:`search`)."""
         st = self._state
         pos = self._where(st, where, params)
-        return st.to_user_ids([pos.tolist()])[0]
+        return st.to_user_ids(pos[None])[0]
 
     @staticmethod
     def _where(st: Snapshot, where: str, params: Sequence[Any] | None) -> np.ndarray:
@@ -326,10 +329,9 @@ class Index:
 
             compile_where(where, params)  # a malformed filter is refused even without metadata
             return np.zeros(0, dtype=np.int64)
-        pos = st.metadata.select(where, params)
-        if st.live is not None and pos.shape[0]:
-            pos = pos[st.live[pos]]
-        return pos
+        pos = st.metadata.select(where, params)  # read-only: the reader keeps it
+        # positions were checked below n_positions when the metadata was opened
+        return pos[st.live[pos]] if st.live is not None and pos.shape[0] else pos.copy()
 
     # ------------------------------------------------------------------ changes
 
@@ -389,6 +391,12 @@ class Index:
         """Adds the documents whose ids are new and replaces those whose ids exist, in one atomic
         write (a reader sees all of it or none); returns (added, updated)."""
         return _mutate.upsert(self, ids, doc_tokens, doclens, metadata)
+
+    def set_metadata(self, ids: Sequence[Any], metadata: Sequence[dict[str, Any] | None]) -> int:
+        """Replaces the metadata of the documents with these ids (None removes a document's) in
+        one atomic write, vectors untouched; returns how many. An unknown id raises KeyError and
+        changes nothing."""
+        return _mutate.set_metadata(self, ids, metadata)
 
     def compact(self) -> bool:
         """Merges every segment into one and drops deleted documents (codes and residuals copied,

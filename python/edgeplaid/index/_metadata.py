@@ -22,6 +22,7 @@ import os
 import re
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,9 @@ import numpy as np
 from edgeplaid.index._storage import IndexFormatError
 
 METADATA_FILE = "metadata.sqlite"
+# select() keeps the results of the last CACHE_FILTERS filters, CACHE_POSITIONS positions in all.
+CACHE_FILTERS = 64
+CACHE_POSITIONS = 1 << 22
 FORMAT = 1  # PRAGMA user_version of the files this module writes and reads
 
 MAX_WHERE_CHARS = 4096
@@ -777,6 +781,8 @@ class MetadataReader:
         if not self.path.is_file():
             raise FileNotFoundError(f"{path}: no metadata file")
         self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple, np.ndarray] = OrderedDict()  # see select()
+        self._cached = 0
         self._conn: sqlite3.Connection | None = _connect_ro(path)
         try:
             # Reads the header now, so the file is open while ``path`` still names it; with
@@ -792,11 +798,28 @@ class MetadataReader:
         return self._conn
 
     def select(self, where: str, params: Sequence[Any] | None = None) -> np.ndarray:
-        """Sorted unique positions (int64) of the rows whose metadata matches ``where``."""
+        """Sorted unique positions (int64, read-only) of the rows whose metadata matches ``where``.
+
+        A filter is a scan of every row (0.27 µs a row here: 135 ms at 500k documents); the file
+        never changes, so each result is kept (the last CACHE_FILTERS filters, at most
+        CACHE_POSITIONS positions in all) and a filter repeated, as a service's tenant or
+        date filters are, costs a dictionary lookup."""
         sql, args = compile_where(where, params)
+        key = (sql, tuple((type(a).__name__, a) for a in args))
         with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
             rows = self._c().execute(f"SELECT pos FROM docs WHERE {sql} ORDER BY pos", args).fetchall()
-        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            out = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            out.flags.writeable = False
+            if out.shape[0] <= CACHE_POSITIONS:
+                self._cache[key] = out
+                self._cached += out.shape[0]
+                while len(self._cache) > CACHE_FILTERS or self._cached > CACHE_POSITIONS:
+                    self._cached -= self._cache.popitem(last=False)[1].shape[0]
+        return out
 
     def get(self, positions: Sequence[int]) -> list[dict[str, Any] | None]:
         """The metadata of each position (None where a position has no row), in order."""

@@ -306,6 +306,12 @@ class PlaidSearcher:
             self._codes = b.DocCodes(codes, offsets)
         return self._codes
 
+    def reuse_codes(self, other: PlaidSearcher) -> None:
+        """Takes ``other``'s joined codes (made or not yet): the caller checked that both
+        searchers' parts hold the same codes."""
+        if len(self.parts) > 1 and self._codes is None:
+            self._codes = other._codes
+
     def _torch_glue(self, backend: str | None) -> bool:
         # The GPU's path; on CPU tensors too when the Triton backend is asked for (its
         # interpreter runs the GPU pipeline on the CPU, as the tests do).
