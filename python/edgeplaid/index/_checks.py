@@ -31,6 +31,7 @@ from edgeplaid.index._storage import (
     read_manifest,
     recover,
     segments_of,
+    tombstones_ok,
 )
 
 # Default verification hashes every array of an index up to this size (xxh64 runs at several
@@ -101,7 +102,7 @@ def check_arrays(path: Path, manifest: dict[str, Any], hash_names: set[str]) -> 
         dele: list[np.ndarray] = []
         scan("deleted", lambda _, b: dele.append(b.copy()))
         d = np.concatenate(dele)
-        if int(d[0]) < 0 or int(d[-1]) >= m["n_docs"] or bool((d[1:] <= d[:-1]).any()):
+        if not tombstones_ok(d, m["n_docs"]):
             raise bad(f"deleted positions are not sorted, unique and below n_docs={m['n_docs']}")
     # The metadata file with the arrays: hashed when every array is (small, or verify=True).
     check_metadata_file(path, m, hash=bool(hash_names) and hash_names == set(m["arrays"]))

@@ -43,6 +43,7 @@ from edgeplaid.index._storage import (
     expected_arrays,
     read_manifest,
     segments_of,
+    tombstones_ok,
 )
 
 if TYPE_CHECKING:
@@ -405,7 +406,7 @@ def _tombstones(deleted: np.ndarray, n_positions: int) -> np.ndarray:
     """``deleted`` as written: (n,) int64, sorted, unique, in [0, n_positions). Checked before the
     version is committed (a load would refuse anything else: never commit what cannot load)."""
     d = np.asarray(deleted, dtype=np.int64)
-    if d.shape[0] and (d[0] < 0 or d[-1] >= n_positions or bool((d[1:] <= d[:-1]).any())):
+    if not tombstones_ok(d, n_positions):
         raise RuntimeError(f"edgeplaid bug: tombstones not sorted, unique and in [0, {n_positions})")
     return d
 
@@ -414,26 +415,29 @@ class _Nothing(Exception):
     """Raised inside a writer to leave without writing anything."""
 
 
+def _given_ids(ids: Any, missing: str) -> list[Any]:
+    """The ids a change names, as a list of Python values (numpy scalars unwrapped); ValueError
+    with ``missing`` when None, or naming duplicates."""
+    if ids is None:
+        raise ValueError(f"ids: {missing}")
+    out = [
+        i.item() if isinstance(i, np.generic) else i
+        for i in (ids.tolist() if hasattr(ids, "tolist") else ids)
+    ]
+    if len(set(out)) != len(out):
+        raise ValueError("ids: duplicate ids")
+    return out
+
+
 def update(index: Index, ids: Sequence[Any], doc_tokens: Any, doclens: Any, metadata: Any) -> list[Any]:
     """See :meth:`edgeplaid.Index.update`."""
-    if ids is None:
-        raise ValueError("ids: update needs the ids of the documents it replaces")
-    ids = list(ids.tolist() if hasattr(ids, "tolist") else ids)
-    if len(set(ids)) != len(ids):
-        raise ValueError("ids: duplicate ids")
+    ids = _given_ids(ids, "update needs the ids of the documents it replaces")
     return add(index, doc_tokens, doclens, ids, metadata, replace=ids)
 
 
 def upsert(index: Index, ids: Sequence[Any], doc_tokens: Any, doclens: Any, metadata: Any) -> tuple[int, int]:
     """See :meth:`edgeplaid.Index.upsert`."""
-    if ids is None:
-        raise ValueError("ids: upsert needs the documents' ids")
-    ids = [
-        i.item() if isinstance(i, np.generic) else i
-        for i in (ids.tolist() if hasattr(ids, "tolist") else ids)
-    ]
-    if len(set(ids)) != len(ids):
-        raise ValueError("ids: duplicate ids")
+    ids = _given_ids(ids, "upsert needs the documents' ids")
     counts = [0, 0]
 
     def existing(st: Snapshot) -> list[Any]:
@@ -448,14 +452,10 @@ def upsert(index: Index, ids: Sequence[Any], doc_tokens: Any, doclens: Any, meta
 def set_metadata(index: Index, ids: Sequence[Any], metadata: Any) -> int:
     """See :meth:`edgeplaid.Index.set_metadata`: one new metadata file (rows replaced or
     dropped), every array linked."""
-    if ids is None:
-        raise ValueError("ids: set_metadata needs the documents' ids")
-    ids = list(ids.tolist() if hasattr(ids, "tolist") else ids)
+    ids = _given_ids(ids, "set_metadata needs the documents' ids")
     metas = check_metadata(metadata, len(ids))
     with _writing(index) as (w, st):
         pos = st.positions(ids)
-        if np.unique(pos).shape[0] != pos.shape[0]:
-            raise ValueError("ids: duplicate ids")
         if not pos.shape[0]:
             raise _Nothing
         gone = np.array([m is None for m in metas], dtype=bool)

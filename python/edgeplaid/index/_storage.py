@@ -384,6 +384,14 @@ def _validate_segments(m: dict[str, Any], where: str) -> None:
         _check_digest(meta["checksum"], f"{where}: metadata")
 
 
+def tombstones_ok(deleted: np.ndarray, n_positions: int) -> bool:
+    """Whether ``deleted`` (n,) int is what an index stores: sorted, unique, in [0, n_positions)."""
+    d = deleted
+    return not d.shape[0] or (
+        int(d[0]) >= 0 and int(d[-1]) < n_positions and not bool((d[1:] <= d[:-1]).any())
+    )
+
+
 def _check_digest(value: Any, where: str) -> None:
     algo, _, digest = value.partition(":") if isinstance(value, str) else ("", "", "")
     if algo not in _DIGEST_HEX or not re.fullmatch(f"[0-9a-f]{{{_DIGEST_HEX[algo]}}}", digest):
