@@ -211,7 +211,8 @@ def index_dir(tmp_path_factory: pytest.TempPathFactory, model_dir: str, dataset:
         (["search", "{tmp}/list-encoder-index", "wing"], "encoder.json: expected a JSON object"),
         (["info", "{tmp}/list-manifest-index"], "manifest.json"),
         (["search", "{index}", "wing \udcff"], "query: not valid UTF-8"),
-        (["search", "{index}", "wing", "--mode", "x"], "unrecognized arguments: --mode x"),
+        (["search", "{index}", "wing", "--colour", "x"], "unrecognized arguments: --colour x"),
+        (["search", "{index}", "wing", "--mode", "x"], "argument --mode: invalid choice: 'x'"),
         (["serve", "--request-timeout", "0"], "--request-timeout: expected a positive number, got 0.0"),
     ],
 )

@@ -257,3 +257,55 @@ def test_bad_input_is_one_line(capsys, tmp_path, model_dir, built, argv, message
 )
 def test_param_values(text, value):
     assert _param_value(text) == value and type(_param_value(text)) is type(value)
+
+
+def test_lexical_and_hybrid_from_the_command_line(capsys, tmp_path, model_dir, corpus):
+    """index keeps the texts for BM25 by default; search --mode lexical|hybrid, add indexes the
+    new texts, --no-lexical indexes none; eval reports every mode asked for."""
+    idx = str(tmp_path / "idx")
+    run_json(capsys, "index", str(corpus), "--model", model_dir, "--out", idx, "--quiet")
+    index = Index.load(idx)
+    assert index.has_lexical and index.texts(["d3"]) == [f"doc 3 {_text(3)}"]
+    info = run_json(capsys, "info", idx)["lexical"]
+    assert info["analyzer"] == "plain" and info["store_texts"] and info["n_docs"] == 40 and info["bytes"] > 0
+    lexical = run_json(capsys, "search", idx, "supersonic propeller", "--mode", "lexical", "--k", "5")
+    want = index.search(text="supersonic propeller", k=5)
+    assert list(lexical["results"]["1"]) == [u for u in want.user_ids[0] if u is not None]
+    hybrid = run_json(
+        capsys, "search", idx, "supersonic propeller", "--mode", "hybrid", "--alpha", "0.7", "--quiet"
+    )
+    assert len(hybrid["results"]["1"]) == 10
+    code, _, err = run(capsys, "search", idx, "wing", "--alpha", "0.3", "--quiet")
+    assert code == 2 and "--alpha, --fusion: only with --mode hybrid" in err
+    code, _, err = run(capsys, "search", idx, "wing", "--mode", "hybrid", "--alpha", "3")
+    assert code == 2 and "--alpha" in err
+
+    more = tmp_path / "more.jsonl"
+    more.write_text(json.dumps({"_id": "z1", "title": "t", "text": "zeppelin mooring masts"}) + "\n")
+    run_json(capsys, "add", idx, str(more), "--quiet")
+    assert run_json(capsys, "search", idx, "zeppelin", "--mode", "lexical")["results"]["1"].keys() == {"z1"}
+
+    plain = str(tmp_path / "plain")
+    run_json(capsys, "index", str(corpus), "--model", model_dir, "--out", plain, "--no-lexical", "--quiet")
+    code, _, err = run(capsys, "search", plain, "wing", "--mode", "hybrid", "--quiet")
+    assert code == 2 and "has no lexical side" in err
+
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    shutil.copy(corpus, beir / "corpus.jsonl")
+    (beir / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": f"q{i}", "text": _text(i)}) + "\n" for i in range(4))
+    )
+    (beir / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(4))
+    )
+    report = run_json(
+        capsys, "eval", str(beir), "--model", model_dir, "--mode", "late", "lexical", "hybrid", "--quiet"
+    )
+    assert set(report["modes"]) == {"late", "lexical", "hybrid"}
+    assert report["metrics"] == report["modes"]["late"]
+    assert all(0 <= m["nDCG@10"] <= 1 for m in report["modes"].values())
+    code, out, _ = run(
+        capsys, "eval", str(beir), "--model", model_dir, "--mode", "lexical", "hybrid", "--quiet"
+    )
+    assert code == 0 and "lexical:" in out and "hybrid:" in out

@@ -19,6 +19,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgeplaid.index._lexical import ANALYZERS
+from edgeplaid.search._fusion import FUSIONS
+from edgeplaid.search._hybrid import MODES
+
 ENCODER_FILE = "encoder.json"  # beside the index files: which model encoded the documents
 DEFAULT_MODEL = "mixedbread-ai/mxbai-edge-colbert-v0-17m"
 OFFLINE_MODEL = "minilm"  # edgeplaid.model.load: the offline MiniLM stand-in
@@ -346,6 +350,39 @@ def _shape(index: Any) -> dict[str, int]:
 # ---------------------------------------------------------------------------- commands
 
 
+_ANALYZER_HELP = (
+    "how the lexical side splits texts into terms: plain (split on non-alphanumerics, lowercased; "
+    "the default) or english (the same, stemmed)"
+)
+
+
+def _alpha(value: str) -> float:
+    try:
+        a = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= a <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
+    return a
+
+
+def _hybrid_options(p: argparse.ArgumentParser, analyzer: bool = True) -> None:
+    p.add_argument(
+        "--fusion",
+        choices=FUSIONS,
+        default=None,
+        help="hybrid: relative_score (min-max normalised scores, the default) or rrf (reciprocal rank)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=_alpha,
+        default=None,
+        help="hybrid: the late side's weight in [0, 1] (default 0.6 with relative_score, 0.5 with rrf)",
+    )
+    if analyzer:
+        p.add_argument("--analyzer", choices=ANALYZERS, default="plain", help=_ANALYZER_HELP)
+
+
 def cmd_index(args: argparse.Namespace) -> None:
     from edgeplaid.index import Index
 
@@ -368,6 +405,9 @@ def cmd_index(args: argparse.Namespace) -> None:
         metadata=metadata,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        texts=None if args.no_lexical else texts,
+        store_texts=not args.no_store_texts,
+        analyzer=args.analyzer,
     )
     t_build = time.perf_counter() - t0
     _write_json_atomic(out / ENCODER_FILE, {"model": args.model, "dim": int(tokens.shape[1])})
@@ -412,10 +452,11 @@ def cmd_add(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     with _changing(args.corpus):
         # One atomic version: the new documents added, the existing ones replaced.
+        lexical = texts if index.has_lexical else None  # the BM25 side indexes them too
         if old:
-            index.upsert(keys, tokens, doclens, metadata=metadata)
+            index.upsert(keys, tokens, doclens, metadata=metadata, texts=lexical)
         else:
-            index.add(tokens, doclens, ids=keys, metadata=metadata)
+            index.add(tokens, doclens, ids=keys, metadata=metadata, texts=lexical)
     t_write = time.perf_counter() - t0
     payload = {
         "index": args.index,
@@ -513,12 +554,31 @@ def cmd_search(args: argparse.Namespace) -> None:
             raise UserError(f"{args.queries}: no queries")
     if args.out:  # before encoding
         _check_trec_ids(query_ids, "query")
-    model, _ = _load_model(_index_model(args.index, args.model), args.quiet, device=args.device)
+    if args.mode != "late" and not index.has_lexical:
+        raise UserError(
+            f"--mode {args.mode}: {args.index} has no lexical side (index it without --no-lexical)"
+        )
+    if args.mode != "hybrid" and (args.alpha is not None or args.fusion is not None):
+        raise UserError("--alpha, --fusion: only with --mode hybrid")
+    queries = mask = None
+    t_encode = 0.0
+    if args.mode != "lexical":
+        model, _ = _load_model(_index_model(args.index, args.model), args.quiet, device=args.device)
+        t0 = time.perf_counter()
+        queries, mask = model.encode_queries(texts, show_progress_bar=not args.quiet)
+        t_encode = time.perf_counter() - t0
     t0 = time.perf_counter()
-    queries, mask = model.encode_queries(texts, show_progress_bar=not args.quiet)
-    t_encode = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = index.search(queries, k=args.k, queries_mask=mask, where=where, params=params)
+    hybrid = {"alpha": args.alpha, "fusion": args.fusion} if args.mode == "hybrid" else {}
+    result = index.search(
+        queries,
+        k=args.k,
+        queries_mask=mask,
+        where=where,
+        params=params,
+        text=None if args.mode == "late" else texts,
+        mode=args.mode,
+        **hybrid,
+    )
     t_search = time.perf_counter() - t0
     run = to_run(query_ids, result.user_ids, result.scores.cpu().numpy())
     if args.out:
@@ -564,8 +624,14 @@ def _report_text(report: Any) -> str:
     lines = [
         f"{report.dataset}: {report.n_docs:,} documents, {report.n_tokens:,} tokens, "
         f"{report.n_queries} queries, model {report.model}",
-        "  " + "  ".join(f"{name} {value:.4f}" for name, value in m.items()),
     ]
+    if len(report.modes) > 1:
+        for mode, metrics in report.modes.items():
+            lines.append(
+                f"  {mode + ':':<9}" + "  ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+            )
+    else:
+        lines.append("  " + "  ".join(f"{name} {value:.4f}" for name, value in m.items()))
     if report.exhaustive_metrics is not None:
         lines.append(
             "  exhaustive MaxSim: "
@@ -596,6 +662,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         nbits=args.nbits,
         exhaustive=args.exhaustive,
         progress=not args.quiet,
+        modes=args.mode,
+        fusion=args.fusion,
+        alpha=args.alpha,
+        analyzer=args.analyzer,
     )
     _emit(args, report.as_dict(), _report_text(report))
 
@@ -633,6 +703,10 @@ def cmd_info(args: argparse.Namespace) -> None:
         "manifest": index.manifest,
         **shape,
         "metadata": index.manifest.get("metadata") is not None,
+        "lexical": None
+        if not index.has_lexical
+        else {k: index.manifest["lexical"][k] for k in ("analyzer", "store_texts", "n_docs")}
+        | {"bytes": index.lexical_nbytes()},
         "files": files,
         "bytes": sum(files.values()),
         "bytes_per_token": sum(files.values()) / max(index.n_tokens, 1),
@@ -646,6 +720,15 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"metadata: {'yes' if payload['metadata'] else 'none'}",
         f"  {payload['bytes'] / 2**20:.2f} MiB, {payload['bytes_per_token']:.1f} bytes per token",
     ]
+    lex = payload["lexical"]
+    if lex is None:
+        lines.append("  lexical (BM25): none")
+    else:
+        texts = "stored" if lex["store_texts"] else "not stored"
+        mib = lex["bytes"] / 2**20
+        lines.append(
+            f"  lexical (BM25): {lex['analyzer']} analyzer, texts {texts}, {mib:.2f} MiB in lexical/"
+        )
     lines += [f"  {name:<28} {size:>14,} B" for name, size in files.items()]
     if payload["encoder"]:
         lines.append(f"  encoder: {payload['encoder'].get('model', '(no model recorded)')}")
@@ -709,6 +792,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave out the metadata (by default every field of a JSONL line but _id/id/title/text)",
     )
+    p.add_argument(
+        "--no-lexical",
+        action="store_true",
+        help="no lexical (BM25) side: by default the texts are indexed too, for search --mode lexical|hybrid",
+    )
+    p.add_argument(
+        "--no-store-texts", action="store_true", help="index the texts for BM25 without keeping them"
+    )
+    p.add_argument("--analyzer", choices=ANALYZERS, default="plain", help=_ANALYZER_HELP)
     p.set_defaults(fn=cmd_index)
 
     p = sub.add_parser(
@@ -756,6 +848,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a TREC run file instead of printing (ids must be free of whitespace: refused otherwise)",
     )
     p.add_argument("--model", help="override the model recorded with the index")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="late",
+        help="late (PLAID, the default), lexical (BM25) or hybrid (both fused); the last two need "
+        "an index built with its texts",
+    )
+    _hybrid_options(p, analyzer=False)
     p.set_defaults(fn=cmd_search)
 
     p = sub.add_parser(
@@ -776,6 +876,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=k_value, default=100)
     p.add_argument("--nbits", type=int, choices=(1, 2, 4, 8), default=4)
     p.add_argument("--exhaustive", action="store_true", help="also exact MaxSim over every document")
+    p.add_argument(
+        "--mode",
+        nargs="+",
+        choices=MODES,
+        default=["late"],
+        help="search modes to evaluate on the same index (several: one line each); default late",
+    )
+    _hybrid_options(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser(

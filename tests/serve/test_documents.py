@@ -467,3 +467,53 @@ def test_writes_to_an_index_served_on_cuda(model, index):
         ).json()
     assert hit["user_ids"] == [["g-1", None, None]]
     assert gpu_index.device.type == "cuda" and "g-1" in gpu_index and "doc-0" not in gpu_index
+
+
+def test_lexical_and_hybrid_search_and_writes(model, encoded, tmp_path):
+    """mode / alpha / fusion on /v1/search answer as Index.search does; on an index with a
+    lexical side every written document needs its text (with or without embedding)."""
+    tokens, doclens = encoded
+    ids = [f"doc-{i}" for i in range(len(TEXTS))]
+    index = Index.build(tmp_path / "lex", tokens, doclens, ids=ids, texts=TEXTS, progress=False)
+    plain = _build(encoded, tmp_path / "plain")
+    queries = ["heat in slabs", "wing lift"]
+    q, m = model.encode_queries(queries)
+    with Server(create_app(model, index)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        for body, want in (
+            ({"mode": "lexical"}, index.search(text=queries, k=5)),
+            ({"mode": "hybrid"}, index.search(q, k=5, queries_mask=m, text=queries)),
+            (
+                {"mode": "hybrid", "alpha": 0.3, "fusion": "rrf", "where": None},
+                index.search(q, k=5, queries_mask=m, text=queries, alpha=0.3, fusion="rrf"),
+            ),
+        ):
+            r = client.post("/v1/search", json={"queries": queries, "k": 5, **body})
+            assert r.status_code == 200, r.text
+            assert r.json()["user_ids"] == want.user_ids
+        for bad, message in (
+            ({"mode": "late", "alpha": 0.5}, "only with mode 'hybrid'"),
+            ({"mode": "hybrid", "alpha": 2}, "alpha"),
+            ({"mode": "fuzzy"}, "mode"),
+        ):
+            r = client.post("/v1/search", json={"queries": queries, **bad})
+            assert r.status_code == 422 and message in r.text, r.text
+        # writes: text alone (encoded), embedding + text, embedding alone refused
+        r = client.post(
+            "/v1/documents",
+            json={
+                "documents": [
+                    {"id": "t-1", "text": "zeppelin airships"},
+                    {"id": "e-1", "embedding": _vectors(model, "gliders"), "text": "glider soaring"},
+                ]
+            },
+        )
+        assert r.status_code == 200, r.text
+        hit = client.post("/v1/search", json={"queries": ["zeppelin soaring"], "k": 2, "mode": "lexical"})
+        assert set(hit.json()["user_ids"][0]) == {"t-1", "e-1"}
+        r = client.post(
+            "/v1/documents", json={"documents": [{"id": "e-2", "embedding": _vectors(model, "x")}]}
+        )
+        assert r.status_code == 422 and "documents[0].text" in r.text
+    with Server(create_app(model, plain)) as url:
+        r = httpx.post(f"{url}/v1/search", json={"queries": queries, "mode": "hybrid"}, timeout=60)
+        assert r.status_code == 422 and "lexical side" in r.text

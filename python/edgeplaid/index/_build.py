@@ -17,13 +17,22 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from edgeplaid.index import _codec
+from edgeplaid.index._lexical import (
+    DEFAULT_ANALYZER,
+    check_new_keys,
+    check_texts,
+    keys_of_ids,
+    link_lexical,
+    write_lexical,
+)
+from edgeplaid.index._lexical import analyzer as analyzer_of
 from edgeplaid.index._storage import IndexWriter
 
 _SAMPLE_CAP = 1 << 19  # most tokens pass 1 keeps for k-means + held-out
@@ -216,14 +225,26 @@ def build(
     compact_codes: bool = True,
     carry_from: Any = None,
     next_id: int | None = None,
+    texts: Any = None,
+    store_texts: bool = True,
+    analyzer: str = DEFAULT_ANALYZER,
 ) -> dict[str, float]:
     """Builds an index at ``path`` (see :meth:`edgeplaid.Index.build`); returns stage timings (s).
 
     For ``Index.rebuild``: ``carry_from``, the manifest of the version the build replaces, whose
-    files kept beside the index (``encoder.json``) are carried over; ``next_id``, its auto-id
-    high-water mark, kept so that ids dropped with deleted documents are never given again."""
+    files kept beside the index (``encoder.json``) and lexical side (same documents, same keys)
+    are carried over; ``next_id``, its auto-id high-water mark, kept so that ids dropped with
+    deleted documents are never given again."""
     if nbits not in (1, 2, 4, 8):
         raise ValueError(f"nbits: expected 1, 2, 4 or 8, got {nbits!r}")
+    if texts is not None:
+        if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+            raise ValueError(
+                f"texts: expected a sequence of str (one per document), got {type(texts).__name__}"
+            )
+        analyzer_of(analyzer)  # a bad name fails before the costly passes
+        if type(store_texts) is not bool:
+            raise ValueError(f"store_texts: expected a bool, got {store_texts!r}")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     one_shot = doclens is not None
@@ -277,8 +298,10 @@ def build(
         n_docs = dls.shape[0]
         if n_tokens == 0:
             raise ValueError("doc_tokens: the corpus has no token")
-        # Checked and written before the costly passes: bad metadata fails fast.
+        # Checked and written before the costly passes: bad metadata or texts fail fast.
         meta_entry = write_metadata_file(w, metadata, n_docs)
+        if texts is not None:
+            texts = check_texts(texts, n_docs)
         timings["read"] = time.perf_counter() - t0
 
         # ---- k-means on the sample, codec on a held-out slice
@@ -373,6 +396,28 @@ def build(
         }
         if meta_entry is not None:
             manifest["metadata"] = meta_entry
+        t4 = time.perf_counter()
+        if texts is not None:
+            keys = keys_of_ids(user_ids, id_kind) if have_ids else np.arange(n_docs, dtype=np.int64)
+            if id_kind == "str":
+                check_new_keys(keys, None, user_ids)
+            manifest["lexical"] = write_lexical(
+                w,
+                None,
+                analyzer_name=analyzer,
+                store_texts=store_texts,
+                key_kind=id_kind,
+                add_keys=keys,
+                add_texts=texts,
+                delete_keys=np.zeros(0, np.int64),
+                n_docs=n_docs,
+            )
+            timings["lexical"] = time.perf_counter() - t4
+        elif carry_from is not None and carry_from.get("lexical") is not None:
+            lex = dict(link_lexical(w, carry_from))  # type: ignore[arg-type]
+            if lex["n_docs"] != n_docs:
+                raise RuntimeError("edgeplaid bug: rebuild's documents are not its lexical side's")
+            manifest["lexical"] = lex
         if carry_from is not None:
             w.carry_foreign(carry_from.dir, carry_from)
         if next_id is not None and id_kind != "str":

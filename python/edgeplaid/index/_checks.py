@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from edgeplaid.index._lexical import check_lexical_files, lexical_bytes
 from edgeplaid.index._storage import (
     IndexFormatError,
     Manifest,
@@ -48,7 +49,7 @@ def arrays_to_hash(manifest: dict[str, Any], mmap: bool, verify: bool | None) ->
     if verify is False:
         return set()
     total = sum(int(e["nbytes"]) for e in manifest["arrays"].values())
-    total += int((manifest.get("metadata") or {}).get("nbytes", 0))
+    total += int((manifest.get("metadata") or {}).get("nbytes", 0)) + lexical_bytes(manifest)
     if verify is True or not mmap or total <= AUTO_VERIFY_BYTES:
         return names
     return {n for n in names if not n.endswith("residuals")}
@@ -105,7 +106,9 @@ def check_arrays(path: Path, manifest: dict[str, Any], hash_names: set[str]) -> 
         if not tombstones_ok(d, m["n_docs"]):
             raise bad(f"deleted positions are not sorted, unique and below n_docs={m['n_docs']}")
     # The metadata file with the arrays: hashed when every array is (small, or verify=True).
-    check_metadata_file(path, m, hash=bool(hash_names) and hash_names == set(m["arrays"]))
+    every = bool(hash_names) and hash_names == set(m["arrays"])
+    check_metadata_file(path, m, hash=every)
+    check_lexical_files(path, m, hash=every)  # type: ignore[arg-type]
 
 
 def _check_segment(path: Path, m: dict[str, Any], seg: dict[str, Any], scan: Any, bad: Any) -> None:

@@ -17,6 +17,7 @@ from edgeplaid.index._checks import open_checked
 from edgeplaid.index._snapshot import Snapshot, open_snapshot
 from edgeplaid.index._storage import FORMAT_VERSION, changed, rewrite_index, verify_checksums
 from edgeplaid.ops import bundles
+from edgeplaid.search._hybrid import MODES, check_fusion, hybrid_search, lexical_search, to_device
 from edgeplaid.search._plaid import SearchParams, resolve_params
 
 
@@ -148,6 +149,9 @@ class Index:
         overwrite: bool = False,
         progress: bool = True,
         compact_codes: bool = True,
+        texts: Sequence[str] | None = None,
+        store_texts: bool = True,
+        analyzer: str = "plain",
     ) -> Index:
         """Builds a PLAID index at ``path`` and returns it loaded (memory-mapped).
 
@@ -172,6 +176,13 @@ class Index:
             progress: tqdm progress bars.
             compact_codes: store codes as uint16 (2 bytes a token) when n_centroids <= 65536,
                 else int32; both are memory-mapped and read by the kernels as stored.
+            texts: optional document texts (n_docs,) str: the index then also has a lexical
+                side (BM25 by tantivy, :mod:`edgeplaid.index._lexical`) for ``mode="lexical"``
+                and ``"hybrid"`` searches, kept in step with every change (``add``/``update``/
+                ``upsert`` then need the new documents' texts).
+            store_texts: keep the texts themselves too (:meth:`texts`); False indexes them only.
+            analyzer: how texts become terms: ``"plain"`` (split on non-alphanumerics,
+                lowercased) or ``"english"`` (the same, Snowball-stemmed).
         """
         timings = _build.build(
             path,
@@ -187,6 +198,9 @@ class Index:
             overwrite=overwrite,
             progress=progress,
             compact_codes=compact_codes,
+            texts=texts,
+            store_texts=store_texts,
+            analyzer=analyzer,
         )
         index = cls.load(path)
         index.build_timings = timings
@@ -341,6 +355,7 @@ class Index:
         doclens: Any,
         ids: Sequence[Any] | None = None,
         metadata: Sequence[dict[str, Any] | None] | None = None,
+        texts: Sequence[str] | None = None,
     ) -> list[Any]:
         """Adds documents as a new segment compressed with the index's codec (no k-means), in
         one atomic write; returns their ids.
@@ -351,11 +366,13 @@ class Index:
             ids: new ids, unique and not in the index (same kind, int or str, as the index's);
                 None: int ids continuing after the largest the index ever held (never reused).
             metadata: optional per-document JSON objects (or None each).
+            texts: the documents' texts (n_docs,) str: required by an index with a lexical side
+                (built with ``texts``), refused by one without.
 
         A segment whose mean residual magnitude exceeds the codec's by more than 50% warns that
         the new documents drift from the codec (``index.segments[-1].residual_error`` against
         ``index.avg_residual``); :meth:`rebuild` retrains it."""
-        return _mutate.add(self, doc_tokens, doclens, ids, metadata)
+        return _mutate.add(self, doc_tokens, doclens, ids, metadata, texts=texts)
 
     def delete(
         self,
@@ -375,11 +392,12 @@ class Index:
         doc_tokens: Any,
         doclens: Any,
         metadata: Sequence[dict[str, Any] | None] | None = None,
+        texts: Sequence[str] | None = None,
     ) -> list[Any]:
-        """Replaces the documents with these ids (all must exist) by new vectors (and metadata)
-        under the same ids: delete + add in one atomic write. The replaced documents' metadata go
-        with them: pass ``metadata`` again to keep it."""
-        return _mutate.update(self, ids, doc_tokens, doclens, metadata)
+        """Replaces the documents with these ids (all must exist) by new vectors (and metadata,
+        and texts: see :meth:`add`) under the same ids: delete + add in one atomic write. The
+        replaced documents' metadata go with them: pass ``metadata`` again to keep it."""
+        return _mutate.update(self, ids, doc_tokens, doclens, metadata, texts)
 
     def upsert(
         self,
@@ -387,10 +405,12 @@ class Index:
         doc_tokens: Any,
         doclens: Any,
         metadata: Sequence[dict[str, Any] | None] | None = None,
+        texts: Sequence[str] | None = None,
     ) -> tuple[int, int]:
         """Adds the documents whose ids are new and replaces those whose ids exist, in one atomic
-        write (a reader sees all of it or none); returns (added, updated)."""
-        return _mutate.upsert(self, ids, doc_tokens, doclens, metadata)
+        write (a reader sees all of it or none); returns (added, updated). ``texts``: see
+        :meth:`add`."""
+        return _mutate.upsert(self, ids, doc_tokens, doclens, metadata, texts)
 
     def set_metadata(self, ids: Sequence[Any], metadata: Sequence[dict[str, Any] | None]) -> int:
         """Replaces the metadata of the documents with these ids (None removes a document's) in
@@ -472,7 +492,7 @@ class Index:
 
     def search(
         self,
-        queries: Any,
+        queries: Any = None,
         k: int = 10,
         queries_mask: Any = None,
         subset: Any = None,
@@ -480,12 +500,18 @@ class Index:
         *,
         where: str | None = None,
         params: Sequence[Any] | None = None,
+        text: str | Sequence[str] | None = None,
+        mode: str | None = None,
+        alpha: float | None = None,
+        fusion: str | None = None,
         **knobs: Any,
     ) -> SearchResult:
-        """PLAID search: the k best live documents of each query.
+        """The k best live documents of each query: PLAID search (late interaction), BM25
+        (lexical), or both fused (hybrid).
 
         Args:
-            queries: (nq, Lq, dim) (or (Lq, dim)) float32/float16/bfloat16 query token vectors.
+            queries: (nq, Lq, dim) (or (Lq, dim)) float32/float16/bfloat16 query token vectors
+                (None for a lexical search).
             k: results per query.
             queries_mask: (nq, Lq) bool, True for real tokens; None: every token counts.
             subset: allowed document positions (see :meth:`positions` for user ids): one sequence
@@ -505,20 +531,78 @@ class Index:
                 (:func:`edgeplaid.search.default_params`).
             backend: the kernels' backend ("cpp", "triton", "reference"); None: by the index's
                 device.
+            text: the query text (one str, or nq of them) for the lexical side, an index built
+                with ``texts`` (:meth:`build`).
+            mode: ``"late"`` (PLAID), ``"lexical"`` (BM25 of ``text``) or ``"hybrid"`` (both,
+                fused: :mod:`edgeplaid.search._hybrid`); None: hybrid when both ``queries`` and
+                ``text`` are given, else the one given. Filters apply to both sides.
+            alpha: hybrid only: the late side's weight in [0, 1] (the lexical side's is 1 -
+                alpha); default 0.6 for relative_score, 0.5 for rrf.
+            fusion: hybrid only: ``"relative_score"`` (min-max normalised scores, the default)
+                or ``"rrf"`` (reciprocal rank fusion); see :mod:`edgeplaid.search._fusion`.
 
         Returns:
             SearchResult ``(scores (nq, k) float32, ids (nq, k) int64)`` on the index's device,
             best first; -inf / -1 where fewer than k documents were found; ``.user_ids`` maps ids
-            to the user's ids. Deleted documents are never returned nor counted in k.
+            to the user's ids. Deleted documents are never returned nor counted in k. Scores are
+            MaxSim (late), BM25 (lexical) or the fused score (hybrid).
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k: expected a positive int, got {k!r}")
-        p: SearchParams = resolve_params(k, **knobs)
+        mode = _mode(mode, queries, text)
         st = self._state  # one version for the whole search and its result
+        if mode == "late":
+            if alpha is not None or fusion is not None:
+                raise ValueError("alpha, fusion: only for mode='hybrid'")
+            p: SearchParams = resolve_params(k, **knobs)
+            q, m = self._queries(queries, queries_mask)
+            subsets = self._subsets(st, subset, q.shape[0], where, params)
+            scores, ids = st.searcher.search(bundles.queries(q, m), k, p, subsets, backend=backend)
+            return SearchResult(scores, ids, st)
+        if st.lexical is None:
+            raise ValueError(f"mode: {mode!r} needs a lexical side; this index was built without texts")
+        if mode == "lexical":
+            if alpha is not None or fusion is not None or knobs or queries_mask is not None:
+                raise ValueError("alpha, fusion, queries_mask and PLAID's knobs: not for mode='lexical'")
+            texts = _texts(text, None)
+            subsets = self._subsets(st, subset, len(texts), where, params)
+            s, i = lexical_search(st.lexical, texts, k, subsets, st.keys_of, st.key_positions)
+            return SearchResult(*to_device(s, i, st.device), st)
+        f, a = check_fusion(fusion, alpha)
+        p = resolve_params(k, **knobs)
         q, m = self._queries(queries, queries_mask)
+        texts = _texts(text, q.shape[0])
         subsets = self._subsets(st, subset, q.shape[0], where, params)
-        scores, ids = st.searcher.search(bundles.queries(q, m), k, p, subsets, backend=backend)
-        return SearchResult(scores, ids, st)
+        s, i = hybrid_search(
+            st.searcher,
+            st.lexical,
+            bundles.queries(q, m),
+            texts,
+            k,
+            p,
+            subsets,
+            st.keys_of,
+            st.key_positions,
+            fusion=f,
+            alpha=a,
+            backend=backend,
+        )
+        return SearchResult(*to_device(s, i, st.device), st)
+
+    def texts(self, ids: Sequence[Any]) -> list[str | None]:
+        """The stored texts of the documents with these ids (None for an unknown or deleted id);
+        ValueError for an index without a lexical side or built with ``store_texts=False``."""
+        st = self._state
+        if st.lexical is None:
+            raise ValueError("texts: this index has no lexical side (built without texts)")
+        pos = st.lookup(list(ids.tolist() if hasattr(ids, "tolist") else ids))
+        got = st.lexical.texts(st.keys_of(np.maximum(pos, 0)))
+        return [t if p >= 0 else None for t, p in zip(got, pos.tolist(), strict=True)]
+
+    @property
+    def has_lexical(self) -> bool:
+        """Whether this index has a lexical (BM25) side: built with ``texts``."""
+        return self._state.lexical is not None
 
     def search_exhaustive(
         self,
@@ -561,8 +645,15 @@ class Index:
         return cls.load(dst_path)
 
     def nbytes(self) -> int:
-        """Bytes of every file of the index on disk (manifest included)."""
+        """Bytes of the index's own files on disk (manifest, arrays, ids, metadata): what the
+        late-interaction side costs; the lexical side is :meth:`lexical_nbytes`."""
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+
+    def lexical_nbytes(self) -> int:
+        """Bytes of the lexical (BM25) side's files (0 without one), stored texts included."""
+        from edgeplaid.index._lexical import lexical_bytes
+
+        return lexical_bytes(self.manifest)
 
     def __len__(self) -> int:
         return self.n_docs
@@ -578,6 +669,36 @@ class Index:
             f"Index({str(self.path)!r}, n_docs={st.n_docs}, n_tokens={st.n_tokens}, dim={st.dim}, "
             f"nbits={st.nbits}, n_centroids={st.n_centroids}{more})"
         )
+
+
+def _mode(mode: str | None, queries: Any, text: Any) -> str:
+    """The search mode asked for, or the one the given inputs imply; ValueError when they do not
+    fit it."""
+    if mode is None:
+        mode = (
+            "hybrid" if queries is not None and text is not None else "lexical" if queries is None else "late"
+        )
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+    if mode != "lexical" and queries is None:
+        raise ValueError(f"queries: mode={mode!r} needs the query vectors")
+    if mode != "late" and text is None:
+        raise ValueError(f"text: mode={mode!r} needs the query text")
+    if mode == "late" and text is not None:
+        raise ValueError("text: given with mode='late' (use mode='hybrid' or 'lexical')")
+    return mode
+
+
+def _texts(text: Any, nq: int | None) -> list[str]:
+    """``text`` as a list of query texts, one per query (``nq``: the queries' count, if known)."""
+    if isinstance(text, str):
+        return [text] * (nq or 1)
+    texts = list(text) if isinstance(text, Sequence) else []
+    if not texts or any(not isinstance(t, str) for t in texts):
+        raise ValueError("text: expected a str or a non-empty sequence of str")
+    if nq is not None and len(texts) != nq:
+        raise ValueError(f"text: expected one text per query ({nq}), got {len(texts)}")
+    return texts
 
 
 def _device(device: Any) -> torch.device:

@@ -34,6 +34,7 @@ import torch
 from edgeplaid.index import _codec
 from edgeplaid.index._build import build_ivf, check_batch, id_kind_of, write_ids
 from edgeplaid.index._checks import open_checked
+from edgeplaid.index._lexical import check_new_keys, check_texts, keys_of_ids, link_lexical, write_lexical
 from edgeplaid.index._metadata import METADATA_FILE, check_metadata, write_metadata
 from edgeplaid.index._snapshot import Snapshot, metadata_path, open_snapshot
 from edgeplaid.index._storage import (
@@ -99,10 +100,13 @@ def _finish(
     n_deleted: int,
     metadata: dict[str, Any] | str | None,
     next_id: int = 0,
+    lexical: dict[str, Any] | str | None = "keep",
 ) -> None:
     """Links every array the new version needs and the writer did not write from the old
     version, then commits. ``metadata``: the new file's entry, None (no metadata) or "keep";
-    ``next_id``: one past the largest id the change added (the high-water mark only grows)."""
+    ``next_id``: one past the largest id the change added (the high-water mark only grows);
+    ``lexical``: the lexical side's new entry (written by :func:`_lexical_change`), or "keep"
+    (the same documents: the old version's files linked)."""
     m = st.manifest
     body: dict[str, Any] = {
         "format_version": 4,  # for expected_arrays; commit() stamps the current version
@@ -132,6 +136,10 @@ def _finish(
             body["metadata"] = m["metadata"]
     elif metadata is not None:
         body["metadata"] = metadata
+    if lexical == "keep":
+        lexical = link_lexical(w, m)
+    if lexical is not None:
+        body["lexical"] = lexical
     body.pop("format_version")
     w.carry_foreign(m.dir, m)
     w.commit(body)
@@ -207,6 +215,46 @@ def _ids_for_new(
     if clash:
         raise ValueError(f"ids: {clash[:5]} already in the index (update() replaces documents)")
     return new, want
+
+
+def _lexical_change(
+    w: IndexWriter, st: Snapshot, texts: list[str] | None, new_ids: list[Any], kind: str, gone: np.ndarray
+) -> dict[str, Any] | None:
+    """The lexical side of the version ``w`` writes: ``st``'s with the documents at positions
+    ``gone`` removed and ``new_ids`` (with ``texts``) added; its manifest entry (None: the index
+    has no lexical side). ValueError when texts are missing for an index that has one, or given
+    to one that has none: the two sides never disagree."""
+    entry = st.manifest.get("lexical")
+    if entry is None:
+        if texts is not None:
+            raise ValueError("texts: this index has no lexical side (build it with texts=... to have one)")
+        return None
+    if texts is None and new_ids:
+        raise ValueError("texts: this index has a lexical side (BM25): give the new documents' texts")
+    add_keys = keys_of_ids(new_ids, kind)
+    del_keys = st.keys_of(gone)
+    if kind == "str" and add_keys.shape[0]:
+        check_new_keys(add_keys, None, new_ids)
+        fresh = np.setdiff1d(add_keys, del_keys)
+        # a new id equal to a kept one was refused already: a kept key here is a hash collision
+        if fresh.shape[0] and st.lexical is not None and st.lexical.count(fresh):
+            hit = np.flatnonzero(st.key_positions(add_keys) >= 0)
+            culprit = new_ids[int(hit[0])] if hit.shape[0] else new_ids[0]
+            raise ValueError(
+                f"ids: {culprit!r} shares a lexical key (a 63-bit hash) with a document of the index; "
+                "rename it"
+            )
+    return write_lexical(
+        w,
+        st.manifest,
+        analyzer_name=entry["analyzer"],
+        store_texts=entry["store_texts"],
+        key_kind=kind,
+        add_keys=add_keys,
+        add_texts=texts or [],
+        delete_keys=del_keys,
+        n_docs=st.n_docs - int(gone.shape[0]) + len(new_ids),
+    )
 
 
 def _absorbed(st: Snapshot, n_tokens: int, deleted: np.ndarray) -> int:
@@ -326,6 +374,7 @@ def add(
     ids: Sequence[Any] | None,
     metadata: Any,
     replace: Sequence[Any] | Callable[[Snapshot], Sequence[Any]] | None = None,
+    texts: Any = None,
 ) -> list[Any]:
     """See :meth:`edgeplaid.Index.add` (``replace``: ids to delete in the same version, update;
     or a function of the newest snapshot giving them, upsert).
@@ -335,6 +384,7 @@ def add(
     tokens, dls = check_batch(doc_tokens, doclens, index.dim)
     n, n_tok = int(dls.shape[0]), int(tokens.shape[0])
     metas = check_metadata(metadata, n)  # before taking the lock: bad input costs nothing
+    texts = None if texts is None else check_texts(texts, n)
     err = None
     with _writing(index) as (w, st):
         if callable(replace):
@@ -371,7 +421,8 @@ def add(
             write_metadata(w.path(METADATA_FILE), src, add=rows, renumber=renumber)
             meta = w.file_entry(METADATA_FILE)
         top = max(new_ids) + 1 if new_ids and kind == "int" else 0
-        _finish(w, st, segments, kind, int(deleted.shape[0]), meta, next_id=top)
+        lexical = _lexical_change(w, st, texts, new_ids, kind, replacing)
+        _finish(w, st, segments, kind, int(deleted.shape[0]), meta, next_id=top, lexical=lexical)
     if n_tok and err is not None and err > DRIFT_WARN * index.avg_residual:
         warnings.warn(
             f"edgeplaid: the {n} added documents drift from the index's codec (mean |residual| "
@@ -398,7 +449,9 @@ def delete(index: Index, ids: Sequence[Any] | None, where: str | None, params: S
             raise _Nothing
         deleted = np.union1d(st.deleted, pos)
         w.write_array("deleted", _tombstones(deleted, st.n_positions))
-        _finish(w, st, [dict(e) for e in segments_of(st.manifest)], st.id_kind, int(deleted.shape[0]), "keep")
+        lexical = _lexical_change(w, st, None, [], st.id_kind, pos)
+        segments = [dict(e) for e in segments_of(st.manifest)]
+        _finish(w, st, segments, st.id_kind, int(deleted.shape[0]), "keep", lexical=lexical)
     return count
 
 
@@ -429,13 +482,17 @@ def _given_ids(ids: Any, missing: str) -> list[Any]:
     return out
 
 
-def update(index: Index, ids: Sequence[Any], doc_tokens: Any, doclens: Any, metadata: Any) -> list[Any]:
+def update(
+    index: Index, ids: Sequence[Any], doc_tokens: Any, doclens: Any, metadata: Any, texts: Any = None
+) -> list[Any]:
     """See :meth:`edgeplaid.Index.update`."""
     ids = _given_ids(ids, "update needs the ids of the documents it replaces")
-    return add(index, doc_tokens, doclens, ids, metadata, replace=ids)
+    return add(index, doc_tokens, doclens, ids, metadata, replace=ids, texts=texts)
 
 
-def upsert(index: Index, ids: Sequence[Any], doc_tokens: Any, doclens: Any, metadata: Any) -> tuple[int, int]:
+def upsert(
+    index: Index, ids: Sequence[Any], doc_tokens: Any, doclens: Any, metadata: Any, texts: Any = None
+) -> tuple[int, int]:
     """See :meth:`edgeplaid.Index.upsert`."""
     ids = _given_ids(ids, "upsert needs the documents' ids")
     counts = [0, 0]
@@ -445,7 +502,7 @@ def upsert(index: Index, ids: Sequence[Any], doc_tokens: Any, doclens: Any, meta
         counts[:] = [len(ids) - len(old), len(old)]
         return old
 
-    add(index, doc_tokens, doclens, ids, metadata, replace=existing)
+    add(index, doc_tokens, doclens, ids, metadata, replace=existing, texts=texts)
     return counts[0], counts[1]
 
 

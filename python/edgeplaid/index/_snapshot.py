@@ -20,9 +20,11 @@ import numpy as np
 import torch
 
 from edgeplaid.index import _codec
+from edgeplaid.index._lexical import keys_of_ids, open_lexical
 from edgeplaid.index._metadata import MetadataReader
 from edgeplaid.index._storage import IndexFormatError, Manifest, open_array, segments_of
 from edgeplaid.ops import bundles
+from edgeplaid.search._lexical import LexicalSearcher
 from edgeplaid.search._plaid import Ivf, Part, PlaidSearcher
 
 
@@ -75,8 +77,14 @@ class Snapshot:
     searcher: PlaidSearcher
     # A device copy's CPU snapshot (moving back to the CPU reopens nothing; None on the CPU).
     host: Snapshot | None = field(default=None, repr=False)
+    lexical: LexicalSearcher | None = None  # the BM25 side (None: built without texts)
     _position: Any = field(default=None, repr=False)  # the id lookup, made on first use
     _joined: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    # str ids' lexical keys per segment, (prefix, ids checksum, n_docs) -> (keys (n_docs,) int64,
+    # their order): made on first use, carried over from the previous version for kept segments
+    _seg_keys: dict[tuple[str, str | None, int], tuple[np.ndarray, np.ndarray]] = field(
+        default_factory=dict, repr=False
+    )
 
     @property
     def n_positions(self) -> int:
@@ -189,6 +197,54 @@ class Snapshot:
                 got[r][c] = None
         return got
 
+    # ------------------------------------------------------------------ lexical keys
+
+    def _segment_keys(self, seg: Segment) -> tuple[np.ndarray, np.ndarray]:
+        """(keys (n_docs,) int64 of a str-id segment's documents, argsort of them), made once per
+        segment: a version that keeps the segment reuses them (O(change) per version)."""
+        tag = (seg.prefix, _ids_sum(self.manifest, seg.prefix), seg.n_docs)
+        got = self._seg_keys.get(tag)
+        if got is None:
+            keys = keys_of_ids(self.user_ids[seg.start : seg.start + seg.n_docs], "str")  # type: ignore[index]
+            got = self._seg_keys[tag] = (keys, np.argsort(keys, kind="stable"))
+        return got
+
+    def keys_of(self, positions: np.ndarray) -> np.ndarray:
+        """Global positions (n,) -> the lexical keys (n,) int64 of their documents (see
+        :mod:`edgeplaid.index._lexical`: the id itself, or a hash of a str id)."""
+        pos = np.asarray(positions, dtype=np.int64)
+        u = self.user_ids
+        if u is None:
+            return pos.copy()
+        if isinstance(u, np.ndarray):
+            return u[pos].astype(np.int64)
+        out = np.empty(pos.shape[0], dtype=np.int64)
+        for seg in self.segments:
+            inside = (pos >= seg.start) & (pos < seg.start + seg.n_docs)
+            if inside.any():
+                out[inside] = self._segment_keys(seg)[0][pos[inside] - seg.start]
+        return out
+
+    def key_positions(self, keys: np.ndarray) -> np.ndarray:
+        """Lexical keys (n,) int64 -> global positions (n,) int64 of the live documents holding
+        them, -1 for none. Str ids: a binary search in each segment's sorted keys (a deleted
+        document's key may live again in a later segment: only a live one counts)."""
+        if self.id_kind != "str":
+            return self.lookup(keys)
+        out = np.full(keys.shape[0], -1, dtype=np.int64)
+        for seg in self.segments:
+            if seg.n_docs == 0:
+                continue
+            sk, order = self._segment_keys(seg)
+            at = np.minimum(np.searchsorted(sk, keys, sorter=order), seg.n_docs - 1)
+            local = order[at]
+            hit = sk[local] == keys
+            pos = seg.start + local
+            if self.live is not None:
+                hit &= self.live[pos]
+            out[hit] = pos[hit]
+        return out
+
     def live_ids(self) -> list[Any]:
         """The user ids of every live document, in position order."""
         pos = self.live_positions()
@@ -246,6 +302,7 @@ class Snapshot:
         )
         out.searcher = _searcher(out)
         out.host = self if self.host is None else self.host
+        out.lexical, out._seg_keys = self.lexical, self._seg_keys
         return out
 
 
@@ -457,6 +514,10 @@ def open_snapshot(
         None,  # type: ignore[arg-type]
     )
     st.searcher = _searcher(st)
+    st.lexical = open_lexical(path, m)
+    if trusted and previous is not None and kind == "str":
+        kept = {(g.prefix, _ids_sum(m, g.prefix), g.n_docs) for g in segments}
+        st._seg_keys = {t: v for t, v in previous._seg_keys.items() if t in kept}  # lexical keys kept
     if previous is not None and _codes_key(previous) == _codes_key(st):
         # The same segments (a delete, a metadata change): the codes stages 2-3 read joined are
         # the previous version's, not joined again (a 130 MB copy at 66M tokens).

@@ -281,6 +281,7 @@ _TOP_KEYS = {
     "n_deleted",
     "metadata",
     "next_id",
+    "lexical",
 }
 _SEGMENT_KEYS = {"prefix", "n_docs", "n_tokens", "residual_error"}
 # Segment j >= 1 stores its arrays as "s<j>.codes" etc.; the first segment of a build keeps the
@@ -345,9 +346,9 @@ def _validate_segments(m: dict[str, Any], where: str) -> None:
     manifest's n_docs / n_tokens; tombstones fewer than the documents."""
     segs = m.get("segments")
     if m["format_version"] < 4:
-        if segs is not None or "n_deleted" in m or "metadata" in m or "next_id" in m:
+        if segs is not None or {"n_deleted", "metadata", "next_id", "lexical"} & set(m):
             raise IndexFormatError(
-                f"{where}: segments, n_deleted, metadata and next_id need format_version 4"
+                f"{where}: segments, n_deleted, metadata, next_id and lexical need format_version 4"
             )
         return
     if not isinstance(segs, list) or not segs or len(segs) > 10_000:
@@ -382,6 +383,12 @@ def _validate_segments(m: dict[str, Any], where: str) -> None:
         if type(meta["nbytes"]) is not int or not 0 <= meta["nbytes"] <= _MAX_COUNT:
             raise IndexFormatError(f"{where}: metadata: bad nbytes {meta['nbytes']!r}")
         _check_digest(meta["checksum"], f"{where}: metadata")
+    if "lexical" in m:
+        from edgeplaid.index._lexical import validate_entry
+
+        validate_entry(m["lexical"], where, m["n_docs"] - m.get("n_deleted", 0))
+        for name, f in m["lexical"]["files"].items():
+            _check_digest(f["checksum"], f"{where}: lexical/{name}")
 
 
 def tombstones_ok(deleted: np.ndarray, n_positions: int) -> bool:
@@ -584,7 +591,10 @@ def verify_checksums(path: Path, manifest: dict[str, Any], names: Any = None) ->
                 "the index is corrupt"
             )
     if names is None:
+        from edgeplaid.index._lexical import check_lexical_files
+
         check_metadata_file(path, manifest, hash=True)
+        check_lexical_files(path, manifest, hash=True)  # type: ignore[arg-type]
 
 
 def check_metadata_file(path: Path, manifest: dict[str, Any], hash: bool) -> None:

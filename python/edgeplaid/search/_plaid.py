@@ -400,9 +400,15 @@ class PlaidSearcher:
         params: SearchParams,
         subset: list[np.ndarray | None] | None = None,
         backend: str | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        extra: list[np.ndarray] | None = None,
+    ) -> tuple[torch.Tensor, ...]:
         """queries on the index's device -> scores (nq, k) float32, ids (nq, k) int64 global
-        document positions, there too. ``subset``: per query, None or sorted unique live positions."""
+        document positions, there too. ``subset``: per query, None or sorted unique live positions.
+
+        ``extra`` (hybrid search): per query live global positions scored by the last stage
+        beside the survivors, whatever the earlier stages kept (the top k is still taken from
+        the survivors only); their scores come back as a third tensor (nq, widest) float32,
+        aligned with ``extra`` (-inf past each row's end)."""
         nq, lq, _ = queries.shape
         device = self.device
         n_cent = self.codec.n_centroids
@@ -420,6 +426,10 @@ class PlaidSearcher:
         whole = None if subset is None else [s is not None and s.shape[0] <= cap for s in subset]
         out_s = torch.full((nq, k), NEG_INF, dtype=torch.float32, device=device)
         out_i = torch.full((nq, k), -1, dtype=torch.int64, device=device)
+        out_e = None
+        if extra is not None:
+            ext = _pad_numpy(extra).to(device)
+            out_e = torch.full(ext.shape, NEG_INF, dtype=torch.float32, device=device)
         n_probe = min(params.n_probe, n_cent)
         codes = self.doc_codes()
         for start in range(0, nq, per_block):
@@ -447,12 +457,15 @@ class PlaidSearcher:
                 )
                 _, cand = _best(s3, cand, params.n_rerank, ordered=False)
             s4 = self._stage4(q, cs, cand, params.precision, backend)
+            if out_e is not None:
+                rows = slice(start, start + q.shape[0])
+                out_e[rows] = self._stage4(q, cs, ext[rows], params.precision, backend)
             del cs
             vals, ids = _best(s4, cand, k, ordered=True)
             ids = ids.masked_fill(torch.isneginf(vals), -1)  # an empty document is no result
             out_s[start : start + q.shape[0], : vals.shape[1]] = vals
             out_i[start : start + q.shape[0], : ids.shape[1]] = ids
-        return out_s, out_i
+        return (out_s, out_i) if out_e is None else (out_s, out_i, out_e)
 
     def exhaustive(
         self, queries: b.Queries, k: int, backend: str | None = None, allowed: np.ndarray | None = None

@@ -37,7 +37,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -112,6 +112,10 @@ class SearchRequest(BaseModel):
     # A metadata filter (edgeplaid.index._metadata.compile_where) and the values of its "?".
     where: str | None = None
     params: list[Any] | None = None
+    # late (PLAID), lexical (BM25 of the query texts) or hybrid (both fused): Index.search
+    mode: Literal["late", "lexical", "hybrid"] = "late"
+    alpha: float | None = Field(default=None, ge=0.0, le=1.0)
+    fusion: Literal["rrf", "relative_score"] | None = None
 
 
 DocumentId = StrictStr | StrictInt  # strict: JSON true or 1.5 is no id (True == 1 in Python)
@@ -321,24 +325,36 @@ def search_batch(model: Any, index: Any, jobs: Sequence[SearchRequest]) -> list[
     candidate choices can turn that into other results), and each distinct k is its own search
     (the search effort follows k). Jobs of one k and one metadata filter (``where`` and
     ``params``, checked before they joined the batch) are searched together."""
-    groups: dict[tuple[int, int, str | None], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-    filters: dict[str | None, dict[str, Any]] = {None: {}}
+    groups: dict[tuple[int, int, str], list[tuple[int, Any, Any]]] = {}
+    filters: dict[str, dict[str, Any]] = {}
     for i, job in enumerate(jobs):
-        queries, mask = model.encode_queries(job.queries)
+        queries = mask = None
+        if job.mode != "lexical":
+            queries, mask = model.encode_queries(job.queries)
         # The filter's JSON as its key: 1 and 1.0 and true are distinct params (equal in Python).
-        key = None if job.where is None else json.dumps([job.where, job.params])
-        filters.setdefault(key, {"where": job.where, "params": job.params})
-        groups.setdefault((job.k, queries.shape[1], key), []).append((i, queries, mask))
+        key = json.dumps([job.where, job.params, job.mode, job.alpha, job.fusion])
+        options: dict[str, Any] = {} if job.where is None else {"where": job.where, "params": job.params}
+        if job.mode != "late":  # a late search is called exactly as before hybrid search came
+            options["mode"] = job.mode
+        if job.mode == "hybrid":
+            options |= {"alpha": job.alpha, "fusion": job.fusion}
+        filters.setdefault(key, options)
+        width = 0 if queries is None else queries.shape[1]
+        groups.setdefault((job.k, width, key), []).append((i, queries, mask))
     out: list[dict[str, Any]] = [{} for _ in jobs]
-    for (k, _, key), members in groups.items():
-        queries = torch.cat([q for _, q, _ in members])
-        mask = torch.cat([m for _, _, m in members])
-        result = index.search(queries, k=k, queries_mask=mask, **filters[key])
+    for (k, width, key), members in groups.items():
+        texts = [t for i, _, _ in members for t in jobs[i].queries]
+        queries = mask = None
+        if width:
+            queries = torch.cat([q for _, q, _ in members])
+            mask = torch.cat([m for _, _, m in members])
+        text = {"text": texts} if "mode" in filters[key] else {}
+        result = index.search(queries, k=k, queries_mask=mask, **text, **filters[key])
         # The result is all that leaves the device: one copy, not one per row.
         scores, ids, user_ids = result.scores.cpu().tolist(), result.ids.cpu().tolist(), result.user_ids
         row = 0
-        for i, q, _ in members:
-            n = q.shape[0]
+        for i, _, _ in members:
+            n = len(jobs[i].queries)
             out[i] = {
                 "ids": ids[row : row + n],
                 "user_ids": [list(u) for u in user_ids[row : row + n]],
@@ -383,13 +399,16 @@ class _Documents:
     vectors: list[torch.Tensor]  # one (n_tokens_i, dim) per document
     metadata: list[dict[str, Any] | None] | None
     upsert: bool
+    texts: list[str] | None = None  # for an index with a lexical side: every document's text
 
-    def pack(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """(tokens, doclens, metadata) of the documents ``rows``, packed as Index.add takes them."""
+    def pack(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, Any, list[str] | None]:
+        """(tokens, doclens, metadata, texts) of the documents ``rows``, packed as Index.add
+        takes them."""
         tokens = torch.cat([self.vectors[r] for r in rows])
         doclens = torch.tensor([self.vectors[r].shape[0] for r in rows], dtype=torch.int64)
         meta = None if self.metadata is None else [self.metadata[r] for r in rows]
-        return tokens, doclens, meta
+        texts = None if self.texts is None else [self.texts[r] for r in rows]
+        return tokens, doclens, meta, texts
 
 
 def _id_kind(index: Any) -> type:
@@ -443,11 +462,11 @@ def write_documents(index: Any, docs: _Documents) -> dict[str, int]:
             + '; "upsert": true replaces documents',
             409,
         )
-    tokens, doclens, meta = docs.pack(range(len(docs.ids)))
+    tokens, doclens, meta, texts = docs.pack(range(len(docs.ids)))
     if docs.upsert:
-        added, updated = index.upsert(list(docs.ids), tokens, doclens, metadata=meta)
+        added, updated = index.upsert(list(docs.ids), tokens, doclens, metadata=meta, texts=texts)
     else:
-        index.add(tokens, doclens, ids=list(docs.ids), metadata=meta)
+        index.add(tokens, doclens, ids=list(docs.ids), metadata=meta, texts=texts)
         added, updated = len(docs.ids), 0
     return {"added": added, "updated": updated, "n_docs": index.n_docs}
 
@@ -799,10 +818,18 @@ def create_app(
         vectors: list[torch.Tensor | None] = [None] * n
         texts: list[int] = []
         chars = 0
+        lexical = index.has_lexical
         for i, d in enumerate(req.documents):
-            if (d.text is None) == (d.embedding is None):
+            if lexical and d.text is None:
+                raise _BadRequest(
+                    f"documents[{i}].text: this index has a lexical side (BM25): every document needs "
+                    "its text (with or without embedding)"
+                )
+            if not lexical and (d.text is None) == (d.embedding is None):
                 raise _BadRequest(f"documents[{i}]: give either text or embedding (token vectors)")
-            if d.text is not None:
+            if d.text is not None and d.embedding is not None:  # the text for BM25 only
+                chars += _check_text(d.text, f"documents[{i}].text", cfg.max_text_chars)
+            elif d.text is not None:
                 if model is None:
                     raise _BadRequest(
                         f"documents[{i}].text: this server has no model to encode texts (started "
@@ -830,7 +857,8 @@ def create_app(
                         f"the model encodes {v.shape[1]}-dim vectors, the index holds {index.dim}", 500
                     )
                 vectors[i] = v
-        return _Documents(ids, vectors, metadata, req.upsert)  # type: ignore[arg-type]
+        doc_texts = [d.text for d in req.documents] if lexical else None
+        return _Documents(ids, vectors, metadata, req.upsert, doc_texts)  # type: ignore[arg-type]
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -884,7 +912,12 @@ def create_app(
     @app.post("/v1/search", dependencies=[Depends(check_key)])
     async def search(req: SearchRequest) -> dict[str, Any]:
         need_index()
-        need_model("encode the queries")
+        if req.mode != "lexical":
+            need_model("encode the queries")
+        if req.mode != "late" and not index.has_lexical:
+            raise _BadRequest(f"mode: {req.mode!r} needs a lexical side; this index was built without texts")
+        if req.mode != "hybrid" and (req.alpha is not None or req.fusion is not None):
+            raise _BadRequest("alpha, fusion: only with mode 'hybrid'")
         if len(req.queries) > cfg.max_queries:
             raise _BadRequest(
                 f"queries: {len(req.queries)} queries, more than the limit of {cfg.max_queries}"

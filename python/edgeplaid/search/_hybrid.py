@@ -1,0 +1,131 @@
+"""Lexical and hybrid search of one index version: BM25 alone, or BM25 fused with PLAID.
+
+Hybrid, per query: the lexical side retrieves its ``depth`` best documents (BM25, tantivy); the
+late side runs PLAID and keeps its ``depth`` best, and its last stage also scores the lexical
+side's documents (so every document of the union has its late-interaction score, computed as
+PLAID scores its own); the lexical side then scores the late side's documents that it did not
+retrieve (0 where no term matches). Fusion (:mod:`edgeplaid.search._fusion`) is exact over that
+union; the k best are returned. Filters apply to both sides before retrieval; deleted
+documents are on neither side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgeplaid.search._fusion import FUSIONS, fuse
+from edgeplaid.search._lexical import LexicalSearcher
+from edgeplaid.search._plaid import NEG_INF, PlaidSearcher, SearchParams
+
+MODES = ("late", "lexical", "hybrid")
+# Each side's list for the fusion: max(k, DEPTH_PER_K * k, DEPTH_MIN) documents (the late
+# side's at most what PLAID's last stage scores, n_rerank). Deeper lists (40, 100 at k = 10)
+# changed nDCG@10 by at most 0.003 (down on SciFact, up on Cranfield; bench_hybrid.py) and cost
+# more lexical scoring: 20.
+DEPTH_PER_K = 2
+DEPTH_MIN = 20
+# Chosen on SciFact and Cranfield with the MiniLM stand-in (benchmarks/bench_hybrid.py,
+# results/hybrid.csv): relative_score at alpha 0.6 gave the best nDCG@10 of both fusions on both
+# collections (SciFact 0.7125 vs late 0.6918, lexical 0.6619, RRF 0.7036 at its best alpha;
+# Cranfield 0.3893 vs 0.3677, 0.3429, RRF 0.3883). RRF's default alpha 0.5 ranks as plain RRF.
+DEFAULT_FUSION = "relative_score"
+DEFAULT_ALPHA = {"rrf": 0.5, "relative_score": 0.6}
+
+
+def check_fusion(fusion: str | None, alpha: float | None) -> tuple[str, float]:
+    """(fusion, alpha) with the defaults filled in; ValueError naming a bad one."""
+    f = DEFAULT_FUSION if fusion is None else fusion
+    if f not in FUSIONS:
+        raise ValueError(f"fusion: expected one of {', '.join(FUSIONS)}, got {fusion!r}")
+    a = DEFAULT_ALPHA[f] if alpha is None else alpha
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= float(a) <= 1.0:
+        raise ValueError(f"alpha: expected a number in [0, 1] (the late side's weight), got {alpha!r}")
+    return f, float(a)
+
+
+def _allowed_keys(sub: np.ndarray | None, keys_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray | None:
+    return None if sub is None else np.unique(keys_of(sub))
+
+
+def lexical_search(
+    lexical: LexicalSearcher,
+    texts: list[str],
+    k: int,
+    subsets: list[np.ndarray | None] | None,
+    keys_of: Callable[[np.ndarray], np.ndarray],
+    positions_of: Callable[[np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """BM25 alone: scores (nq, k) float32 (-inf past the matches), ids (nq, k) int64 positions
+    (-1 past the matches)."""
+    nq = len(texts)
+    out_s = np.full((nq, k), NEG_INF, dtype=np.float32)
+    out_i = np.full((nq, k), -1, dtype=np.int64)
+    for i, text in enumerate(texts):
+        sub = None if subsets is None else subsets[i]
+        keys, scores = lexical.search(text, k, _allowed_keys(sub, keys_of))
+        pos = positions_of(keys)
+        ok = pos >= 0  # always, for an index whose two sides agree (checked at load)
+        n = int(ok.sum())
+        out_s[i, :n], out_i[i, :n] = scores[ok], pos[ok]
+    return out_s, out_i
+
+
+def hybrid_search(
+    plaid: PlaidSearcher,
+    lexical: LexicalSearcher,
+    queries: Any,
+    texts: list[str],
+    k: int,
+    params: SearchParams,
+    subsets: list[np.ndarray | None] | None,
+    keys_of: Callable[[np.ndarray], np.ndarray],
+    positions_of: Callable[[np.ndarray], np.ndarray],
+    *,
+    fusion: str,
+    alpha: float,
+    backend: str | None = None,
+    depth: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hybrid search (see the module): fused scores (nq, k) float32 (-inf past the union), ids
+    (nq, k) int64 positions (-1 past the union). ``queries``: the bundle PLAID searches (nq
+    queries on the index's device); ``texts``: nq query texts."""
+    nq = len(texts)
+    d = depth if depth is not None else max(k, DEPTH_PER_K * k, DEPTH_MIN)
+    lex: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for i, text in enumerate(texts):
+        sub = None if subsets is None else subsets[i]
+        keys, scores = lexical.search(text, d, _allowed_keys(sub, keys_of))
+        pos = positions_of(keys)
+        ok = pos >= 0
+        lex.append((keys[ok], scores[ok], pos[ok]))
+    late_depth = max(k, min(d, params.n_rerank))
+    s, ids, ext = plaid.search(queries, late_depth, params, subsets, backend, extra=[p for _, _, p in lex])
+    s, ids, ext = s.cpu().numpy(), ids.cpu().numpy(), ext.cpu().numpy()
+    out_s = np.full((nq, k), NEG_INF, dtype=np.float32)
+    out_i = np.full((nq, k), -1, dtype=np.int64)
+    for i, text in enumerate(texts):
+        _, lex_scores, lex_pos = lex[i]
+        late_ok = ids[i] >= 0
+        late_pos, late_scores = ids[i][late_ok], s[i][late_ok]
+        only_late = ~np.isin(late_pos, lex_pos)
+        union = np.concatenate([lex_pos, late_pos[only_late]])
+        late_u = np.concatenate([ext[i, : lex_pos.shape[0]], late_scores[only_late]])
+        lex_u = np.concatenate([lex_scores, lexical.score(text, keys_of(late_pos[only_late]))])
+        scored = np.isfinite(late_u)  # an empty document has no late score: it stays out
+        union, late_u, lex_u = union[scored], late_u[scored], lex_u[scored]
+        if union.shape[0] == 0:
+            continue
+        fused = fuse(late_u, lex_u, fusion, alpha)
+        # best first; ties: the higher late score, then the lower position (deterministic)
+        order = np.lexsort((union, -late_u, -fused))[:k]
+        out_s[i, : order.shape[0]] = fused[order]
+        out_i[i, : order.shape[0]] = union[order]
+    return out_s, out_i
+
+
+def to_device(scores: np.ndarray, ids: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(scores).to(device), torch.from_numpy(ids).to(device)
