@@ -306,3 +306,35 @@ def test_str_key_collisions_are_refused(tmp_path, monkeypatch):
     t, dl = _vectors(1, 4)
     with pytest.raises(ValueError, match="shares a lexical key"):
         index.add(t, dl, ids=["d"], texts=["w"])
+
+
+def test_no_stranger_in_the_lexical_directory(tmp_path):
+    _build(tmp_path / "i", n=20)
+    lex = tmp_path / "i" / "lexical"
+    (lex / "planted.store").write_bytes(b"x")  # tantivy would open whatever meta.json names
+    with pytest.raises(IndexFormatError, match=r"lexical/planted\.store: not a file of this version"):
+        Index.load(tmp_path / "i", verify=False)
+    (lex / "planted.store").unlink()
+    (lex / ".tantivy-meta.lock").unlink()
+    os.symlink(tmp_path / "elsewhere", lex / ".tantivy-meta.lock")  # opened for writing by tantivy
+    with pytest.raises(IndexFormatError, match=r"lexical/\.tantivy-meta\.lock"):
+        Index.load(tmp_path / "i", verify=True)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_edge_cases(tmp_path):
+    index, q, m = _build(tmp_path / "i", n=20, ids=[f"d{i}" for i in range(20)])
+    empty = index.search(q[:0], k=3, text="alpha")  # no query: no row, as a late search
+    assert tuple(empty.scores.shape) == (0, 3)
+    assert index.search(text="!!! ...", k=2).user_ids == [[None, None]]  # no term at all
+    assert index.search(q[:1], k=2, queries_mask=m[:1], text="!!!").user_ids[0][0] is not None  # late only
+    with pytest.raises(ValueError, match=r"text: not valid UTF-8"):
+        index.search(text="bad \udcff")
+    t, dl = _vectors(1, 3)
+    with pytest.raises(ValueError, match=r"texts\[0\]: not valid UTF-8"):
+        index.add(t, dl, ids=["x"], texts=["bad \udcff"])
+    index.add(t, dl, ids=["x"], texts=np.array(["from numpy"]))  # arrays of str are texts too
+    assert index.texts(["x"]) == ["from numpy"]
+    index.delete(index.ids())
+    index.compact()
+    assert index.texts(["d1"]) == [None] and len(index) == 0

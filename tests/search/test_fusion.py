@@ -25,9 +25,10 @@ def test_rrf_by_hand():
     np.testing.assert_allclose(fuse(late, lexical, "rrf", 0.0), [0, 1 / (k + 2), 1 / (k + 1), 1 / (k + 3)])
 
 
-def test_rrf_ties_keep_order():
-    got = fuse(np.array([1.0, 1.0]), np.array([0.0, 0.0]), "rrf", 1.0)
-    assert got[0] > got[1]  # equal scores: the earlier document ranks first
+def test_rrf_ties_share_a_rank():
+    got = fuse(np.array([1.0, 1.0, 0.5]), np.array([2.0, 2.0, 0.0]), "rrf", 0.5)
+    assert got[0] == got[1] == 0.5 / (RRF_K + 1) + 0.5 / (RRF_K + 1)  # ranks 1, 1 on both sides
+    assert got[2] == 0.5 / (RRF_K + 3)
 
 
 def test_relative_score_by_hand():

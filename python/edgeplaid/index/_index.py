@@ -14,6 +14,7 @@ import torch
 
 from edgeplaid.index import _build, _mutate
 from edgeplaid.index._checks import open_checked
+from edgeplaid.index._lexical import check_text
 from edgeplaid.index._snapshot import Snapshot, open_snapshot
 from edgeplaid.index._storage import FORMAT_VERSION, changed, rewrite_index, verify_checksums
 from edgeplaid.ops import bundles
@@ -596,8 +597,13 @@ class Index:
         if st.lexical is None:
             raise ValueError("texts: this index has no lexical side (built without texts)")
         pos = st.lookup(list(ids.tolist() if hasattr(ids, "tolist") else ids))
-        got = st.lexical.texts(st.keys_of(np.maximum(pos, 0)))
-        return [t if p >= 0 else None for t, p in zip(got, pos.tolist(), strict=True)]
+        found = pos >= 0
+        out: list[str | None] = [None] * pos.shape[0]
+        for i, t in zip(
+            np.flatnonzero(found).tolist(), st.lexical.texts(st.keys_of(pos[found])), strict=True
+        ):
+            out[i] = t
+        return out
 
     @property
     def has_lexical(self) -> bool:
@@ -692,13 +698,13 @@ def _mode(mode: str | None, queries: Any, text: Any) -> str:
 def _texts(text: Any, nq: int | None) -> list[str]:
     """``text`` as a list of query texts, one per query (``nq``: the queries' count, if known)."""
     if isinstance(text, str):
-        return [text] * (nq or 1)
+        return [check_text(text, "text")] * (1 if nq is None else nq)
     texts = list(text) if isinstance(text, Sequence) else []
     if not texts or any(not isinstance(t, str) for t in texts):
         raise ValueError("text: expected a str or a non-empty sequence of str")
     if nq is not None and len(texts) != nq:
         raise ValueError(f"text: expected one text per query ({nq}), got {len(texts)}")
-    return texts
+    return [check_text(t, f"text[{i}]") for i, t in enumerate(texts)]
 
 
 def _device(device: Any) -> torch.device:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,8 +44,8 @@ if TYPE_CHECKING:
     from edgeplaid.search._lexical import LexicalSearcher
 
 LEXICAL_DIR = "lexical"
-# "plain": tantivy's default analysis (split on anything not a letter or digit, tokens over 40
-# bytes dropped, lowercased), what the collections' reference BM25 figures use (SciFact: BEIR's
+# "plain": tantivy's default analysis (split on anything not a letter or digit, tokens of 40
+# bytes or more dropped, lowercased), what the collections' reference BM25 figures use (SciFact: BEIR's
 # 0.665; Cranfield: 0.311). "english": the same plus the Snowball English stemmer (tantivy's
 # en_stem): +0.03 nDCG@10 on both collections here (benchmarks/results/hybrid.csv).
 ANALYZERS = ("plain", "english")
@@ -106,8 +107,22 @@ def keys_of_ids(ids: Sequence[Any] | np.ndarray, id_kind: str) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64).reshape(-1)
 
 
+def check_text(text: Any, name: str) -> str:
+    """``text`` if it is a str tantivy can take (valid UTF-8: no lone surrogate); ValueError
+    naming ``name`` otherwise."""
+    if not isinstance(text, str):
+        raise ValueError(f"{name}: expected str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name}: not valid UTF-8 (a lone surrogate)") from None
+    return text
+
+
 def check_texts(texts: Any, n_docs: int) -> list[str]:
     """``texts`` as a list of n_docs str; ValueError naming what is wrong."""
+    if hasattr(texts, "tolist") and not isinstance(texts, (str, bytes)):
+        texts = texts.tolist()  # numpy arrays, pandas Series
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
         raise ValueError(
             f"texts: expected a sequence of {n_docs} str (one per document), got {type(texts).__name__}"
@@ -116,15 +131,14 @@ def check_texts(texts: Any, n_docs: int) -> list[str]:
         raise ValueError(f"texts: expected one text per document ({n_docs}), got {len(texts)}")
     out = list(texts)
     for i, t in enumerate(out):
-        if not isinstance(t, str):
-            raise ValueError(f"texts[{i}]: expected str, got {type(t).__name__}")
+        check_text(t, f"texts[{i}]")
     return out
 
 
 def check_new_keys(keys: np.ndarray, existing: np.ndarray | None, ids: Sequence[Any]) -> None:
-    """Two str ids whose 63-bit keys collide (about 1 in 10^7 for a billion ids) are refused
-    rather than mixed up: ValueError naming them. ``existing``: sorted keys of the documents that
-    stay."""
+    """Two str ids whose 63-bit keys collide are refused rather than mixed up: ValueError naming
+    them (the birthday bound n^2 / 2^64: about 5e-6 for 10 million ids, 5e-4 for 100 million;
+    past that, int ids avoid it). ``existing``: sorted keys of the documents that stay."""
     order = np.argsort(keys, kind="stable")
     sk = keys[order]
     dup = np.flatnonzero(sk[1:] == sk[:-1])
@@ -186,7 +200,14 @@ def write_lexical(
     writer.wait_merging_threads()  # merges tantivy started finish here, not in a later version
     gc = idx.writer(heap_size=_WRITER_HEAP, num_threads=1)
     gc.garbage_collect_files()  # files of merged-away segments: not part of this version
-    del gc, writer, idx
+    del gc, writer
+    idx.reload()
+    if idx.searcher().num_docs != n_docs:  # never commit what a load would refuse
+        raise RuntimeError(
+            f"edgeplaid bug: the lexical side would hold {idx.searcher().num_docs} documents, "
+            f"the index {n_docs}"
+        )
+    del idx
     files: dict[str, dict[str, Any]] = {}
     for name in sorted(os.listdir(dst)):
         if name in _LOCKS:
@@ -244,10 +265,12 @@ def link_lexical(w: IndexWriter, previous: Manifest) -> dict[str, Any] | None:
 _ENTRY_KEYS = {"analyzer", "store_texts", "key", "n_docs", "files"}
 
 
-def validate_entry(e: Any, where: str, n_live: int) -> None:
+def validate_entry(e: Any, where: str, n_live: int, id_kind: str) -> None:
     """The manifest's ``lexical`` entry against its schema (no file read)."""
     if not isinstance(e, dict) or set(e) != _ENTRY_KEYS:
         raise IndexFormatError(f"{where}: lexical must have exactly the keys {sorted(_ENTRY_KEYS)}")
+    if e["key"] != ("blake2b63" if id_kind == "str" else "id"):
+        raise IndexFormatError(f"{where}: lexical: key {e['key']!r} does not fit {id_kind} ids")
     if (
         e["analyzer"] not in ANALYZERS
         or type(e["store_texts"]) is not bool
@@ -298,6 +321,12 @@ def check_lexical_files(path: Path, m: Manifest, hash: bool) -> None:
     except OSError as err:
         raise IndexFormatError(f"{path}: cannot open the lexical directory ({err.strerror})") from err
     try:
+        # tantivy opens its files by name and follows links: nothing but the listed files and
+        # its two (regular) lock files may be in the directory.
+        for name in os.listdir(dfd):
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if name not in e["files"] and (name not in _LOCKS or not stat.S_ISREG(st.st_mode)):
+                raise IndexFormatError(f"{path}: lexical/{name}: not a file of this version (refused)")
         for name, f in e["files"].items():
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
@@ -321,10 +350,11 @@ def check_lexical_files(path: Path, m: Manifest, hash: bool) -> None:
 def open_lexical(path: Path, m: Manifest) -> LexicalSearcher | None:
     """The lexical searcher of the version ``m`` was read from (None without a lexical side).
 
-    tantivy opens files by path: this version's directory is reached through its descriptor
-    (``/proc/self/fd``: the kernel follows that link to the open directory itself) and, once the
-    searcher holds its files, the directory is checked to be still the one at the index's path;
-    otherwise IndexFormatError (a load starts again on the new version)."""
+    tantivy opens files by path (it even resolves the ``/proc/self/fd`` link it is given to the
+    directory's name): once the searcher holds its files, the directory is checked to be still
+    the one at the index's path; otherwise IndexFormatError (a load starts again on the new
+    version). tantivy's reader takes a lock file in the directory (opened for writing): an index
+    in a read-only place loads without its lexical side, with a warning."""
     from edgeplaid.search._lexical import LexicalSearcher
 
     e = m.get("lexical")
@@ -336,6 +366,13 @@ def open_lexical(path: Path, m: Manifest) -> LexicalSearcher | None:
         idx.config_reader(reload_policy="manual", num_warmers=0)
         searcher = idx.searcher()
     except (ValueError, OSError) as err:
+        if "Lockfile" in str(err) and not os.access(f"{base}/{LEXICAL_DIR}", os.W_OK):
+            warnings.warn(
+                f"edgeplaid: {path}: the lexical (BM25) side cannot be opened read-only (tantivy "
+                "takes a lock file there): loaded without it; lexical and hybrid search need write access",
+                stacklevel=4,
+            )
+            return None
         raise IndexFormatError(f"{path}: cannot open the lexical index of this version ({err})") from err
     if m.dir.removed():  # type: ignore[attr-defined]
         raise IndexFormatError(f"{path}: the index was replaced while its lexical side was opened")

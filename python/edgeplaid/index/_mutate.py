@@ -217,6 +217,16 @@ def _ids_for_new(
     return new, want
 
 
+def _texts_fit(st: Snapshot, texts: list[str] | None, n: int) -> None:
+    """ValueError when texts are missing for an index with a lexical side, or given to one
+    without: the two sides never disagree."""
+    if st.manifest.get("lexical") is None:
+        if texts is not None:
+            raise ValueError("texts: this index has no lexical side (build it with texts=... to have one)")
+    elif texts is None and n:
+        raise ValueError("texts: this index has a lexical side (BM25): give the new documents' texts")
+
+
 def _lexical_change(
     w: IndexWriter, st: Snapshot, texts: list[str] | None, new_ids: list[Any], kind: str, gone: np.ndarray
 ) -> dict[str, Any] | None:
@@ -224,13 +234,10 @@ def _lexical_change(
     ``gone`` removed and ``new_ids`` (with ``texts``) added; its manifest entry (None: the index
     has no lexical side). ValueError when texts are missing for an index that has one, or given
     to one that has none: the two sides never disagree."""
+    _texts_fit(st, texts, len(new_ids))
     entry = st.manifest.get("lexical")
     if entry is None:
-        if texts is not None:
-            raise ValueError("texts: this index has no lexical side (build it with texts=... to have one)")
         return None
-    if texts is None and new_ids:
-        raise ValueError("texts: this index has a lexical side (BM25): give the new documents' texts")
     add_keys = keys_of_ids(new_ids, kind)
     del_keys = st.keys_of(gone)
     if kind == "str" and add_keys.shape[0]:
@@ -387,6 +394,7 @@ def add(
     texts = None if texts is None else check_texts(texts, n)
     err = None
     with _writing(index) as (w, st):
+        _texts_fit(st, texts, n)  # before any compression: a refused change costs nothing
         if callable(replace):
             replace = replace(st)
         replacing = st.positions(replace) if replace else np.zeros(0, np.int64)

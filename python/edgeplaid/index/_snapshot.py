@@ -218,12 +218,8 @@ class Snapshot:
             return pos.copy()
         if isinstance(u, np.ndarray):
             return u[pos].astype(np.int64)
-        out = np.empty(pos.shape[0], dtype=np.int64)
-        for seg in self.segments:
-            inside = (pos >= seg.start) & (pos < seg.start + seg.n_docs)
-            if inside.any():
-                out[inside] = self._segment_keys(seg)[0][pos[inside] - seg.start]
-        return out
+        # the asked ids hashed (O(asked)): a one-document change must not hash a whole segment
+        return keys_of_ids([u[p] for p in pos.tolist()], "str")
 
     def key_positions(self, keys: np.ndarray) -> np.ndarray:
         """Lexical keys (n,) int64 -> global positions (n,) int64 of the live documents holding

@@ -386,7 +386,7 @@ def _validate_segments(m: dict[str, Any], where: str) -> None:
     if "lexical" in m:
         from edgeplaid.index._lexical import validate_entry
 
-        validate_entry(m["lexical"], where, m["n_docs"] - m.get("n_deleted", 0))
+        validate_entry(m["lexical"], where, m["n_docs"] - m.get("n_deleted", 0), m.get("ids", "none"))
         for name, f in m["lexical"]["files"].items():
             _check_digest(f["checksum"], f"{where}: lexical/{name}")
 

@@ -6,8 +6,8 @@ matches no query term, so it is not on the lexical side's list).
 
 - ``rrf`` (reciprocal rank fusion, Cormack et al. 2009), weighted:
   fused = alpha / (RRF_K + rank_late) + (1 - alpha) / (RRF_K + rank_lexical), ranks from 1 over
-  the union (ties: the earlier document first); a document with no lexical match adds nothing on
-  that side. alpha = 0.5 ranks as plain RRF.
+  the union (equal scores share the best of their ranks: a tie is no evidence); a document with
+  no lexical match adds nothing on that side. alpha = 0.5 ranks as plain RRF.
 - ``relative_score`` (min-max normalised scores, Weaviate's relativeScoreFusion):
   fused = alpha * (late - min) / (max - min) + (1 - alpha) * (lexical - min) / (max - min), each
   side's min and max over the union (a side whose scores are all equal normalises to 0).
@@ -22,11 +22,10 @@ RRF_K = 60  # the constant of Cormack et al., used unchanged by every engine tha
 
 
 def _ranks(scores: np.ndarray) -> np.ndarray:
-    """1-based rank of each score, best first; ties keep the given order."""
-    order = np.argsort(-scores, kind="stable")
-    ranks = np.empty(scores.shape[0], dtype=np.float64)
-    ranks[order] = np.arange(1, scores.shape[0] + 1)
-    return ranks
+    """1-based rank of each score, best first; equal scores share the lowest of their ranks
+    ("competition" ranking: 1, 2, 2, 4)."""
+    neg = -scores.astype(np.float64)
+    return (np.searchsorted(np.sort(neg), neg, side="left") + 1).astype(np.float64)
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:

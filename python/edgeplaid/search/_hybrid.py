@@ -47,8 +47,21 @@ def check_fusion(fusion: str | None, alpha: float | None) -> tuple[str, float]:
     return f, float(a)
 
 
-def _allowed_keys(sub: np.ndarray | None, keys_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray | None:
-    return None if sub is None else np.unique(keys_of(sub))
+class _AllowedKeys:
+    """Each query's allowed positions as sorted keys, made once per distinct array (a ``where``
+    filter gives every query of a call the same one: O(allowed) once, not once per query)."""
+
+    def __init__(self, keys_of: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.keys_of = keys_of
+        self.made: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, sub: np.ndarray | None) -> np.ndarray | None:
+        if sub is None:
+            return None
+        got = self.made.get(id(sub))
+        if got is None or got[0] is not sub:
+            got = self.made[id(sub)] = (sub, np.unique(self.keys_of(sub)))
+        return got[1]
 
 
 def lexical_search(
@@ -64,9 +77,10 @@ def lexical_search(
     nq = len(texts)
     out_s = np.full((nq, k), NEG_INF, dtype=np.float32)
     out_i = np.full((nq, k), -1, dtype=np.int64)
+    allowed = _AllowedKeys(keys_of)
     for i, text in enumerate(texts):
         sub = None if subsets is None else subsets[i]
-        keys, scores = lexical.search(text, k, _allowed_keys(sub, keys_of))
+        keys, scores = lexical.search(text, k, allowed(sub))
         pos = positions_of(keys)
         ok = pos >= 0  # always, for an index whose two sides agree (checked at load)
         n = int(ok.sum())
@@ -96,9 +110,10 @@ def hybrid_search(
     nq = len(texts)
     d = depth if depth is not None else max(k, DEPTH_PER_K * k, DEPTH_MIN)
     lex: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    allowed = _AllowedKeys(keys_of)
     for i, text in enumerate(texts):
         sub = None if subsets is None else subsets[i]
-        keys, scores = lexical.search(text, d, _allowed_keys(sub, keys_of))
+        keys, scores = lexical.search(text, d, allowed(sub))
         pos = positions_of(keys)
         ok = pos >= 0
         lex.append((keys[ok], scores[ok], pos[ok]))
