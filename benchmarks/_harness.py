@@ -168,3 +168,25 @@ def time_ours(benchmark, fn: Callable[[], object], rounds: int = 20) -> float:
     if stats is None:
         return median_seconds(fn, min_rounds=rounds)
     return float(stats.stats.median)
+
+
+def append_cases(path: Path, rows: list[dict]) -> None:
+    """Appends ``{case, value, unit, baseline}`` rows to the CSV ``path`` (date, commit and CPU
+    added; a header when the file is new): the end-to-end benchmarks' record."""
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["date", "commit", "cpu", "case", "value", "unit", "baseline"])
+        for r in rows:
+            w.writerow(
+                [
+                    dt.date.today().isoformat(),
+                    commit(),
+                    cpu_model(),
+                    r["case"],
+                    f"{r['value']:.4g}",
+                    r["unit"],
+                    r["baseline"],
+                ]
+            )

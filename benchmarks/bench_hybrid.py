@@ -23,8 +23,6 @@ Rows append to benchmarks/results/hybrid.csv.
 
 from __future__ import annotations
 
-import csv
-import datetime as dt
 import os
 import re
 import shutil
@@ -270,23 +268,7 @@ def run_scale(sizes: list[int]) -> list[dict]:
 def _write(rows: list[dict]) -> None:
     if _harness.quick():
         return
-    new = not RESULTS.exists()
-    with open(RESULTS, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["date", "commit", "cpu", "case", "value", "unit", "baseline"])
-        for r in rows:
-            w.writerow(
-                [
-                    dt.date.today().isoformat(),
-                    _harness.commit(),
-                    _harness.cpu_model(),
-                    r["case"],
-                    f"{r['value']:.4g}",
-                    r["unit"],
-                    r["baseline"],
-                ]
-            )
+    _harness.append_cases(RESULTS, rows)
 
 
 @pytest.mark.benchmark

@@ -27,8 +27,6 @@ Rows append to benchmarks/results/living.csv.
 
 from __future__ import annotations
 
-import csv
-import datetime as dt
 import random
 import shutil
 import sys
@@ -299,23 +297,7 @@ def _write(rows: list[dict]) -> None:
 
     if _mutate.MERGE_FACTOR != 4:  # an override of the default tiered merging: say so
         rows = [dict(r, case=f"{r['case']} (merge factor {_mutate.MERGE_FACTOR:g})") for r in rows]
-    new = not RESULTS.exists()
-    with open(RESULTS, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["date", "commit", "cpu", "case", "value", "unit", "baseline"])
-        for r in rows:
-            w.writerow(
-                [
-                    dt.date.today().isoformat(),
-                    _harness.commit(),
-                    _harness.cpu_model(),
-                    r["case"],
-                    f"{r['value']:.4g}",
-                    r["unit"],
-                    r["baseline"],
-                ]
-            )
+    _harness.append_cases(RESULTS, rows)
 
 
 @pytest.mark.benchmark

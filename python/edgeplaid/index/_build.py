@@ -17,7 +17,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -238,10 +238,7 @@ def build(
     if nbits not in (1, 2, 4, 8):
         raise ValueError(f"nbits: expected 1, 2, 4 or 8, got {nbits!r}")
     if texts is not None:
-        if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
-            raise ValueError(
-                f"texts: expected a sequence of str (one per document), got {type(texts).__name__}"
-            )
+        texts = check_texts(texts, None)  # the count once the documents are read
         analyzer_of(analyzer)  # a bad name fails before the costly passes
         if type(store_texts) is not bool:
             raise ValueError(f"store_texts: expected a bool, got {store_texts!r}")
@@ -300,8 +297,8 @@ def build(
             raise ValueError("doc_tokens: the corpus has no token")
         # Checked and written before the costly passes: bad metadata or texts fail fast.
         meta_entry = write_metadata_file(w, metadata, n_docs)
-        if texts is not None:
-            texts = check_texts(texts, n_docs)
+        if texts is not None and len(texts) != n_docs:
+            check_texts(texts, n_docs)  # raises, naming both counts
         timings["read"] = time.perf_counter() - t0
 
         # ---- k-means on the sample, codec on a held-out slice

@@ -119,15 +119,13 @@ def check_text(text: Any, name: str) -> str:
     return text
 
 
-def check_texts(texts: Any, n_docs: int) -> list[str]:
-    """``texts`` as a list of n_docs str; ValueError naming what is wrong."""
+def check_texts(texts: Any, n_docs: int | None) -> list[str]:
+    """``texts`` as a list of n_docs str (None: any count); ValueError naming what is wrong."""
     if hasattr(texts, "tolist") and not isinstance(texts, (str, bytes)):
         texts = texts.tolist()  # numpy arrays, pandas Series
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
-        raise ValueError(
-            f"texts: expected a sequence of {n_docs} str (one per document), got {type(texts).__name__}"
-        )
-    if len(texts) != n_docs:
+        raise ValueError(f"texts: expected a sequence of str (one per document), got {type(texts).__name__}")
+    if n_docs is not None and len(texts) != n_docs:
         raise ValueError(f"texts: expected one text per document ({n_docs}), got {len(texts)}")
     out = list(texts)
     for i, t in enumerate(out):
@@ -180,13 +178,8 @@ def write_lexical(
     prev = None if previous is None else previous.get("lexical")
     reuse: dict[str, dict[str, Any]] = {}
     if prev is not None:
-        src_fd = os.open(LEXICAL_DIR, os.O_RDONLY | os.O_DIRECTORY, dir_fd=previous.dir.fd)  # type: ignore[union-attr]
-        try:
-            for name, e in prev["files"].items():
-                os.link(name, dst / name, src_dir_fd=src_fd, follow_symlinks=False)
-                reuse[name] = {**e, "ino": os.stat(dst / name).st_ino}
-        finally:
-            os.close(src_fd)
+        _link_previous(dst, previous, prev["files"])  # type: ignore[arg-type]
+        reuse = {name: {**e, "ino": os.stat(dst / name).st_ino} for name, e in prev["files"].items()}
         idx = _open_tantivy(str(dst), analyzer_name)
     else:
         idx = tantivy.Index(_schema(analyzer_name, store_texts), path=str(dst))
@@ -246,17 +239,23 @@ def link_lexical(w: IndexWriter, previous: Manifest) -> dict[str, Any] | None:
         return None
     dst = w.path(LEXICAL_DIR)
     dst.mkdir()
+    _link_previous(dst, previous, prev["files"], _LOCKS)
+    return prev
+
+
+def _link_previous(dst: Path, previous: Manifest, names: Any, optional: tuple[str, ...] = ()) -> None:
+    """Hard-links the files ``names`` (and ``optional`` ones, where present) of the previous
+    version's lexical directory into ``dst``."""
     src_fd = os.open(LEXICAL_DIR, os.O_RDONLY | os.O_DIRECTORY, dir_fd=previous.dir.fd)  # type: ignore[attr-defined]
     try:
-        for name in [*prev["files"], *_LOCKS]:
+        for name in [*names, *optional]:
             try:
                 os.link(name, dst / name, src_dir_fd=src_fd, follow_symlinks=False)
             except FileNotFoundError:
-                if name not in _LOCKS:
+                if name not in optional:
                     raise
     finally:
         os.close(src_fd)
-    return prev
 
 
 # ---------------------------------------------------------------------------- reading

@@ -232,10 +232,8 @@ def _lexical_change(
 ) -> dict[str, Any] | None:
     """The lexical side of the version ``w`` writes: ``st``'s with the documents at positions
     ``gone`` removed and ``new_ids`` (with ``texts``) added; its manifest entry (None: the index
-    has no lexical side). ValueError when texts are missing for an index that has one, or given
-    to one that has none: the two sides never disagree."""
-    _texts_fit(st, texts, len(new_ids))
-    entry = st.manifest.get("lexical")
+    has no lexical side). The caller checked ``texts`` against the index (:func:`_texts_fit`)."""
+    entry = st.manifest.get("lexical")  # texts against it: checked by _texts_fit before any work
     if entry is None:
         return None
     add_keys = keys_of_ids(new_ids, kind)
