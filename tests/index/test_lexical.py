@@ -4,8 +4,10 @@ load, and lexical / hybrid search through ``Index.search``."""
 
 from __future__ import annotations
 
+import gc
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,16 +274,25 @@ def test_readers_keep_their_version(tmp_path):
     assert index.search(text="alpha alpha", k=1).user_ids[0][0] == 40
 
 
+def _replace_bytes(path: Path, data: bytes) -> None:
+    """Puts ``data`` at ``path`` as a new file (write aside, rename over). Never in place: tantivy
+    maps its files and reads them from its own threads, so truncating a file that a reader still
+    maps (an index not yet collected, a load that raised) kills the process with SIGBUS."""
+    aside = path.with_name(path.name + ".new")
+    aside.write_bytes(data)
+    os.replace(aside, path)
+
+
 def test_lexical_files_are_checked_at_load(tmp_path):
     _build(tmp_path / "i", n=30)
+    gc.collect()
     lex = tmp_path / "i" / "lexical"
     victim = next(p for p in sorted(lex.iterdir()) if p.suffix == ".term")
     data = victim.read_bytes()
-    os.chmod(victim, 0o644)
-    victim.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit flipped
+    _replace_bytes(victim, data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit flipped
     with pytest.raises(IndexFormatError, match="checksum mismatch in lexical/"):
         Index.load(tmp_path / "i", verify=True)
-    victim.write_bytes(data + b"x")
+    _replace_bytes(victim, data + b"x")
     with pytest.raises(IndexFormatError, match="lexical/"):
         Index.load(tmp_path / "i", verify=False)
     victim.unlink()
