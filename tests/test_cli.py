@@ -42,6 +42,22 @@ def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def test_index_codec_options(capsys, tmp_path, model_dir, dataset):
+    out = tmp_path / "pooled"
+    argv = ["index", str(dataset / "corpus.jsonl"), "--model", model_dir, "--out", str(out), "--quiet"]
+    code, _, _ = run(capsys, *argv, "--nbits", "2", "--buckets", "quantile", "--pool-factor", "1.5")
+    assert code == 0
+    code, text, _ = run(capsys, "info", str(out))
+    assert code == 0 and "buckets quantile, pool factor 1.5" in text
+    code, text, _ = run(capsys, "info", str(out), "--json")
+    build = json.loads(text)["manifest"]["build"]
+    assert build["pool_factor"] == 1.5 and build["buckets"] == "quantile"
+    for bad in ("0.5", "x", "nan"):
+        with pytest.raises(SystemExit):
+            main([*argv[:5], str(tmp_path / "bad"), "--pool-factor", bad])
+        assert "--pool-factor" in capsys.readouterr().err
+
+
 def test_index_search_info_rerank_eval(capsys, tmp_path, model_dir, dataset):
     out = tmp_path / "idx"
     code, text, _ = run(

@@ -57,6 +57,8 @@ def evaluate_collection(
     fusion: str | None = None,
     alpha: float | None = None,
     analyzer: str = "plain",
+    buckets: str = "lloyd_max",
+    pool_factor: float = 1.0,
 ) -> EvalReport:
     """Encodes the corpus with ``model`` (an :class:`edgeplaid.ColBERT`), builds a PLAID index
     (in ``index_dir``, or a temporary directory removed afterwards), searches every query
@@ -72,6 +74,7 @@ def evaluate_collection(
     of the index, and the report gives those metrics and PLAID's recall@10 against them.
 
     ``device``: where the index is searched (default: the model's device, where the queries are).
+    ``nbits``, ``buckets``, ``pool_factor``: the index's codec (see :meth:`edgeplaid.Index.build`).
     """
     from edgeplaid.index import Index
     from edgeplaid.search._hybrid import MODES
@@ -99,6 +102,8 @@ def evaluate_collection(
             progress=progress,
             texts=collection.doc_texts if lexical else None,
             analyzer=analyzer,
+            buckets=buckets,
+            pool_factor=pool_factor,
         )
         report.timings["build_index"] = time.perf_counter() - t0
         report.index_bytes = index.nbytes()

@@ -3,6 +3,7 @@
 from edgeplaid.index._colbert import ColbertImportError
 from edgeplaid.index._index import Index, SearchResult
 from edgeplaid.index._metadata import WhereError
+from edgeplaid.index._pooling import pool_tokens
 from edgeplaid.index._storage import FORMAT_VERSION, IndexFormatError, IndexLockedError
 
 __all__ = [
@@ -13,4 +14,5 @@ __all__ = [
     "IndexLockedError",
     "SearchResult",
     "WhereError",
+    "pool_tokens",
 ]

@@ -33,6 +33,7 @@ from edgeplaid.index._lexical import (
     write_lexical,
 )
 from edgeplaid.index._lexical import analyzer as analyzer_of
+from edgeplaid.index._pooling import check_pool_factor, pool_tokens
 from edgeplaid.index._storage import IndexWriter
 
 _SAMPLE_CAP = 1 << 19  # most tokens pass 1 keeps for k-means + held-out
@@ -228,15 +229,21 @@ def build(
     texts: Any = None,
     store_texts: bool = True,
     analyzer: str = DEFAULT_ANALYZER,
+    buckets: str = _codec.DEFAULT_BUCKET_FIT,
+    pool_factor: float = 1.0,
+    record_pool_factor: float | None = None,
 ) -> dict[str, float]:
     """Builds an index at ``path`` (see :meth:`edgeplaid.Index.build`); returns stage timings (s).
 
     For ``Index.rebuild``: ``carry_from``, the manifest of the version the build replaces, whose
     files kept beside the index (``encoder.json``) and lexical side (same documents, same keys)
     are carried over; ``next_id``, its auto-id high-water mark, kept so that ids dropped with
-    deleted documents are never given again."""
+    deleted documents are never given again; ``record_pool_factor``, the pool factor its
+    documents were pooled with (recorded, not applied again: later adds pool with it)."""
     if nbits not in (1, 2, 4, 8):
         raise ValueError(f"nbits: expected 1, 2, 4 or 8, got {nbits!r}")
+    _codec.check_bucket_fit(buckets)
+    pool_factor = check_pool_factor(pool_factor)
     if texts is not None:
         texts = check_texts(texts, None)  # the count once the documents are read
         analyzer_of(analyzer)  # a bad name fails before the costly passes
@@ -261,6 +268,8 @@ def build(
             for bt, bd, bi in _batches(doc_tokens, doclens, ids):
                 t, d = check_batch(bt, bd, dim)
                 dim = t.shape[1]
+                if pool_factor > 1:
+                    t, d = pool_tokens(t, d, pool_factor)
                 if bi is not None:
                     bi = list(bi.tolist() if isinstance(bi, (np.ndarray, torch.Tensor)) else bi)
                     if len(bi) != d.shape[0]:
@@ -322,7 +331,7 @@ def build(
         assigner.tune(heldout)  # the fewest probes that find the exact nearest for 99.5% of tokens
         timings["groups"] = time.perf_counter() - t_groups
         hcodes = assigner(heldout)
-        avg_residual, cutoffs, weights = _codec.fit_buckets(heldout - centroids[hcodes], nbits)
+        avg_residual, cutoffs, weights = _codec.fit_buckets(heldout - centroids[hcodes], nbits, buckets)
         del sample, fit, heldout
 
         # ---- pass 2: compress into codes + residuals
@@ -381,6 +390,8 @@ def build(
             "build": {
                 "kmeans_iters": kmeans_iters,
                 "kmeans_sample": int(n_fit),
+                "buckets": buckets,
+                "pool_factor": record_pool_factor if record_pool_factor is not None else pool_factor,
                 "seed": seed,
                 "source": "edgeplaid",
                 # nearest-centroid search of pass 2 (edgeplaid.ops.nearest_centroids)

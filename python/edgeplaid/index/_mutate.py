@@ -36,6 +36,7 @@ from edgeplaid.index._build import build_ivf, check_batch, id_kind_of, write_ids
 from edgeplaid.index._checks import open_checked
 from edgeplaid.index._lexical import check_new_keys, check_texts, keys_of_ids, link_lexical, write_lexical
 from edgeplaid.index._metadata import METADATA_FILE, check_metadata, write_metadata
+from edgeplaid.index._pooling import pool_factor_of, pool_tokens
 from edgeplaid.index._snapshot import Snapshot, metadata_path, open_snapshot
 from edgeplaid.index._storage import (
     IndexLockedError,
@@ -387,6 +388,8 @@ def add(
     The new segment absorbs the trailing segments (see :func:`_absorbed`), dropping their deleted
     documents; the segments before them, their positions and their files are untouched."""
     tokens, dls = check_batch(doc_tokens, doclens, index.dim)
+    # pooled as the index's documents were (the factor never changes between versions)
+    tokens, dls = pool_tokens(tokens, dls, pool_factor_of(index._state.manifest))
     n, n_tok = int(dls.shape[0]), int(tokens.shape[0])
     metas = check_metadata(metadata, n)  # before taking the lock: bad input costs nothing
     texts = None if texts is None else check_texts(texts, n)
@@ -551,6 +554,14 @@ def compact(index: Index) -> bool:
     return wrote
 
 
+def _bucket_fit_of(manifest: dict) -> str:
+    """The bucket fit a rebuild keeps: the one the index was built with when it recorded one (a
+    colbert-ai import or an index from before the choice existed gets the default)."""
+    build = manifest.get("build")
+    fit = build.get("buckets") if isinstance(build, dict) else None
+    return fit if fit in _codec.BUCKET_FITS else _codec.DEFAULT_BUCKET_FIT
+
+
 def rebuild(index: Index, *, n_centroids: int | None, seed: int, progress: bool) -> Index:
     """See :meth:`edgeplaid.Index.rebuild`."""
     from edgeplaid.ops import decompress_residuals
@@ -607,6 +618,8 @@ def rebuild(index: Index, *, n_centroids: int | None, seed: int, progress: bool)
         progress=progress,
         carry_from=st.manifest,
         next_id=_next_id(st),
+        buckets=_bucket_fit_of(st.manifest),
+        record_pool_factor=pool_factor_of(st.manifest),  # the decompressed tokens are pooled already
     )
     index.refresh()
     return index
