@@ -409,13 +409,6 @@ def _hybrid_options(p: argparse.ArgumentParser, analyzer: bool = True) -> None:
         p.add_argument("--analyzer", choices=ANALYZERS, default="plain", help=_ANALYZER_HELP)
 
 
-def _build_entry(index: Any, key: str, missing: str) -> str:
-    """A build setting the manifest records (``missing`` for an index from before it was)."""
-    build = index.manifest.get("build")
-    value = build.get(key) if isinstance(build, dict) else None
-    return str(value) if value is not None else missing
-
-
 def cmd_index(args: argparse.Namespace) -> None:
     from edgeplaid.index import Index
 
@@ -732,6 +725,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    from edgeplaid.index._codec import recorded_bucket_fit
+
     index = _load_index(args.index)
     files = {p.name: p.stat().st_size for p in sorted(Path(args.index).iterdir()) if p.is_file()}
     encoder = Path(args.index) / ENCODER_FILE
@@ -756,7 +751,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"{shape['deleted']:,} deleted documents (until compact), "
         f"metadata: {'yes' if payload['metadata'] else 'none'}",
         f"  {payload['bytes'] / 2**20:.2f} MiB, {payload['bytes_per_token']:.1f} bytes per token, "
-        f"buckets {_build_entry(index, 'buckets', 'quantile (colbert-ai)')}, "
+        f"buckets {recorded_bucket_fit(index.manifest) or 'quantile (colbert-ai)'}, "
         f"pool factor {index.pool_factor:g}",
     ]
     lex = payload["lexical"]

@@ -151,6 +151,14 @@ def check_bucket_fit(buckets: object) -> str:
     return str(buckets)
 
 
+def recorded_bucket_fit(manifest: dict) -> str | None:
+    """The bucket fit an index's manifest records (``build.buckets``); None when it records none
+    (an index from before the choice existed, or a colbert-ai import: both colbert-ai's quantiles)."""
+    build = manifest.get("build")
+    fit = build.get("buckets") if isinstance(build, dict) else None
+    return fit if fit in BUCKET_FITS else None
+
+
 def lloyd_max(values: np.ndarray, levels: np.ndarray, iters: int = LLOYD_MAX_ITERS) -> np.ndarray:
     """Scalar quantiser levels of least mean squared error (Lloyd's algorithm in one dimension).
 

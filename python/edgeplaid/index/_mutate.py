@@ -554,14 +554,6 @@ def compact(index: Index) -> bool:
     return wrote
 
 
-def _bucket_fit_of(manifest: dict) -> str:
-    """The bucket fit a rebuild keeps: the one the index was built with when it recorded one (a
-    colbert-ai import or an index from before the choice existed gets the default)."""
-    build = manifest.get("build")
-    fit = build.get("buckets") if isinstance(build, dict) else None
-    return fit if fit in _codec.BUCKET_FITS else _codec.DEFAULT_BUCKET_FIT
-
-
 def rebuild(index: Index, *, n_centroids: int | None, seed: int, progress: bool) -> Index:
     """See :meth:`edgeplaid.Index.rebuild`."""
     from edgeplaid.ops import decompress_residuals
@@ -618,7 +610,8 @@ def rebuild(index: Index, *, n_centroids: int | None, seed: int, progress: bool)
         progress=progress,
         carry_from=st.manifest,
         next_id=_next_id(st),
-        buckets=_bucket_fit_of(st.manifest),
+        # the recorded fit, else the default (an older index's rebuild gets the better levels)
+        buckets=_codec.recorded_bucket_fit(st.manifest) or _codec.DEFAULT_BUCKET_FIT,
         record_pool_factor=pool_factor_of(st.manifest),  # the decompressed tokens are pooled already
     )
     index.refresh()
