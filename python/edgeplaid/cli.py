@@ -120,12 +120,25 @@ def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _load_index(directory: str, device: str = "cpu") -> Any:
+def _load_index(
+    directory: str, device: str = "cpu", ray_address: str | None = None, sharded_ok: bool = False
+) -> Any:
+    """The index at ``directory``: an Index, or (``sharded_ok``) a ShardedIndex on Ray when the
+    directory is a sharded one (``edgeplaid index --shards``)."""
     from edgeplaid.index import Index
 
     path = Path(directory)
     if not path.is_dir():
         raise UserError(f"{directory}: no such index directory")
+    if (path / "sharded.json").is_file():
+        if not sharded_ok:
+            raise UserError(
+                f"{directory}: a sharded index: change it through the Python API "
+                "(edgeplaid.distributed.ShardedIndex) or `edgeplaid serve`'s /v1/documents"
+            )
+        from edgeplaid.distributed import ShardedIndex
+
+        return ShardedIndex.load(path, device=device, ray_address=ray_address)
     return Index.load(path, device=device)
 
 
@@ -409,6 +422,14 @@ def _hybrid_options(p: argparse.ArgumentParser, analyzer: bool = True) -> None:
         p.add_argument("--analyzer", choices=ANALYZERS, default="plain", help=_ANALYZER_HELP)
 
 
+def _ray_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ray-address",
+        help="sharded indexes: the Ray cluster ('auto': the running one, 'local': a new one for "
+        "this process, or an address); default: the running one if any, else a local one",
+    )
+
+
 def cmd_index(args: argparse.Namespace) -> None:
     from edgeplaid.index import Index
 
@@ -420,6 +441,11 @@ def cmd_index(args: argparse.Namespace) -> None:
         _check_overwrite(out)
     ids, texts, metadata = _read_corpus(args.corpus, args.skip_bad_lines, not args.no_metadata)
     _check_trec_ids(ids, "document")  # `search --out` writes them to TREC run files
+    if args.shards is not None:
+        _index_sharded(args, out, ids, texts, metadata)
+        return
+    if args.ray_address is not None:
+        raise UserError("--ray-address: only with --shards")
     tokens, doclens, t_encode = _encode_documents(args.model, texts, args.quiet)
     t0 = time.perf_counter()
     index = Index.build(
@@ -455,6 +481,72 @@ def cmd_index(args: argparse.Namespace) -> None:
         f"indexed {len(ids):,} documents ({tokens.shape[0]:,} tokens, {n_meta:,} with metadata) into "
         f"{out} ({index.nbytes() / 2**20:.1f} MiB); encode {t_encode:.1f} s, build {t_build:.1f} s",
     )
+
+
+def _index_sharded(
+    args: argparse.Namespace, out: Path, ids: list[str], texts: list[str], metadata: Any
+) -> None:
+    """`edgeplaid index --shards N`: the corpus encoded by a pool of encoder actors and streamed
+    into a sharded build (edgeplaid.distributed), on the Ray cluster of --ray-address."""
+    import transformers.utils.logging
+
+    from edgeplaid.distributed import ShardedIndex, encode
+
+    transformers.utils.logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    stream = encode(
+        args.model,
+        texts,
+        ids=ids,
+        metadata=metadata,
+        keep_texts=not args.no_lexical,
+        ray_address=args.ray_address,
+        progress=not args.quiet,
+    )
+    dims: list[int] = []
+
+    def batches():
+        for b in stream:
+            dims.append(int(b["doc_tokens"].shape[1]))
+            yield b
+
+    index = ShardedIndex.build(
+        out,
+        batches(),
+        nbits=args.nbits,
+        n_shards=args.shards,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        store_texts=not args.no_store_texts,
+        analyzer=args.analyzer,
+        buckets=args.buckets,
+        pool_factor=args.pool_factor,
+        ray_address=args.ray_address,
+    )
+    try:
+        t_total = time.perf_counter() - t0
+        _write_json_atomic(out / ENCODER_FILE, {"model": args.model, "dim": dims[0]})
+        info = index.shard_info()
+        n_tokens = sum(i["n_tokens"] for i in info)
+        nbytes = sum(i["nbytes"] for i in info)
+        payload = {
+            "index": str(out),
+            "documents": len(ids),
+            "shards": args.shards,
+            "shard_documents": [i["n_docs"] for i in info],
+            "tokens": n_tokens,
+            "bytes": nbytes,
+            "encode_and_build_s": round(t_total, 3),
+        }
+        _emit(
+            args,
+            payload,
+            f"indexed {len(ids):,} documents ({n_tokens:,} tokens) into {args.shards} shards in {out} "
+            f"({nbytes / 2**20:.1f} MiB; documents per shard {payload['shard_documents']}); "
+            f"encode + build {t_total:.1f} s",
+        )
+    finally:
+        index.close()
 
 
 def cmd_add(args: argparse.Namespace) -> None:
@@ -561,15 +653,23 @@ def cmd_compact(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from edgeplaid.eval import drop_empty, read_texts, to_run, write_trec
-
     if (args.query is None) == (args.queries is None):
         raise UserError("give either a query text or --queries FILE")
     where, params = _where_params(args)  # before loading and encoding anything
     if args.out:
         _check_out_file(Path(args.out))
-    index = _load_index(args.index, args.device)
-    if where is not None and index.manifest.get("metadata") is None:
+    index = _load_index(args.index, args.device, args.ray_address, sharded_ok=True)
+    try:
+        _search(args, index, where, params)
+    finally:
+        if hasattr(index, "close"):  # a ShardedIndex: end its shard actors
+            index.close()
+
+
+def _search(args: argparse.Namespace, index: Any, where: str | None, params: list[Any] | None) -> None:
+    from edgeplaid.eval import drop_empty, read_texts, to_run, write_trec
+
+    if where is not None and not index.has_metadata:
         warnings.warn(f"--where: {args.index} holds no metadata: no document matches", stacklevel=1)
     if args.query is not None:
         _check_text_arg(args.query, "query")
@@ -724,9 +824,55 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _emit(args, report.as_dict(), "\n".join(lines))
 
 
+def _info_sharded(args: argparse.Namespace) -> None:
+    """`edgeplaid info` of a sharded index: its manifest and each shard's shape, read from the
+    directories (no Ray needed)."""
+    from edgeplaid.distributed._layout import ShardedIndexError, read_manifest
+    from edgeplaid.index import Index
+
+    try:
+        m = read_manifest(args.index)
+    except ShardedIndexError as e:
+        raise UserError(str(e)) from None
+    shards = []
+    for name in m["shards"]:
+        ix = Index.load(Path(args.index) / name)
+        shards.append(
+            {"shard": name, **_shape(ix), "tokens": ix.n_tokens, "bytes": ix.nbytes() + ix.lexical_nbytes()}
+        )
+    n_docs = sum(sh["documents"] for sh in shards)
+    n_tokens = sum(sh["tokens"] for sh in shards)
+    nbytes = sum(sh["bytes"] for sh in shards)
+    encoder = Path(args.index) / ENCODER_FILE
+    payload = {
+        "manifest": m,
+        "documents": n_docs,
+        "tokens": n_tokens,
+        "bytes": nbytes,
+        "shards": shards,
+        "encoder": _read_encoder(encoder) if encoder.is_file() else None,
+    }
+    lines = [
+        f"{args.index}: sharded index, {m['n_shards']} shards sharing one codec, {n_docs:,} documents, "
+        f"{n_tokens:,} tokens, dim {m['dim']}, nbits {m['nbits']}, {nbytes / 2**20:.2f} MiB, "
+        f"{m['id_kind']} ids placed by hash, lexical: {'yes' if m.get('lexical') else 'none'}"
+    ]
+    lines += [
+        f"  {sh['shard']}: {sh['documents']:,} documents, {sh['tokens']:,} tokens, "
+        f"{sh['segments']} segment(s), {sh['deleted']:,} deleted, {sh['bytes'] / 2**20:.2f} MiB"
+        for sh in shards
+    ]
+    if payload["encoder"]:
+        lines.append(f"  encoder: {payload['encoder'].get('model', '(no model recorded)')}")
+    _emit(args, payload, "\n".join(lines))
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from edgeplaid.index._codec import recorded_bucket_fit
 
+    if (Path(args.index) / "sharded.json").is_file():
+        _info_sharded(args)
+        return
     index = _load_index(args.index)
     files = {p.name: p.stat().st_size for p in sorted(Path(args.index).iterdir()) if p.is_file()}
     encoder = Path(args.index) / ENCODER_FILE
@@ -835,6 +981,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-store-texts", action="store_true", help="index the texts for BM25 without keeping them"
     )
     p.add_argument("--analyzer", choices=ANALYZERS, default="plain", help=_ANALYZER_HELP)
+    p.add_argument(
+        "--shards",
+        type=positive_int,
+        help="a sharded index of N shards on Ray (pip install -e '.[distributed]'): encoded by a "
+        "pool of encoder actors, the shards built in parallel",
+    )
+    _ray_option(p)
     p.set_defaults(fn=cmd_index)
 
     p = sub.add_parser(
@@ -890,6 +1043,7 @@ def build_parser() -> argparse.ArgumentParser:
         "an index built with its texts",
     )
     _hybrid_options(p, analyzer=False)
+    _ray_option(p)
     p.set_defaults(fn=cmd_search)
 
     p = sub.add_parser(
@@ -939,7 +1093,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", help="default: the model recorded with --index; none: precomputed embeddings only"
     )
-    p.add_argument("--index")
+    p.add_argument("--index", help="an index directory (a sharded one too: served through Ray)")
+    _ray_option(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("EDGEPLAID_API_KEY"))

@@ -232,6 +232,7 @@ def build(
     buckets: str = _codec.DEFAULT_BUCKET_FIT,
     pool_factor: float = 1.0,
     record_pool_factor: float | None = None,
+    codec: _codec.Codec | None = None,
 ) -> dict[str, float]:
     """Builds an index at ``path`` (see :meth:`edgeplaid.Index.build`); returns stage timings (s).
 
@@ -239,9 +240,15 @@ def build(
     files kept beside the index (``encoder.json``) and lexical side (same documents, same keys)
     are carried over; ``next_id``, its auto-id high-water mark, kept so that ids dropped with
     deleted documents are never given again; ``record_pool_factor``, the pool factor its
-    documents were pooled with (recorded, not applied again: later adds pool with it)."""
+    documents were pooled with (recorded, not applied again: later adds pool with it).
+
+    ``codec``: a trained codec (:func:`edgeplaid.index._codec.train_codec`) to compress with
+    instead of training one (the shards of a sharded index share one); ``nbits`` must be its
+    own, and n_centroids, kmeans_iters, sample_per_centroid, seed and buckets are then unused."""
     if nbits not in (1, 2, 4, 8):
         raise ValueError(f"nbits: expected 1, 2, 4 or 8, got {nbits!r}")
+    if codec is not None and codec.nbits != nbits:
+        raise ValueError(f"nbits: the codec's is {codec.nbits}, got {nbits}")
     _codec.check_bucket_fit(buckets)
     pool_factor = check_pool_factor(pool_factor)
     if texts is not None:
@@ -280,7 +287,8 @@ def build(
                     raise ValueError("ids: either every batch has ids or none does")
                 if bi is not None:
                     user_ids.extend(bi)
-                sampler.add(n_tokens, t)
+                if codec is None:  # a given codec needs no sample
+                    sampler.add(n_tokens, t)
                 all_doclens.append(d)
                 if spool is not None:
                     # Written later by the spool thread: a batch that is the caller's memory (which
@@ -310,29 +318,28 @@ def build(
             check_texts(texts, n_docs)  # raises, naming both counts
         timings["read"] = time.perf_counter() - t0
 
-        # ---- k-means on the sample, codec on a held-out slice
-        t1 = time.perf_counter()
-        k = n_centroids if n_centroids is not None else _codec.num_centroids(n_tokens)
-        if not 1 <= k <= n_tokens:
-            raise ValueError(f"n_centroids: expected 1 <= n_centroids <= n_tokens={n_tokens}, got {k}")
-        sample = sampler.smallest()
-        n_heldout = min(max(sample.shape[0] // 20, 1), 50_000) if sample.shape[0] > k else 0
-        n_fit = min(sample.shape[0] - n_heldout, max(k, sample_per_centroid * k))
-        n_fit = max(n_fit, k)
-        fit, heldout = sample[:n_fit], sample[n_fit : n_fit + n_heldout]
-        if heldout.shape[0] == 0:
-            heldout = fit
-        # Stored as fp16 (as colbert-ai stores them); residuals are taken against the rounded values.
-        centroids = _codec.kmeans(fit, k, kmeans_iters, seed).astype(np.float16).astype(np.float32)
-        timings["kmeans"] = time.perf_counter() - t1
-        # Nearest-centroid search for the final centroids: groups of centroids, probes tuned.
-        t_groups = time.perf_counter()
-        assigner = _codec.Assigner(centroids, seed=seed)
-        assigner.tune(heldout)  # the fewest probes that find the exact nearest for 99.5% of tokens
-        timings["groups"] = time.perf_counter() - t_groups
-        hcodes = assigner(heldout)
-        avg_residual, cutoffs, weights = _codec.fit_buckets(heldout - centroids[hcodes], nbits, buckets)
-        del sample, fit, heldout
+        # ---- k-means on the sample, codec on a held-out slice (or the codec given)
+        if codec is None:
+            codec, assigner, codec_timings = _codec.train_codec(
+                sampler.smallest(),
+                n_tokens,
+                nbits,
+                n_centroids=n_centroids,
+                kmeans_iters=kmeans_iters,
+                sample_per_centroid=sample_per_centroid,
+                seed=seed,
+                buckets=buckets,
+            )
+            timings.update(codec_timings)
+        else:
+            if codec.dim != dim:
+                raise ValueError(f"codec: its dim {codec.dim} differs from the documents' {dim}")
+            t1 = time.perf_counter()
+            assigner = codec.assigner()
+            timings["groups"] = time.perf_counter() - t1
+        del sampler
+        k, centroids = codec.n_centroids, codec.centroids
+        cutoffs, weights, avg_residual = codec.bucket_cutoffs, codec.bucket_weights, codec.avg_residual
 
         # ---- pass 2: compress into codes + residuals
         t2 = time.perf_counter()
@@ -388,11 +395,11 @@ def build(
             "ids": id_kind,
             "segments": [{"prefix": "", "n_docs": int(n_docs), "n_tokens": int(n_tokens)}],
             "build": {
-                "kmeans_iters": kmeans_iters,
-                "kmeans_sample": int(n_fit),
-                "buckets": buckets,
+                "kmeans_iters": codec.kmeans_iters,
+                "kmeans_sample": codec.kmeans_sample,
+                "buckets": codec.buckets,
                 "pool_factor": record_pool_factor if record_pool_factor is not None else pool_factor,
-                "seed": seed,
+                "seed": codec.seed,
                 "source": "edgeplaid",
                 # nearest-centroid search of pass 2 (edgeplaid.ops.nearest_centroids)
                 "assignment": {

@@ -3,7 +3,12 @@ bucket_cutoffs, bucket_weights, codes, residuals)."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -297,3 +302,172 @@ def inv_norms(
         norm = reference._sum_squares16(v).double().sqrt().float().clamp_min(1e-12)
         out[b : b + v.shape[0]] = (1.0 / norm.double()).float().numpy()
     return out
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A trained PLAID codec: what compresses a token (nearest centroid, residual buckets) and what
+    decompresses it. A build trains one (:func:`train_codec`); the shards of a sharded index
+    (:mod:`edgeplaid.distributed`) share one, trained once on a sample of the whole corpus, so
+    that a document compresses to the same codes and residuals in whichever shard it lives and
+    the shards' scores are comparable.
+
+    Attributes:
+        centroids: (n_centroids, dim) float32 unit rows, exactly representable in fp16 (the index
+            stores them as fp16; residuals are taken against these values).
+        avg_residual: mean |residual| of the held-out tokens (float).
+        bucket_cutoffs: (2**nbits - 1,) float32 ascending; bucket_weights: (2**nbits,) float32.
+        nbits: residual bits per dimension; buckets: the fit that made them (BUCKET_FITS).
+        kmeans_iters, kmeans_sample, seed: how the centroids were trained (recorded).
+        n_probe, recall: the nearest-centroid search's probes (:meth:`Assigner.tune`) and the
+            recall it measured (1.0 when exhaustive).
+    """
+
+    centroids: np.ndarray
+    avg_residual: float
+    bucket_cutoffs: np.ndarray
+    bucket_weights: np.ndarray
+    nbits: int
+    buckets: str
+    kmeans_iters: int
+    kmeans_sample: int
+    seed: int
+    n_probe: int
+    recall: float | None
+
+    @property
+    def dim(self) -> int:
+        return int(self.centroids.shape[1])
+
+    @property
+    def n_centroids(self) -> int:
+        return int(self.centroids.shape[0])
+
+    def assigner(self) -> Assigner:
+        """The nearest-centroid search the codec was tuned with (same groups, same probes: the
+        grouping is deterministic for given centroids and seed)."""
+        a = Assigner(self.centroids, seed=self.seed)
+        if not a.exact:
+            a.n_probe = min(self.n_probe, a.groups.n_groups)
+        a.recall = self.recall
+        return a
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes ``codec.npz`` and ``codec.json`` into ``directory`` (each written aside and
+        renamed into place)."""
+        d = Path(directory)
+        arrays = {
+            "centroids": self.centroids.astype(np.float16),
+            "bucket_cutoffs": self.bucket_cutoffs.astype(np.float32),
+            "bucket_weights": self.bucket_weights.astype(np.float32),
+        }
+        tmp = d / "codec.npz.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, d / "codec.npz")
+        info = {
+            "avg_residual": self.avg_residual,
+            "nbits": self.nbits,
+            "buckets": self.buckets,
+            "kmeans_iters": self.kmeans_iters,
+            "kmeans_sample": self.kmeans_sample,
+            "seed": self.seed,
+            "n_probe": self.n_probe,
+            "recall": self.recall,
+        }
+        (d / "codec.json.tmp").write_text(json.dumps(info, indent=1))
+        os.replace(d / "codec.json.tmp", d / "codec.json")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Codec:
+        """Reads what :meth:`save` wrote; ValueError naming the file and field on anything
+        malformed."""
+        d = Path(directory)
+        try:
+            info = json.loads((d / "codec.json").read_text())
+            with np.load(d / "codec.npz", allow_pickle=False) as z:
+                cents = z["centroids"].astype(np.float32)
+                cutoffs, weights = z["bucket_cutoffs"], z["bucket_weights"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{d}: unreadable codec ({e})") from e
+        nbits = info.get("nbits")
+        if nbits not in (1, 2, 4, 8):
+            raise ValueError(f"{d / 'codec.json'}: nbits: expected 1, 2, 4 or 8, got {nbits!r}")
+        b = 1 << nbits
+        if cents.ndim != 2 or cents.shape[0] < 1 or not np.isfinite(cents).all():
+            raise ValueError(f"{d / 'codec.npz'}: centroids: expected finite (n_centroids, dim)")
+        if cutoffs.shape != (b - 1,) or weights.shape != (b,):
+            raise ValueError(f"{d / 'codec.npz'}: buckets: expected {b - 1} cutoffs and {b} weights")
+        if not (np.isfinite(cutoffs).all() and np.isfinite(weights).all()):
+            raise ValueError(f"{d / 'codec.npz'}: buckets: non-finite values")
+        check_bucket_fit(info.get("buckets"))
+        return cls(
+            centroids=np.ascontiguousarray(cents),
+            avg_residual=float(info["avg_residual"]),
+            bucket_cutoffs=cutoffs.astype(np.float32),
+            bucket_weights=weights.astype(np.float32),
+            nbits=int(nbits),
+            buckets=str(info["buckets"]),
+            kmeans_iters=int(info["kmeans_iters"]),
+            kmeans_sample=int(info["kmeans_sample"]),
+            seed=int(info["seed"]),
+            n_probe=int(info["n_probe"]),
+            recall=None if info.get("recall") is None else float(info["recall"]),
+        )
+
+
+def train_codec(
+    sample: np.ndarray,
+    n_tokens: int,
+    nbits: int,
+    *,
+    n_centroids: int | None = None,
+    kmeans_iters: int = 4,
+    sample_per_centroid: int = 16,
+    seed: int = 0,
+    buckets: str = DEFAULT_BUCKET_FIT,
+) -> tuple[Codec, Assigner, dict[str, float]]:
+    """Trains a codec on a corpus sample: k-means on the first tokens, the nearest-centroid search
+    tuned and the residual buckets fitted on a held-out slice after them.
+
+    Args:
+        sample: (n, dim) float32 tokens in sampling-key order (the build's ``_Sampler``), at least
+            one; ``n_tokens``: the corpus' token count (the default centroid count).
+        nbits, n_centroids, kmeans_iters, sample_per_centroid, seed, buckets: as ``Index.build``.
+
+    Returns:
+        (codec, its tuned Assigner, timings {"kmeans", "groups"} in seconds).
+    """
+    timings: dict[str, float] = {}
+    t1 = time.perf_counter()
+    k = n_centroids if n_centroids is not None else num_centroids(n_tokens)
+    if not 1 <= k <= n_tokens:
+        raise ValueError(f"n_centroids: expected 1 <= n_centroids <= n_tokens={n_tokens}, got {k}")
+    n_heldout = min(max(sample.shape[0] // 20, 1), 50_000) if sample.shape[0] > k else 0
+    n_fit = max(min(sample.shape[0] - n_heldout, max(k, sample_per_centroid * k)), k)
+    fit, heldout = sample[:n_fit], sample[n_fit : n_fit + n_heldout]
+    if heldout.shape[0] == 0:
+        heldout = fit
+    # Stored as fp16 (as colbert-ai stores them); residuals are taken against the rounded values.
+    centroids = kmeans(fit, k, kmeans_iters, seed).astype(np.float16).astype(np.float32)
+    timings["kmeans"] = time.perf_counter() - t1
+    # Nearest-centroid search for the final centroids: groups of centroids, probes tuned.
+    t_groups = time.perf_counter()
+    assigner = Assigner(centroids, seed=seed)
+    assigner.tune(heldout)  # the fewest probes that find the exact nearest for 99.5% of tokens
+    timings["groups"] = time.perf_counter() - t_groups
+    avg_residual, cutoffs, weights = fit_buckets(heldout - centroids[assigner(heldout)], nbits, buckets)
+    codec = Codec(
+        centroids=centroids,
+        avg_residual=avg_residual,
+        bucket_cutoffs=cutoffs,
+        bucket_weights=weights,
+        nbits=nbits,
+        buckets=buckets,
+        kmeans_iters=kmeans_iters,
+        kmeans_sample=int(n_fit),
+        seed=seed,
+        n_probe=int(assigner.n_probe),
+        recall=assigner.recall,
+    )
+    return codec, assigner, timings

@@ -631,6 +631,11 @@ class Index:
         """Whether this index has a lexical (BM25) side: built with ``texts``."""
         return self._state.lexical is not None
 
+    @property
+    def has_metadata(self) -> bool:
+        """Whether any document of the loaded version has metadata (``where`` can match)."""
+        return self._state.manifest.get("metadata") is not None
+
     def search_exhaustive(
         self,
         queries: Any,

@@ -62,9 +62,17 @@ def serve(args: argparse.Namespace) -> None:
     model = load_model(args.model, device=device, log=log) if args.model else None
     index = None
     if args.index:
+        from edgeplaid.distributed._layout import is_sharded
         from edgeplaid.index import Index
 
-        index = Index.load(args.index, device=device)
+        if is_sharded(args.index):  # one Ray actor per shard (edgeplaid.distributed)
+            from edgeplaid.distributed import ShardedIndex
+
+            index = ShardedIndex.load(
+                args.index, device=device, ray_address=getattr(args, "ray_address", None)
+            )
+        else:
+            index = Index.load(args.index, device=device)
     config = ServeConfig(
         batch_window_ms=args.batch_window_ms,
         max_batch=args.max_batch,
