@@ -50,6 +50,7 @@ class ShardActor:
             "nbytes": ix.nbytes(),
             "lexical_nbytes": ix.lexical_nbytes(),
             "device": str(ix.device),
+            "rss_bytes": _rss_bytes(),
         }
 
     def search(
@@ -57,7 +58,14 @@ class ShardActor:
     ) -> tuple[Any, list[list[Any]]]:
         """(scores (nq, k) float32 numpy, user ids per row) of ``Index.search`` (or
         ``search_exhaustive``); rows shorter than k where the shard has fewer documents."""
+        import numpy as np
+
         fn = self.index.search_exhaustive if exhaustive else self.index.search
+        if isinstance(queries, np.ndarray) and not queries.flags.writeable:
+            queries = queries.copy()  # from Ray's object store: read-only, which torch warns about
+        mask = kwargs.get("queries_mask")
+        if isinstance(mask, np.ndarray) and not mask.flags.writeable:
+            kwargs = {**kwargs, "queries_mask": mask.copy()}
         result = fn(queries, k, **kwargs)
         return result.scores.cpu().numpy(), result.user_ids
 
@@ -76,6 +84,18 @@ class ShardActor:
 
     def refresh(self) -> bool:
         return self.index.refresh()
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory now (VmRSS), 0 where /proc is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 _CALLS = frozenset(

@@ -30,6 +30,16 @@ from edgeplaid.distributed import _layout
 from edgeplaid.distributed._cluster import connect
 from edgeplaid.distributed._shard_actor import ShardActor
 
+_INLINE_BYTES = 64 << 10
+
+
+def _to_numpy(x: Any) -> Any:
+    """A torch tensor as a CPU numpy array (bfloat16 widened to float32); anything else as is."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+    return x
+
 
 class ShardUnavailableError(RuntimeError):
     """A shard did not answer: its actor died and was not back within the timeout, or a change
@@ -391,11 +401,14 @@ class ShardedIndex:
         if kwargs.get("subset") is not None:
             raise ValueError("subset: positions are per shard in a sharded index; filter with where=")
         kwargs.pop("subset", None)
-        if isinstance(queries, torch.Tensor):
-            queries = queries.detach().cpu()
-        if isinstance(kwargs.get("queries_mask"), torch.Tensor):
-            kwargs["queries_mask"] = kwargs["queries_mask"].detach().cpu()
-        q_ref = ray.put(queries)  # once for every shard
+        # Tensors cross to the actors as numpy arrays: Ray pickles a torch tensor argument
+        # through torch's own reducer, ~2.5 ms a call here against ~0.1 ms for the same array.
+        # A small batch goes inline with each call; a large one is put in the object store once.
+        queries = _to_numpy(queries)
+        kwargs["queries_mask"] = _to_numpy(kwargs.get("queries_mask"))
+        q_ref = queries
+        if isinstance(queries, np.ndarray) and queries.nbytes > _INLINE_BYTES:
+            q_ref = ray.put(queries)
         parts = self._read(lambda s: self._actors[s].search.remote(exhaustive, q_ref, k, kwargs), "search")
         scores, handles, shards, users = merge_topk(parts, k)
         dev = self.device
