@@ -515,7 +515,7 @@ class ShardedIndex:
             try:
                 results.append(ray.get(ref, timeout=self.timeout_s))
                 done.append(s)
-            except BaseException as e:  # every shard's outcome first, then one error
+            except Exception as e:  # every shard's outcome first, then one error
                 failed.append(s)
                 results.append(None)
                 first = first or e
@@ -564,6 +564,15 @@ class ShardedIndex:
             )
         return routes
 
+    def _bump_next_id(self, ids: list[Any]) -> None:
+        """Int ids: records in sharded.json that auto ids continue after the largest given."""
+        if self.id_kind != "int" or not ids:
+            return
+        nxt = max(int(self.manifest["next_id"]), max(int(i) for i in ids) + 1)
+        if nxt != self.manifest["next_id"]:
+            self.manifest = {**self.manifest, "next_id": nxt}
+            _layout.write_manifest(self.path, self.manifest)
+
     def add(
         self,
         doc_tokens: Any,
@@ -591,11 +600,7 @@ class ShardedIndex:
             raise ValueError("ids: duplicate document ids")
         routes = self._routed_docs(ids, doc_tokens, doclens, metadata, texts)
         self._change("add", {s: ((r[0], r[1], r[2], r[3], r[4]), {}) for s, r in routes.items()})
-        if self.id_kind == "int" and ids:
-            nxt = max(int(self.manifest["next_id"]), max(int(i) for i in ids) + 1)
-            if nxt != self.manifest["next_id"]:
-                self.manifest = {**self.manifest, "next_id": nxt}
-                _layout.write_manifest(self.path, self.manifest)
+        self._bump_next_id(ids)
         return ids
 
     def delete(
@@ -656,11 +661,7 @@ class ShardedIndex:
         ids = list(ids.tolist() if hasattr(ids, "tolist") else ids)
         routes = self._routed_docs(ids, doc_tokens, doclens, metadata, texts)
         res = self._change("upsert", {s: ((r[2], r[0], r[1], r[3], r[4]), {}) for s, r in routes.items()})
-        if self.id_kind == "int" and ids:
-            nxt = max(int(self.manifest["next_id"]), max(int(i) for i in ids) + 1)
-            if nxt != self.manifest["next_id"]:
-                self.manifest = {**self.manifest, "next_id": nxt}
-                _layout.write_manifest(self.path, self.manifest)
+        self._bump_next_id(ids)
         return sum(a for a, _ in res), sum(u for _, u in res)
 
     def set_metadata(self, ids: Sequence[Any], metadata: Sequence[dict[str, Any] | None]) -> int:

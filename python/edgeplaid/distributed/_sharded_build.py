@@ -260,14 +260,12 @@ def build_sharded(
                 if pool_factor > 1:
                     t, d = pool_tokens(t, d, pool_factor)
                 sampler.add(n_tokens, t)
-                offsets = np.zeros(nb + 1, dtype=np.int64)
-                np.cumsum(d, out=offsets[1:])
                 where = _layout.shard_of(bi, id_kind or "int", n_shards) if nb else np.zeros(0, np.int64)
                 for s in np.unique(where).tolist():
-                    docs = np.flatnonzero(where == s)
-                    rows = np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in docs.tolist()])
+                    mine = where == s
+                    docs = np.flatnonzero(mine)
                     spools[s].add(
-                        t[rows],
+                        t[np.repeat(mine, d)],  # the tokens of the shard's documents, in order
                         d[docs],
                         [bi[j] for j in docs.tolist()],
                         None if metas is None else [metas[j] for j in docs.tolist()],
