@@ -437,7 +437,12 @@ def cmd_index(args: argparse.Namespace) -> None:
     if out.exists() and not args.overwrite:
         raise UserError(f"{out}: exists; pass --overwrite to replace it")
     _check_out_dir(out)  # before minutes of encoding
-    if args.overwrite:
+    if args.overwrite and args.shards is not None:
+        if out.exists() and not (out / "sharded.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(
+                f"{out}: --overwrite --shards replaces a sharded index or an empty directory only"
+            )
+    elif args.overwrite:
         _check_overwrite(out)
     ids, texts, metadata = _read_corpus(args.corpus, args.skip_bad_lines, not args.no_metadata)
     _check_trec_ids(ids, "document")  # `search --out` writes them to TREC run files

@@ -90,4 +90,10 @@ def test_cli_index_search_info_on_shards(cluster, model_dir, tmp_path, capsys):
     # changes go through the Python API or the service, not the document commands
     assert main(["delete", str(out), "--ids", "d1"]) != 0
     assert "sharded index" in capsys.readouterr().err
-    assert main([*argv, "--ray-address", "local"]) != 0  # --ray-address without --shards
+    other = ["index", argv[1], "--model", model_dir, "--out", str(tmp_path / "other"), "--quiet"]
+    assert main([*other, "--ray-address", "local"]) != 0  # --ray-address without --shards
+    assert "--ray-address: only with --shards" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+    # --overwrite --shards replaces a sharded index (and refuses anything else)
+    assert main([*argv, "--shards", "2", "--overwrite"]) == 0
+    assert json.loads((out / "sharded.json").read_text())["n_shards"] == 2

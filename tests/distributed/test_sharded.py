@@ -271,3 +271,67 @@ def test_placement_is_stable():
 # splitmix64 (0 -> 0xE220A8397B1DCDAF) and blake2b-8 >> 1, computed independently in pure Python
 PLACED_INT = [2, 2, 4, 2, 3]
 PLACED_STR = [4, 2, 2]
+
+
+def test_hybrid_is_fused_over_all_shards(cluster, data, tmp_path, built):
+    tokens, doclens, ids, texts, _, q, m = data
+    single, sharded = built
+    text = ["alpha beta", "gamma", "delta zeta eta", "theta"] * 6
+    # one shard: the driver's fusion over the shard's union is the single index's, exactly
+    with ShardedIndex.build(
+        tmp_path / "one", tokens, doclens, nbits=4, ids=ids, n_shards=1, texts=texts
+    ) as one:
+        for fusion in ("relative_score", "rrf"):
+            a = single.search(q, k=10, queries_mask=m, text=text, fusion=fusion)
+            b = one.search(q, k=10, queries_mask=m, text=text, fusion=fusion)
+            assert b.user_ids == a.user_ids
+            torch.testing.assert_close(b.scores, a.scores)
+    # three shards: one fusion over the union of every shard's lists, not shard-by-shard fusions
+    # merged (which, with RRF, would take every shard's first document first). What still
+    # differs is each shard's own BM25 statistics: ~133 documents of an 8-word vocabulary each
+    # here, so idf and ties move more than on a real corpus.
+    for fusion in ("relative_score", "rrf"):
+        a = single.search(q, k=10, queries_mask=m, text=text, fusion=fusion).user_ids
+        b = sharded.search(q, k=10, queries_mask=m, text=text, fusion=fusion).user_ids
+        overlap = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, b, strict=True)])
+        assert overlap >= 0.7, (fusion, overlap)
+
+
+def test_arguments_are_checked_before_any_shard_changes(built, data):
+    tokens, doclens, _, texts, *_ = data
+    _, sharded = built
+    n = sharded.n_docs
+    one = (tokens[: int(doclens[0])], doclens[:1])
+    with pytest.raises(KeyError, match="not in the index"):
+        sharded.update(["doc-1", "nope"], tokens[: int(doclens[:2].sum())], doclens[:2], texts=["a", "b"])
+    with pytest.raises(ValueError, match="in the index already"):
+        sharded.add(tokens[: int(doclens[:2].sum())], doclens[:2], ids=["new-1", "doc-3"], texts=["a", "b"])
+    with pytest.raises(ValueError, match="ids are str"):
+        sharded.add(*one, ids=[5], texts=["a"])
+    with pytest.raises(ValueError, match="lexical side"):
+        sharded.add(*one, ids=["new-2"])  # no texts for an index with a lexical side
+    with pytest.raises(KeyError, match="not in the index"):
+        sharded.set_metadata(["doc-2", "nope"], [{"a": 1}, {"a": 2}])
+    assert sharded.n_docs == n and "new-1" not in sharded
+    assert sharded.metadata(["doc-2"]) == [{"year": 2002}]
+    assert sharded.texts(["doc-1"]) == [texts[1]]
+
+
+def test_numpy_ids_relative_path_and_overwrite(cluster, data, tmp_path, monkeypatch):
+    tokens, doclens, *_ = data
+    monkeypatch.chdir(tmp_path)
+    ids = np.arange(1000, 1000 + N_DOCS)  # numpy ints, as Index.build takes them
+    with ShardedIndex.build("rel", tokens, doclens, nbits=2, ids=ids, n_shards=2, progress=False) as sh:
+        assert sh.n_docs == N_DOCS and 1000 in sh and sh.manifest["next_id"] == 1000 + N_DOCS
+    with pytest.raises(FileExistsError):
+        ShardedIndex.build("rel", tokens, doclens, nbits=2, n_shards=2, progress=False)
+    half = int(doclens[:200].sum())
+    with ShardedIndex.build(
+        "rel", tokens[:half], doclens[:200], nbits=2, n_shards=3, overwrite=True, progress=False
+    ) as sh:
+        assert sh.n_shards == 3 and sh.n_docs == 200 and 1000 not in sh
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rel"]  # nothing left beside it
+    closed = ShardedIndex.load(tmp_path / "rel")
+    closed.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        closed.search(data[5], k=5)

@@ -29,7 +29,7 @@ MANIFEST = "sharded.json"
 CODEC_DIR = "codec"
 FORMAT = "edgeplaid-sharded"
 VERSION = 1
-MAX_SHARDS = 4096
+MAX_SHARDS = 512  # a build keeps two spool files open per shard (within a 1,024-file ulimit)
 
 
 class ShardedIndexError(ValueError):
@@ -67,9 +67,16 @@ def shard_of(ids: Sequence[Any] | np.ndarray, id_kind: str, n_shards: int) -> np
     Args:
         ids: n user ids, all int (``id_kind="int"``) or all str (``"str"``).
     """
+    ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
     if id_kind == "str":
+        bad = next((i for i in ids if not isinstance(i, str)), None)
+        if bad is not None:
+            raise ValueError(f"ids: this index's ids are str, got {bad!r}")
         h = keys_of_ids(ids, "str").astype(np.uint64)  # blake2b, already mixed
     else:
+        bad = next((i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))), None)
+        if bad is not None:
+            raise ValueError(f"ids: this index's ids are int, got {bad!r}")
         h = _splitmix64(np.asarray(ids, dtype=np.int64).reshape(-1).view(np.uint64))
     return (h % np.uint64(n_shards)).astype(np.int64)
 

@@ -58,16 +58,15 @@ class ShardActor:
     ) -> tuple[Any, list[list[Any]]]:
         """(scores (nq, k) float32 numpy, user ids per row) of ``Index.search`` (or
         ``search_exhaustive``); rows shorter than k where the shard has fewer documents."""
-        import numpy as np
-
         fn = self.index.search_exhaustive if exhaustive else self.index.search
-        if isinstance(queries, np.ndarray) and not queries.flags.writeable:
-            queries = queries.copy()  # from Ray's object store: read-only, which torch warns about
-        mask = kwargs.get("queries_mask")
-        if isinstance(mask, np.ndarray) and not mask.flags.writeable:
-            kwargs = {**kwargs, "queries_mask": mask.copy()}
+        queries, kwargs = _writable(queries, kwargs)
         result = fn(queries, k, **kwargs)
         return result.scores.cpu().numpy(), result.user_ids
+
+    def hybrid(self, queries: Any, k: int, kwargs: dict[str, Any]) -> list[tuple[list[Any], Any, Any]]:
+        """``Index.hybrid_candidates``: each query's union with both sides' scores, unfused."""
+        queries, kwargs = _writable(queries, kwargs)
+        return self.index.hybrid_candidates(queries, k, **kwargs)
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """``Index.<method>(*args, **kwargs)`` for the changes and lookups (add, delete, update,
@@ -84,6 +83,18 @@ class ShardActor:
 
     def refresh(self) -> bool:
         return self.index.refresh()
+
+
+def _writable(queries: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Arrays read from Ray's object store are read-only, which torch warns about: copies."""
+    import numpy as np
+
+    if isinstance(queries, np.ndarray) and not queries.flags.writeable:
+        queries = queries.copy()
+    mask = kwargs.get("queries_mask")
+    if isinstance(mask, np.ndarray) and not mask.flags.writeable:
+        kwargs = {**kwargs, "queries_mask": mask.copy()}
+    return queries, kwargs
 
 
 def _rss_bytes() -> int:

@@ -8,11 +8,14 @@ exhaustive search equals a single index's exactly, and the merged PLAID search i
 per-shard PLAID searches (each shard probes its own IVF with the same centroids).
 
 Failures: a shard actor that dies is restarted by Ray from its directory (``max_restarts=-1``).
-A read (search, lookups) that meets a dead or restarting shard waits for it, up to
-``timeout_s`` seconds in all, and is then retried once on the restarted actor; if the shard is
-not back by then it raises :class:`ShardUnavailableError` naming the shard. No partial results
-are ever returned. Changes are never retried (a change may have been committed before the
-process died): they raise ShardUnavailableError naming the shards that did and did not change.
+A read (search, lookups) that meets a dead or restarting shard asks it again, 50 ms to 1 s
+apart, until it answers or ``timeout_s`` has passed, then raises :class:`ShardUnavailableError`
+naming the shard. No partial results are ever returned. A change checks its arguments on the
+driver first (ids of the index's kind, present or absent as the change needs, metadata, texts),
+so a bad argument changes no shard; it is never retried (a change may have been committed
+before a process died): a shard failing then raises ShardUnavailableError naming the shards
+that did and did not change. One writer at a time: ``next_id`` lives in this process until it
+is written to ``sharded.json``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,16 @@ import torch
 from edgeplaid.distributed import _layout
 from edgeplaid.distributed._cluster import connect
 from edgeplaid.distributed._shard_actor import ShardActor
+from edgeplaid.index._index import _mode
+from edgeplaid.search._hybrid import (
+    LATE_LIST,
+    LEXICAL_LIST,
+    check_fusion,
+    fuse_top,
+    hybrid_depth,
+    late_depth,
+)
+from edgeplaid.search._plaid import resolve_params
 
 _INLINE_BYTES = 64 << 10
 
@@ -245,7 +258,7 @@ class ShardedIndex:
         """
         import ray
 
-        p = Path(path)
+        p = Path(path).absolute()  # the actors' working directory is not ours
         manifest = _layout.read_manifest(p)
         connect(ray_address)
         n = manifest["n_shards"]
@@ -296,6 +309,7 @@ class ShardedIndex:
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
+        self._check_open()
         shards = list(range(self.n_shards)) if shards is None else list(shards)
         deadline = time.monotonic() + self.timeout_s
         refs = {s: call(s) for s in shards}
@@ -313,10 +327,11 @@ class ShardedIndex:
                     ) from None
                 except RayActorError as e:
                     if time.monotonic() + pause >= deadline:
+                        cause = str(e).strip().splitlines()
                         raise ShardUnavailableError(
                             f"{what}: shard {s} ({_layout.shard_name(s)}) is down and did not come "
-                            f"back within {self.timeout_s:g} s ({type(e).__name__}); no partial "
-                            "results are returned"
+                            f"back within {self.timeout_s:g} s; no partial results are returned "
+                            f"({type(e).__name__}: {cause[0] if cause else ''})"
                         ) from e
                     down.append(s)
             if down:
@@ -325,6 +340,10 @@ class ShardedIndex:
                 refs.update({s: call(s) for s in down})
             pending = down
         return [out[s] for s in shards]
+
+    def _check_open(self) -> None:
+        if not self._actors:
+            raise RuntimeError(f"{self!r}: closed (its shard actors have ended)")
 
     def _route(self, ids: Sequence[Any]) -> dict[int, list[int]]:
         """Shard -> the positions in ``ids`` of the ids that live there."""
@@ -393,31 +412,81 @@ class ShardedIndex:
 
     # ------------------------------------------------------------------ search
 
-    def _scatter(self, exhaustive: bool, queries: Any, k: int, kwargs: dict[str, Any]) -> ShardedSearchResult:
+    def _prepare(self, queries: Any, k: int, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """Checked k; the queries and mask as numpy (a torch tensor argument cost ~2.5 ms a call
+        in Ray's pickling against ~0.1 ms for the same array), a large batch put in the object
+        store once for every shard, a small one sent inline with each call."""
         import ray
 
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k: expected a positive int, got {k!r}")
-        if kwargs.get("subset") is not None:
+        if kwargs.pop("subset", None) is not None:
             raise ValueError("subset: positions are per shard in a sharded index; filter with where=")
-        kwargs.pop("subset", None)
-        # Tensors cross to the actors as numpy arrays: Ray pickles a torch tensor argument
-        # through torch's own reducer, ~2.5 ms a call here against ~0.1 ms for the same array.
-        # A small batch goes inline with each call; a large one is put in the object store once.
         queries = _to_numpy(queries)
         kwargs["queries_mask"] = _to_numpy(kwargs.get("queries_mask"))
-        q_ref = queries
         if isinstance(queries, np.ndarray) and queries.nbytes > _INLINE_BYTES:
-            q_ref = ray.put(queries)
+            queries = ray.put(queries)
+        return queries, kwargs
+
+    def _scatter(self, exhaustive: bool, queries: Any, k: int, kwargs: dict[str, Any]) -> ShardedSearchResult:
+        q_ref, kwargs = self._prepare(queries, k, kwargs)
         parts = self._read(lambda s: self._actors[s].search.remote(exhaustive, q_ref, k, kwargs), "search")
-        scores, handles, shards, users = merge_topk(parts, k)
-        dev = self.device
+        return self._result(*merge_topk(parts, k))
+
+    @staticmethod
+    def _result(
+        scores: np.ndarray, handles: np.ndarray, shards: np.ndarray, users: list[list[Any]]
+    ) -> ShardedSearchResult:
+        # On the driver's CPU, whatever device the shards search on (the driver may have none).
         return ShardedSearchResult(
-            torch.from_numpy(scores).to(dev),
-            torch.from_numpy(handles).to(dev),
-            users,
-            torch.from_numpy(shards).to(dev),
+            torch.from_numpy(scores), torch.from_numpy(handles), users, torch.from_numpy(shards)
         )
+
+    def _hybrid(self, queries: Any, k: int, kwargs: dict[str, Any]) -> ShardedSearchResult:
+        """Hybrid search fused on the driver. Fused scores are relative to their union (min-max
+        over it, or ranks in it), so shards cannot fuse on their own and be merged. Every shard
+        returns its union unfused (``Index.hybrid_candidates``); per query the driver keeps the
+        lexical side's best ``max(2k, 20)`` and the late side's best as many over all shards
+        (the lists a single index keeps: each global best is among its own shard's best) and
+        fuses that union as a single index does (:func:`fuse_top`)."""
+        fusion, alpha = check_fusion(kwargs.pop("fusion"), kwargs.pop("alpha"))
+        text = kwargs.pop("text")
+        kwargs.pop("mode")
+        kwargs.pop("backend")
+        fixed = ("queries_mask", "where", "params", "subset")
+        params = resolve_params(k, **{n: v for n, v in kwargs.items() if n not in fixed})
+        q_ref, kwargs = self._prepare(queries, k, kwargs)
+        call = {**kwargs, "text": text}
+        parts = self._read(lambda s: self._actors[s].hybrid.remote(q_ref, k, call), "search")
+        nq = len(parts[0])
+        depth = hybrid_depth(k)
+        late_n = late_depth(k, depth, params)
+        scores = np.full((nq, k), -np.inf, dtype=np.float32)
+        handles = np.full((nq, k), -1, dtype=np.int64)
+        shards = np.full((nq, k), -1, dtype=np.int64)
+        users: list[list[Any]] = [[None] * k for _ in range(nq)]
+        for q in range(nq):
+            rows = [p[q] for p in parts]
+            late = np.concatenate([np.asarray(r[1], dtype=np.float32) for r in rows])
+            lex = np.concatenate([np.asarray(r[2], dtype=np.float64) for r in rows])
+            shard = np.concatenate([np.full(len(r[0]), s, np.int64) for s, r in enumerate(rows)])
+            rank = np.concatenate([np.arange(len(r[0]), dtype=np.int64) for r in rows])
+            lists = np.concatenate([np.asarray(r[3], dtype=np.int8) for r in rows])
+            # each side's list over all shards: its best among the shards' lists of that side
+            on_lex = np.flatnonzero(lists & LEXICAL_LIST)
+            on_late = np.flatnonzero(lists & LATE_LIST)
+            by_lex = on_lex[np.argsort(-lex[on_lex], kind="stable")[:depth]]
+            by_late = on_late[np.argsort(-late[on_late], kind="stable")[:late_n]]
+            keep = np.union1d(by_lex, by_late)
+            fused, order = fuse_top(keep, late[keep], lex[keep], k, fusion, alpha)
+            top = keep[order]
+            n = top.shape[0]
+            scores[q, :n] = fused
+            handles[q, :n] = shard[top] * (1 << 40) + rank[top]
+            shards[q, :n] = shard[top]
+            for j, t in enumerate(top.tolist()):
+                users[q][j] = rows[shard[t]][0][rank[t]]
+        return self._result(scores, handles, shards, users)
 
     def search(
         self,
@@ -438,10 +507,11 @@ class ShardedIndex:
         """The k best live documents of each query over every shard: each shard runs
         :meth:`edgeplaid.Index.search` with these arguments (filters, lexical and hybrid options
         pass through) and returns its k best; the driver merges them (:func:`merge_topk`).
-        ``subset`` (positions) is refused: positions are per shard. Lexical and hybrid scores
-        use each shard's own BM25 statistics (document frequencies, average length): with
-        documents placed by a hash the shards are random samples of the corpus, so these agree
-        closely but not exactly with a single index's."""
+        ``subset`` (positions) is refused: positions are per shard. Hybrid search is fused on
+        the driver over every shard's candidates (:meth:`_hybrid`), as a single index fuses its
+        own. BM25 scores use each shard's own statistics (document frequencies, average
+        length): with documents placed by a hash the shards are random samples of the corpus,
+        so lexical and hybrid results agree closely but not exactly with a single index's."""
         kwargs = {
             "queries_mask": queries_mask,
             "subset": subset,
@@ -454,6 +524,8 @@ class ShardedIndex:
             "fusion": fusion,
             **knobs,
         }
+        if _mode(mode, queries, text) == "hybrid":
+            return self._hybrid(queries, k, kwargs)
         return self._scatter(False, queries, k, kwargs)
 
     def search_exhaustive(
@@ -508,6 +580,7 @@ class ShardedIndex:
         import ray
         from ray.exceptions import RayActorError
 
+        self._check_open()
         shards = sorted(routes)
         refs = [self._actors[s].call.remote(method, *routes[s][0], **routes[s][1]) for s in shards]
         done, failed, results, first = [], [], [], None
@@ -564,6 +637,43 @@ class ShardedIndex:
             )
         return routes
 
+    def _found(self, ids: list[Any], what: str) -> list[bool]:
+        """Whether each id is a live document (asked of its shard)."""
+        routes = self._route(ids) if ids else {}
+        hits = self._read(
+            lambda s: self._actors[s].contains.remote([ids[j] for j in routes[s]]), what, list(routes)
+        )
+        out = [False] * len(ids)
+        for rows, got in zip(routes.values(), hits, strict=True):
+            for j, hit in zip(rows, got, strict=True):
+                out[j] = bool(hit)
+        return out
+
+    def _check_known(self, ids: list[Any], what: str) -> None:
+        """KeyError naming the first id that is not a live document (before any change)."""
+        for i, hit in zip(ids, self._found(ids, what), strict=True):
+            if not hit:
+                raise KeyError(f"ids: {i!r} is not in the index ({what} changes nothing)")
+
+    def _check_new(self, ids: list[Any], metadata: Any, texts: Any, what: str) -> None:
+        """The checks a shard would make, made first on the driver so that a bad argument changes
+        no shard: ids unique and of the index's kind, metadata and texts one per document, texts
+        given exactly when the index has a lexical side."""
+        from edgeplaid.index._lexical import check_texts
+        from edgeplaid.index._metadata import check_metadata
+
+        if len(set(ids)) != len(ids):
+            raise ValueError("ids: duplicate document ids")
+        _layout.shard_of(ids, self.id_kind, self.n_shards)  # raises on an id of the other kind
+        if metadata is not None:
+            check_metadata(metadata, len(ids))
+        if self.has_lexical and texts is None:
+            raise ValueError(f"texts: this index has a lexical side: {what} needs the documents' texts")
+        if not self.has_lexical and texts is not None:
+            raise ValueError("texts: this index has no lexical side (built without texts)")
+        if texts is not None:
+            check_texts(texts, len(ids))
+
     def _bump_next_id(self, ids: list[Any]) -> None:
         """Int ids: records in sharded.json that auto ids continue after the largest given."""
         if self.id_kind != "int" or not ids:
@@ -596,11 +706,14 @@ class ShardedIndex:
         ids = list(ids.tolist() if hasattr(ids, "tolist") else ids)
         if len(ids) != n:
             raise ValueError(f"ids: {len(ids)} ids for {n} documents")
-        if len(set(ids)) != n:
-            raise ValueError("ids: duplicate document ids")
+        self._check_new(ids, metadata, texts, "add")
+        taken = [i for i, hit in zip(ids, self._found(ids, "add"), strict=True) if hit]
+        if taken:
+            raise ValueError(f"ids: {taken[0]!r} is in the index already (add changes nothing; see upsert)")
         routes = self._routed_docs(ids, doc_tokens, doclens, metadata, texts)
-        self._change("add", {s: ((r[0], r[1], r[2], r[3], r[4]), {}) for s, r in routes.items()})
+        # next_id first: a failure part-way never leaves a shard holding ids it would give again
         self._bump_next_id(ids)
+        self._change("add", {s: ((r[0], r[1], r[2], r[3], r[4]), {}) for s, r in routes.items()})
         return ids
 
     def delete(
@@ -623,14 +736,8 @@ class ShardedIndex:
         ids = list(ids.tolist() if hasattr(ids, "tolist") else ids)
         if not ids:
             return 0
+        self._check_known(ids, "delete")
         routes = self._route(ids)
-        found = self._read(
-            lambda s: self._actors[s].contains.remote([ids[j] for j in routes[s]]), "delete", list(routes)
-        )
-        for (_, rows), hits in zip(routes.items(), found, strict=True):
-            for j, hit in zip(rows, hits, strict=True):
-                if not hit:
-                    raise KeyError(f"ids: {ids[j]!r} is not in the index")
         res = self._change("delete", {s: (([ids[j] for j in rows],), {}) for s, rows in routes.items()})
         return int(sum(res))
 
@@ -644,6 +751,8 @@ class ShardedIndex:
     ) -> list[Any]:
         """Replaces the documents with these ids (all must exist), each in its shard."""
         ids = list(ids.tolist() if hasattr(ids, "tolist") else ids)
+        self._check_new(ids, metadata, texts, "update")
+        self._check_known(ids, "update")
         routes = self._routed_docs(ids, doc_tokens, doclens, metadata, texts)
         self._change("update", {s: ((r[2], r[0], r[1], r[3], r[4]), {}) for s, r in routes.items()})
         return ids
@@ -659,16 +768,19 @@ class ShardedIndex:
         """Adds the new ids and replaces the existing ones, each in its shard; returns (added,
         updated)."""
         ids = list(ids.tolist() if hasattr(ids, "tolist") else ids)
+        self._check_new(ids, metadata, texts, "upsert")
         routes = self._routed_docs(ids, doc_tokens, doclens, metadata, texts)
-        res = self._change("upsert", {s: ((r[2], r[0], r[1], r[3], r[4]), {}) for s, r in routes.items()})
         self._bump_next_id(ids)
+        res = self._change("upsert", {s: ((r[2], r[0], r[1], r[3], r[4]), {}) for s, r in routes.items()})
         return sum(a for a, _ in res), sum(u for _, u in res)
 
     def set_metadata(self, ids: Sequence[Any], metadata: Sequence[dict[str, Any] | None]) -> int:
         """Replaces the metadata of the documents with these ids, each in its shard."""
         ids = list(ids.tolist() if hasattr(ids, "tolist") else ids)
-        if len(metadata) != len(ids):
-            raise ValueError(f"metadata: {len(metadata)} entries for {len(ids)} ids")
+        from edgeplaid.index._metadata import check_metadata
+
+        check_metadata(metadata, len(ids))
+        self._check_known(ids, "set_metadata")
         routes = self._split(ids, list(metadata))
         return int(sum(self._change("set_metadata", {s: ((r[0], r[1]), {}) for s, r in routes.items()})))
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from edgeplaid.index._lexical import analyzer as analyzer_of
 from edgeplaid.index._lexical import check_texts
 from edgeplaid.index._metadata import check_metadata
 from edgeplaid.index._pooling import check_pool_factor, pool_tokens
+from edgeplaid.index._storage import _exchange
 
 _ROUTE_TOKENS = 1 << 16  # a one-shot corpus is routed in blocks of about this many tokens
 _READ_TOKENS = 1 << 16  # a shard task reads its spool back in blocks of about this many tokens
@@ -129,6 +131,8 @@ def _batches(doc_tokens: Any, doclens: Any, ids: Any, metadata: Any, texts: Any)
     if doclens is not None:
         t, d = check_batch(doc_tokens, doclens, None)
         n = d.shape[0]
+        if ids is not None:
+            ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         if ids is not None and len(ids) != n:
             raise ValueError(f"ids: {len(ids)} ids for {n} documents")
         if metadata is not None and len(metadata) != n:
@@ -144,7 +148,7 @@ def _batches(doc_tokens: Any, doclens: Any, ids: Any, metadata: Any, texts: Any)
             yield {
                 "doc_tokens": t[offsets[s] : offsets[e]],
                 "doclens": d[s:e],
-                "ids": None if ids is None else list(ids[s:e]),
+                "ids": None if ids is None else ids[s:e],
                 "metadata": None if metadata is None else list(metadata[s:e]),
                 "texts": None if texts is None else list(texts[s:e]),
             }
@@ -210,12 +214,13 @@ def build_sharded(
     analyzer_of(analyzer)
     if type(store_texts) is not bool:
         raise ValueError(f"store_texts: expected a bool, got {store_texts!r}")
-    dest = Path(path)
+    # Absolute: Ray's workers resolve a relative path against their own working directory.
+    dest = Path(path).absolute()
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest}: exists; pass overwrite=True to replace it")
-    if dest.exists() and not _layout.is_sharded(dest):
-        raise ValueError(f"{dest}: exists and is not a sharded index: not replaced")
-    work = dest.with_name(f".{dest.name}.building-{os.getpid()}")
+    if dest.exists() and not _layout.is_sharded(dest) and (not dest.is_dir() or any(dest.iterdir())):
+        raise ValueError(f"{dest}: exists and is neither a sharded index nor empty: not replaced")
+    work = dest.with_name(f".{dest.name}.building-{uuid.uuid4().hex[:12]}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     t0 = time.perf_counter()
@@ -241,8 +246,9 @@ def build_sharded(
                     raise ValueError("ids: either every batch has ids or none does")
                 if bi is None:
                     bi = list(range(n_docs, n_docs + nb))  # auto ids continue across batches
-                else:
-                    bi = list(bi.tolist() if hasattr(bi, "tolist") else bi)
+                else:  # numpy / torch ints become Python ints (the spool is JSON)
+                    bi = bi.tolist() if hasattr(bi, "tolist") else list(bi)
+                    bi = [int(i) if isinstance(i, np.integer) else i for i in bi]
                     if len(bi) != nb:
                         raise ValueError(f"ids: {len(bi)} ids for {nb} documents")
                 kind = id_kind_of(bi) if nb else id_kind
@@ -326,7 +332,14 @@ def build_sharded(
             )
             for i in range(n_shards)
         ]
-        shard_timings = ray.get(refs)
+        try:
+            shard_timings = ray.get(refs)
+        except BaseException:
+            # The siblings of a failed task would go on writing into ``work`` after it is removed.
+            for ref in refs:
+                ray.cancel(ref, force=True)
+            ray.wait(refs, num_returns=len(refs), timeout=60)
+            raise
         t_shards = time.perf_counter() - t2
         shutil.rmtree(work / "_spool", ignore_errors=True)
         manifest = _layout.new_manifest(
@@ -341,10 +354,14 @@ def build_sharded(
         )
         _layout.write_manifest(work, manifest)
         if dest.exists():
-            old = dest.with_name(f".{dest.name}.replaced-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(work, dest)
-            shutil.rmtree(old, ignore_errors=True)
+            # One atomic swap where the file system has it: readers see the old index or the new.
+            if _exchange(work, dest):
+                shutil.rmtree(work, ignore_errors=True)  # now the old index
+            else:
+                old = dest.with_name(f".{dest.name}.replaced-{uuid.uuid4().hex[:12]}")
+                os.replace(dest, old)
+                os.replace(work, dest)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(work, dest)
     except BaseException:

@@ -19,7 +19,14 @@ from edgeplaid.index._pooling import pool_factor_of
 from edgeplaid.index._snapshot import Snapshot, open_snapshot
 from edgeplaid.index._storage import FORMAT_VERSION, changed, rewrite_index, verify_checksums
 from edgeplaid.ops import bundles
-from edgeplaid.search._hybrid import MODES, check_fusion, hybrid_search, lexical_search, to_device
+from edgeplaid.search._hybrid import (
+    MODES,
+    check_fusion,
+    hybrid_search,
+    hybrid_unions,
+    lexical_search,
+    to_device,
+)
 from edgeplaid.search._plaid import SearchParams, resolve_params
 
 
@@ -605,6 +612,37 @@ class Index:
             backend=backend,
         )
         return SearchResult(*to_device(s, i, st.device), st)
+
+    def hybrid_candidates(
+        self,
+        queries: Any,
+        k: int = 10,
+        queries_mask: Any = None,
+        *,
+        text: str | Sequence[str],
+        where: str | None = None,
+        params: Sequence[Any] | None = None,
+        **knobs: Any,
+    ) -> list[tuple[list[Any], np.ndarray, np.ndarray, np.ndarray]]:
+        """What a hybrid :meth:`search` fuses, before fusion: each query's candidate union (the
+        lexical side's best ``max(2k, 20)`` and PLAID's) with both sides' exact scores, as
+        ``(user ids (n), late (n,) float32 MaxSim, lexical (n,) BM25, lists (n,) int8: on the
+        lexical side's list (1), the late side's (2) or both (3))``. A sharded index fuses
+        these over all its shards at once (:class:`edgeplaid.distributed.ShardedIndex`), since
+        fused scores are relative to their union. Arguments as :meth:`search`."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k: expected a positive int, got {k!r}")
+        st = self._state
+        if st.lexical is None:
+            raise ValueError("mode: 'hybrid' needs a lexical side; this index was built without texts")
+        p = resolve_params(k, **knobs)
+        q, m = self._queries(queries, queries_mask)
+        texts = _texts(text, q.shape[0])
+        subsets = self._subsets(st, None, q.shape[0], where, params)
+        unions = hybrid_unions(
+            st.searcher, st.lexical, bundles.queries(q, m), texts, k, p, subsets, st.keys_of, st.key_positions
+        )
+        return [(st.to_user_ids(u[None])[0], late, lex, lists) for u, late, lex, lists in unions]
 
     def texts(self, ids: Sequence[Any]) -> list[str | None]:
         """The stored texts of the documents with these ids (None for an unknown or deleted id);

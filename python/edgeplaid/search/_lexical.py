@@ -108,7 +108,9 @@ class LexicalSearcher:
         q = self._text_query(text)
         if q is None or keys.shape[0] == 0:
             return out
-        got_k, got_s, _ = self._run(self._restricted(q, np.unique(keys)), keys.shape[0])
+        u = np.sort(keys)  # sorted unique keys; np.unique's hashing costs more at these sizes
+        u = u[np.concatenate(([True], u[1:] != u[:-1]))]
+        got_k, got_s, _ = self._run(self._restricted(q, u), keys.shape[0])
         if got_k.shape[0]:
             order = np.argsort(got_k)
             sk = got_k[order]

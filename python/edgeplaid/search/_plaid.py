@@ -456,10 +456,12 @@ class PlaidSearcher:
                     cs, codes, None, b.Candidates(cand, self.n_docs), None, q.mask, backend=backend
                 )
                 _, cand = _best(s3, cand, params.n_rerank, ordered=False)
-            s4 = self._stage4(q, cs, cand, params.precision, backend)
-            if out_e is not None:
+            if out_e is None:
+                s4 = self._stage4(q, cs, cand, params.precision, backend)
+            else:  # the extra documents scored in the same call as the survivors
                 rows = slice(start, start + q.shape[0])
-                out_e[rows] = self._stage4(q, cs, ext[rows], params.precision, backend)
+                both = self._stage4(q, cs, torch.cat([cand, ext[rows]], dim=1), params.precision, backend)
+                s4, out_e[rows] = both[:, : cand.shape[1]], both[:, cand.shape[1] :]
             del cs
             vals, ids = _best(s4, cand, k, ordered=True)
             ids = ids.masked_fill(torch.isneginf(vals), -1)  # an empty document is no result
