@@ -295,7 +295,7 @@ def _index_ids(index: Any, ids: Sequence[str], what: str) -> list[Any]:
     """Ids read as text (a corpus, the command line) in the kind of the index's ids: as they are
     for an index of str ids (every index `edgeplaid index` builds), as ints for one of int ids
     (built through the Python API)."""
-    if isinstance(index.user_ids, list):
+    if index.id_kind == "str":
         return list(ids)
     bad = [i for i in ids if not _INT_ID.fullmatch(i)]
     if bad:

@@ -15,18 +15,10 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from edgeplaid.cli import main  # noqa: E402
-from edgeplaid.distributed import ShardedIndex, connect, encode  # noqa: E402
+from edgeplaid.distributed import ShardedIndex, encode  # noqa: E402
 
 WORDS = "wing lift flow heat shock boundary layer slab conduction propeller supersonic pressure".split()
 TEXTS = [" ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(4 + i % 9)) for i in range(23)]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    if not ray.is_initialized():
-        connect("local", num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 def test_encode_streams_in_order_equal_to_one_model(cluster, model_dir):

@@ -19,19 +19,11 @@ httpx = pytest.importorskip("httpx")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
 from _serve_tools import DOCS, Server, build_model  # noqa: E402
 
-from edgeplaid.distributed import ShardedIndex, connect  # noqa: E402
+from edgeplaid.distributed import ShardedIndex  # noqa: E402
 from edgeplaid.serve import create_app  # noqa: E402
 
 TEXTS = [f"{d} Sample {i}." for i in range(8) for d in DOCS]
 pytestmark = pytest.mark.filterwarnings("ignore:.*drift from the index's codec")
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    if not ray.is_initialized():
-        connect("local", num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 def test_search_and_writes_through_the_service(cluster, tmp_path_factory, tmp_path):

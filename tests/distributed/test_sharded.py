@@ -32,14 +32,6 @@ N_DOCS = 400
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    if not ray.is_initialized():
-        connect("local", num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def data():
     tokens, doclens, topics = corpus(n_docs=N_DOCS, dim=32, n_topics=40, seed=3)
     ids = [f"doc-{i}" for i in range(N_DOCS)]

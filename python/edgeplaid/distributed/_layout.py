@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeplaid.index._build import mix64
 from edgeplaid.index._lexical import keys_of_ids
 
 MANIFEST = "sharded.json"
@@ -54,11 +55,9 @@ def check_n_shards(n_shards: Any) -> int:
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 (one step of its generator from state x): the placement hash of int ids."""
     with np.errstate(over="ignore"):
-        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+        return mix64(x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
 
 
 def shard_of(ids: Sequence[Any] | np.ndarray, id_kind: str, n_shards: int) -> np.ndarray:

@@ -70,19 +70,13 @@ class ShardActor:
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """``Index.<method>(*args, **kwargs)`` for the changes and lookups (add, delete, update,
-        upsert, set_metadata, compact, metadata, texts, select, positions)."""
+        upsert, set_metadata, compact, metadata, texts, select)."""
         if method not in _CALLS:
             raise ValueError(f"method: expected one of {sorted(_CALLS)}, got {method!r}")
-        out = getattr(self.index, method)(*args, **kwargs)
-        if method == "positions":
-            return out.tolist()
-        return out
+        return getattr(self.index, method)(*args, **kwargs)
 
     def contains(self, ids: list[Any]) -> list[bool]:
         return [i in self.index for i in ids]
-
-    def refresh(self) -> bool:
-        return self.index.refresh()
 
 
 def _writable(queries: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -120,6 +114,5 @@ _CALLS = frozenset(
         "metadata",
         "texts",
         "select",
-        "positions",
     }
 )

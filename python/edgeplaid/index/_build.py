@@ -51,13 +51,19 @@ def _as_numpy(x: Any, name: str) -> np.ndarray:
     raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 
+def mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's output function of (n,) uint64 (a bijection: distinct in, distinct out)."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
 def _keys(start: int, n: int, seed: int) -> np.ndarray:
     """splitmix64 of global token positions start..start+n: uniform, order-independent keys."""
     with np.errstate(over="ignore"):
         z = np.arange(start, start + n, dtype=np.uint64) + np.uint64(seed * 0x9E3779B97F4A7C15 % (1 << 64))
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+    return mix64(z)
 
 
 def check_batch(tokens: Any, doclens: Any, dim: int | None) -> tuple[np.ndarray, np.ndarray]:

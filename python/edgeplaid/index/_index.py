@@ -670,6 +670,11 @@ class Index:
         return self._state.lexical is not None
 
     @property
+    def id_kind(self) -> str:
+        """``"none"`` (ids are positions, 0 .. n - 1 at build), ``"int"`` or ``"str"``."""
+        return self._state.id_kind
+
+    @property
     def has_metadata(self) -> bool:
         """Whether any document of the loaded version has metadata (``where`` can match)."""
         return self._state.manifest.get("metadata") is not None

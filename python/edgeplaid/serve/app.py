@@ -413,10 +413,7 @@ class _Documents:
 
 def _id_kind(index: Any) -> type:
     """str or int: the kind of the index's ids (an index built without ids numbers them)."""
-    kind = getattr(index, "id_kind", None)  # a ShardedIndex says it (its ids are on its shards)
-    if kind is not None:
-        return str if kind == "str" else int
-    return str if isinstance(index.user_ids, list) else int
+    return str if index.id_kind == "str" else int
 
 
 def _check_ids(ids: Sequence[Any], field: str, kind: type, unique: bool) -> None:
