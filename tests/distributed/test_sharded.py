@@ -1,4 +1,4 @@
-"""ShardedIndex on a local Ray cluster (2 CPUs): exactness against a single index, recall,
+"""ShardedIndex on a local Ray ray_cluster (2 CPUs): exactness against a single index, recall,
 changes routed by id, a killed shard actor, streamed builds, errors."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def built(cluster, data, tmp_path_factory):
+def built(ray_cluster, data, tmp_path_factory):
     tokens, doclens, ids, texts, metadata, _, _ = data
     root = tmp_path_factory.mktemp("sharded")
     single = Index.build(
@@ -130,7 +130,7 @@ def test_filters_and_hybrid_pass_through(built, data):
         sharded.search(q, k=5, subset=[1, 2])
 
 
-def test_changes_route_by_id(cluster, data, tmp_path):
+def test_changes_route_by_id(ray_cluster, data, tmp_path):
     tokens, doclens, *_, q, m = data
     offsets = np.concatenate([[0], np.cumsum(doclens.numpy())])
     n0 = 300
@@ -175,7 +175,7 @@ def test_killed_shard_actor_is_restarted(built, data):
     assert ray.get(actor.pid.remote()) != pid
 
 
-def test_shard_that_cannot_come_back_is_a_clear_error(cluster, data, tmp_path):
+def test_shard_that_cannot_come_back_is_a_clear_error(ray_cluster, data, tmp_path):
     tokens, doclens, *_ = data
     q, m = data[5], data[6]
     sh = ShardedIndex.build(tmp_path / "s", tokens, doclens, nbits=2, n_shards=2, progress=False, timeout_s=8)
@@ -192,7 +192,7 @@ def test_shard_that_cannot_come_back_is_a_clear_error(cluster, data, tmp_path):
         sh.close()
 
 
-def test_stream_build_equals_single_build(cluster, data, tmp_path):
+def test_stream_build_equals_single_build(ray_cluster, data, tmp_path):
     tokens, doclens, ids, _, metadata, _, _ = data
     offsets = np.concatenate([[0], np.cumsum(doclens.numpy())])
     cuts = [0, 37, 150, 151, 290, N_DOCS]
@@ -223,7 +223,7 @@ def test_stream_build_equals_single_build(cluster, data, tmp_path):
             np.testing.assert_array_equal(seen[u][1], single.residuals[a:b].numpy())
 
 
-def test_bad_arguments(cluster, data, tmp_path):
+def test_bad_arguments(ray_cluster, data, tmp_path):
     tokens, doclens, *_ = data
     with pytest.raises(ValueError, match="n_shards"):
         ShardedIndex.build(tmp_path / "a", tokens, doclens, n_shards=0, progress=False)
@@ -265,7 +265,7 @@ PLACED_INT = [2, 2, 4, 2, 3]
 PLACED_STR = [4, 2, 2]
 
 
-def test_hybrid_is_fused_over_all_shards(cluster, data, tmp_path, built):
+def test_hybrid_is_fused_over_all_shards(ray_cluster, data, tmp_path, built):
     tokens, doclens, ids, texts, _, q, m = data
     single, sharded = built
     text = ["alpha beta", "gamma", "delta zeta eta", "theta"] * 6
@@ -309,7 +309,7 @@ def test_arguments_are_checked_before_any_shard_changes(built, data):
     assert sharded.texts(["doc-1"]) == [texts[1]]
 
 
-def test_numpy_ids_relative_path_and_overwrite(cluster, data, tmp_path, monkeypatch):
+def test_numpy_ids_relative_path_and_overwrite(ray_cluster, data, tmp_path, monkeypatch):
     tokens, doclens, *_ = data
     monkeypatch.chdir(tmp_path)
     ids = np.arange(1000, 1000 + N_DOCS)  # numpy ints, as Index.build takes them
