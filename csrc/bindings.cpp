@@ -588,6 +588,82 @@ py::tuple compress_residuals(const py::array& tokens, const std::string& dtype, 
 
 // ---- end of index building ---------------------------------------------------------------------
 
+// Output channels per column block of int8_linear's packed weights on the active ISA.
+int64_t int8_linear_block() {
+  switch (active_isa()) {
+    case Isa::avx512: EP_IF_AVX512(return avx512::int8_linear_block();) [[fallthrough]];
+    case Isa::avx2: EP_IF_AVX2(return avx2::int8_linear_block();) [[fallthrough]];
+    default: return scalar::int8_linear_block();
+  }
+}
+
+py::array_t<int8_t> int8_linear_pack(const py::array& qweight) {
+  expect_rank(qweight, "qweight", 2, "(out_features, in_features)");
+  if (!has_dtype(qweight, 'i', 1)) fail("qweight: expected int8");
+  const int64_t n = qweight.shape(0), k = qweight.shape(1);
+  if (n < 1 || k < 1) fail("qweight: expected at least one output and one input feature, got shape " + shape_str(qweight));
+  const int64_t nr = int8_linear_block(), n_blocks = (n + nr - 1) / nr, kq = (k + 3) / 4;
+  py::array_t<int8_t> packed(std::vector<py::ssize_t>{n_blocks, kq, nr, 4});
+  const int8_t* q = static_cast<const int8_t*>(qweight.data());
+  int8_t* pk = packed.mutable_data();
+  {
+    py::gil_scoped_release release;
+    EP_DISPATCH(int8_linear_pack, q, n, k, pk);
+  }
+  return packed;
+}
+
+py::array_t<float> int8_linear(const py::array& x, const py::array& packed, const py::array& scales,
+                               const py::array& bias, int64_t out_features, const std::string& post,
+                               const py::object& other) {
+  expect_rank(x, "x", 2, "(rows, in_features)");
+  const float* xd = f32_data(x, "x");
+  const int64_t m = x.shape(0), k = x.shape(1), n = out_features;
+  expect_rank(packed, "packed", 4, "(n_blocks, ceil(in_features / 4), block, 4) from int8_linear_pack");
+  if (!has_dtype(packed, 'i', 1)) fail("packed: expected int8 (from int8_linear_pack)");
+  const int64_t nr = int8_linear_block();
+  if (packed.shape(2) != nr)
+    fail("packed: packed for blocks of " + std::to_string(packed.shape(2)) + " channels, the active ISA's kernel uses " +
+         std::to_string(nr) + ": pack the weight again (int8_linear_pack) after changing the ISA");
+  expect_dim(packed, "packed", 1, (k + 3) / 4, "ceil(in_features / 4) of x");
+  expect_dim(packed, "packed", 3, 4, "quads");
+  if (n < 1 || packed.shape(0) != (n + nr - 1) / nr)
+    fail("out_features: expected " + std::to_string(packed.shape(0) * nr - nr + 1) + ".." +
+         std::to_string(packed.shape(0) * nr) + " for packed of shape " + shape_str(packed) + ", got " +
+         std::to_string(n));
+  const int64_t padded = packed.shape(0) * nr;
+  expect_rank(scales, "scales", 1, "(n_blocks * block,)");
+  expect_dim(scales, "scales", 0, padded, "n_blocks * block");
+  expect_rank(bias, "bias", 1, "(n_blocks * block,), zero-padded");
+  expect_dim(bias, "bias", 0, padded, "n_blocks * block");
+  const float* sc = f32_data(scales, "scales");
+  const float* bs = f32_data(bias, "bias");
+  int code = 0;
+  const float* od = nullptr;
+  if (post == "add" || post == "mul") {
+    code = post == "add" ? 1 : 2;
+    if (other.is_none()) fail("other: required when post is '" + post + "'");
+    const py::array o = other.cast<py::array>();
+    expect_rank(o, "other", 2, "(rows, out_features)");
+    expect_dim(o, "other", 0, m, "rows of x");
+    expect_dim(o, "other", 1, n, "out_features");
+    od = f32_data(o, "other");
+  } else if (post != "none") {
+    fail("post: expected 'none', 'add' or 'mul', got '" + post + "'");
+  }
+  py::array_t<float> out(std::vector<py::ssize_t>{m, n});
+  if (m == 0) return out;
+  const int8_t* pk = static_cast<const int8_t*>(packed.data());
+  float* o = out.mutable_data();
+  KernelError err;
+  {
+    py::gil_scoped_release release;
+    EP_DISPATCH(int8_linear, xd, m, k, pk, sc, bs, n, code, od, o, err);
+  }
+  raise_if(err);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -617,6 +693,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("compress_residuals", &compress_residuals, py::arg("tokens"), py::arg("dtype"), py::arg("codes"),
         py::arg("centroids"), py::arg("centroids_dtype"), py::arg("bucket_cutoffs"), py::arg("bucket_weights"),
         py::arg("nbits"));
+  m.def("int8_linear_pack", &int8_linear_pack, py::arg("qweight"),
+        "(out_features, in_features) int8 -> the packed layout int8_linear reads on the active ISA.");
+  m.def("int8_linear", &int8_linear, py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("bias"),
+        py::arg("out_features"), py::arg("post") = "none", py::arg("other") = py::none());
   m.def("peak_gflops", &peak_gflops, py::arg("seconds") = 0.25,
         "Measured fp32 FMA peak (GFLOP/s) of the active ISA on all pool threads.");
   m.def("peak_int8_gops", &peak_int8_gops, py::arg("seconds") = 0.25,

@@ -163,6 +163,11 @@ struct CentroidGroups {
   void compress_residuals(const Rows& tokens, const Ids& codes, const Rows& centroids,          \
                           const float* bucket_cutoffs, const float* bucket_weights, int nbits,  \
                           uint8_t* residuals, float* inv_norm, KernelError& err);               \
+  int64_t int8_linear_block();                                                                 \
+  void int8_linear_pack(const int8_t* qweight, int64_t n, int64_t k, int8_t* packed);         \
+  void int8_linear(const float* x, int64_t m, int64_t k, const int8_t* packed,                 \
+                   const float* scales, const float* bias, int64_t n, int post,                \
+                   const float* other, float* out, KernelError& err);                          \
   double fma_probe(int64_t iterations);                                                        \
   double int8_probe(int64_t iterations);                                                       \
   }

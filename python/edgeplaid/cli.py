@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeplaid.index._lexical import ANALYZERS
+from edgeplaid.model._precision import PRECISIONS
 from edgeplaid.search._fusion import FUSIONS
 from edgeplaid.search._hybrid import MODES
 
@@ -102,16 +103,18 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
         print(text)
 
 
-def _load_model(spec: str, quiet: bool, fallback: str | None = None, device: str = "cpu") -> tuple[Any, str]:
-    """(model on ``device``, the spec that loaded): ``fallback`` replaces a model that cannot be
-    loaded."""
+def _load_model(
+    spec: str, quiet: bool, fallback: str | None = None, device: str = "cpu", precision: str = "auto"
+) -> tuple[Any, str]:
+    """(model on ``device`` at ``precision``, the spec that loaded): ``fallback`` replaces a model
+    that cannot be loaded."""
     import transformers.utils.logging
 
     from edgeplaid.model import load_model
 
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars, every load
     log = None if quiet else (lambda line: print(line, file=sys.stderr))
-    return load_model(spec, device=device, log=log, fallback=fallback, return_spec=True)
+    return load_model(spec, device=device, log=log, fallback=fallback, return_spec=True, precision=precision)
 
 
 def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
@@ -280,9 +283,11 @@ def _read_metadata(path: Path, ids: list[str]) -> Metadata | None:
     return [found.get(i) for i in ids] if found else None
 
 
-def _encode_documents(spec: str, texts: list[str], quiet: bool) -> tuple[Any, Any, float]:
+def _encode_documents(
+    spec: str, texts: list[str], quiet: bool, precision: str = "auto"
+) -> tuple[Any, Any, float]:
     """(tokens, doclens, seconds) of the texts encoded by the model ``spec`` on the CPU."""
-    model, _ = _load_model(spec, quiet)
+    model, _ = _load_model(spec, quiet, precision=precision)
     t0 = time.perf_counter()
     tokens, doclens = model.encode_documents(texts, show_progress_bar=not quiet)
     return tokens, doclens, time.perf_counter() - t0
@@ -451,7 +456,7 @@ def cmd_index(args: argparse.Namespace) -> None:
         return
     if args.ray_address is not None:
         raise UserError("--ray-address: only with --shards")
-    tokens, doclens, t_encode = _encode_documents(args.model, texts, args.quiet)
+    tokens, doclens, t_encode = _encode_documents(args.model, texts, args.quiet, args.precision)
     t0 = time.perf_counter()
     index = Index.build(
         out,
@@ -507,6 +512,7 @@ def _index_sharded(
         keep_texts=not args.no_lexical,
         ray_address=args.ray_address,
         progress=not args.quiet,
+        precision=args.precision,
     )
     dims: list[int] = []
 
@@ -568,7 +574,9 @@ def cmd_add(args: argparse.Namespace) -> None:
             f"{args.corpus}: {len(old):,} ids already in the index ({shown}); "
             "--update replaces those documents"
         )
-    tokens, doclens, t_encode = _encode_documents(_index_model(args.index, args.model), texts, args.quiet)
+    tokens, doclens, t_encode = _encode_documents(
+        _index_model(args.index, args.model), texts, args.quiet, args.precision
+    )
     if int(tokens.shape[1]) != index.dim:
         raise UserError(
             f"--model: it encodes {tokens.shape[1]}-dim vectors, the index holds {index.dim}-dim ones"
@@ -696,7 +704,9 @@ def _search(args: argparse.Namespace, index: Any, where: str | None, params: lis
     queries = mask = None
     t_encode = 0.0
     if args.mode != "lexical":
-        model, _ = _load_model(_index_model(args.index, args.model), args.quiet, device=args.device)
+        model, _ = _load_model(
+            _index_model(args.index, args.model), args.quiet, device=args.device, precision=args.precision
+        )
         t0 = time.perf_counter()
         queries, mask = model.encode_queries(texts, show_progress_bar=not args.quiet)
         t_encode = time.perf_counter() - t0
@@ -742,7 +752,7 @@ def cmd_rerank(args: argparse.Namespace) -> None:
     if not args.query.strip():
         raise UserError("--query: the query is empty")
     _check_text_arg(args.query, "--query")
-    model, _ = _load_model(args.model, args.quiet, device=args.device)
+    model, _ = _load_model(args.model, args.quiet, device=args.device, precision=args.precision)
     scores, order = rerank(args.query, texts, k=args.k, model=model)
     ranked = [{"id": ids[i], "score": float(s)} for i, s in zip(order.tolist(), scores.tolist(), strict=True)]
     _emit(
@@ -786,7 +796,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from edgeplaid.eval.pipeline import evaluate_collection
 
     collection = load_beir(args.dataset, split=args.split, skip_bad_lines=args.skip_bad_lines)
-    model, _ = _load_model(args.model, args.quiet, device=args.device)
+    model, _ = _load_model(args.model, args.quiet, device=args.device, precision=args.precision)
     report = evaluate_collection(
         collection,
         model,
@@ -812,7 +822,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     collection = load_beir(CRANFIELD)
     model, model_spec = _load_model(
-        args.model or DEFAULT_MODEL, args.quiet, fallback=OFFLINE_MODEL, device=args.device
+        args.model or DEFAULT_MODEL,
+        args.quiet,
+        fallback=OFFLINE_MODEL,
+        device=args.device,
+        precision=args.precision,
     )
     report = evaluate_collection(
         collection, model, model_name=model_spec, k=100, exhaustive=True, progress=not args.quiet
@@ -954,7 +968,15 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object")
     common.add_argument("--quiet", action="store_true", help="no progress bars or notes on stderr")
-    on_device = _Parser(add_help=False)
+    precision = _Parser(add_help=False)
+    precision.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="the encoder's precision: auto (default: int8 on CPUs, bf16/fp16 on GPUs), fp32 "
+        "(PyLate's outputs exactly), bf16, fp16, int8 (CPU)",
+    )
+    on_device = _Parser(add_help=False, parents=[precision])
     on_device.add_argument(
         "--device", default="cpu", help="cpu (default), cuda or cuda:N: where the model and index run"
     )
@@ -964,7 +986,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("index", parents=[common, bad_lines], help="encode a corpus and build a PLAID index")
+    p = sub.add_parser(
+        "index", parents=[common, bad_lines, precision], help="encode a corpus and build a PLAID index"
+    )
     p.add_argument("corpus", help="BEIR corpus.jsonl (_id, title, text) or a text file, one document a line")
     p.add_argument("--model", required=True, help="model name or path ('minilm': the offline stand-in)")
     p.add_argument("--out", required=True, help="index directory to create")
@@ -996,7 +1020,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_index)
 
     p = sub.add_parser(
-        "add", parents=[common, bad_lines], help="encode a corpus and add its documents to an index"
+        "add",
+        parents=[common, bad_lines, precision],
+        help="encode a corpus and add its documents to an index",
     )
     p.add_argument("index", help="index directory")
     p.add_argument("corpus", help="corpus.jsonl (_id, title, text, metadata fields) or a text file")

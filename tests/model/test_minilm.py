@@ -14,7 +14,7 @@ from edgeplaid.model import ColBERT
 
 @pytest.fixture(scope="module")
 def minilm(tokenizer_dir: Path) -> ColBERT:
-    return ColBERT.from_pretrained(tokenizer_dir)
+    return ColBERT.from_pretrained(tokenizer_dir, precision="fp32")
 
 
 DOCS = [
@@ -49,12 +49,12 @@ def test_zero_shot_retrieves(minilm: ColBERT) -> None:
 
 @pytest.mark.parametrize("dim", [48, 64])
 def test_pca_projection(tokenizer_dir: Path, dim: int) -> None:
-    a = ColBERT.from_pretrained(tokenizer_dir, projection_dim=dim)
+    a = ColBERT.from_pretrained(tokenizer_dir, projection_dim=dim, precision="fp32")
     assert a.output_dim == dim
     tokens, _ = a.encode_documents(DOCS)
     assert tokens.shape[1] == dim
     assert torch.allclose(tokens.norm(dim=-1), torch.ones(tokens.shape[0]), atol=1e-5)
     assert _scores(a).argmax(1).tolist() == [0, 1, 2]
     if dim == 48:  # fixed: the same projection on every load
-        b = ColBERT.from_pretrained(tokenizer_dir, projection_dim=dim)
+        b = ColBERT.from_pretrained(tokenizer_dir, projection_dim=dim, precision="fp32")
         torch.testing.assert_close(b.encode_documents(DOCS)[0], tokens, atol=1e-5, rtol=0)

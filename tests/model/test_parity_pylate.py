@@ -91,7 +91,7 @@ CASES = [
 )
 def test_parity(model_dirs: dict[str, Path], name: str, overrides: dict) -> None:
     path = model_dirs[name]
-    ours = ColBERT.from_pretrained(path, **overrides)
+    ours = ColBERT.from_pretrained(path, **overrides, precision="fp32")
     theirs = pylate_models.ColBERT(str(path), device="cpu", **overrides)
     assert ours.output_dim == theirs[-1].out_features
     assert ours.query_prefix_id == theirs.query_prefix_id
@@ -108,7 +108,7 @@ def test_parity(model_dirs: dict[str, Path], name: str, overrides: dict) -> None
 def test_parity_transformers_forward(model_dirs: dict[str, Path], size: str) -> None:
     """transformers' ModernBERT forward (``use_fast_forward = False``) gives PyLate's outputs too."""
     path = model_dirs[size]
-    ours = ColBERT.from_pretrained(path, do_query_expansion=True)
+    ours = ColBERT.from_pretrained(path, do_query_expansion=True, precision="fp32")
     ours.use_fast_forward = False
     theirs = pylate_models.ColBERT(str(path), device="cpu", do_query_expansion=True)
     assert_parity(ours, theirs, QUERIES, DOCUMENTS)
@@ -117,7 +117,7 @@ def test_parity_transformers_forward(model_dirs: dict[str, Path], size: str) -> 
 def test_parity_without_lowercasing(tmp_path: Path, tokenizer_dir: Path) -> None:
     """do_lower_case false: upper-case words reach the (cased here) tokenizer as they are."""
     path = build_modernbert_colbert(tmp_path / "cased", "17m", tokenizer_dir, seed=5, do_lower_case=False)
-    ours = ColBERT.from_pretrained(path)
+    ours = ColBERT.from_pretrained(path, precision="fp32")
     assert not ours.settings.do_lower_case
     theirs = pylate_models.ColBERT(str(path), device="cpu")
     assert_parity(ours, theirs, QUERIES, DOCUMENTS[:3])
@@ -129,5 +129,5 @@ def test_checkpoint_saved_by_pylate(model_dirs: dict[str, Path], tmp_path: Path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs.save(str(tmp_path / "saved"))
-    ours = ColBERT.from_pretrained(tmp_path / "saved")
+    ours = ColBERT.from_pretrained(tmp_path / "saved", precision="fp32")
     assert_parity(ours, theirs, QUERIES[:2], DOCUMENTS[:2])

@@ -17,7 +17,7 @@ from ._texts import DOCUMENTS, QUERIES
 
 @pytest.fixture(scope="module")
 def m17(model_dirs: dict[str, Path]) -> ColBERT:
-    return ColBERT.from_pretrained(model_dirs["17m"])
+    return ColBERT.from_pretrained(model_dirs["17m"], precision="fp32")
 
 
 def test_settings_from_checkpoint(m17: ColBERT) -> None:
@@ -40,7 +40,7 @@ def test_prefix_after_first_special_token(m17: ColBERT) -> None:
 
 
 def test_truncation_counts_prefix_and_warns_once(model_dirs: dict[str, Path]) -> None:
-    m = ColBERT.from_pretrained(model_dirs["17m"], query_length=10, document_length=16)
+    m = ColBERT.from_pretrained(model_dirs["17m"], query_length=10, document_length=16, precision="fp32")
     with pytest.warns(UserWarning, match=r"2 of 3 documents exceeded the length limit of 16") as rec:
         ids = m.tokenize(["word " * 40, "short one", "word " * 50], is_query=False)
     assert len([w for w in rec if "exceeded" in str(w.message)]) == 1
@@ -69,7 +69,7 @@ def test_skiplist_documents_only(m17: ColBERT) -> None:
 
 
 def test_query_expansion_pads_with_mask_token(model_dirs: dict[str, Path]) -> None:
-    m = ColBERT.from_pretrained(model_dirs["17m"], do_query_expansion=True)
+    m = ColBERT.from_pretrained(model_dirs["17m"], do_query_expansion=True, precision="fp32")
     q, mask = m.encode_queries(["short", "a bit longer query"])
     assert q.shape == (2, 48, 48) and bool(mask.all())
     assert torch.allclose(q.norm(dim=-1), torch.ones(2, 48), atol=1e-5)
@@ -106,7 +106,7 @@ def test_order_and_batch_size_invariance(m17: ColBERT) -> None:
 
 @pytest.mark.filterwarnings("ignore:.*truncated")
 def test_packed_forward_matches_transformers(model_dirs: dict[str, Path]) -> None:
-    m = ColBERT.from_pretrained(model_dirs["32m"], do_query_expansion=True)
+    m = ColBERT.from_pretrained(model_dirs["32m"], do_query_expansion=True, precision="fp32")
     assert m._packed is not None and m.use_fast_forward is None  # None: on CPU
     fast = m.encode_documents(DOCUMENTS), m.encode_queries(QUERIES)
     m.use_fast_forward = False
@@ -123,7 +123,7 @@ def test_packed_forward_blocks_and_plain_linears(
 ) -> None:
     """Sliding-window attention in blocks of any size (ragged last block, a block longer than the
     documents), oneDNN or plain linear layers: transformers' outputs, padding included."""
-    m = ColBERT.from_pretrained(model_dirs["17m"])
+    m = ColBERT.from_pretrained(model_dirs["17m"], precision="fp32")
     docs = [*DOCUMENTS, " ".join(DOCUMENTS[2:4]) * 3]
     m.use_fast_forward = False
     want = m.encode_documents(docs, batch_size=3)
@@ -137,7 +137,7 @@ def test_packed_forward_blocks_and_plain_linears(
 
 def test_packed_weights_follow_the_parameters(model_dirs: dict[str, Path]) -> None:
     """The oneDNN copies of the weights are re-made when a parameter changes in place."""
-    m = ColBERT.from_pretrained(model_dirs["17m"])
+    m = ColBERT.from_pretrained(model_dirs["17m"], precision="fp32")
     before = m.encode_documents(DOCUMENTS[:2])[0]
     with torch.no_grad():
         m.backbone.layers[1].mlp.Wo.weight.mul_(2)
@@ -152,7 +152,7 @@ def test_packed_weights_follow_the_parameters(model_dirs: dict[str, Path]) -> No
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision(model_dirs: dict[str, Path], dtype: torch.dtype) -> None:
     """Half weights (CPU here; the GPU path is the same code): finite, normalised, close to fp32."""
-    ref = ColBERT.from_pretrained(model_dirs["17m"])
+    ref = ColBERT.from_pretrained(model_dirs["17m"], precision="fp32")
     half = ColBERT.from_pretrained(model_dirs["17m"], dtype=dtype)
     assert half.dtype == dtype
     texts = DOCUMENTS[:4]

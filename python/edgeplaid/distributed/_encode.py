@@ -16,14 +16,16 @@ class EncoderActor:
     """One model in one Ray actor (wrapped by ``ray.remote``): :meth:`encode` returns
     ``ColBERT.encode_documents`` of a chunk of texts as numpy arrays."""
 
-    def __init__(self, model: str, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(
+        self, model: str, device: str = "cpu", threads: int | None = None, precision: str = "auto"
+    ) -> None:
         import torch
 
         from edgeplaid.model import load_model
 
         if threads is not None:
             torch.set_num_threads(threads)
-        self.model = load_model(model, device=device)
+        self.model = load_model(model, device=device, precision=precision)
 
     def encode(self, texts: list[str], batch_size: int | None) -> tuple[np.ndarray, np.ndarray]:
         """tokens (n_tokens, dim) float32 and doclens (n,) int64 of ``texts``."""
@@ -42,6 +44,7 @@ def encode(
     batch_size: int | None = None,
     n_actors: int | None = None,
     device: str = "cpu",
+    precision: str = "auto",
     threads: int | None = None,
     max_in_flight: int = 2,
     ray_address: str | None = None,
@@ -60,7 +63,8 @@ def encode(
         keep_texts: put each chunk's texts in its batch (for an index with a lexical side).
         chunk_docs: documents per actor call; batch_size: the model's own batch (its default).
         n_actors: encoder actors (default: the cluster's CPUs / threads, or its GPUs on a GPU
-            device); threads: torch threads per actor (default 1 on CPU).
+            device); threads: torch threads per actor (default 1 on CPU); precision: the
+            encoder's (:meth:`edgeplaid.ColBERT.from_pretrained`).
         max_in_flight: chunks queued per actor: at most n_actors * max_in_flight chunks of
             vectors are held at once, whatever the corpus size.
         actor_options: ``ray.remote`` options of the encoder actors.
@@ -90,7 +94,7 @@ def encode(
     chunks = [(s, min(s + chunk_docs, n)) for s in range(0, n, chunk_docs)]
     n_actors = max(1, min(int(n_actors), len(chunks) or 1))
     remote = ray.remote(EncoderActor).options(**opts)
-    actors = [remote.remote(model, str(device), threads) for _ in range(n_actors)]
+    actors = [remote.remote(model, str(device), threads, precision) for _ in range(n_actors)]
     bar = None
     if progress:
         try:

@@ -20,10 +20,13 @@ Outputs match transformers to float32 rounding (the parity tests pin PyLate's ou
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from edgeplaid.ops.int8_linear import int8_linear, quantize_weight
 
 AttentionPieces = list[tuple[slice, slice, "torch.Tensor | None"]]
 
@@ -45,6 +48,10 @@ class PackedLinears:
     once and cached (re-made when a weight is replaced or modified in place); ``F.linear`` and
     plain torch ops elsewhere (other devices and dtypes, builds without oneDNN).
 
+    ``int8 = True``: float32 CPU inputs run through :func:`edgeplaid.ops.int8_linear` instead (int8
+    weights per channel, int8 activations per token, weights quantised once and cached the same
+    way), except calls made with ``keep_fp32=True``.
+
     ``weight`` may be a transformed copy of a layer's weight (``derive``, cached the same way).
     ``post``: ``"gelu"`` applies the erf GELU; ``("add" | "mul", other)`` adds or multiplies an
     equal-shaped tensor. Results equal the unfused torch ops' to float32 rounding.
@@ -52,10 +59,14 @@ class PackedLinears:
 
     def __init__(self) -> None:
         self.enabled = _onednn_linear_available()
-        self._cache: dict[tuple[int, str], tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self.int8 = False
+        self._cache: dict[tuple[int, str], tuple[torch.Tensor, int, Any]] = {}
 
     def uses_onednn(self, x: torch.Tensor) -> bool:
         return self.enabled and x.device.type == "cpu" and x.dtype == torch.float32
+
+    def uses_int8(self, x: torch.Tensor) -> bool:
+        return self.int8 and x.device.type == "cpu" and x.dtype == torch.float32
 
     def weight(
         self,
@@ -63,9 +74,11 @@ class PackedLinears:
         tag: str = "",
         derive: Callable[[torch.Tensor], torch.Tensor] | None = None,
         packed: bool = False,
-    ) -> torch.Tensor:
-        """``derive(source)`` (or ``source``), oneDNN-packed when ``packed``; cached per source
-        tensor and tag, refreshed when the source changes."""
+        bias: torch.Tensor | None = None,
+    ) -> Any:
+        """``derive(source)`` (or ``source``), oneDNN-packed when ``packed`` (``"int8"``: quantised
+        with ``bias``, an :class:`~edgeplaid.ops.Int8Weight`); cached per source tensor and tag,
+        refreshed when the source changes."""
         key = (id(source), f"{tag}|{packed}")
         entry = self._cache.get(key)
         if entry is None or entry[0] is not source or entry[1] != source._version:
@@ -73,7 +86,9 @@ class PackedLinears:
                 w = source.detach()
                 if derive is not None:
                     w = derive(w)
-                if packed:
+                if packed == "int8":
+                    w = quantize_weight(w, bias)
+                elif packed:
                     w = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
             entry = (source, source._version, w)
             self._cache[key] = entry
@@ -87,9 +102,18 @@ class PackedLinears:
         tag: str = "",
         derive: Callable[[torch.Tensor], torch.Tensor] | None = None,
         post: str | tuple[str, torch.Tensor] | None = None,
+        keep_fp32: bool = False,
     ) -> torch.Tensor:
         if bias is not None and derive is not None:
             bias = self.weight(bias, tag, derive)
+        if not keep_fp32 and self.uses_int8(x) and source.dtype == torch.float32:
+            q = self.weight(source, tag, derive, packed="int8", bias=bias)
+            x2 = x.reshape(-1, x.shape[-1])
+            if post is None or post == "gelu":
+                y = int8_linear(x2, q)
+                return F.gelu(y) if post == "gelu" else y
+            op, other = post
+            return int8_linear(x2, q, op, other.reshape(x2.shape[0], -1).contiguous())
         if not self.uses_onednn(x) or source.dtype != torch.float32:
             y = F.linear(x, self.weight(source, tag, derive), bias)
             if post == "gelu":
@@ -276,6 +300,9 @@ class PackedModernBert(nn.Module):
             else:
                 inp, gate = lin(x, wi, bi).chunk(2, dim=-1)
                 gated = mlp.act(inp) * gate
-            h = lin(gated, mlp.Wo.weight, mlp.Wo.bias, post=("add", h))
+            # The MLP's output projection stays float32 under int8: its input (GELU(a) * b, heavy
+            # tailed) loses the most to per-token int8 (the 32m test model's mean cosine to fp32:
+            # 0.99897 with it quantised, 0.99958 without; benchmarks/bench_encode.py).
+            h = lin(gated, mlp.Wo.weight, mlp.Wo.bias, post=("add", h), keep_fp32=True)
         h = m.final_norm(h)
         return h[compute_mask.reshape(-1)]

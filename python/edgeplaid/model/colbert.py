@@ -21,6 +21,7 @@ from edgeplaid.model._checkpoint import (
     resolve_path,
 )
 from edgeplaid.model._modernbert import PackedLinears, PackedModernBert
+from edgeplaid.model._precision import DTYPE_OF, PRECISIONS, resolve_precision, set_int8
 
 __all__ = ["ColBERT", "NotAModelError"]
 
@@ -135,6 +136,7 @@ class ColBERT(nn.Module):
         self.__dict__["_linears"] = linears
         self.__dict__["_packed"] = packed
         self.use_fast_forward: bool | None = None
+        self.__dict__["_precision"] = "fp32"
         self.eval()
 
     def _apply(self, fn, *args, **kwargs):
@@ -159,6 +161,7 @@ class ColBERT(nn.Module):
         skiplist_words: list[str] | None = None,
         projection_dim: int | None = None,
         projection_texts: Sequence[str] | None = None,
+        precision: str = "auto",
     ) -> ColBERT:
         """Loads a checkpoint directory (or Hub id, through huggingface_hub's cache).
 
@@ -167,11 +170,16 @@ class ColBERT(nn.Module):
         encoder (e.g. all-MiniLM-L6-v2: no head; a zero-shot encoder, optionally with a fixed PCA
         projection to ``projection_dim`` fitted on ``projection_texts`` or on a built-in
         vocabulary sample). Keyword settings override the checkpoint's, as PyLate's do.
-        ``dtype``: float32 (default), float16 or bfloat16 weights and compute; outputs are float32.
+        ``precision``: "auto" (default), "fp32", "bf16", "fp16" or "int8" (see :attr:`precision`);
+        "auto" is int8 on CPUs (float32 without the C++ extension) and bf16/fp16 on GPUs.
+        ``dtype``: float32, float16 or bfloat16 weights and compute, the same as precision
+        "fp32"/"fp16"/"bf16". Outputs are float32 whatever the precision.
         """
         from transformers import AutoModel, AutoTokenizer
 
-        torch_dtype = _as_dtype(dtype)
+        explicit = _as_dtype(dtype) if dtype is not None else None
+        precision = resolve_precision(precision, torch.device(device), explicit)
+        torch_dtype = DTYPE_OF[precision]
         root = resolve_path(name_or_path)
         overrides = Settings(
             query_prefix=query_prefix,
@@ -198,8 +206,10 @@ class ColBERT(nn.Module):
             raise ValueError("projection_dim applies to zero-shot encoders only (this checkpoint has a head)")
         model = cls(backbone, head, tokenizer, ckpt.settings, ckpt.layout, str(name_or_path))
         if projection_dim is not None:
-            model._fit_pca(projection_dim, projection_texts)
-        return model.to(device=torch.device(device), dtype=torch_dtype)
+            model._fit_pca(projection_dim, projection_texts)  # in float32, whatever the precision
+        model = model.to(device=torch.device(device), dtype=torch_dtype)
+        model.precision = precision
+        return model
 
     def _fit_pca(self, dim: int, texts: Sequence[str] | None) -> None:
         """Appends a fixed PCA projection (centred, top-``dim`` components) of the token vectors."""
@@ -232,6 +242,33 @@ class ColBERT(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.backbone.get_input_embeddings().weight.dtype
+
+    @property
+    def precision(self) -> str:
+        """The compute precision: "fp32" (PyLate's outputs to float32 rounding), "int8" (linear
+        layers with int8 weights per channel and int8 activations per token, the MLP's output
+        projection in float32; CPU only), "bf16" or "fp16" (the weights' dtype). Setting it
+        switches between "fp32" and "int8" in place; "bf16"/"fp16" need ``from_pretrained``
+        (or ``.to(dtype)``)."""
+        return self.__dict__["_precision"]
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        if value not in PRECISIONS or value == "auto":
+            raise ValueError(f"precision: expected one of {PRECISIONS[1:]}, got {value!r}")
+        if DTYPE_OF[value] != self.dtype:
+            raise ValueError(
+                f"precision {value!r} needs {DTYPE_OF[value]} weights, the model's are {self.dtype}: "
+                "load it with ColBERT.from_pretrained(..., precision=...)"
+            )
+        if value == "int8" and self.device.type != "cpu":
+            raise ValueError(
+                "precision 'int8' runs on the CPU (its kernel is C++); use 'bf16' or 'fp16' on GPUs"
+            )
+        int8 = value == "int8"
+        self._linears.int8 = int8
+        set_int8(self.backbone, int8)
+        self.__dict__["_precision"] = value
 
     @property
     def output_dim(self) -> int:
@@ -332,7 +369,8 @@ class ColBERT(nn.Module):
 
     def _head_layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``layer(x)``, with a Dense layer's products through the oneDNN linears."""
-        if not isinstance(layer, DenseLayer) or not self._linears.uses_onednn(x):
+        lin = self._linears
+        if not isinstance(layer, DenseLayer) or not (lin.uses_onednn(x) or lin.uses_int8(x)):
             return layer(x)
         y = layer.activation(self._linears.linear(layer.linear, x))
         if layer.use_residual:

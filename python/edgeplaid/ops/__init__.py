@@ -8,6 +8,7 @@ from edgeplaid.ops.compress_residuals import compress_residuals
 from edgeplaid.ops.decompress_residuals import decompress_residuals
 from edgeplaid.ops.dispatch import BackendUnavailableError, available_backends
 from edgeplaid.ops.fused_decompress_maxsim import fused_decompress_maxsim, residual_inv_norms
+from edgeplaid.ops.int8_linear import Int8Weight, int8_linear, quantize_weight
 from edgeplaid.ops.maxsim import maxsim
 from edgeplaid.ops.maxsim_packed import maxsim_packed
 from edgeplaid.ops.nearest_centroids import CentroidGroups, centroid_groups, nearest_centroids
@@ -16,6 +17,7 @@ from edgeplaid.ops.offsets import offsets_from_lengths
 __all__ = [
     "BackendUnavailableError",
     "CentroidGroups",
+    "Int8Weight",
     "available_backends",
     "centroid_groups",
     "centroid_interaction",
@@ -23,9 +25,11 @@ __all__ = [
     "compress_residuals",
     "decompress_residuals",
     "fused_decompress_maxsim",
+    "int8_linear",
     "maxsim",
     "maxsim_packed",
     "nearest_centroids",
     "offsets_from_lengths",
+    "quantize_weight",
     "residual_inv_norms",
 ]

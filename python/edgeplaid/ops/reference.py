@@ -456,3 +456,40 @@ def compress_residuals(
     norm = _sum_squares16(vectors).double().sqrt().float().clamp_min(1e-12)
     inv = (1.0 / norm.double()).float()
     return pack_residuals(buckets, nbits), inv
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantisation of each row: ``q = round(x * (127 / amax))``, ``scale = amax / 127``.
+
+    x (rows, k) float32 -> q (rows, k) int8 (|q| <= 127; round half to even) and scale (rows,)
+    float32 with ``x ~ q * scale``; a row of zeros gets q = 0 and scale 0.
+    """
+    amax = x.abs().amax(dim=1)
+    safe = amax.clamp_min(torch.finfo(torch.float32).tiny)
+    inv = torch.where(amax > 0, 127.0 / safe, torch.zeros_like(amax))
+    q = torch.round(x * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, amax / 127.0
+
+
+def int8_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    post: str = "none",
+    other: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y[m, n] = float32(Σ_k qx[m, k] · qweight[n, k]) · (sx[m] · scale[n]) + bias[n], then ``+ other``
+    (post "add") or ``· other`` (post "mul"); ``qx, sx = quantize_rows(x)``.
+
+    x (M, K) float32, qweight (N, K) int8, scale (N,) float32, bias (N,) float32, other (M, N)
+    float32. Returns (M, N) float32. The integer sums are exact (float64 holds them).
+    """
+    qx, sx = quantize_rows(x.float())
+    acc = (qx.double() @ qweight.double().T).float()
+    y = acc * (sx[:, None] * scale[None, :]) + bias[None, :]
+    if post == "add":
+        return y + other
+    if post == "mul":
+        return y * other
+    return y

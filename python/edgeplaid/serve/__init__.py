@@ -59,7 +59,8 @@ def serve(args: argparse.Namespace) -> None:
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
     bound_memory()
     device = getattr(args, "device", "cpu")
-    model = load_model(args.model, device=device, log=log) if args.model else None
+    precision = getattr(args, "precision", "auto")
+    model = load_model(args.model, device=device, log=log, precision=precision) if args.model else None
     index = None
     if args.index:
         from edgeplaid.distributed._layout import is_sharded

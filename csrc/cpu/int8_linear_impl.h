@@ -1,0 +1,229 @@
+// int8_linear: a linear layer with int8 weights and int8 activations, quantised per output
+// channel and per row (token), float32 in and out:
+//
+//   sx[m] = max_k |x[m, k]| / 127,      qx[m, k] = round(x[m, k] / sx[m])     (per row, at call time)
+//   sw[n] = max_k |w[n, k]| / 127,      qw[n, k] = round(w[n, k] / sw[n])     (per channel, packed once)
+//   y[m, n] = float(sum_k qx[m, k] * qw[n, k]) * (sx[m] * sw[n]) + bias[n]
+//   out = y, y + other or y * other                                          (post = 0, 1, 2)
+//
+// round() is round-half-to-even of x * (127 / amax) (as torch.round); the sums are exact int32
+// (|sum| <= k * 127^2 < 2^31 for every k this op is used with), converted exactly to float32
+// while k <= 1040. ops/reference.py's int8_linear is the same arithmetic in torch.
+//
+// How, on AVX2: one vpmaddubsw (u8 x s8 -> pairs summed into int16) + vpmaddwd with ones (-> int32)
+// per 32 multiply-adds, which Zen 3 issues at one per cycle on two different pipes (measured:
+// 2.8 such 4-byte dot products per ns and core against 2.7 vpmaddwd alone and 6.4 fp32 FMAs, i.e.
+// twice the fp32 multiply-add rate; vpmaddwd on int16 would only match fp32). vpmaddubsw's
+// int16 pair sum saturates for u8 * s8 in general (255 * 127 * 2 > 32767); here the unsigned
+// operand is |qx| <= 127 and the signed one qw with qx's sign (vpsignb), so the pair sum is at
+// most 2 * 127 * 127 = 32258: exact, with 8 bits on both sides (7-bit weights, oneDNN's way on
+// CPUs without VNNI, cost 0.0005 of mean cosine on the test models). The sign costs one more op
+// per product and no time (measured: 2.9 dot products per ns with it).
+// AVX-512 machines run the same 256-bit code (vpsignb has no 512-bit form; VNNI's vpdpbusd
+// would be the next step, with no CI machine to test it on).
+//
+// The weights are quantised once, in Python (ops/int8_linear.py: quantize_weight, the same
+// rounding); int8_linear_pack only lays them out. The activations are quantised here, per call.
+//
+// Layout of the packed weights (int8_linear_pack): column blocks of kLinNR output channels;
+// block j is (ceil(k / 4), kLinNR, 4) int8: for the k-quad p, channel n's qw[n, 4p : 4p + 4]
+// side by side, so one vector load feeds vpmaddubsw with a broadcast quad of activations.
+// Padding channels and the k's past the end are 0.
+//
+// Work: rows in chunks of kLinChunk, one chunk at a time per thread; a chunk's activations are
+// quantised once into a per-thread buffer, then every column block (kept in L1 while the
+// chunk's rows stream past it) runs a kLinMR x kLinNR register tile per k-quad.
+#pragma once
+#include "ops.h"
+#include "parallel.h"
+#include "simd.h"
+
+namespace edgeplaid {
+namespace EDGEPLAID_ISA_NS {
+
+#if defined(EDGEPLAID_ISA_AVX2) || defined(EDGEPLAID_ISA_AVX512)
+#define EP_LIN_SIMD 1
+#endif
+
+constexpr int kLinLanes = 8;       // int32 lanes of a ymm: output channels per vector
+constexpr int kLinVecs = 2;        // vectors per tile row
+constexpr int kLinMR = 4;          // rows per tile: 8 accumulators + 2 weights + 4 temporaries of 16 ymm
+constexpr int64_t kLinNR = int64_t(kLinLanes) * kLinVecs;
+constexpr int64_t kLinChunk = 64;  // rows quantised together (64 x 4 KB of int8 at k = 4096)
+
+int64_t int8_linear_block() { return kLinNR; }
+
+namespace {
+
+inline float abs_max(const float* x, int64_t k) {
+  int64_t i = 0;
+  float m = 0.0f;
+#if defined(EP_LIN_SIMD)
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= k; i += 8) acc = _mm256_max_ps(acc, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  for (float v : lanes) m = std::max(m, v);
+#endif
+  for (; i < k; ++i) m = std::max(m, std::fabs(x[i]));
+  return m;
+}
+
+// q[0 : kp4] = round(x[0 : k] * inv) as int8 (|q| <= 127), zero past k.
+inline void quantize_row(const float* x, int64_t k, float inv, int8_t* q, int64_t kp4) {
+  int64_t i = 0;
+#if defined(EP_LIN_SIMD)
+  const __m256 s = _mm256_set1_ps(inv);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (; i + 32 <= k; i += 32) {
+    // cvtps rounds to nearest even (the default MXCSR mode), as torch.round.
+    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), s));
+    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), s));
+    const __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 16), s));
+    const __m256i d = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 24), s));
+    // The packs work within 128-bit halves: dwords come out as a0-3 b0-3 c0-3 d0-3 | a4-7 ... d4-7.
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(bytes, order));
+  }
+#endif
+  for (; i < k; ++i) q[i] = int8_t(std::nearbyint(x[i] * inv));
+  for (; i < kp4; ++i) q[i] = 0;
+}
+
+inline int32_t quad_at(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// acc[r * kLinNR + n] = sum_k qx[r, k] * qw[n, k] for R rows (``ld`` bytes apart) against one
+// column block. The accumulators are named variables: GCC keeps an array of vectors on the stack.
+template <int R>
+inline void tile(const int8_t* qx, int64_t ld, const int8_t* block, int64_t kq, int32_t* acc) {
+  static_assert(R >= 1 && R <= kLinMR && kLinVecs == 2, "the tile is written out for 1..4 rows of 2 vectors");
+#if defined(EP_LIN_SIMD)
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+          c31 = c00;
+  const int8_t* b = block;
+  for (int64_t p = 0; p < kq; ++p, b += 4 * kLinNR) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 4 * kLinLanes));
+    // |qx| (unsigned) times qw with qx's sign: products and pair sums as qx * qw, never saturating.
+#define EP_LIN_ROW(r)                                                                                \
+  if constexpr (R > r) {                                                                             \
+    const __m256i a = _mm256_set1_epi32(quad_at(qx + r * ld + 4 * p));                              \
+    const __m256i u = _mm256_abs_epi8(a);                                                            \
+    c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(w0, a)), ones)); \
+    c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(w1, a)), ones)); \
+  }
+    EP_LIN_ROW(0) EP_LIN_ROW(1) EP_LIN_ROW(2) EP_LIN_ROW(3)
+#undef EP_LIN_ROW
+  }
+#define EP_LIN_ROW(r)                                                                          \
+  if constexpr (R > r) {                                                                       \
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + r * kLinNR), c##r##0);                \
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + r * kLinNR + kLinLanes), c##r##1);    \
+  }
+  EP_LIN_ROW(0) EP_LIN_ROW(1) EP_LIN_ROW(2) EP_LIN_ROW(3)
+#undef EP_LIN_ROW
+#else
+  for (int r = 0; r < R; ++r)
+    for (int64_t n = 0; n < kLinNR; ++n) {
+      int32_t sum = 0;
+      for (int64_t p = 0; p < kq; ++p)
+        for (int j = 0; j < 4; ++j) sum += int32_t(qx[r * ld + 4 * p + j]) * int32_t(block[(p * kLinNR + n) * 4 + j]);
+      acc[r * kLinNR + n] = sum;
+    }
+#endif
+}
+
+// out[0 : cols] = acc * (sx * sw) + bias, then + other or * other.
+inline void epilogue(const int32_t* acc, float sx, const float* sw, const float* bias, int post,
+                     const float* other, float* out, int64_t cols) {
+  int64_t n = 0;
+#if defined(EP_LIN_SIMD)
+  const __m256 s = _mm256_set1_ps(sx);
+  for (; n + 8 <= cols; n += 8) {
+    const __m256 a = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + n)));
+    __m256 y = _mm256_add_ps(_mm256_mul_ps(a, _mm256_mul_ps(s, _mm256_loadu_ps(sw + n))), _mm256_loadu_ps(bias + n));
+    if (post == 1) y = _mm256_add_ps(y, _mm256_loadu_ps(other + n));
+    if (post == 2) y = _mm256_mul_ps(y, _mm256_loadu_ps(other + n));
+    _mm256_storeu_ps(out + n, y);
+  }
+#endif
+  for (; n < cols; ++n) {
+    float y = float(acc[n]) * (sx * sw[n]) + bias[n];
+    if (post == 1) y += other[n];
+    if (post == 2) y *= other[n];
+    out[n] = y;
+  }
+}
+
+struct LinScratch {
+  std::vector<int8_t> qx;
+  std::vector<float> sx;
+  std::vector<int32_t> acc;
+};
+inline LinScratch& lin_scratch() {
+  static thread_local LinScratch s;
+  return s;
+}
+
+}  // namespace
+
+void int8_linear_pack(const int8_t* qweight, int64_t n, int64_t k, int8_t* packed) {
+  const int64_t kq = (k + 3) / 4, n_blocks = (n + kLinNR - 1) / kLinNR;
+  std::memset(packed, 0, size_t(n_blocks * kq * kLinNR * 4));
+  for (int64_t c = 0; c < n; ++c) {
+    int8_t* blk = packed + (c / kLinNR) * kq * kLinNR * 4;
+    const int64_t lane = c % kLinNR;
+    for (int64_t i = 0; i < k; ++i) blk[((i / 4) * kLinNR + lane) * 4 + (i % 4)] = qweight[c * k + i];
+  }
+}
+
+void int8_linear(const float* x, int64_t m, int64_t k, const int8_t* packed, const float* scales,
+                 const float* bias, int64_t n, int post, const float* other, float* out, KernelError& err) {
+  (void)err;
+  const int64_t kq = (k + 3) / 4, kp4 = 4 * kq, n_blocks = (n + kLinNR - 1) / kLinNR;
+  const int64_t n_chunks = (m + kLinChunk - 1) / kLinChunk;
+  parallel_for(n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    LinScratch& s = lin_scratch();
+    if (s.qx.size() < size_t(kLinChunk * kp4)) s.qx.resize(size_t(kLinChunk * kp4));
+    if (s.sx.size() < size_t(kLinChunk)) s.sx.resize(size_t(kLinChunk));
+    if (s.acc.size() < size_t(kLinMR * kLinNR)) s.acc.resize(size_t(kLinMR * kLinNR));
+    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+      const int64_t r0 = chunk * kLinChunk, rows = std::min(kLinChunk, m - r0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* row = x + (r0 + r) * k;
+        const float amax = abs_max(row, k);
+        s.sx[r] = amax / 127.0f;
+        quantize_row(row, k, amax > 0.0f ? 127.0f / amax : 0.0f, s.qx.data() + r * kp4, kp4);
+      }
+      for (int64_t j = 0; j < n_blocks; ++j) {
+        const int8_t* block = packed + j * kq * kLinNR * 4;
+        const int64_t col0 = j * kLinNR, cols = std::min(kLinNR, n - col0);
+        for (int64_t r = 0; r < rows; r += kLinMR) {
+          const int64_t tr = std::min<int64_t>(kLinMR, rows - r);
+          const int8_t* qx = s.qx.data() + r * kp4;
+          int32_t* acc = s.acc.data();
+          switch (tr) {
+            case 4: tile<4>(qx, kp4, block, kq, acc); break;
+            case 3: tile<3>(qx, kp4, block, kq, acc); break;
+            case 2: tile<2>(qx, kp4, block, kq, acc); break;
+            default: tile<1>(qx, kp4, block, kq, acc);
+          }
+          for (int64_t t = 0; t < tr; ++t) {
+            const int64_t row = r0 + r + t;
+            epilogue(acc + t * kLinNR, s.sx[r + t], scales + col0, bias + col0, post,
+                     other ? other + row * n + col0 : nullptr, out + row * n + col0, cols);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace EDGEPLAID_ISA_NS
+}  // namespace edgeplaid

@@ -1,0 +1,102 @@
+"""Encoder precisions: int8 against float32 (fidelity), the "auto" rule, switching in place,
+both forwards (edgeplaid's ModernBERT and transformers'), and bad arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgeplaid._native import C
+from edgeplaid.model import ColBERT
+from edgeplaid.model._precision import QuantizedLinear, resolve_precision
+from tests.model._texts import DOCUMENTS, QUERIES
+
+needs_cpp = pytest.mark.skipif(C is None, reason="edgeplaid._C is not built (int8 is its kernel)")
+
+
+def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
+
+
+@needs_cpp
+@pytest.mark.parametrize("size", ["17m", "32m", "bert"])
+def test_int8_tokens_close_to_fp32(model_dirs: dict[str, Path], size: str) -> None:
+    """Per-token cosine to the float32 vectors (the bar of bench_encode.py, on these texts)."""
+    fp32 = ColBERT.from_pretrained(model_dirs[size], precision="fp32")
+    int8 = ColBERT.from_pretrained(model_dirs[size], precision="int8")
+    assert int8.precision == "int8" and fp32.precision == "fp32"
+    t32, l32 = fp32.encode_documents(DOCUMENTS)
+    t8, l8 = int8.encode_documents(DOCUMENTS)
+    assert torch.equal(l32, l8) and t8.dtype == torch.float32
+    cos = _cosines(t8, t32)
+    assert float(cos.mean()) >= 0.999 and float(cos.min()) >= 0.99, (float(cos.mean()), float(cos.min()))
+    q32, m32 = fp32.encode_queries(QUERIES)
+    q8, m8 = int8.encode_queries(QUERIES)
+    assert torch.equal(m32, m8)
+    assert float(_cosines(q8[m8], q32[m32]).mean()) >= 0.999
+
+
+@needs_cpp
+def test_auto_is_int8_on_cpu_and_fp32_exact(model_dirs: dict[str, Path]) -> None:
+    auto = ColBERT.from_pretrained(model_dirs["17m"])
+    assert auto.precision == "int8"
+    fp32 = ColBERT.from_pretrained(model_dirs["17m"], precision="fp32")
+    t8 = auto.encode_documents(DOCUMENTS[:3])[0]
+    auto.precision = "fp32"  # in place: exactly the float32 model
+    torch.testing.assert_close(auto.encode_documents(DOCUMENTS[:3])[0], fp32.encode_documents(DOCUMENTS[:3])[0])
+    auto.precision = "int8"
+    torch.testing.assert_close(auto.encode_documents(DOCUMENTS[:3])[0], t8, rtol=0, atol=0)
+    assert ColBERT.from_pretrained(model_dirs["17m"], dtype="float32").precision == "fp32"
+
+
+@needs_cpp
+def test_both_forwards_quantise_the_same_layers(model_dirs: dict[str, Path]) -> None:
+    """transformers' ModernBERT forward (QuantizedLinear modules) and edgeplaid's (PackedLinears)
+    quantise the same layers: their int8 vectors agree better than either does with fp32 (they
+    differ by float32 rounding before the activations are rounded to int8)."""
+    ours = ColBERT.from_pretrained(model_dirs["17m"], precision="int8")
+    theirs = ColBERT.from_pretrained(model_dirs["17m"], precision="int8")
+    theirs.use_fast_forward = False
+    a = ours.encode_documents(DOCUMENTS)[0]
+    b = theirs.encode_documents(DOCUMENTS)[0]
+    exact = ColBERT.from_pretrained(model_dirs["17m"], precision="fp32").encode_documents(DOCUMENTS)[0]
+    assert float(_cosines(a, b).min()) > float(_cosines(a, exact).min())
+    assert float(_cosines(a, b).mean()) >= 0.9995
+    # The MLP's output projection stays float32 in both; nothing else does.
+    kept = {n for n, m in theirs.backbone.named_modules() if type(m) is torch.nn.Linear}
+    assert kept and all(n.endswith("mlp.Wo") for n in kept), kept
+    assert all(m.int8 for m in theirs.backbone.modules() if isinstance(m, QuantizedLinear))
+
+
+@needs_cpp
+def test_int8_keeps_the_state_dict_and_follows_weight_changes(model_dirs: dict[str, Path]) -> None:
+    fp32 = ColBERT.from_pretrained(model_dirs["bert"], precision="fp32")
+    int8 = ColBERT.from_pretrained(model_dirs["bert"], precision="int8")
+    assert fp32.state_dict().keys() == int8.state_dict().keys()
+    before = int8.encode_documents(DOCUMENTS[:2])[0]
+    fresh = ColBERT.from_pretrained(model_dirs["bert"], precision="int8")
+    with torch.no_grad():  # the same change in place in both: the quantised copies follow
+        for m in (int8, fresh):
+            next(m.backbone.parameters()).mul_(1.5)
+            m.backbone.encoder.layer[0].attention.self.query.weight.mul_(-1.0)
+    after = int8.encode_documents(DOCUMENTS[:2])[0]
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, fresh.encode_documents(DOCUMENTS[:2])[0], rtol=0, atol=0)
+
+
+def test_bad_precisions(model_dirs: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="precision: expected one of"):
+        ColBERT.from_pretrained(model_dirs["bert"], precision="int4")
+    with pytest.raises(ValueError, match="contradicts precision"):
+        ColBERT.from_pretrained(model_dirs["bert"], precision="fp32", dtype="bfloat16")
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        resolve_precision("int8", torch.device("cuda"), None)
+    model = ColBERT.from_pretrained(model_dirs["bert"], precision="fp32")
+    with pytest.raises(ValueError, match="needs torch.bfloat16 weights"):
+        model.precision = "bf16"
+    with pytest.raises(ValueError, match="precision: expected one of"):
+        model.precision = "auto"
+    assert resolve_precision("auto", torch.device("cpu"), torch.bfloat16) == "bf16"
+    assert ColBERT.from_pretrained(model_dirs["bert"], precision="bf16").dtype == torch.bfloat16

@@ -1,0 +1,133 @@
+"""int8_linear: the C++ kernel (every ISA this CPU has) against its reference twin, the exact
+integer case, the layout, the error against float32, and bad arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgeplaid import ops
+from edgeplaid._native import C
+from edgeplaid.ops import reference
+
+SHAPES = [  # (rows, in_features, out_features): tails of every blocking (4 rows, 16 channels, 4 k's, 32 k's)
+    (1, 1, 1),
+    (3, 7, 5),
+    (4, 48, 16),
+    (5, 64, 17),
+    (65, 255, 48),
+    (130, 256, 768),
+    (9, 513, 33),
+]
+
+
+def _inputs(m: int, k: int, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g) * k**-0.5
+    b = torch.randn(n, generator=g)
+    other = torch.randn(m, n, generator=g)
+    return x, w, b, other
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("post", ["none", "add", "mul"])
+def test_matches_reference(cpp_isa, shape, post):
+    x, w, b, other = _inputs(*shape)
+    q = ops.quantize_weight(w, b)
+    got = ops.int8_linear(x, q, post, other, backend="cpp")
+    want = ops.int8_linear(x, q, post, other, backend="reference")
+    # Same integer sums; the float epilogue may round once differently (a fused multiply-add).
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+
+
+def test_exact_on_integer_inputs(cpp_isa):
+    """Rows and channels whose largest magnitude is 127 quantise to themselves (scale 1): the
+    result is the exact integer product."""
+    g = torch.Generator().manual_seed(1)
+    m, k, n = 37, 70, 45
+    x = torch.randint(-127, 128, (m, k), generator=g).float()
+    w = torch.randint(-127, 128, (n, k), generator=g).float()
+    x[:, 0], w[:, 0] = 127.0, -127.0  # every row and channel reaches 127
+    got = ops.int8_linear(x, ops.quantize_weight(w), backend="cpp")
+    torch.testing.assert_close(got, (x.double() @ w.double().T).float(), rtol=0, atol=0)
+
+
+def test_zero_rows_and_channels(cpp_isa):
+    x, w, b, _ = _inputs(6, 40, 20)
+    x[2] = 0.0
+    w[3] = 0.0
+    got = ops.int8_linear(x, ops.quantize_weight(w, b), backend="cpp")
+    torch.testing.assert_close(got[2], b, rtol=0, atol=0)
+    torch.testing.assert_close(got[:, 3], b[3].expand(6), rtol=0, atol=0)
+
+
+def test_no_rows(cpp_isa):
+    _, w, b, _ = _inputs(1, 8, 3)
+    got = ops.int8_linear(torch.zeros(0, 8), ops.quantize_weight(w, b), backend="cpp")
+    assert got.shape == (0, 3)
+
+
+def test_error_against_float32(any_backend):
+    """Per-row and per-channel int8: each product's error is within a few quantisation steps."""
+    x, w, b, _ = _inputs(64, 256, 96, seed=3)
+    got = ops.int8_linear(x, ops.quantize_weight(w, b), backend=any_backend)
+    exact = x @ w.T + b
+    rel = (got - exact).norm() / (exact - b).norm()
+    assert rel < 0.02, rel
+
+
+def test_quantize_rows_rounds_half_to_even():
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -2.5]])
+    q, scale = reference.quantize_rows(x)
+    assert q.tolist() == [[127, 0, 2, 2, 0, -2]]
+    assert scale.tolist() == [1.0]
+
+
+@pytest.mark.skipif(C is None, reason="edgeplaid._C is not built")
+def test_packed_layout():
+    """Block j holds channels [16 j, 16 j + 16); k-quad p of channel n at [j, p, n % 16, :]."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randint(-127, 128, (37, 10), generator=g, dtype=torch.int8)
+    packed = torch.from_numpy(C.int8_linear_pack(q.numpy()))
+    block = packed.shape[2]
+    assert packed.shape == (-(-37 // block), 3, block, 4)
+    for n in range(37):
+        for i in range(10):
+            assert packed[n // block, i // 4, n % block, i % 4] == q[n, i]
+    assert int(packed[:, 2, :, 2:].abs().sum()) == 0  # k 10, 11: zero padding
+
+
+def test_bad_arguments():
+    x, w, b, other = _inputs(4, 8, 3)
+    q = ops.quantize_weight(w, b)
+    with pytest.raises(ValueError, match="x: expected a 2-D tensor"):
+        ops.int8_linear(x[:, :7], q)
+    with pytest.raises(ValueError, match="x: expected float32"):
+        ops.int8_linear(x.double(), q)
+    with pytest.raises(ValueError, match="post: expected one of"):
+        ops.int8_linear(x, q, "gelu")
+    with pytest.raises(ValueError, match="other: expected a float32 tensor of shape"):
+        ops.int8_linear(x, q, "add", other[:, :2])
+    with pytest.raises(ValueError, match="other: expected"):
+        ops.int8_linear(x, q, "mul")
+    with pytest.raises(TypeError, match="weight: expected an Int8Weight"):
+        ops.int8_linear(x, w)
+    with pytest.raises(ValueError, match="weight: expected a non-empty 2-D tensor"):
+        ops.quantize_weight(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"bias: expected shape \(3,\)"):
+        ops.quantize_weight(w, torch.zeros(4))
+
+
+@pytest.mark.skipif(C is None, reason="edgeplaid._C is not built")
+def test_binding_checks_the_packed_weights():
+    x, w, b, _ = _inputs(4, 8, 3)
+    blocks, scale, bias = ops.quantize_weight(w, b).packed
+    with pytest.raises(ValueError, match="packed: expected size 2"):
+        C.int8_linear(x.numpy(), blocks[:, :1].contiguous().numpy(), scale.numpy(), bias.numpy(), 3)
+    with pytest.raises(ValueError, match="out_features"):
+        C.int8_linear(x.numpy(), blocks.numpy(), scale.numpy(), bias.numpy(), 40)
+    with pytest.raises(ValueError, match="scales: expected size"):
+        C.int8_linear(x.numpy(), blocks.numpy(), scale[:3].contiguous().numpy(), bias.numpy(), 3)
+    with pytest.raises(ValueError, match="post: expected 'none', 'add' or 'mul'"):
+        C.int8_linear(x.numpy(), blocks.numpy(), scale.numpy(), bias.numpy(), 3, "gelu")
