@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.model._texts import DOCUMENTS, QUERIES
 
 from edgeplaid._native import C
 from edgeplaid.model import ColBERT
 from edgeplaid.model._precision import QuantizedLinear, resolve_precision
-from tests.model._texts import DOCUMENTS, QUERIES
 
 needs_cpp = pytest.mark.skipif(C is None, reason="edgeplaid._C is not built (int8 is its kernel)")
 
@@ -45,7 +45,8 @@ def test_auto_is_int8_on_cpu_and_fp32_exact(model_dirs: dict[str, Path]) -> None
     fp32 = ColBERT.from_pretrained(model_dirs["17m"], precision="fp32")
     t8 = auto.encode_documents(DOCUMENTS[:3])[0]
     auto.precision = "fp32"  # in place: exactly the float32 model
-    torch.testing.assert_close(auto.encode_documents(DOCUMENTS[:3])[0], fp32.encode_documents(DOCUMENTS[:3])[0])
+    exact = fp32.encode_documents(DOCUMENTS[:3])[0]
+    torch.testing.assert_close(auto.encode_documents(DOCUMENTS[:3])[0], exact)
     auto.precision = "int8"
     torch.testing.assert_close(auto.encode_documents(DOCUMENTS[:3])[0], t8, rtol=0, atol=0)
     assert ColBERT.from_pretrained(model_dirs["17m"], dtype="float32").precision == "fp32"
@@ -94,7 +95,7 @@ def test_bad_precisions(model_dirs: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="runs on the CPU"):
         resolve_precision("int8", torch.device("cuda"), None)
     model = ColBERT.from_pretrained(model_dirs["bert"], precision="fp32")
-    with pytest.raises(ValueError, match="needs torch.bfloat16 weights"):
+    with pytest.raises(ValueError, match=r"needs torch\.bfloat16 weights"):
         model.precision = "bf16"
     with pytest.raises(ValueError, match="precision: expected one of"):
         model.precision = "auto"

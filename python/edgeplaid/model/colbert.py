@@ -35,6 +35,11 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 
+# Padded positions per batch of documents when neither batch_size nor max_tokens is given
+# (benchmarks/bench_encode.py measured the CPU's).
+_DOC_TOKENS_CPU = 16384
+_DOC_TOKENS_GPU = 32768
+
 # Inputs at least this long get a progress bar when ``show_progress_bar`` is left to None.
 _PROGRESS_MIN_TEXTS = 2048
 
@@ -171,15 +176,15 @@ class ColBERT(nn.Module):
         projection to ``projection_dim`` fitted on ``projection_texts`` or on a built-in
         vocabulary sample). Keyword settings override the checkpoint's, as PyLate's do.
         ``precision``: "auto" (default), "fp32", "bf16", "fp16" or "int8" (see :attr:`precision`);
-        "auto" is int8 on CPUs (float32 without the C++ extension) and bf16/fp16 on GPUs.
+        "auto" is int8 on CPUs for ModernBERT backbones (float32 for others, and without the C++
+        extension) and bf16/fp16 on GPUs.
         ``dtype``: float32, float16 or bfloat16 weights and compute, the same as precision
         "fp32"/"fp16"/"bf16". Outputs are float32 whatever the precision.
         """
         from transformers import AutoModel, AutoTokenizer
 
         explicit = _as_dtype(dtype) if dtype is not None else None
-        precision = resolve_precision(precision, torch.device(device), explicit)
-        torch_dtype = DTYPE_OF[precision]
+        resolve_precision(precision, torch.device(device), explicit)  # bad arguments fail before loading
         root = resolve_path(name_or_path)
         overrides = Settings(
             query_prefix=query_prefix,
@@ -205,6 +210,9 @@ class ColBERT(nn.Module):
         if projection_dim is not None and ckpt.layout != "zero_shot":
             raise ValueError("projection_dim applies to zero-shot encoders only (this checkpoint has a head)")
         model = cls(backbone, head, tokenizer, ckpt.settings, ckpt.layout, str(name_or_path))
+        own = model._packed is not None
+        precision = resolve_precision(precision, torch.device(device), explicit, own_forward=own)
+        torch_dtype = DTYPE_OF[precision]
         if projection_dim is not None:
             model._fit_pca(projection_dim, projection_texts)  # in float32, whatever the precision
         model = model.to(device=torch.device(device), dtype=torch_dtype)
@@ -378,21 +386,38 @@ class ColBERT(nn.Module):
         return y
 
     def _batches(
-        self, ids: list[list[int]], batch_size: int, desc: str, show_progress_bar: bool | None
-    ) -> Iterator[tuple[list[int], torch.Tensor]]:
-        """Longest first, ``batch_size`` sequences per batch: yields (original indices, (B, L) ids)."""
-        if batch_size < 1:
+        self,
+        ids: list[list[int]],
+        batch_size: int | None,
+        desc: str,
+        show_progress_bar: bool | None,
+        max_tokens: int | None = None,
+    ) -> Iterator[tuple[list[int], list[list[int]]]]:
+        """Longest first; each batch holds at most ``batch_size`` sequences and, with
+        ``max_tokens``, at most ``max_tokens`` padded positions (its longest sequence times its
+        size; one sequence at least): yields (original indices, token ids)."""
+        if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if batch_size is None and max_tokens is None:
+            raise ValueError("give batch_size or max_tokens")
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        starts = range(0, len(order), batch_size)
+        chunks: list[list[int]] = []
+        start = 0
+        while start < len(order):
+            size = batch_size or len(order)
+            if max_tokens is not None:  # the batch's first sequence is its longest
+                size = min(size, max(1, max_tokens // max(1, len(ids[order[start]]))))
+            chunks.append(order[start : start + size])
+            start += size
         if show_progress_bar is None:
             show_progress_bar = len(ids) >= _PROGRESS_MIN_TEXTS
         if show_progress_bar:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc=desc, unit="batch")
-        for start in starts:
-            chunk = order[start : start + batch_size]
+            chunks = tqdm(chunks, desc=desc, unit="batch")
+        for chunk in chunks:
             yield chunk, [ids[i] for i in chunk]
 
     def _pad(self, rows: list[list[int]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -449,6 +474,7 @@ class ColBERT(nn.Module):
         batch_size: int | None = None,
         show_progress_bar: bool | None = None,
         normalize: bool = True,
+        max_tokens: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encodes documents into the packed form the index and ``maxsim_packed`` take.
 
@@ -468,11 +494,12 @@ class ColBERT(nn.Module):
                 return torch.zeros((0, dim), device=self.device), torch.zeros(
                     0, dtype=torch.long, device=self.device
                 )
-            if batch_size is None:
-                batch_size = 16 if self.device.type == "cpu" else 64
+            if batch_size is None and max_tokens is None:
+                max_tokens = _DOC_TOKENS_CPU if self.device.type == "cpu" else _DOC_TOKENS_GPU
             per_doc: list[torch.Tensor | None] = [None] * nd
             skip = self.skiplist_ids.to(self.device)
-            for idx, rows in self._batches(ids, batch_size, "Encoding documents", show_progress_bar):
+            batches = self._batches(ids, batch_size, "Encoding documents", show_progress_bar, max_tokens)
+            for idx, rows in batches:
                 input_ids, attn = self._pad(rows, max(len(r) for r in rows))
                 input_ids = input_ids.to(self.device)
                 attn = attn.to(self.device)
