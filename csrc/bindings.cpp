@@ -664,6 +664,36 @@ py::array_t<float> int8_linear(const py::array& x, const py::array& packed, cons
   return out;
 }
 
+// x: (B, L, G, D) float32 or bfloat16 (uint16 bits), any strides but a contiguous last axis,
+// rotated in place; cos, sin: (L, D / 2) float32.
+void rotary_embed(py::array& x, const std::string& dtype, const py::array& cos, const py::array& sin) {
+  if (x.ndim() != 4) fail("x: expected a 4-D array (batch, length, groups, dim), got shape " + shape_str(x));
+  const DType dt = parse_dtype(x, dtype, "x");
+  if (dt == DType::f16) fail("x: expected float32 or bfloat16, got float16");
+  if (!x.writeable()) fail("x: expected a writeable array (rotated in place)");
+  const int64_t b = x.shape(0), l = x.shape(1), g = x.shape(2), d = x.shape(3);
+  const py::ssize_t item = x.itemsize();
+  if (d % 2) fail("x: expected an even last axis (pairs), got shape " + shape_str(x));
+  const bool empty = b * l * g * d == 0;  // numpy gives empty arrays zero strides
+  if (!empty && d > 1 && x.strides(3) != item) fail("x: expected a contiguous last axis");
+  for (int axis = 0; axis < 3 && !empty; ++axis)
+    if (x.strides(axis) < 0 || x.strides(axis) % item)
+      fail("x: expected non-negative strides in whole elements, got shape " + shape_str(x));
+  expect_rank(cos, "cos", 2, "(length, dim / 2)");
+  expect_rank(sin, "sin", 2, "(length, dim / 2)");
+  for (const auto& [t, name] : {std::pair{&cos, "cos"}, std::pair{&sin, "sin"}}) {
+    expect_dim(*t, name, 0, l, "length of x");
+    expect_dim(*t, name, 1, d / 2, "dim / 2 of x");
+  }
+  const float* c = f32_data(cos, "cos");
+  const float* s = f32_data(sin, "sin");
+  if (empty) return;
+  void* data = x.mutable_data();
+  const int64_t sb = x.strides(0) / item, sl = x.strides(1) / item, sg = x.strides(2) / item;
+  py::gil_scoped_release release;
+  EP_DISPATCH(rotary_embed, data, dt, b, l, g, d, sb, sl, sg, c, s);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -697,6 +727,8 @@ PYBIND11_MODULE(_C, m) {
         "(out_features, in_features) int8 -> the packed layout int8_linear reads on the active ISA.");
   m.def("int8_linear", &int8_linear, py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("bias"),
         py::arg("out_features"), py::arg("post") = "none", py::arg("other") = py::none());
+  m.def("rotary_embed", &rotary_embed, py::arg("x"), py::arg("dtype"), py::arg("cos"), py::arg("sin"),
+        "Rotary embedding of x's interleaved pairs, in place (see csrc/cpu/rotary_embed_impl.h).");
   m.def("peak_gflops", &peak_gflops, py::arg("seconds") = 0.25,
         "Measured fp32 FMA peak (GFLOP/s) of the active ISA on all pool threads.");
   m.def("peak_int8_gops", &peak_int8_gops, py::arg("seconds") = 0.25,

@@ -168,6 +168,8 @@ struct CentroidGroups {
   void int8_linear(const float* x, int64_t m, int64_t k, const int8_t* packed,                 \
                    const float* scales, const float* bias, int64_t n, int post,                \
                    const float* other, float* out, KernelError& err);                          \
+  void rotary_embed(void* x, DType dtype, int64_t b, int64_t l, int64_t g, int64_t d,          \
+                    int64_t sb, int64_t sl, int64_t sg, const float* cos, const float* sin);   \
   double fma_probe(int64_t iterations);                                                        \
   double int8_probe(int64_t iterations);                                                       \
   }

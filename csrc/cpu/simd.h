@@ -161,10 +161,24 @@ EP_INLINE void narrow_row(const float* src, int64_t n, typename Elem<T>::type* d
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), h);
   }
 #elif defined(EDGEPLAID_ISA_AVX2)
-  if constexpr (T == DType::f16)
+  if constexpr (T == DType::f16) {
     for (; i + 8 <= n; i += 8)
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
                        _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {  // bf16: the AVX-512 rounding above, 8 lanes; NaN lanes blended in
+    for (; i + 8 <= n; i += 8) {
+      const __m256 x = _mm256_loadu_ps(src + i);
+      const __m256i u = _mm256_castps_si256(x);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+      const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+      r = _mm256_blendv_epi8(r, quiet, _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+      // Every lane is <= 0xffff: the unsigned-saturating pack is exact; it packs within 128-bit
+      // lanes, so gather the two 64-bit halves holding the results into the low 128 bits.
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_castsi256_si128(packed));
+    }
+  }
 #endif
     for (; i < n; ++i) dst[i] = Elem<T>::from_float(src[i]);
   }

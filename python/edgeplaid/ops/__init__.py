@@ -13,6 +13,7 @@ from edgeplaid.ops.maxsim import maxsim
 from edgeplaid.ops.maxsim_packed import maxsim_packed
 from edgeplaid.ops.nearest_centroids import CentroidGroups, centroid_groups, nearest_centroids
 from edgeplaid.ops.offsets import offsets_from_lengths
+from edgeplaid.ops.rotary_embed import rotary_embed
 
 __all__ = [
     "BackendUnavailableError",
@@ -32,4 +33,5 @@ __all__ = [
     "offsets_from_lengths",
     "quantize_weight",
     "residual_inv_norms",
+    "rotary_embed",
 ]

@@ -493,3 +493,16 @@ def int8_linear(
     if post == "mul":
         return y * other
     return y
+
+
+def rotary_embed(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of interleaved pairs, in place: for ``(u, v) = x[b, l, g, 2i : 2i + 2]``,
+    ``(u, v) <- (u · cos[l, i] − v · sin[l, i], u · sin[l, i] + v · cos[l, i])``, in float32
+    (bf16 inputs widened, the result rounded back once).
+
+    x (B, L, G, D) float32 or bfloat16, D even; cos, sin (L, D / 2) float32. Returns ``x``.
+    """
+    wide = x.float()
+    pairs = torch.view_as_complex(wide.unflatten(-1, (x.shape[-1] // 2, 2)))
+    pairs.mul_(torch.complex(cos.float(), sin.float())[None, :, None, :])
+    return x.copy_(wide)
