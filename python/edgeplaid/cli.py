@@ -973,8 +973,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="the encoder's precision: auto (default: int8 for ModernBERT models on CPUs, bf16/fp16 "
-        "on GPUs), fp32 (PyLate's outputs exactly), bf16, fp16, int8 (CPU)",
+        help="the encoder's precision: auto (default: bf16 on CPUs with AVX512-BF16, else int8 for "
+        "ModernBERT models; bf16/fp16 on GPUs), fp32 (PyLate's outputs exactly), bf16, fp16, int8 (CPU)",
     )
     on_device = _Parser(add_help=False, parents=[precision])
     on_device.add_argument(

@@ -1,4 +1,4 @@
-"""Encoder precisions: int8 against float32 (fidelity), the "auto" rule, switching in place,
+"""Encoder precisions: int8 and bf16 against float32 (fidelity), the "auto" rule, switching in place,
 both forwards (edgeplaid's ModernBERT and transformers'), and bad arguments."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from tests.model._texts import DOCUMENTS, QUERIES
 
 from edgeplaid._native import C
-from edgeplaid.model import ColBERT
+from edgeplaid.model import ColBERT, _precision
 from edgeplaid.model._precision import QuantizedLinear, resolve_precision
 
 needs_cpp = pytest.mark.skipif(C is None, reason="edgeplaid._C is not built (int8 is its kernel)")
@@ -38,17 +38,47 @@ def test_int8_tokens_close_to_fp32(model_dirs: dict[str, Path], size: str) -> No
     assert float(_cosines(q8[m8], q32[m32]).mean()) >= 0.999
 
 
+@pytest.mark.parametrize("size", ["17m", "32m", "bert"])
+def test_bf16_tokens_close_to_fp32(model_dirs: dict[str, Path], size: str) -> None:
+    """bf16 weights and activations (emulated by torch on CPUs without AVX512-BF16): the same bar."""
+    fp32 = ColBERT.from_pretrained(model_dirs[size], precision="fp32")
+    bf16 = ColBERT.from_pretrained(model_dirs[size], precision="bf16")
+    assert bf16.dtype == torch.bfloat16
+    t32, l32 = fp32.encode_documents(DOCUMENTS)
+    t16, l16 = bf16.encode_documents(DOCUMENTS)
+    assert torch.equal(l32, l16) and t16.dtype == torch.float32
+    cos = _cosines(t16, t32)
+    assert float(cos.mean()) >= 0.999 and float(cos.min()) >= 0.99, (float(cos.mean()), float(cos.min()))
+    q32, m32 = fp32.encode_queries(QUERIES)
+    q16, m16 = bf16.encode_queries(QUERIES)
+    assert torch.equal(m32, m16) and q16.dtype == torch.float32
+    assert float(_cosines(q16[m16], q32[m32]).mean()) >= 0.999
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_rule_on_cpu(monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
+    """bf16 where the CPU multiplies it (every backbone), else int8 for the own ModernBERT forward
+    (when the C++ kernel is built), else fp32; an explicit dtype wins."""
+    monkeypatch.setattr(_precision, "cpu_has_bf16", lambda: native_bf16)
+    cpu = torch.device("cpu")
+    own = "bf16" if native_bf16 else ("int8" if C is not None else "fp32")
+    assert resolve_precision("auto", cpu, None, own_forward=True) == own
+    assert resolve_precision("auto", cpu, None, own_forward=False) == ("bf16" if native_bf16 else "fp32")
+    assert resolve_precision("auto", cpu, torch.float32) == "fp32"
+
+
 @needs_cpp
-def test_auto_is_int8_on_cpu_and_fp32_exact(model_dirs: dict[str, Path]) -> None:
+def test_auto_follows_the_cpu_and_int8_switches_in_place(model_dirs: dict[str, Path]) -> None:
     auto = ColBERT.from_pretrained(model_dirs["17m"])
-    assert auto.precision == "int8"
+    assert auto.precision == ("bf16" if _precision.cpu_has_bf16() else "int8")
+    int8 = ColBERT.from_pretrained(model_dirs["17m"], precision="int8")
     fp32 = ColBERT.from_pretrained(model_dirs["17m"], precision="fp32")
-    t8 = auto.encode_documents(DOCUMENTS[:3])[0]
-    auto.precision = "fp32"  # in place: exactly the float32 model
+    t8 = int8.encode_documents(DOCUMENTS[:3])[0]
+    int8.precision = "fp32"  # in place: exactly the float32 model
     exact = fp32.encode_documents(DOCUMENTS[:3])[0]
-    torch.testing.assert_close(auto.encode_documents(DOCUMENTS[:3])[0], exact)
-    auto.precision = "int8"
-    torch.testing.assert_close(auto.encode_documents(DOCUMENTS[:3])[0], t8, rtol=0, atol=0)
+    torch.testing.assert_close(int8.encode_documents(DOCUMENTS[:3])[0], exact)
+    int8.precision = "int8"
+    torch.testing.assert_close(int8.encode_documents(DOCUMENTS[:3])[0], t8, rtol=0, atol=0)
     assert ColBERT.from_pretrained(model_dirs["17m"], dtype="float32").precision == "fp32"
 
 

@@ -37,7 +37,7 @@ _DTYPES = {
 
 # Padded positions per batch of documents when neither batch_size nor max_tokens is given
 # (benchmarks/bench_encode.py measured the CPU's).
-_DOC_TOKENS_CPU = 16384
+_DOC_TOKENS_CPU = 4096
 _DOC_TOKENS_GPU = 32768
 
 # Inputs at least this long get a progress bar when ``show_progress_bar`` is left to None.
@@ -176,8 +176,8 @@ class ColBERT(nn.Module):
         projection to ``projection_dim`` fitted on ``projection_texts`` or on a built-in
         vocabulary sample). Keyword settings override the checkpoint's, as PyLate's do.
         ``precision``: "auto" (default), "fp32", "bf16", "fp16" or "int8" (see :attr:`precision`);
-        "auto" is int8 on CPUs for ModernBERT backbones (float32 for others, and without the C++
-        extension) and bf16/fp16 on GPUs.
+        "auto" is bf16 on CPUs that multiply bf16 natively (AVX512-BF16), else int8 for ModernBERT
+        backbones (float32 for others, and without the C++ extension), and bf16/fp16 on GPUs.
         ``dtype``: float32, float16 or bfloat16 weights and compute, the same as precision
         "fp32"/"fp16"/"bf16". Outputs are float32 whatever the precision.
         """
