@@ -47,6 +47,19 @@ ISA_FLAGS = {
         "-mfma",
         "-mf16c",
     ],
+    # Only the bf16 attention kernel (AMX tiles); chosen at run time where the CPU and OS allow AMX.
+    "amx": [
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mavx512bf16",
+        "-mamx-tile",
+        "-mamx-bf16",
+        "-mavx2",
+        "-mfma",
+        "-mf16c",
+    ],
 }
 COMMON_FLAGS = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fno-math-errno", "-pthread"]
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1"]
@@ -67,6 +80,7 @@ ISA_MACROS = {
     "avx2": ["EDGEPLAID_ISA_AVX2"],
     "avx512": ["EDGEPLAID_ISA_AVX512"],
     "avx512vnni": ["EDGEPLAID_ISA_AVX512", "EDGEPLAID_ISA_VNNI"],
+    "amx": ["EDGEPLAID_ISA_AVX512", "EDGEPLAID_ISA_AMX"],
 }
 EXTRA_ISA_TAG = "// edgeplaid-isa:"
 UNITS_DIR = Path("build") / "isa_units"

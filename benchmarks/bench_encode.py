@@ -157,7 +157,8 @@ def test_encode_documents(
     for name, seconds in medians.items():
         report.add(name, seconds, note=f"{n_docs / seconds:.1f} docs/s" + fidelity.get(name, ""))
     rows = {r["contender"]: r for r in report.finish(baseline="pylate")}
-    print(f"  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(libgomp default)')}")
+    policy = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
+    print(f"  OpenMP: {policy or '(libgomp default)'}")
     if pylate_models is None:
         print("  pylate is not installed: no baseline (pip install --no-deps pylate==1.6.0, see .ci/run)")
         return

@@ -9,8 +9,8 @@ import sys
 # each baseline call and steal the cores from the next contender (measured: centroid_scores
 # 2.5 ms after torch's matmul vs 1.5 ms alone). One sleeping pool per process is the setting
 # we recommend to users too (README). Not when only bench_encode.py runs: it measures the encoder
-# as users get it, under the policy `import edgeplaid` picks (PASSIVE only where the encoder's
-# default precision is int8; bf16 encoding is 17% slower with it).
+# as users get it, under the policy `import edgeplaid` picks (PASSIVE where the encoder's default
+# precision is int8, a short spin where it is bf16: python/edgeplaid/__init__.py).
 _targets = [a for a in sys.argv[1:] if "bench" in a and not a.startswith("-") and a != "benchmark"]
 if not (_targets and all("bench_encode" in a for a in _targets)):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

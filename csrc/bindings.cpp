@@ -30,6 +30,11 @@ using namespace edgeplaid;
 #else
 #define EP_IF_AVX512VNNI(...)
 #endif
+#if defined(EDGEPLAID_HAVE_AMX)
+#define EP_IF_AMX(...) __VA_ARGS__
+#else
+#define EP_IF_AMX(...)
+#endif
 #if defined(EDGEPLAID_HAVE_AVX2)
 #define EP_IF_AVX2(...) __VA_ARGS__
 #else
@@ -473,6 +478,7 @@ py::dict cpu_info() {
   features["avx512dq"] = f.avx512dq && f.os_avx512;
   features["avx512_vnni"] = f.avx512_vnni && f.os_avx512;
   features["avx512_bf16"] = f.avx512_bf16 && f.os_avx512;
+  features["amx_bf16"] = f.amx_bf16;
   py::list compiled, supported;
   for (Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512}) {
     if (isa_compiled(isa)) compiled.append(isa_name(isa));
@@ -487,6 +493,7 @@ py::dict cpu_info() {
   info["best_isa"] = isa_name(best_isa());
   info["int8_isa"] = int8_isa();
   info["vnni_available"] = vnni_available();
+  info["amx_ready"] = amx_ready();  // the attention kernel runs here
   return info;
 }
 
@@ -694,6 +701,49 @@ void rotary_embed(py::array& x, const std::string& dtype, const py::array& cos, 
   EP_DISPATCH(rotary_embed, data, dt, b, l, g, d, sb, sl, sg, c, s);
 }
 
+// attention over bf16 heads on AMX tiles (csrc/cpu/attention_impl.h); q, k, v, out are
+// (B, L, H, D) uint16 views of bf16 with a contiguous last axis; out is written.
+void attention(const py::array& q, const py::array& k, const py::array& v, py::array& out,
+               const py::object& key_valid, int64_t window, double scale) {
+  if (!amx_ready()) fail("attention: needs AMX-BF16 (this CPU, OS or build has none; cpu_info()['amx_ready'])");
+  AttentionArgs args{};
+  const py::array* arrays[4] = {&q, &k, &v, &out};
+  const char* names[4] = {"q", "k", "v", "out"};
+  int64_t* strides[4] = {args.q_strides, args.k_strides, args.v_strides, args.out_strides};
+  for (int i = 0; i < 4; ++i) {
+    const py::array& a = *arrays[i];
+    const std::string name = names[i];
+    if (a.ndim() != 4) fail(name + ": expected a 4-D array (batch, length, heads, dim), got shape " + shape_str(a));
+    if (!has_dtype(a, 'u', 2)) fail(name + ": expected bfloat16 (given as uint16)");
+    for (int axis = 0; axis < 4; ++axis)
+      if (a.shape(axis) != q.shape(axis)) fail(name + ": expected the shape of q " + shape_str(q) + ", got " + shape_str(a));
+    const bool empty = a.size() == 0;
+    if (!empty && a.strides(3) != 2) fail(name + ": expected a contiguous last axis");
+    for (int axis = 0; axis < 3; ++axis) {
+      if (!empty && (a.strides(axis) < 0 || a.strides(axis) % 2))
+        fail(name + ": expected non-negative strides in whole elements");
+      strides[i][axis] = a.strides(axis) / 2;
+    }
+  }
+  if (!out.writeable()) fail("out: expected a writeable array");
+  const int64_t d = q.shape(3);
+  if (d != 32 && d != 64) fail("q: expected a head dim of 32 or 64 (the AMX kernel's tiles), got " + std::to_string(d));
+  args.b = q.shape(0);
+  args.l = q.shape(1);
+  args.h = q.shape(2);
+  args.d = d;
+  args.window = window < 0 ? -1 : window;
+  args.scale = float(scale);
+  args.key_valid = mask_data(key_valid, "key_valid", args.b, args.l);
+  if (q.size() == 0) return;
+  args.q = static_cast<const uint16_t*>(q.data());
+  args.k = static_cast<const uint16_t*>(k.data());
+  args.v = static_cast<const uint16_t*>(v.data());
+  args.out = static_cast<uint16_t*>(out.mutable_data());
+  py::gil_scoped_release release;
+  EP_IF_AMX(amx::attention(args);)
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -727,6 +777,9 @@ PYBIND11_MODULE(_C, m) {
         "(out_features, in_features) int8 -> the packed layout int8_linear reads on the active ISA.");
   m.def("int8_linear", &int8_linear, py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("bias"),
         py::arg("out_features"), py::arg("post") = "none", py::arg("other") = py::none());
+  m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("key_valid"),
+        py::arg("window"), py::arg("scale"),
+        "softmax(q k^T * scale, masked) v over bf16 heads on AMX tiles (see csrc/cpu/attention_impl.h).");
   m.def("rotary_embed", &rotary_embed, py::arg("x"), py::arg("dtype"), py::arg("cos"), py::arg("sin"),
         "Rotary embedding of x's interleaved pairs, in place (see csrc/cpu/rotary_embed_impl.h).");
   m.def("peak_gflops", &peak_gflops, py::arg("seconds") = 0.25,

@@ -7,6 +7,10 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #define EDGEPLAID_X86 1
 #endif
 
@@ -30,12 +34,14 @@ CpuFeatures detect() {
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
   f.family = int((a >> 8) & 0xf) + ((((a >> 8) & 0xf) == 0xf) ? int((a >> 20) & 0xff) : 0);
   const bool osxsave = c & (1u << 27);
+  bool os_amx = false;
   f.fma = c & (1u << 12);
   f.f16c = c & (1u << 29);
   if (osxsave) {
     const uint64_t xcr0 = read_xcr0();
     f.os_avx = (xcr0 & 0x6) == 0x6;             // SSE + AVX state
     f.os_avx512 = f.os_avx && (xcr0 & 0xe0) == 0xe0;  // opmask + zmm state
+    os_amx = (xcr0 & 0x60000) == 0x60000;              // tile config + tile data state
   }
   if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
     f.avx2 = b & (1u << 5);
@@ -44,10 +50,24 @@ CpuFeatures detect() {
     f.avx512bw = b & (1u << 30);
     f.avx512vl = b & (1u << 31);
     f.avx512_vnni = c & (1u << 11);
+    f.amx_bf16 = (d & (1u << 22)) && (d & (1u << 24));  // AMX-BF16, AMX-TILE
   }
+  f.amx_bf16 = f.amx_bf16 && os_amx && f.os_avx512;
   if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avx512_bf16 = a & (1u << 5);
 #endif
   return f;
+}
+
+bool request_amx() {
+#if defined(EDGEPLAID_X86) && defined(__linux__) && defined(EDGEPLAID_HAVE_AMX)
+  if (!cpu_features().amx_bf16) return false;
+  // Linux hands out the 8 KiB tile data state per process on request (arch_prctl
+  // ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); without it the first tile instruction faults.
+  constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+#else
+  return false;
+#endif
 }
 
 Isa parse_isa(const std::string& name) {
@@ -123,6 +143,11 @@ Isa best_isa() {
   if (isa_supported(Isa::avx512) && !(half_width_avx512 && isa_supported(Isa::avx2))) return Isa::avx512;
   if (isa_supported(Isa::avx2)) return Isa::avx2;
   return Isa::scalar;
+}
+
+bool amx_ready() {
+  static const bool ready = request_amx();  // thread-safe static init: asked once
+  return ready;
 }
 
 Isa active_isa() {

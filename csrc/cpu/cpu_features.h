@@ -10,6 +10,7 @@ struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
   bool avx512_vnni = false, avx512_bf16 = false;
+  bool amx_bf16 = false;  // AMX-TILE + AMX-BF16 on the CPU and tile state enabled in XCR0
   bool os_avx = false, os_avx512 = false;  // XCR0 says the OS saves ymm / zmm state
   bool amd = false;
   int family = 0;  // display family (base + extended)
@@ -22,6 +23,9 @@ bool isa_supported(Isa isa);  // this CPU + OS can run it (and it was compiled)
 // The fastest supported ISA: AVX-512 where its 512-bit units are full width, AVX2 on AMD
 // family 19h (Zen 3/4), whose AVX-512 runs on 256-bit halves and measured no faster.
 Isa best_isa();
+// AMX usable by this process: amx_bf16, compiled in, and (Linux) the kernel granted the tile
+// data permission, asked once on first call. The AMX kernels (bf16 attention) check it.
+bool amx_ready();
 
 // The kernel set in use: EDGEPLAID_CPU_ISA at first use, else the best supported; changed by
 // set_active_isa. Throws std::invalid_argument for an unknown or unsupported name.

@@ -24,7 +24,9 @@
 #include <immintrin.h>
 #endif
 
-#if defined(EDGEPLAID_ISA_AVX512) && defined(EDGEPLAID_ISA_VNNI)
+#if defined(EDGEPLAID_ISA_AVX512) && defined(EDGEPLAID_ISA_AMX)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c")
+#elif defined(EDGEPLAID_ISA_AVX512) && defined(EDGEPLAID_ISA_VNNI)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
 #elif defined(EDGEPLAID_ISA_AVX512)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")

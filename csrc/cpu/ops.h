@@ -136,6 +136,22 @@ struct CentroidGroups {
   int64_t dim;
 };
 
+// Attention over bf16 heads (attention_impl.h, AMX): for every batch b, head h and position i,
+//   out[b, i, h] = sum_j p_ij v[b, j, h],  p_i = softmax over allowed j of q[b, i, h] . k[b, j, h] * scale,
+// allowed: key_valid[b, j] != 0 (null: every key) and |i - j| <= window (window < 0: every key).
+// A row with no allowed key is zero. q, k, v, out are (B, L, H, D) bf16 with element strides
+// (batch, position, head) and a contiguous last axis.
+struct AttentionArgs {
+  const uint16_t* q;
+  const uint16_t* k;
+  const uint16_t* v;
+  uint16_t* out;
+  int64_t q_strides[3], k_strides[3], v_strides[3], out_strides[3];
+  const uint8_t* key_valid;  // (B, L) or null
+  int64_t b, l, h, d, window;
+  float scale;
+};
+
 #define EDGEPLAID_DECLARE_KERNELS(ns)                                                          \
   namespace ns {                                                                               \
   void maxsim_padded(const Queries& q, const PaddedDocs& docs, float* out, KernelError& err); \
@@ -170,6 +186,7 @@ struct CentroidGroups {
                    const float* other, float* out, KernelError& err);                          \
   void rotary_embed(void* x, DType dtype, int64_t b, int64_t l, int64_t g, int64_t d,          \
                     int64_t sb, int64_t sl, int64_t sg, const float* cos, const float* sin);   \
+  void attention(const AttentionArgs& a);                                                      \
   double fma_probe(int64_t iterations);                                                        \
   double int8_probe(int64_t iterations);                                                       \
   }
@@ -181,5 +198,8 @@ EDGEPLAID_DECLARE_KERNELS(avx512)
 // AVX-512 with VNNI (vpdpbusd): its unit defines only the int8 code-scoring kernel and int8_probe;
 // the other declarations are never called (bindings.cpp's EP_DISPATCH_INT8).
 EDGEPLAID_DECLARE_KERNELS(avx512vnni)
+
+// AVX-512 with AMX tiles: its unit defines only attention (bindings.cpp checks amx_ready()).
+EDGEPLAID_DECLARE_KERNELS(amx)
 
 }  // namespace edgeplaid

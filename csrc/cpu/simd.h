@@ -17,7 +17,9 @@
 
 #define EP_INLINE inline __attribute__((always_inline))
 
-#if defined(EDGEPLAID_ISA_AVX512) && defined(EDGEPLAID_ISA_VNNI)
+#if defined(EDGEPLAID_ISA_AVX512) && defined(EDGEPLAID_ISA_AMX)
+#define EDGEPLAID_ISA_NS amx
+#elif defined(EDGEPLAID_ISA_AVX512) && defined(EDGEPLAID_ISA_VNNI)
 #define EDGEPLAID_ISA_NS avx512vnni
 #elif defined(EDGEPLAID_ISA_AVX512)
 #define EDGEPLAID_ISA_NS avx512

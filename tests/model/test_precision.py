@@ -10,8 +10,9 @@ import torch
 from tests.model._texts import DOCUMENTS, QUERIES
 
 from edgeplaid._native import C
-from edgeplaid.model import ColBERT, _precision
+from edgeplaid.model import ColBERT, _modernbert, _precision
 from edgeplaid.model._precision import QuantizedLinear, resolve_precision
+from edgeplaid.ops.attention import amx_ready
 
 needs_cpp = pytest.mark.skipif(C is None, reason="edgeplaid._C is not built (int8 is its kernel)")
 
@@ -131,3 +132,17 @@ def test_bad_precisions(model_dirs: dict[str, Path]) -> None:
         model.precision = "auto"
     assert resolve_precision("auto", torch.device("cpu"), torch.bfloat16) == "bf16"
     assert ColBERT.from_pretrained(model_dirs["bert"], precision="bf16").dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not amx_ready(), reason="no AMX-BF16 here: bf16 attention stays in torch's SDPA")
+def test_bf16_attention_kernel_matches_sdpa(model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch):
+    """bf16 on AMX CPUs runs attention in the AMX kernel (full and sliding layers, padded batches):
+    the same vectors as torch's SDPA in bf16, to bf16 rounding."""
+    model = ColBERT.from_pretrained(model_dirs["17m"], precision="bf16")
+    texts = [*DOCUMENTS, "a short one", " ".join(DOCUMENTS)]  # padding, and past the 128-token window
+    kernel, lengths = model.encode_documents(texts)
+    monkeypatch.setattr(_modernbert, "amx_ready", lambda: False)
+    sdpa, lengths_sdpa = model.encode_documents(texts)
+    assert torch.equal(lengths, lengths_sdpa)
+    cos = _cosines(kernel, sdpa)
+    assert float(cos.mean()) >= 0.9999 and float(cos.min()) >= 0.999, (float(cos.mean()), float(cos.min()))

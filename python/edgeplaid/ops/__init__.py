@@ -2,6 +2,7 @@
 :mod:`edgeplaid.ops.reference` and a backend picked by :func:`edgeplaid.ops.dispatch.resolve`.
 """
 
+from edgeplaid.ops.attention import attention
 from edgeplaid.ops.centroid_interaction import centroid_interaction
 from edgeplaid.ops.centroid_scores import centroid_scores
 from edgeplaid.ops.compress_residuals import compress_residuals
@@ -19,6 +20,7 @@ __all__ = [
     "BackendUnavailableError",
     "CentroidGroups",
     "Int8Weight",
+    "attention",
     "available_backends",
     "centroid_groups",
     "centroid_interaction",

@@ -506,3 +506,38 @@ def rotary_embed(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     pairs = torch.view_as_complex(wide.unflatten(-1, (x.shape[-1] // 2, 2)))
     pairs.mul_(torch.complex(cos.float(), sin.float())[None, :, None, :])
     return x.copy_(wide)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    window: int | None,
+    scale: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Masked softmax attention: ``out[b, i, h] = Σ_j p_ij v[b, j, h]``, ``p_i`` the softmax of
+    ``q[b, i, h] · k[b, j, h] · scale`` over keys with ``key_mask[b, j]`` and ``|i − j| <= window``
+    (float32 scores; ``p`` rounded to ``v``'s dtype); rows with no allowed key are zero.
+
+    q, k, v (B, L, H, D); key_mask (B, L) bool or None; window int or None; out (B, L, H, D),
+    written and returned.
+    """
+    length = q.shape[1]
+    qf, kf = q.float().transpose(1, 2), k.float().transpose(1, 2)  # (B, H, L, D)
+    scores = qf @ kf.transpose(-1, -2) * scale  # (B, H, L, L)
+    allowed = torch.ones(length, length, dtype=torch.bool, device=q.device)
+    if window is not None:
+        pos = torch.arange(length, device=q.device)
+        allowed = (pos[:, None] - pos[None, :]).abs() <= window
+    allowed = allowed[None, None]
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    top = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)  # all-masked rows: finite
+    e = torch.exp(scores - top)
+    total = e.sum(-1, keepdim=True)
+    p = e.to(v.dtype).float()
+    o = (p @ v.float().transpose(1, 2)) / torch.where(total > 0, total, torch.ones_like(total))
+    return out.copy_(o.transpose(1, 2))

@@ -1,0 +1,86 @@
+"""attention: softmax attention of bf16 heads with an optional key mask and a sliding window, the
+encoder's attention layers. The C++ kernel runs on AMX tiles (CPUs with AMX-BF16; on 2 Xeon cores
+17m's bf16 attention took 0.30 s of 200 SciFact abstracts against 0.52 s in torch's SDPA);
+elsewhere the encoder keeps torch's scaled_dot_product_attention.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from edgeplaid.ops import cpp_backend as cpp
+from edgeplaid.ops import reference
+from edgeplaid.ops.dispatch import register, resolve
+
+
+@functools.cache
+def amx_ready() -> bool:
+    """Whether the C++ kernel can run here (AMX-BF16 on the CPU, tile state granted by the OS)."""
+    return cpp.C is not None and bool(cpp.C.cpu_info().get("amx_ready", False))
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    window: int | None = None,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``out[b, i, h] = Σ_j p_ij · v[b, j, h]``, ``p_i = softmax_j(q[b, i, h] · k[b, j, h] · scale)``
+    over the allowed keys ``j``: ``key_mask[b, j]`` and ``|i − j| <= window``. Scores and softmax
+    in float32, ``p`` rounded to bf16 for the second product (as torch's bf16 flash attention). A
+    row with no allowed key is zero.
+
+    Args:
+        q, k, v: (B, L, H, D) bfloat16, any strides with a contiguous last axis (e.g. views of a
+            fused QKV projection's output); D 32 or 64 for the C++ kernel.
+        key_mask: (B, L) bool, True where a key may be attended to; None: every key.
+        window: the band's half width (ModernBERT's ``local_attention // 2``); None: no band.
+        scale: multiplies the scores; None: ``D ** -0.5``.
+        out: (B, L, H, D) bfloat16 with a contiguous last axis, written; None: a new tensor.
+        backend: "cpp" (AMX only) or "reference"; None picks by device (the reference on CPUs
+            without AMX).
+
+    Returns:
+        ``out``, (B, L, H, D) bfloat16.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4:
+            got = getattr(t, "shape", type(t).__name__)
+            raise ValueError(f"{name}: expected a 4-D tensor (batch, length, heads, dim), got {got}")
+        if t.dtype != torch.bfloat16:
+            raise ValueError(f"{name}: expected bfloat16, got {t.dtype}")
+        if t.shape != q.shape:
+            raise ValueError(f"{name}: expected the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected a contiguous last axis, got strides {t.stride()}")
+    b, length = q.shape[:2]
+    if key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != (b, length)):
+        got = f"{key_mask.dtype} {tuple(key_mask.shape)}"
+        raise ValueError(f"key_mask: expected bool of shape {(b, length)}, got {got}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
+        raise ValueError(f"window: expected a non-negative int or None, got {window!r}")
+    if out is None:
+        out = torch.empty(q.shape, dtype=torch.bfloat16, device=q.device)
+    elif out.shape != q.shape or out.dtype != torch.bfloat16 or (out.numel() and out.stride(-1) != 1):
+        raise ValueError(f"out: expected bfloat16 of shape {tuple(q.shape)} with a contiguous last axis")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend is None and q.device.type == "cpu" and not amx_ready():
+        backend = "reference"  # the C++ kernel is AMX only: the twin, not an error, elsewhere
+    return resolve("attention", q.device, backend)(q, k, v, key_mask, window, scale, out)
+
+
+def _cpp(q, k, v, key_mask, window, scale, out):
+    mask = None if key_mask is None else key_mask.contiguous().numpy()
+    host = [cpp.host(t.detach()) for t in (q, k, v, out)]
+    cpp.C.attention(*host, mask, -1 if window is None else window, scale)
+    return out
+
+
+register("attention", "reference", reference.attention)
+register("attention", "cpp", _cpp)

@@ -1,0 +1,140 @@
+"""attention: the AMX kernel against its reference twin (full and sliding-window layers, key
+masks, tails of every blocking, strided views of a fused QKV output), against torch's SDPA, and
+bad arguments. The kernel tests skip on CPUs without AMX-BF16; the reference runs everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgeplaid import ops
+from edgeplaid.ops import reference
+from edgeplaid.ops.attention import amx_ready
+
+needs_amx = pytest.mark.skipif(not amx_ready(), reason="no AMX-BF16 here (or edgeplaid._C is not built)")
+
+CASES = [  # (B, L, H, D, window, masked): a lone token, tails of 16 queries and 32 keys, windows
+    (1, 1, 1, 64, None, False),
+    (2, 5, 1, 64, None, True),
+    (3, 37, 2, 64, None, True),
+    (2, 33, 3, 32, 4, False),
+    (2, 70, 4, 64, 64, True),
+    (1, 300, 2, 64, 64, True),
+    (1, 129, 2, 32, 0, False),
+]
+
+
+def _qkv(b: int, length: int, h: int, d: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, length, 3, h, d, generator=g).to(torch.bfloat16)
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+def _key_mask(b: int, length: int, seed: int = 1) -> torch.Tensor:
+    """Right padding of random lengths (the encoder's batches) and, in the last row, holes."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (b,), generator=g)
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    mask[-1] = torch.rand(length, generator=g) < 0.7
+    mask[-1, 0] = True
+    return mask
+
+
+@needs_amx
+@pytest.mark.parametrize("case", CASES)
+def test_matches_reference(case):
+    b, length, h, d, window, masked = case
+    q, k, v = _qkv(b, length, h, d)
+    mask = _key_mask(b, length) if masked else None
+    got = ops.attention(q, k, v, mask, window, backend="cpp")
+    want = ops.attention(q, k, v, mask, window, backend="reference")
+    # Same bf16 products, fp32 sums in another order: outputs differ by a bf16 rounding or two.
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert float((got.float() - want.float()).abs().mean()) < 2e-3
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_reference_matches_sdpa(window):
+    """The twin is attention as transformers' ModernBERT computes it (bf16 in, masked softmax)."""
+    b, length, h, d = 2, 20, 2, 32
+    q, k, v = _qkv(b, length, h, d, seed=2)
+    mask = _key_mask(b, length)
+    allowed = mask[:, None, None, :]
+    if window is not None:
+        pos = torch.arange(length)
+        allowed = allowed & ((pos[:, None] - pos[None, :]).abs() <= window)
+    want = F.scaled_dot_product_attention(
+        *(t.float().transpose(1, 2) for t in (q, k, v)), attn_mask=allowed, scale=d**-0.5
+    ).transpose(1, 2)
+    got = reference.attention(q, k, v, mask, window, d**-0.5, torch.empty_like(q))
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@needs_amx
+def test_writes_out_in_place_and_leaves_inputs():
+    q, k, v = _qkv(2, 40, 2, 64)
+    before = [t.clone() for t in (q, k, v)]
+    out = torch.full((2, 40, 2, 64), 7.0, dtype=torch.bfloat16)
+    assert ops.attention(q, k, v, None, 8, out=out, backend="cpp") is out
+    assert all(torch.equal(t, t0) for t, t0 in zip((q, k, v), before, strict=True))
+    want = reference.attention(q, k, v, None, 8, 0.125, out.clone())
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_amx
+def test_row_without_keys_is_zero():
+    q, k, v = _qkv(1, 50, 1, 32)
+    mask = torch.zeros(1, 50, dtype=torch.bool)
+    mask[0, :3] = True  # queries past position 3 + window see no key
+    got = ops.attention(q, k, v, mask, 2, backend="cpp")
+    assert torch.isfinite(got.float()).all() and not got[0, 10:].any()
+    assert got[0, :3].any()
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_amx)])
+def test_empty(backend):
+    q = torch.zeros(0, 4, 2, 64, dtype=torch.bfloat16)
+    assert ops.attention(q, q, q, backend=backend).shape == q.shape
+
+
+def test_cpp_refuses_without_amx(monkeypatch):
+    if amx_ready():
+        pytest.skip("this CPU has AMX")
+    from edgeplaid._native import C
+
+    if C is None:
+        pytest.skip("edgeplaid._C is not built")
+    q, k, v = _qkv(1, 4, 1, 64)
+    with pytest.raises(ValueError, match="attention: needs AMX-BF16"):
+        ops.attention(q, k, v, backend="cpp")
+
+
+def _bf16(*shape):
+    return torch.zeros(shape, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        ((_bf16(2, 3, 4), _bf16(2, 3, 4), _bf16(2, 3, 4)), {}, "q: expected a 4-D"),
+        ((torch.zeros(1, 2, 1, 32), _bf16(1, 2, 1, 32), _bf16(1, 2, 1, 32)), {}, "q: expected bfloat16"),
+        ((_bf16(1, 2, 1, 32), _bf16(1, 3, 1, 32), _bf16(1, 2, 1, 32)), {}, "k: expected the shape of q"),
+        ((_bf16(1, 2, 1, 32),) * 2 + (_bf16(1, 2, 1, 64)[..., ::2],), {}, "v: expected a contiguous"),
+        ((_bf16(1, 2, 1, 32),) * 3, {"key_mask": torch.ones(1, 3).bool()}, "key_mask: expected bool"),
+        ((_bf16(1, 2, 1, 32),) * 3, {"key_mask": torch.ones(1, 2)}, "key_mask: expected bool"),
+        ((_bf16(1, 2, 1, 32),) * 3, {"window": -1}, "window: expected a non-negative int"),
+        ((_bf16(1, 2, 1, 32),) * 3, {"window": 2.0}, "window: expected a non-negative int"),
+        ((_bf16(1, 2, 1, 32),) * 3, {"out": torch.zeros(1, 2, 1, 32)}, "out: expected bfloat16"),
+    ],
+)
+def test_bad_arguments(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ops.attention(*args, **kwargs)
+
+
+@needs_amx
+def test_cpp_refuses_other_head_dims():
+    q, k, v = _qkv(1, 4, 1, 48)
+    with pytest.raises(ValueError, match="q: expected a head dim of 32 or 64"):
+        ops.attention(q, k, v, backend="cpp")
