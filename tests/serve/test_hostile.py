@@ -472,7 +472,7 @@ class Info(ctypes.Structure):
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Info
-model = load_model("minilm")
+model = load_model("minilm", precision="fp32")  # float32: the oneDNN path and its caches
 def step(rows):
     with torch.inference_mode():
         x = torch.randn(rows, model.backbone.config.hidden_size)
