@@ -9,7 +9,9 @@ ModernBERT forward (oneDNN linear layers, blocked sliding-window attention), edg
 the precision "auto" picks is the last row. Outputs of the float32 contenders are checked equal to
 PyLate's (max abs diff <= 1e-5) before timing; the lower precisions are reported as per-token
 cosine to the float32 vectors (issue 17's bar: mean >= 0.999, min >= 0.99).
-Goals: >= 1.5x PyLate in float32 (issue 4), >= 5x with the CPU's best precision (issue 17).
+Goals: >= 1.5x PyLate in float32 (issue 4), >= 5x with the CPU's best precision (issue 17), the
+latter against the faster of PyLate here and PyLate alone in its own process under its fastest
+OpenMP policy (PASSIVE).
 
 Run alone (``python -m pytest benchmarks/bench_encode.py -m benchmark -s``), the process keeps the
 OpenMP wait policy ``import edgeplaid`` sets for users (conftest.py); the table says which.
@@ -164,11 +166,56 @@ def test_encode_documents(
         return
     own = rows["edgeplaid fp32, own ModernBERT forward"]
     print(f"  goal (issue 4): >= 1.5x PyLate's docs/s in fp32 -> x{own['speedup_vs_torch']}")
+    # PyLate is all torch ops: libgomp's default spinning (or this process's policy) may not be
+    # its best. Its own process under PASSIVE is the fairest baseline too; the goal takes the
+    # faster of the two.
+    pylate_here = n_docs / medians[next(name for name in medians if name.startswith("pylate"))]
+    alone = _pylate_alone(path, n_docs, rounds)
+    best = max(pylate_here, alone)
+    print(f"  PyLate alone (own process, PASSIVE): {alone:.1f} docs/s; in this process {pylate_here:.1f}")
     for name in fidelity:
         print(
-            f"  goal (issue 17): >= 5x PyLate's docs/s at the best precision: {name} -> "
-            f"x{rows[name]['speedup_vs_torch']}{fidelity[name]}"
+            f"  goal (issue 17): >= 5x PyLate's best docs/s at the best precision: {name} -> "
+            f"x{n_docs / medians[name] / best:.2f}{fidelity[name]}"
         )
+
+
+_PYLATE_ALONE = """
+import json, statistics, sys, time, warnings
+warnings.simplefilter("ignore")
+from pylate import models
+path, n, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+docs = [json.loads(line) for line in sys.stdin]
+model = models.ColBERT(path, device="cpu")
+model.encode(docs, is_query=False, batch_size=32)
+times = []
+for _ in range(rounds):
+    t0 = time.perf_counter()
+    model.encode(docs, is_query=False, batch_size=32)
+    times.append(time.perf_counter() - t0)
+print(json.dumps(n / statistics.median(times)))
+"""
+
+
+def _pylate_alone(path: Path, n_docs: int, rounds: int) -> float:
+    """PyLate's docs/s in a fresh process with OMP_WAIT_POLICY=PASSIVE (measured its fastest
+    setting on 2 Xeon cores: 35.7 docs/s against 29.6 with libgomp's default spin)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    docs = "".join(json.dumps(t) + "\n" for t in scifact_texts(n_docs))
+    proc = subprocess.run(
+        [sys.executable, "-c", _PYLATE_ALONE, str(path), str(n_docs), str(rounds)],
+        input=docs,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=1800,
+    )
+    return float(proc.stdout.strip().splitlines()[-1])
 
 
 def _long_texts(n: int, words: int) -> list[str]:
