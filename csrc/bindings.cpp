@@ -673,19 +673,29 @@ py::array_t<float> int8_linear(const py::array& x, const py::array& packed, cons
 
 // x: (B, L, G, D) float32 or bfloat16 (uint16 bits), any strides but a contiguous last axis,
 // rotated in place; cos, sin: (L, D / 2) float32.
+// Element strides of the first three axes of a 4-D array viewed in place (rotary_embed,
+// attention): the last axis contiguous, the others whole, non-negative elements. Empty arrays
+// are not checked (numpy gives them zero strides).
+void view_strides(const py::array& a, const std::string& name, int64_t* strides) {
+  const py::ssize_t item = a.itemsize();
+  const bool empty = a.size() == 0;
+  if (!empty && a.shape(3) > 1 && a.strides(3) != item) fail(name + ": expected a contiguous last axis");
+  for (int axis = 0; axis < 3; ++axis) {
+    if (!empty && (a.strides(axis) < 0 || a.strides(axis) % item))
+      fail(name + ": expected non-negative strides in whole elements, got shape " + shape_str(a));
+    strides[axis] = a.strides(axis) / item;
+  }
+}
+
 void rotary_embed(py::array& x, const std::string& dtype, const py::array& cos, const py::array& sin) {
   if (x.ndim() != 4) fail("x: expected a 4-D array (batch, length, groups, dim), got shape " + shape_str(x));
   const DType dt = parse_dtype(x, dtype, "x");
   if (dt == DType::f16) fail("x: expected float32 or bfloat16, got float16");
   if (!x.writeable()) fail("x: expected a writeable array (rotated in place)");
   const int64_t b = x.shape(0), l = x.shape(1), g = x.shape(2), d = x.shape(3);
-  const py::ssize_t item = x.itemsize();
   if (d % 2) fail("x: expected an even last axis (pairs), got shape " + shape_str(x));
-  const bool empty = b * l * g * d == 0;  // numpy gives empty arrays zero strides
-  if (!empty && d > 1 && x.strides(3) != item) fail("x: expected a contiguous last axis");
-  for (int axis = 0; axis < 3 && !empty; ++axis)
-    if (x.strides(axis) < 0 || x.strides(axis) % item)
-      fail("x: expected non-negative strides in whole elements, got shape " + shape_str(x));
+  int64_t st[3];
+  view_strides(x, "x", st);
   expect_rank(cos, "cos", 2, "(length, dim / 2)");
   expect_rank(sin, "sin", 2, "(length, dim / 2)");
   for (const auto& [t, name] : {std::pair{&cos, "cos"}, std::pair{&sin, "sin"}}) {
@@ -694,11 +704,10 @@ void rotary_embed(py::array& x, const std::string& dtype, const py::array& cos, 
   }
   const float* c = f32_data(cos, "cos");
   const float* s = f32_data(sin, "sin");
-  if (empty) return;
+  if (x.size() == 0) return;
   void* data = x.mutable_data();
-  const int64_t sb = x.strides(0) / item, sl = x.strides(1) / item, sg = x.strides(2) / item;
   py::gil_scoped_release release;
-  EP_DISPATCH(rotary_embed, data, dt, b, l, g, d, sb, sl, sg, c, s);
+  EP_DISPATCH(rotary_embed, data, dt, b, l, g, d, st[0], st[1], st[2], c, s);
 }
 
 // attention over bf16 heads on AMX tiles (csrc/cpu/attention_impl.h); q, k, v, out are
@@ -717,13 +726,7 @@ void attention(const py::array& q, const py::array& k, const py::array& v, py::a
     if (!has_dtype(a, 'u', 2)) fail(name + ": expected bfloat16 (given as uint16)");
     for (int axis = 0; axis < 4; ++axis)
       if (a.shape(axis) != q.shape(axis)) fail(name + ": expected the shape of q " + shape_str(q) + ", got " + shape_str(a));
-    const bool empty = a.size() == 0;
-    if (!empty && a.strides(3) != 2) fail(name + ": expected a contiguous last axis");
-    for (int axis = 0; axis < 3; ++axis) {
-      if (!empty && (a.strides(axis) < 0 || a.strides(axis) % 2))
-        fail(name + ": expected non-negative strides in whole elements");
-      strides[i][axis] = a.strides(axis) / 2;
-    }
+    view_strides(a, name, strides[i]);
   }
   if (!out.writeable()) fail("out: expected a writeable array");
   const int64_t d = q.shape(3);

@@ -8,16 +8,7 @@ The encoder is :class:`edgeplaid.ColBERT` (:mod:`edgeplaid.model`); the kernels 
 import os as _os
 import sys as _sys
 
-
-def _cpu_multiplies_bf16() -> bool:
-    """AVX512-BF16 on this CPU, read through the C++ extension (which does not import torch)."""
-    try:
-        from edgeplaid import _C
-
-        return bool(_C.cpu_info()["features"].get("avx512_bf16", False))
-    except Exception:  # built without the extension: no int8 kernel either
-        return False
-
+from edgeplaid._native import cpu_has_bf16 as _cpu_has_bf16  # no torch import
 
 # torch's OpenMP threads (libgomp) spin after every parallel region, on the cores edgeplaid's own
 # kernel threads take next (its C++ kernels run on their own thread pool). libgomp reads its policy
@@ -31,17 +22,18 @@ def _cpu_multiplies_bf16() -> bool:
 #   frees the cores soon enough: 17m 150 docs/s with libgomp's default spin, 171 with PASSIVE,
 #   175-197 with 20,000 (Xeon with AMX; 10,000-50,000 measured alike).
 if "torch" not in _sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(_os.environ):
-    if _cpu_multiplies_bf16():
+    if _cpu_has_bf16():
         _os.environ["GOMP_SPINCOUNT"] = "20000"
     else:
         _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
-from edgeplaid import ops  # noqa: E402 (after the OpenMP policy)
-from edgeplaid._threads import get_num_threads, set_num_threads  # noqa: E402 (after the OpenMP policy)
-from edgeplaid.index import Index, IndexFormatError  # noqa: E402 (after the OpenMP policy)
-from edgeplaid.model import ColBERT  # noqa: E402 (cheap: transformers loads on first from_pretrained)
-from edgeplaid.ops import available_backends  # noqa: E402 (after the OpenMP policy)
-from edgeplaid.reranking import rerank  # noqa: E402 (after the OpenMP policy)
+# Only now what imports torch.
+from edgeplaid import ops
+from edgeplaid._threads import get_num_threads, set_num_threads
+from edgeplaid.index import Index, IndexFormatError
+from edgeplaid.model import ColBERT  # cheap: transformers is imported on first from_pretrained
+from edgeplaid.ops import available_backends
+from edgeplaid.reranking import rerank
 
 __version__ = "0.1.0"
 __all__ = [

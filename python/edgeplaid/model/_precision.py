@@ -13,20 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeplaid._native import C
+from edgeplaid._native import C, cpu_has_bf16
 from edgeplaid.ops.int8_linear import Int8Weight, int8_linear, quantize_weight
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 DTYPE_OF = {"fp32": torch.float32, "int8": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16, which every CPU with AMX has too),
-    where oneDNN's bf16 matrix products run at twice the fp32 rate or more (with AMX: 2.1-2.9 against
-    0.3 TFLOP/s on two Xeon cores); elsewhere torch widens bf16 to fp32 and it is slower."""
-    if C is None:
-        return False
-    return bool(C.cpu_info()["features"].get("avx512_bf16", False))
 
 
 def resolve_precision(

@@ -478,9 +478,10 @@ class ColBERT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encodes documents into the packed form the index and ``maxsim_packed`` take.
 
-        Documents are sorted by token count and run ``batch_size`` at a time (default 16 on CPU,
-        where small batches of equal-length documents waste the least compute on padding, and 64
-        on GPUs); ``normalize=False`` returns the raw projected vectors.
+        Documents are sorted by token count and run in batches filled to ``max_tokens`` padded
+        positions (default 4,096 on CPUs, 32,768 on GPUs; measured in benchmarks/bench_encode.py),
+        or ``batch_size`` documents at a time when that alone is given; ``normalize=False`` returns
+        the raw projected vectors.
 
         Returns ``tokens (n_tokens, dim) float32`` — each document's kept tokens (attention mask and
         not in the skiplist), L2-normalised, documents concatenated in input order — and
