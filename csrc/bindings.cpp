@@ -226,7 +226,7 @@ ScoreTable score_table_arg(const py::array& scores, const py::object& query_len)
 
 py::tuple centroid_scores(const py::array& queries, const py::object& queries_mask, const py::array& centroids,
                           const std::string& dtype, int64_t n_probe, const py::object& scores_out,
-                          bool centroid_major) {
+                          bool centroid_major, bool with_max) {
   const Queries q = queries_arg(queries, queries_mask);
   expect_rank(centroids, "centroids", 2, "(n_centroids, dim)");
   expect_dim(centroids, "centroids", 1, q.dim, "dim of queries");
@@ -250,16 +250,28 @@ py::tuple centroid_scores(const py::array& queries, const py::object& queries_ma
     if (!scores.writeable()) fail("out: expected a writeable array");
   }
   py::array_t<int64_t> ids({q.nq, q.lq, n_probe});
-  if (scores.size() == 0) return py::make_tuple(scores, ids);  // no query token: nothing to compute
+  if (with_max && !centroid_major) fail("with_max: the centroid maxima come with the centroid-major layout only");
+  py::array_t<float> cmax;
+  float* m = nullptr;
+  if (with_max) {
+    cmax = py::array_t<float>({q.nq, c.rows});
+    m = cmax.mutable_data();
+    if (q.lq == 0) std::fill(m, m + cmax.size(), -std::numeric_limits<float>::infinity());
+  }
+  const auto result = [&]() -> py::tuple {
+    if (with_max) return py::make_tuple(scores, ids, cmax);
+    return py::make_tuple(scores, ids);
+  };
+  if (scores.size() == 0) return result();  // no query token: nothing to compute
   float* s = scores.mutable_data();
   int64_t* i = ids.mutable_data();
   KernelError err;
   {
     py::gil_scoped_release release;
-    EP_DISPATCH(centroid_scores, q, c, n_probe, ts, s, i, err);
+    EP_DISPATCH(centroid_scores, q, c, n_probe, ts, s, i, m, err);
   }
   raise_if(err);
-  return py::make_tuple(scores, ids);
+  return result();
 }
 
 py::array decompress_residuals(const py::array& codes, const py::array& residuals, const py::array& centroids,
@@ -345,35 +357,133 @@ py::array_t<float> centroid_interaction(const py::array& scores, const py::objec
   return out;
 }
 
-// Whether the AVX-512 path runs its int8 kernel with VNNI (vpdpbusd): where it is compiled and
-// the CPU has it, unless EDGEPLAID_CPU_VNNI=0 or set_cpu_vnni(False) turned it off (tests use
-// that to check the AVX-512BW int8 path on a VNNI machine).
+py::tuple centroid_interaction_topk(const py::array& scores, const py::object& centroid_max,
+                                   const py::object& queries_mask, const py::array& codes, const py::array& offsets,
+                                   const py::array& ivf_offsets, const py::array& ivf_docs, const py::array& probed,
+                                   const py::object& live, const py::object& threshold, int64_t n_keep,
+                                   int64_t query_len) {
+  const ScoreTable table = score_table_arg(scores, py::int_(query_len));
+  const int64_t nq = table.nq, n_cent = table.n_centroids;
+  const uint8_t* qmask = mask_data(queries_mask, "queries_mask", nq, table.lq);
+  const float* cmax = nullptr;
+  if (!centroid_max.is_none()) {
+    const py::array a = centroid_max.cast<py::array>();
+    expect_rank(a, "centroid_max", 2, "(n_queries, n_centroids)");
+    expect_dim(a, "centroid_max", 0, nq, "n_queries");
+    expect_dim(a, "centroid_max", 1, n_cent, "n_centroids");
+    cmax = f32_data(a, "centroid_max");
+  }
+  const Ids ids = codes_arg(codes);
+  int64_t nd = 0;
+  const int64_t* off = offsets_arg(offsets, &nd);
+  expect_rank(ivf_offsets, "ivf_offsets", 1, "(n_centroids + 1,)");
+  if (!has_dtype(ivf_offsets, 'i', 8)) fail("ivf_offsets: expected int64");
+  expect_dim(ivf_offsets, "ivf_offsets", 0, n_cent + 1, "n_centroids + 1");
+  expect_rank(ivf_docs, "ivf_docs", 1, "(n_entries,)");
+  if (!has_dtype(ivf_docs, 'i', 4)) fail("ivf_docs: expected int32");
+  const IvfLists ivf{static_cast<const int64_t*>(ivf_offsets.data()), static_cast<const int32_t*>(ivf_docs.data()),
+                     n_cent, ivf_docs.shape(0)};
+  expect_rank(probed, "probed", 2, "(n_queries, n_probed)");
+  if (!has_dtype(probed, 'i', 8)) fail("probed: expected int64");
+  expect_dim(probed, "probed", 0, nq, "n_queries");
+  const uint8_t* alive = nullptr;
+  if (!live.is_none()) {
+    const py::array a = live.cast<py::array>();
+    expect_rank(a, "live", 1, "(n_docs,)");
+    if (!(has_dtype(a, 'b', 1) || has_dtype(a, 'u', 1))) fail("live: expected bool");
+    expect_dim(a, "live", 0, nd, "n_docs");
+    alive = static_cast<const uint8_t*>(a.data());
+  }
+  if (nd > int64_t(INT32_MAX)) fail("doc_offsets: expected at most 2**31 - 1 documents, got " + std::to_string(nd));
+  if (n_keep < 1) fail("n_keep: expected >= 1, got " + std::to_string(n_keep));
+  float thr = 0.0f;
+  const float* thr_ptr = nullptr;
+  if (!threshold.is_none()) {
+    thr = threshold.cast<float>();
+    thr_ptr = &thr;
+  }
+  py::array_t<int64_t> out_ids({nq, n_keep});
+  py::array_t<float> out_scores({nq, n_keep});
+  if (nq == 0) return py::make_tuple(out_ids, out_scores);
+  int64_t* oi = out_ids.mutable_data();
+  float* os = out_scores.mutable_data();
+  const int64_t* pr = static_cast<const int64_t*>(probed.data());
+  const int64_t n_probed = probed.shape(1);
+  KernelError err;
+  {
+    py::gil_scoped_release release;
+    EP_DISPATCH(centroid_interaction_topk, table, cmax, qmask, ids, off, nd, ivf, pr, n_probed, alive, thr_ptr,
+                n_keep, oi, os, err);
+  }
+  raise_if(err);
+  return py::make_tuple(out_ids, out_scores);
+}
+
+// ---- Each op on its own ISA --------------------------------------------------------------------
+// The fp32 kernels run active_isa() (best_isa(): full-width AVX-512, else AVX2; on Zen 4, whose
+// AVX-512 units are 256 bits wide, AVX2 measured faster). The int8 kernels are chosen apart: the
+// set with the most int8 products per instruction the CPU runs, VNNI (vpdpbusd, one instruction
+// for 4-way u8*s8 sums) > AVX-512BW > AVX2 (vpmaddubsw + vpmaddwd) > scalar, whatever the fp32
+// choice: on Zen 4 VNNI measured 931 int8 Gop/s against 388 for AVX2 (peak_int8_gops()), while
+// its fp32 kernels stay on AVX2 (README, "Which ISA each op runs"). EDGEPLAID_CPU_INT8_ISA or
+// set_cpu_int8_isa() overrides it, as EDGEPLAID_CPU_ISA / set_cpu_isa() override the fp32 one.
+enum class Int8Isa { scalar, avx2, avx512, avx512vnni };
+const char* int8_isa_name(Int8Isa isa) {
+  switch (isa) {
+    case Int8Isa::avx512vnni: return "avx512vnni";
+    case Int8Isa::avx512: return "avx512";
+    case Int8Isa::avx2: return "avx2";
+    default: return "scalar";
+  }
+}
 bool vnni_available() {
   EP_IF_AVX512VNNI(return cpu_features().avx512_vnni && isa_supported(Isa::avx512);)
   return false;
 }
-std::atomic<bool>& vnni_enabled() {
-  static std::atomic<bool> on{[] {
-    const char* env = std::getenv("EDGEPLAID_CPU_VNNI");
-    return vnni_available() && !(env != nullptr && std::string(env) == "0");
+bool int8_isa_supported(Int8Isa isa) {
+  switch (isa) {
+    case Int8Isa::avx512vnni: return vnni_available();
+    case Int8Isa::avx512: return isa_supported(Isa::avx512);
+    case Int8Isa::avx2: return isa_supported(Isa::avx2);
+    default: return true;
+  }
+}
+Int8Isa best_int8_isa() {
+  for (Int8Isa isa : {Int8Isa::avx512vnni, Int8Isa::avx512, Int8Isa::avx2})
+    if (int8_isa_supported(isa)) return isa;
+  return Int8Isa::scalar;
+}
+Int8Isa parse_int8_isa(const std::string& name, const char* what) {
+  for (Int8Isa isa : {Int8Isa::scalar, Int8Isa::avx2, Int8Isa::avx512, Int8Isa::avx512vnni}) {
+    if (name != int8_isa_name(isa)) continue;
+    if (!int8_isa_supported(isa)) fail(std::string(what) + ": '" + name + "' is not supported by this CPU or build");
+    return isa;
+  }
+  fail(std::string(what) + ": expected one of scalar, avx2, avx512, avx512vnni, got '" + name + "'");
+}
+std::atomic<int>& int8_setting() {
+  static std::atomic<int> isa{[] {
+    const char* env = std::getenv("EDGEPLAID_CPU_INT8_ISA");
+    if (env == nullptr || *env == '\0') return int(best_int8_isa());
+    return int(parse_int8_isa(env, "EDGEPLAID_CPU_INT8_ISA"));
   }()};
-  return on;
+  return isa;
 }
-void set_cpu_vnni(bool on) {
-  if (on && !vnni_available()) fail("set_cpu_vnni: this CPU or build has no AVX-512 VNNI");
-  vnni_enabled().store(on);
-}
-// Whether int8 kernels run the VNNI set now; int8_isa() names the set in use for cpu_info.
-bool int8_uses_vnni() { return active_isa() == Isa::avx512 && vnni_enabled().load(); }
-std::string int8_isa() { return int8_uses_vnni() ? "avx512vnni" : isa_name(active_isa()); }
+Int8Isa int8_isa() { return Int8Isa(int8_setting().load(std::memory_order_relaxed)); }
+void set_cpu_int8_isa(const std::string& name) { int8_setting().store(int(parse_int8_isa(name, "isa"))); }
 
-// Calls the int8-capable kernel set: VNNI where int8_uses_vnni(), else EP_DISPATCH.
-#define EP_DISPATCH_INT8(fn, ...)                                                   \
-  do {                                                                              \
-    if (int8_uses_vnni()) {                                                         \
-      EP_IF_AVX512VNNI(avx512vnni::fn(__VA_ARGS__); break;)                         \
-    }                                                                               \
-    EP_DISPATCH(fn, __VA_ARGS__);                                                   \
+// Calls ns::fn(args...) for the int8 ISA's namespace ns.
+#define EP_DISPATCH_INT8(fn, ...)                                                      \
+  do {                                                                                 \
+    switch (int8_isa()) {                                                              \
+      case Int8Isa::avx512vnni: EP_IF_AVX512VNNI(avx512vnni::fn(__VA_ARGS__); break;)  \
+        [[fallthrough]];                                                               \
+      case Int8Isa::avx512: EP_IF_AVX512(avx512::fn(__VA_ARGS__); break;)              \
+        [[fallthrough]];                                                               \
+      case Int8Isa::avx2: EP_IF_AVX2(avx2::fn(__VA_ARGS__); break;)                    \
+        [[fallthrough]];                                                               \
+      default: scalar::fn(__VA_ARGS__);                                                \
+    }                                                                                  \
   } while (0)
 
 py::array_t<float> fused_decompress_maxsim_codes(const py::array& queries, const py::object& queries_mask,
@@ -413,12 +523,10 @@ py::array_t<float> fused_decompress_maxsim_codes(const py::array& queries, const
 }
 
 double probe_int8(int64_t iterations) {
-  if (int8_uses_vnni()) {
-    EP_IF_AVX512VNNI(return avx512vnni::int8_probe(iterations);)
-  }
-  switch (active_isa()) {
-    case Isa::avx512: EP_IF_AVX512(return avx512::int8_probe(iterations);) [[fallthrough]];
-    case Isa::avx2: EP_IF_AVX2(return avx2::int8_probe(iterations);) [[fallthrough]];
+  switch (int8_isa()) {
+    case Int8Isa::avx512vnni: EP_IF_AVX512VNNI(return avx512vnni::int8_probe(iterations);) [[fallthrough]];
+    case Int8Isa::avx512: EP_IF_AVX512(return avx512::int8_probe(iterations);) [[fallthrough]];
+    case Int8Isa::avx2: EP_IF_AVX2(return avx2::int8_probe(iterations);) [[fallthrough]];
     default: return scalar::int8_probe(iterations);
   }
 }
@@ -491,9 +599,19 @@ py::dict cpu_info() {
   info["compiled_isas"] = compiled;
   info["supported_isas"] = supported;
   info["best_isa"] = isa_name(best_isa());
-  info["int8_isa"] = int8_isa();
+  info["int8_isa"] = int8_isa_name(int8_isa());
   info["vnni_available"] = vnni_available();
   info["amx_ready"] = amx_ready();  // the attention kernel runs here
+  // The ISA each op's kernel runs now (the rule above EP_DISPATCH_INT8).
+  py::dict per_op;
+  const char* fp32 = isa_name(active_isa());
+  for (const char* op : {"maxsim", "maxsim_packed", "centroid_scores", "centroid_interaction",
+                         "centroid_interaction_topk", "decompress_residuals", "fused_decompress_maxsim",
+                         "nearest_centroids", "compress_residuals", "int8_linear", "rotary_embed"})
+    per_op[op] = fp32;
+  per_op["fused_decompress_maxsim[int8]"] = int8_isa_name(int8_isa());
+  per_op["attention"] = amx_ready() ? "amx" : "none (torch SDPA)";
+  info["op_isa"] = per_op;
   return info;
 }
 
@@ -756,7 +874,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("maxsim_packed", &maxsim_packed, py::arg("queries"), py::arg("queries_mask"), py::arg("doc_tokens"),
         py::arg("dtype"), py::arg("doc_offsets"), py::arg("candidates"));
   m.def("centroid_scores", &centroid_scores, py::arg("queries"), py::arg("queries_mask"), py::arg("centroids"),
-        py::arg("dtype"), py::arg("n_probe"), py::arg("scores_out") = py::none(), py::arg("centroid_major") = false);
+        py::arg("dtype"), py::arg("n_probe"), py::arg("scores_out") = py::none(), py::arg("centroid_major") = false,
+        py::arg("with_max") = false);
   m.def("decompress_residuals", &decompress_residuals, py::arg("codes"), py::arg("residuals"), py::arg("centroids"),
         py::arg("dtype"), py::arg("bucket_weights"), py::arg("nbits"), py::arg("out_dtype"));
   m.def("fused_decompress_maxsim", &fused_decompress_maxsim, py::arg("queries"), py::arg("queries_mask"),
@@ -769,6 +888,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("centroid_interaction", &centroid_interaction, py::arg("centroid_scores"), py::arg("queries_mask"),
         py::arg("codes"), py::arg("doc_offsets"), py::arg("candidates"), py::arg("threshold"),
         py::arg("query_len") = py::none());
+  m.def("centroid_interaction_topk", &centroid_interaction_topk, py::arg("centroid_scores"), py::arg("centroid_max"),
+        py::arg("queries_mask"), py::arg("codes"), py::arg("doc_offsets"), py::arg("ivf_offsets"), py::arg("ivf_docs"),
+        py::arg("probed"), py::arg("live"), py::arg("threshold"), py::arg("n_keep"), py::arg("query_len"));
   m.def("nearest_centroids", &nearest_centroids, py::arg("tokens"), py::arg("dtype"), py::arg("group_blocks"),
         py::arg("group_block_ids"), py::arg("member_blocks"), py::arg("member_block_ids"), py::arg("group_offsets"),
         py::arg("centroids"), py::arg("graph"), py::arg("n_probe"), py::arg("k"), py::arg("max_steps"),
@@ -789,7 +911,8 @@ PYBIND11_MODULE(_C, m) {
         "Measured fp32 FMA peak (GFLOP/s) of the active ISA on all pool threads.");
   m.def("peak_int8_gops", &peak_int8_gops, py::arg("seconds") = 0.25,
         "Measured int8 multiply-add peak (G int ops/s, 2 per multiply-add) of the int8 kernels in use.");
-  m.def("set_cpu_vnni", &set_cpu_vnni, py::arg("enabled"));
+  m.def("cpu_int8_isa", [] { return std::string(int8_isa_name(int8_isa())); });
+  m.def("set_cpu_int8_isa", &set_cpu_int8_isa, py::arg("isa"));
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("get_num_threads", &get_num_threads);
   m.def("cpu_isa", [] { return std::string(isa_name(active_isa())); });

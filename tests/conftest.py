@@ -33,8 +33,9 @@ def cpp_isa(request: pytest.FixtureRequest):
 
 @pytest.fixture(params=("scalar", "avx2", "avx512", "avx512vnni"))
 def cpp_int8_isa(request: pytest.FixtureRequest):
-    """cpp_isa for the int8 kernels, whose AVX-512 path has two variants: VNNI (vpdpbusd) and
-    AVX-512BW (vpmaddubsw + vpmaddwd); skips what this CPU lacks."""
+    """cpp_isa for the int8 kernels, whose ISA is chosen apart from the fp32 kernels' (their
+    AVX-512 path has two variants: VNNI (vpdpbusd) and AVX-512BW (vpmaddubsw + vpmaddwd)); the
+    fp32 kernels run the matching base ISA. Skips what this CPU lacks."""
     if C is None:
         pytest.skip("edgeplaid._C is not built")
     isa = request.param
@@ -43,15 +44,13 @@ def cpp_int8_isa(request: pytest.FixtureRequest):
         pytest.skip(f"this CPU (or build) has no {base}")
     if isa == "avx512vnni" and not C.cpu_info()["vnni_available"]:
         pytest.skip("this CPU (or build) has no AVX-512 VNNI")
-    previous, vnni = C.cpu_isa(), C.cpu_info()["int8_isa"] == "avx512vnni"
+    previous, previous_int8 = C.cpu_isa(), C.cpu_int8_isa()
     C.set_cpu_isa(base)
-    if C.cpu_info()["vnni_available"]:
-        C.set_cpu_vnni(isa == "avx512vnni")
+    C.set_cpu_int8_isa(isa)
     assert C.cpu_info()["int8_isa"] == isa
     yield isa
     C.set_cpu_isa(previous)
-    if C.cpu_info()["vnni_available"]:
-        C.set_cpu_vnni(vnni)
+    C.set_cpu_int8_isa(previous_int8)
 
 
 @pytest.fixture(params=["cpp", "reference"])

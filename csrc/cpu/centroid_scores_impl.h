@@ -80,10 +80,39 @@ inline void copy_out_table(const float* tile, int64_t ld, int64_t n_cols, int64_
   }
 }
 
+// centroid_max[qi * n_cent + c] = max over lanes [0, n_valid) of one centroid-major row (-inf: no
+// valid token), for the rows of centroids [c0, c0 + nc) of every query.
+inline void row_maxima(const float* scores, const std::vector<int64_t>& n_valid_of, int64_t n_cent, int64_t ts,
+                       int64_t c0, int64_t nc, float* centroid_max) {
+  for (int64_t qi = 0; qi < int64_t(n_valid_of.size()); ++qi) {
+    const int64_t n_valid = n_valid_of[size_t(qi)];
+    float* dst = centroid_max + qi * n_cent + c0;
+    if (n_valid == 0) {
+      std::fill(dst, dst + nc, kNegInf);
+      continue;
+    }
+    const int64_t full = n_valid / W;
+    const float* rows = scores + (qi * n_cent + c0) * ts;
+    for (int64_t c = 0; c < nc; ++c) {
+      const float* row = rows + c * ts;
+      Vec m = full > 0 ? Vec::load(row) : Vec::set1(kNegInf);
+      for (int64_t v = 1; v < full; ++v) m = max(m, Vec::load(row + v * W));
+      float lanes[W];
+      m.store(lanes);
+      float best = kNegInf;
+      for (int j = 0; j < (full > 0 ? W : 0); ++j) best = std::max(best, lanes[j]);
+      for (int64_t i = full * W; i < n_valid; ++i) best = std::max(best, row[i]);
+      dst[c] = best;
+    }
+  }
+}
+
 // table_stride == 0: scores is token-major (nq * lq, n_centroids); > 0: centroid-major
 // (nq, n_centroids, table_stride), each query's valid tokens compacted into lanes 0.., the rest zero.
+// centroid_max (centroid-major only; null: not wanted): (nq, n_centroids), each centroid's best
+// score over the query's valid tokens (PLAID's pruning test), taken from the tile still in cache.
 void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, int64_t table_stride,
-                     float* scores, int64_t* top_ids, KernelError& err) {
+                     float* scores, int64_t* top_ids, float* centroid_max, KernelError& err) {
   (void)err;
   const int64_t n_rows = q.nq * q.lq, n_cent = centroids.rows, dim = q.dim, k = n_probe;
   const int64_t ts = table_stride;
@@ -118,6 +147,7 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, i
     });
   }
   const int64_t n_valid = packed.n_valid;
+  if (n_valid == 0 && centroid_max != nullptr) std::fill(centroid_max, centroid_max + q.nq * n_cent, kNegInf);
   if (n_valid == 0 || n_cent == 0) return;
 
   const int max_threads = get_num_threads();
@@ -193,6 +223,7 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, i
             }
           }
         }
+        if (centroid_max != nullptr) row_maxima(scores, n_valid_of, n_cent, ts, c0, nc, centroid_max);
       }
 #if defined(EDGEPLAID_ISA_AVX2) || defined(EDGEPLAID_ISA_AVX512)
       if (stream_out) _mm_sfence();  // the non-temporal stores are visible before we return

@@ -108,6 +108,14 @@ struct ScoreTable {
   int64_t nq, lq, n_centroids, stride;
 };
 
+// The inverted file: the documents having a token in centroid c are docs[offsets[c] : offsets[c + 1]]
+// (unique within a cell; a document appears in every cell its tokens fall in).
+struct IvfLists {
+  const int64_t* offsets;  // (n_cells + 1,)
+  const int32_t* docs;     // (n_entries,)
+  int64_t n_cells, n_entries;
+};
+
 // Centroids laid out for nearest_centroids' coarse-to-fine search (index building). Rows are
 // stored in blocks of kBlockLanes centroids, dimension-major: in block b, lane l holds centroid
 // ids[b * kBlockLanes + l] and data[(b * dim + d) * kBlockLanes + l] is its d-th element, so a
@@ -158,7 +166,8 @@ struct AttentionArgs {
   void maxsim_packed(const Queries& q, const PackedDocs& docs, const Candidates& cand,         \
                      float* out, KernelError& err);                                            \
   void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe,              \
-                       int64_t table_stride, float* scores, int64_t* top_ids, KernelError& err); \
+                       int64_t table_stride, float* scores, int64_t* top_ids, float* centroid_max, \
+                       KernelError& err);                                                      \
   void decompress_residuals(const Compressed& tokens, const Codec& codec, void* out,          \
                             DType out_dtype, KernelError& err);                                \
   void fused_decompress_maxsim(const Queries& q, const Compressed& tokens,                     \
@@ -168,6 +177,12 @@ struct AttentionArgs {
                             const Ids& codes, const int64_t* offsets, int64_t nd,              \
                             const Candidates& cand, const float* threshold, float* out,        \
                             KernelError& err);                                                 \
+  void centroid_interaction_topk(const ScoreTable& scores, const float* centroid_max,          \
+                                 const uint8_t* queries_mask, const Ids& codes,                 \
+                                 const int64_t* offsets, int64_t nd, const IvfLists& ivf,       \
+                                 const int64_t* probed, int64_t n_probed, const uint8_t* live,  \
+                                 const float* threshold, int64_t n_keep, int64_t* out_ids,      \
+                                 float* out_scores, KernelError& err);                          \
   void fused_decompress_maxsim_codes(const Queries& q, const Compressed& tokens,              \
                                      const float* inv_norm, const int64_t* offsets, int64_t nd, \
                                      const ScoreTable& scores, const float* bucket_weights,     \

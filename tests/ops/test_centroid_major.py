@@ -47,6 +47,15 @@ def test_layouts_agree(cpp_isa, nq, lq, n_cent, masked):
         assert (table[i, :, n_valid:] == 0).all()
     ref_table, _ = ops.centroid_scores(q, cents, 3, mask, backend="reference", layout="centroid")
     torch.testing.assert_close(ref_table, table, rtol=1e-5, atol=1e-5)
+    # with_max: each centroid's best score over the valid tokens, taken from the kernel's tiles
+    *same, cmax = ops.centroid_scores(q, cents, 3, mask, backend="cpp", layout="centroid", with_max=True)
+    assert torch.equal(same[0], table) and torch.equal(same[1], ids)
+    valid = torch.ones(nq, lq, dtype=torch.bool) if mask is None else mask
+    want_max = token.masked_fill(~valid[..., None], float("-inf")).amax(dim=1)
+    assert torch.equal(cmax, want_max)  # -inf for the query without tokens
+    for layout, backend in (("token", "cpp"), ("centroid", "reference")):
+        other = ops.centroid_scores(q, cents, 3, mask, backend=backend, layout=layout, with_max=True)[2]
+        torch.testing.assert_close(other, cmax, rtol=1e-5, atol=1e-5)
 
     tm, cm = b.CentroidScores(token), b.CentroidScores(table, query_len=lq)
     assert torch.equal(cm.token_major(mask), token)

@@ -272,6 +272,37 @@ def test_int8_peak_probe():
     assert C.cpu_info()["int8_isa"] in ("scalar", "avx2", "avx512", "avx512vnni")
 
 
+def test_each_op_reports_its_isa():
+    """The int8 kernels' ISA is chosen apart from the fp32 one (VNNI > AVX-512BW > AVX2 where
+    the CPU has it, whatever set_cpu_isa says), cpu_info()["op_isa"] names every op's, and the
+    override names what it expected."""
+    C = ops.cpp_backend.C
+    if C is None:
+        pytest.skip("edgeplaid._C is not built")
+    info = C.cpu_info()
+    supported = info["supported_isas"]
+    best = (
+        "avx512vnni"
+        if info["vnni_available"]
+        else next(i for i in ("avx512", "avx2", "scalar") if i in supported)
+    )
+    previous, previous_int8 = C.cpu_isa(), C.cpu_int8_isa()
+    try:
+        C.set_cpu_int8_isa(best)
+        for isa in supported:  # the fp32 choice does not move the int8 one
+            C.set_cpu_isa(isa)
+            per_op = C.cpu_info()["op_isa"]
+            assert per_op["fused_decompress_maxsim[int8]"] == best
+            assert per_op["centroid_scores"] == per_op["centroid_interaction_topk"] == isa
+        C.set_cpu_int8_isa("scalar")
+        assert C.cpu_info()["op_isa"]["fused_decompress_maxsim[int8]"] == "scalar"
+        with pytest.raises(ValueError, match="expected one of scalar, avx2, avx512, avx512vnni"):
+            C.set_cpu_int8_isa("sse2")
+    finally:
+        C.set_cpu_isa(previous)
+        C.set_cpu_int8_isa(previous_int8)
+
+
 @pytest.mark.parametrize("precision", ["exact", "int8"])
 def test_codes_many_centroids_run_on_the_pool(cpp_isa, precision):
     """More centroids than one parallel chunk: the score tables are filled by several threads."""

@@ -325,6 +325,49 @@ def centroid_interaction(
     return out
 
 
+def centroid_interaction_topk(
+    centroid_scores: torch.Tensor,
+    codes: torch.Tensor,
+    doc_offsets: torch.Tensor,
+    ivf_offsets: torch.Tensor,
+    ivf_docs: torch.Tensor,
+    probed: torch.Tensor,
+    n_keep: int,
+    threshold: float | None = None,
+    queries_mask: torch.Tensor | None = None,
+    live: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PLAID stages 1b-2 in one: each query's candidates are the live documents of its probed IVF
+    cells (``ivf_docs[ivf_offsets[c] : ivf_offsets[c + 1]]`` for every c in ``probed[q]`` but -1),
+    scored by :func:`centroid_interaction`; the ``n_keep`` best are returned, best first (higher
+    score, then lower id; a pruned document, -inf, after every scored one).
+
+    centroid_scores (nq, Lq, C) float32, probed (nq, n_probed) int64, live (nd,) bool or None.
+    Returns ids (nq, n_keep) int64 (-1 padding) and scores (nq, n_keep) float32 (-inf padding).
+    """
+    nq = centroid_scores.shape[0]
+    device = centroid_scores.device
+    out_ids = torch.full((nq, n_keep), -1, dtype=torch.int64, device=device)
+    out_s = torch.full((nq, n_keep), NEG_INF, dtype=torch.float32, device=device)
+    for qi in range(nq):
+        cells = torch.unique(probed[qi][probed[qi] >= 0])
+        lists = [ivf_docs[int(ivf_offsets[c]) : int(ivf_offsets[c + 1])].long() for c in cells.tolist()]
+        cand = torch.unique(torch.cat(lists)) if lists else torch.zeros(0, dtype=torch.int64, device=device)
+        if live is not None:
+            cand = cand[live[cand]]
+        if cand.numel() == 0:
+            continue
+        mask = None if queries_mask is None else queries_mask[qi : qi + 1]
+        s = centroid_interaction(
+            centroid_scores[qi : qi + 1], codes, doc_offsets, cand[None], threshold, mask
+        )[0]
+        # cand is ascending (unique): a stable sort by score keeps the lower id first among ties
+        order = torch.sort(s, descending=True, stable=True).indices[:n_keep]
+        out_ids[qi, : order.shape[0]] = cand[order]
+        out_s[qi, : order.shape[0]] = s[order]
+    return out_ids, out_s
+
+
 # ---------------------------------------------------------------- index building (issue 14)
 
 BLOCK_LANES = 16  # centroids per block of nearest_centroids' layout (kBlockLanes in csrc/cpu/ops.h)
