@@ -103,6 +103,107 @@ print(json.dumps({{'base': base, 'loaded': loaded, 'searched': rss('VmRSS'), 'si
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _read_rate_gbs() -> float:
+    """Streaming read rate of memory (GB/s) on the kernels' threads: a 512 MB fp32 sum, best of 3."""
+    x = torch.ones(1 << 27)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def stage_table(idx: Index, queries: torch.Tensor, qmask: torch.Tensor, precision: str) -> list[dict]:
+    """Each stage's mean time per query (one query at a time, ``edgeplaid.search.STAGE_TIMES``)
+    against its own bound, measured on this machine now:
+
+    * stage 1: 2 * valid tokens * centroids * dim FLOPs at the fp32 FMA peak of the ISA it runs;
+    * stages 1b-2: the bytes they must read at least once (each candidate's codes, 2 B a token,
+      the IVF entries, 4 B each, and a score-table row, 4 B a lane, for every token not pruned)
+      at the streaming memory read rate;
+    * stage 4: the multiply-adds of the survivors' tokens against the query's (2 ops each) at the
+      int8 peak (``peak_int8_gops``) or the fp32 peak (exact);
+    * selection and glue: Python and numpy between the kernels (bound 0).
+    """
+    from edgeplaid import ops
+    from edgeplaid._native import C
+    from edgeplaid.ops.bundles import CentroidScores
+    from edgeplaid.ops.centroid_interaction import centroid_interaction_topk
+    from edgeplaid.search import STAGE_TIMES, resolve_params
+
+    st = idx._state
+    searcher = st.searcher
+    p = resolve_params(K)
+    peak = C.peak_gflops(0.3)
+    peak8 = C.peak_int8_gops(0.3)
+    rate = _read_rate_gbs()
+    nq = queries.shape[0]
+    # The work of each stage, counted from the index's arrays (the kernels do not report it).
+    offs, docs = (t.numpy() for t in (searcher.ivf.offsets, searcher.ivf.docs))
+    codes = searcher.docs.codes.numpy().astype(np.int64)
+    doc_off = searcher.docs.offsets.numpy()
+    flops1 = bytes2 = macs4 = 0.0
+    for i in range(nq):
+        q, m = queries[i : i + 1], qmask[i : i + 1]
+        scores, top, cmax = ops.centroid_scores(
+            q, idx.centroids, p.n_probe, m, layout="centroid", with_max=True
+        )
+        n_valid = int(m.sum())
+        flops1 += 2.0 * n_valid * idx.n_centroids * idx.dim
+        cells = np.unique(top.numpy().ravel())
+        cells = cells[cells >= 0]
+        entries = np.concatenate([docs[offs[c] : offs[c + 1]] for c in cells])
+        cand = np.unique(entries)
+        tok = np.concatenate([np.arange(doc_off[d], doc_off[d + 1]) for d in cand])
+        kept = int((cmax[0].numpy()[codes[tok]] >= p.threshold).sum())
+        bytes2 += 4.0 * entries.shape[0] + 2.0 * tok.shape[0] + 4.0 * n_valid * kept
+        survivors, _ = centroid_interaction_topk(
+            CentroidScores(scores, query_len=q.shape[1]),
+            searcher.docs,
+            searcher.ivf,
+            top.reshape(1, -1),
+            p.n_candidates,
+            p.threshold,
+            m,
+            centroid_max=cmax,
+        )
+        surv = survivors[0][survivors[0] >= 0].numpy()
+        macs4 += float(np.diff(doc_off)[surv].sum()) * n_valid * idx.dim
+    STAGE_TIMES.reset()
+    STAGE_TIMES.enabled = True
+    lat = []
+    try:
+        for i in range(nq):
+            t = time.perf_counter()
+            idx.search(queries[i : i + 1], K, qmask[i : i + 1], precision=precision)
+            lat.append(time.perf_counter() - t)
+    finally:
+        STAGE_TIMES.enabled = False
+    per = {k: v / nq * 1e3 for k, v in STAGE_TIMES.seconds.items()}
+    total = float(np.mean(lat)) * 1e3
+    bounds = {
+        "1 centroid_scores": flops1 / nq / (peak * 1e9) * 1e3,
+        "1b-2 candidates": bytes2 / nq / (rate * 1e9) * 1e3,
+        "4 scoring": macs4 / nq * 2 / ((peak8 if precision == "int8" else peak) * 1e9) * 1e3,
+    }
+    rows = []
+    for stage in sorted(per):
+        b_ms = bounds.get(stage, 0.0)
+        rows.append(dict(stage=stage, ms=per[stage], bound_ms=b_ms))
+    rows.append(dict(stage="glue (Python, checks)", ms=total - sum(per.values()), bound_ms=0.0))
+    rows.append(dict(stage="total", ms=total, bound_ms=sum(bounds.values())))
+    print(
+        f"per stage, one query at a time ({precision}; fp32 peak {peak:.0f} GFLOP/s, int8 peak "
+        f"{peak8:.0f} Gop/s, memory read {rate:.1f} GB/s; bounds: stage 1 FLOPs at the fp32 peak, "
+        "stages 1b-2 bytes at the read rate, stage 4 multiply-adds at the int8/fp32 peak):"
+    )
+    for r in rows:
+        frac = f"{r['bound_ms'] / r['ms'] * 100:5.0f}%" if r["bound_ms"] > 0 and r["ms"] > 0 else "     -"
+        print(f"  {r['stage']:26s} {r['ms']:7.3f} ms   bound {r['bound_ms']:6.3f} ms   {frac} of bound")
+    return rows
+
+
 def _peer(engine: str, npz: str) -> dict | None:
     if not PEERS_PY.exists():
         return None
@@ -204,6 +305,8 @@ def run(peers: bool = False, threads: int = 0, nbits: int = 4, repeats: int = 3)
             f"recall@10 vs index exhaustive {i8['rec_idx'] - ex['rec_idx']:+.4f} "
             "(issue 9 bar: |dnDCG| <= 0.002, |drecall| <= 0.005)"
         )
+        stages = stage_table(idx, queries, qmask, "int8")
+        _write_stages(stages)
         qnpz = str(work / "q.npz")
         np.savez(qnpz, queries=data["queries"], queries_mask=data["queries_mask"])
         tiny_docs = int(doclens[:50].sum())
@@ -283,6 +386,37 @@ def run(peers: bool = False, threads: int = 0, nbits: int = 4, repeats: int = 3)
         shutil.rmtree(work, ignore_errors=True)
     _write(rows)
     return rows
+
+
+def _write_stages(rows: list[dict]) -> None:
+    path = RESULTS.parent / "search_stages.csv"
+    new = not path.exists()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), ""
+    )
+    from edgeplaid._native import C
+
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(
+                ["date", "commit", "cpu", "fp32_isa", "int8_isa", "threads", "stage", "ms", "bound_ms"]
+            )
+        for r in rows:
+            w.writerow(
+                [
+                    dt.datetime.now().isoformat(timespec="seconds"),
+                    commit.stdout.strip(),
+                    cpu,
+                    C.cpu_isa(),
+                    C.cpu_int8_isa(),
+                    edgeplaid.get_num_threads(),
+                    r["stage"],
+                    f"{r['ms']:.4g}",
+                    f"{r['bound_ms']:.4g}",
+                ]
+            )
 
 
 def _write(rows: list[dict]) -> None:

@@ -6,7 +6,10 @@ Stages (Santhanam et al., PLAID, 2022), for each block of queries:
    ``n_probe`` centroids; their IVF lists, merged, are the candidate documents.
 2. ``centroid_interaction`` with ``threshold``: each candidate's tokens replaced by their
    centroid's score, tokens whose centroid no query token scores >= threshold pruned; the best
-   ``n_candidates`` survive.
+   ``n_candidates`` survive. On CPU without a filter, 1-2 are two kernel calls: stage 1 also
+   returns each centroid's best score over the query (the pruning test, from its tiles), and
+   ``centroid_interaction_topk`` gathers the probed IVF lists, scores the ragged candidate list
+   and keeps the best ``n_candidates`` itself (no padded matrix, no selection in numpy).
 3. ``centroid_interaction`` without pruning on those; the best ``n_rerank`` survive.
 4. ``fused_decompress_maxsim``: MaxSim over the survivors. On CPU from the codes (each token
    scored as (stage 1's centroid score + the residual term) * inv_norm, in int8 by default or
@@ -23,6 +26,7 @@ size is needed (the number of IVF entries to gather, the widest candidate list),
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,6 +35,7 @@ import torch
 
 from edgeplaid.ops import bundles as b
 from edgeplaid.ops import centroid_interaction, centroid_scores, fused_decompress_maxsim
+from edgeplaid.ops.centroid_interaction import centroid_interaction_topk
 
 NEG_INF = float("-inf")
 # The last stage's precision on CPU: int8 changed nDCG@10 on SciFact by <= 0.002 and recall@10
@@ -38,9 +43,38 @@ NEG_INF = float("-inf")
 # The Triton backend scores by decoding (fp32): "exact" there.
 DEFAULT_PRECISION = "int8"
 # Queries scored together: bounds the (queries, query_len, n_centroids) fp32 centroid-score block.
-# On CPU 2 MiB (one 32-token query at 16K centroids): larger blocks measured no faster on 2 cores
-# and leave the allocator holding the scratch. On a GPU 256 MiB: whole batches in one launch.
-_MAX_SCORE_BLOCK = {"cpu": 1 << 19, "cuda": 1 << 26}
+# On CPU 16 MiB (eight 32-token queries at 16K centroids): batched SciFact on 2 Zen 2 threads
+# measured 271 / 296 / 319 / 333 / 323 queries/s with blocks of 1 / 2 / 4 / 8 / 16 queries (the
+# centroid tiles serve every query of a block; stage 2 runs one query per thread). On a GPU
+# 256 MiB: whole batches in one launch.
+_MAX_SCORE_BLOCK = {"cpu": 1 << 22, "cuda": 1 << 26}
+
+
+class StageTimes:
+    """Wall seconds spent in each stage of :meth:`PlaidSearcher.search`, summed over calls while
+    ``enabled`` (off by default; benchmarks/bench_search.py turns it on for its per-stage table).
+    Stages: "1 centroid_scores", "1b-2 candidates" (gathering, and on CPU the ragged stage 2),
+    "2 centroid_interaction" (padded path), "3 centroid_interaction", "selection", "4 scoring".
+    Like FAISS's per-index statistics, global: concurrent searches add to the same counters."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.seconds: dict[str, float] = {}
+        self.calls = 0
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls = 0
+
+    def lap(self, stage: str, since: float) -> float:
+        """Adds the time since ``since`` to ``stage``; returns now."""
+        now = time.perf_counter()
+        if self.enabled:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + now - since
+        return now
+
+
+STAGE_TIMES = StageTimes()
 
 
 @dataclass(frozen=True)
@@ -207,25 +241,24 @@ def _best(
     ones. ``ordered`` sorts each row best first (ties: the lower column first, stable)."""
     n = min(n, cand.shape[1])
     if cand.device.type == "cpu":
-        # numpy, not torch: no second thread pool spinning beside the kernels' between the stages.
-        s = scores.numpy().copy()
-        c = cand.numpy()
-        s[np.isneginf(s) & (c >= 0)] = np.finfo(np.float32).min
-        s[c < 0] = NEG_INF
-        pos = (
-            np.argpartition(-s, n - 1, axis=1)[:, :n]
-            if n < c.shape[1]
-            else np.arange(n)[None].repeat(c.shape[0], 0)
-        )
-        if ordered:
-            vals = np.take_along_axis(s, pos, axis=1)
-            pos = np.take_along_axis(pos, np.argsort(-vals, axis=1, kind="stable"), axis=1)
-        vals = np.take_along_axis(s, pos, axis=1)
-        ids = np.take_along_axis(c, pos, axis=1).copy()
+        # numpy, not torch: no second thread pool spinning beside the kernels' between the stages;
+        # and few calls: on a slow core each numpy call on these small arrays costs microseconds.
+        s, c = scores.numpy(), cand.numpy()
+        lowest = np.finfo(np.float32).min
+        neg = np.isneginf(s)
+        if neg.any():
+            s = np.where(neg & (c >= 0), lowest, s)  # a pruned real candidate before padding
+        if ordered or n >= c.shape[1]:  # a stable sort: ties keep the lower column first
+            pos = np.argsort(-s, axis=1, kind="stable")[:, :n]
+        else:
+            pos = np.argpartition(-s, n - 1, axis=1)[:, :n]
+        rows = np.arange(c.shape[0])[:, None]
+        vals, ids = s[rows, pos], c[rows, pos]
         dead = np.isneginf(vals)
-        ids[dead] = -1
-        vals = np.where(dead | (vals == np.finfo(np.float32).min), np.float32(NEG_INF), vals)
-        return torch.from_numpy(np.ascontiguousarray(vals)), torch.from_numpy(np.ascontiguousarray(ids))
+        if dead.any() or (neg.any() and (vals == lowest).any()):
+            ids[dead] = -1
+            vals[dead | (vals == lowest)] = NEG_INF
+        return torch.from_numpy(vals), torch.from_numpy(ids)
     lowest = torch.finfo(torch.float32).min
     s = torch.where(torch.isneginf(scores) & (cand >= 0), lowest, scores)
     s = s.masked_fill(cand < 0, NEG_INF)
@@ -291,6 +324,7 @@ class PlaidSearcher:
         self.n_docs = sum(p.n_docs for p in self.parts)  # positions, deleted ones included
         self.device = codec.centroids.device
         self._codes: b.CompressedDocs | b.DocCodes | None = self.docs if len(self.parts) == 1 else None
+        self._joined: tuple[Ivf, torch.Tensor | None] | None = None
         if self.device.type == "cpu":
             self._ivf_np = [(p.ivf.offsets.numpy(), p.ivf.docs.numpy()) for p in self.parts]
             self._ivf_offsets, self._ivf_docs = self._ivf_np[0]
@@ -305,6 +339,35 @@ class PlaidSearcher:
             torch.cumsum(lens, 0, out=offsets[1:])
             self._codes = b.DocCodes(codes, offsets)
         return self._codes
+
+    def joined_ivf(self) -> tuple[Ivf, torch.Tensor | None]:
+        """The IVF over global positions and the live documents, (n_docs,) bool or None (every
+        one live), as the ragged stage-2 kernel reads them: the one part's own, or every part's
+        joined (each cell's lists one after the other, shifted to global positions), made once
+        (O(IVF entries)) on the first search."""
+        if self._joined is None:
+            live = None
+            if any(p.live is not None for p in self.parts):
+                live = torch.from_numpy(
+                    np.concatenate(
+                        [np.ones(p.n_docs, bool) if p.live is None else p.live for p in self.parts]
+                    )
+                )
+            if len(self.parts) == 1:
+                self._joined = (self.parts[0].ivf, live)
+            else:
+                n_cells = self.codec.n_centroids
+                cells, docs = [], []
+                for part, (offs, pdocs) in zip(self.parts, self._ivf_np, strict=True):
+                    cells.append(np.repeat(np.arange(n_cells), np.diff(offs)))
+                    docs.append(pdocs.astype(np.int64) + part.start)
+                cell, doc = np.concatenate(cells), np.concatenate(docs)
+                order = np.argsort(cell, kind="stable")  # by cell; within one, by part (ascending)
+                offsets = np.zeros(n_cells + 1, np.int64)
+                np.cumsum(np.bincount(cell, minlength=n_cells), out=offsets[1:])
+                ivf = Ivf(torch.from_numpy(offsets), torch.from_numpy(doc[order].astype(np.int32)))
+                self._joined = (ivf, live)
+        return self._joined
 
     def reuse_codes(self, other: PlaidSearcher) -> None:
         """Takes ``other``'s joined codes (made or not yet): the caller checked that both
@@ -432,15 +495,47 @@ class PlaidSearcher:
             out_e = torch.full(ext.shape, NEG_INF, dtype=torch.float32, device=device)
         n_probe = min(params.n_probe, n_cent)
         codes = self.doc_codes()
+        # On CPU without a filter, stages 1b-2 are one kernel call over the ragged IVF lists
+        # (centroid_interaction_topk); with a filter, or with the torch glue, the candidates are
+        # gathered here and scored as one padded matrix.
+        ragged = not torch_glue and subset is None
+        clock = STAGE_TIMES
+        clock.calls += clock.enabled
+        t = time.perf_counter()
         for start in range(0, nq, per_block):
             q = queries[start : start + per_block]
             # On CPU stage 1 writes the centroid-major table that stages 2-4 read in place.
             layout = "token" if torch_glue else "centroid"
-            scores, top = centroid_scores(q, self.codec, n_probe, backend=backend, layout=layout)
-            # finite: the queries and the codec were checked
-            cs = b.CentroidScores(scores, query_len=lq if layout == "centroid" else None)
-            cand = self._candidates(q, top, subset, start, whole, torch_glue)
-            if cand.shape[1] > params.n_candidates:
+            if ragged:
+                scores, top, cmax = centroid_scores(
+                    q, self.codec, n_probe, backend=backend, layout="centroid", with_max=True
+                )
+                cs = b.CentroidScores(scores, query_len=lq)
+                t = clock.lap("1 centroid_scores", t)
+                ivf, live = self.joined_ivf()
+                cand, _ = centroid_interaction_topk(
+                    cs,
+                    codes,
+                    ivf,
+                    top.reshape(top.shape[0], -1),
+                    params.n_candidates,
+                    params.threshold,
+                    q.mask,
+                    centroid_max=cmax,
+                    live=live,
+                    backend=backend,
+                )
+                width = int((cand >= 0).sum(dim=1).max()) if cand.numel() else 0
+                cand = cand[:, : max(width, 1)].contiguous()  # padding past every query's candidates
+                t = clock.lap("1b-2 candidates", t)
+            else:
+                scores, top = centroid_scores(q, self.codec, n_probe, backend=backend, layout=layout)
+                # finite: the queries and the codec were checked
+                cs = b.CentroidScores(scores, query_len=lq if layout == "centroid" else None)
+                t = clock.lap("1 centroid_scores", t)
+                cand = self._candidates(q, top, subset, start, whole, torch_glue)
+                t = clock.lap("1b-2 candidates", t)
+            if not ragged and cand.shape[1] > params.n_candidates:
                 s2 = centroid_interaction(
                     cs,
                     codes,
@@ -450,12 +545,16 @@ class PlaidSearcher:
                     q.mask,
                     backend=backend,
                 )
+                t = clock.lap("2 centroid_interaction", t)
                 _, cand = _best(s2, cand, params.n_candidates, ordered=False)
+                t = clock.lap("selection", t)
             if cand.shape[1] > params.n_rerank:
                 s3 = centroid_interaction(
                     cs, codes, None, b.Candidates(cand, self.n_docs), None, q.mask, backend=backend
                 )
+                t = clock.lap("3 centroid_interaction", t)
                 _, cand = _best(s3, cand, params.n_rerank, ordered=False)
+                t = clock.lap("selection", t)
             if out_e is None:
                 s4 = self._stage4(q, cs, cand, params.precision, backend)
             else:  # the extra documents scored in the same call as the survivors
@@ -463,10 +562,12 @@ class PlaidSearcher:
                 both = self._stage4(q, cs, torch.cat([cand, ext[rows]], dim=1), params.precision, backend)
                 s4, out_e[rows] = both[:, : cand.shape[1]], both[:, cand.shape[1] :]
             del cs
+            t = clock.lap("4 scoring", t)
             vals, ids = _best(s4, cand, k, ordered=True)
             ids = ids.masked_fill(torch.isneginf(vals), -1)  # an empty document is no result
             out_s[start : start + q.shape[0], : vals.shape[1]] = vals
             out_i[start : start + q.shape[0], : ids.shape[1]] = ids
+            t = clock.lap("selection", t)
         return (out_s, out_i) if out_e is None else (out_s, out_i, out_e)
 
     def exhaustive(
