@@ -337,6 +337,14 @@ inline bool interaction_by_centroid(const std::vector<int32_t>& kept, const IvfL
   return true;
 }
 
+// A thread's bitmap of nd bits, zero between uses (gather_cells clears the words it sets): no
+// O(nd) allocation or clearing per query.
+inline std::vector<uint64_t>& seen_bitmap(int64_t nd) {
+  static thread_local std::vector<uint64_t> seen;
+  if (int64_t(seen.size()) < nd / 64 + 1) seen.resize(size_t(nd / 64 + 1), 0);
+  return seen;
+}
+
 // A thread's (nd,) map from document to candidate index, -1 everywhere between uses (each use
 // resets the entries it set: O(candidates), not O(nd), a query).
 inline std::vector<int32_t>& slot_map(int64_t nd) {
@@ -386,7 +394,7 @@ void centroid_interaction_topk(const ScoreTable& scores, const float* centroid_m
         parallel_for(n_centroids, std::max<int64_t>(1024, (int64_t(1) << 17) / stride), mark);
     }
     std::vector<int64_t> cells;
-    std::vector<uint64_t> seen(size_t(nd / 64 + 1), 0);
+    std::vector<uint64_t>& seen = seen_bitmap(nd);
     std::vector<int32_t> cand;
     if (!gather_cells(ivf, probed + qi * n_probed, n_probed, live, nd, cells, seen, cand, err)) return;
     const int64_t nc = int64_t(cand.size());
