@@ -525,8 +525,6 @@ class PlaidSearcher:
                     live=live,
                     backend=backend,
                 )
-                width = int((cand >= 0).sum(dim=1).max()) if cand.numel() else 0
-                cand = cand[:, : max(width, 1)].contiguous()  # padding past every query's candidates
                 t = clock.lap("1b-2 candidates", t)
             else:
                 scores, top = centroid_scores(q, self.codec, n_probe, backend=backend, layout=layout)
@@ -564,9 +562,15 @@ class PlaidSearcher:
             del cs
             t = clock.lap("4 scoring", t)
             vals, ids = _best(s4, cand, k, ordered=True)
-            ids = ids.masked_fill(torch.isneginf(vals), -1)  # an empty document is no result
-            out_s[start : start + q.shape[0], : vals.shape[1]] = vals
-            out_i[start : start + q.shape[0], : ids.shape[1]] = ids
+            rows = slice(start, start + q.shape[0])
+            if device.type == "cpu":  # numpy views of the outputs: fewer calls on small arrays
+                v, i = vals.numpy(), ids.numpy()
+                i[np.isneginf(v)] = -1  # an empty document is no result
+                out_s.numpy()[rows, : v.shape[1]] = v
+                out_i.numpy()[rows, : i.shape[1]] = i
+            else:
+                out_s[rows, : vals.shape[1]] = vals
+                out_i[rows, : ids.shape[1]] = ids.masked_fill(torch.isneginf(vals), -1)
             t = clock.lap("selection", t)
         return (out_s, out_i) if out_e is None else (out_s, out_i, out_e)
 
