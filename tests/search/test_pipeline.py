@@ -146,3 +146,40 @@ def test_gpu_search_equals_cpu_exact_and_queries_follow_the_index(small):
     got_cpu_q = gpu.search(q, k=5, queries_mask=m)  # CPU queries follow the index to the GPU
     assert torch.equal(got_cpu_q.ids, got.ids)
     assert gpu.search(q.cuda(), k=5, queries_mask=m.cuda(), subset=[0, 1, 2]).ids.max() <= 2
+
+
+def test_joined_ivf_of_a_living_index(tmp_path, monkeypatch):
+    """Three segments: the IVF stage 2 reads is every segment's lists, cell by cell, in segment
+    order, at global positions; deleted documents are masked by the live array; the next version
+    after a delete shares the joined lists; search equals the pipeline over the padded path."""
+    from edgeplaid.index import _mutate
+
+    monkeypatch.setattr(_mutate, "MERGE_FACTOR", 0)  # keep the three segments
+    tokens, doclens, topics = corpus(n_docs=90, n_topics=12, seed=5)
+    off = np.concatenate([[0], np.cumsum(doclens.numpy())])
+    idx = Index.build(tmp_path / "i", tokens[: off[30]], doclens[:30], n_centroids=32, progress=False)
+    idx.add(tokens[off[30] : off[60]], doclens[30:60])
+    idx.add(tokens[off[60] :], doclens[60:])
+    s = idx._state.searcher
+    assert len(s.parts) == 3
+    ivf, live = s.joined_ivf()
+    assert live is None
+    for c in range(idx.n_centroids):
+        want = np.concatenate(
+            [p.ivf.docs[p.ivf.offsets[c] : p.ivf.offsets[c + 1]].numpy() + p.start for p in s.parts]
+        )
+        assert np.array_equal(ivf.docs[ivf.offsets[c] : ivf.offsets[c + 1]].numpy(), want)
+    q, m = queries(topics, n=6, length=8, seed=6)
+    before = idx.search(q, k=10, queries_mask=m)
+    idx.delete(list(before.user_ids[0][:3]))
+    s2 = idx._state.searcher
+    ivf2, live2 = s2.joined_ivf()
+    assert ivf2 is ivf  # the same segments: the joined lists are shared, not joined again
+    assert live2 is not None and int((~live2).sum()) == 3
+    got = idx.search(q, k=10, queries_mask=m)
+    assert not set(before.user_ids[0][:3]) & set(got.user_ids[0])
+    # The filtered (padded) path with every live document allowed gives the same lists.
+    allowed = idx.positions(list(idx.ids()))
+    padded = idx.search(q, k=10, queries_mask=m, subset=allowed, n_candidates=10**6, n_rerank=10**6)
+    exact = idx.search(q, k=10, queries_mask=m, n_candidates=10**6, n_rerank=10**6)
+    assert torch.equal(padded.ids, exact.ids)

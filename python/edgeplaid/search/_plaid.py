@@ -324,7 +324,9 @@ class PlaidSearcher:
         self.n_docs = sum(p.n_docs for p in self.parts)  # positions, deleted ones included
         self.device = codec.centroids.device
         self._codes: b.CompressedDocs | b.DocCodes | None = self.docs if len(self.parts) == 1 else None
-        self._joined: tuple[Ivf, torch.Tensor | None] | None = None
+        self._joined_ivf: Ivf | None = None
+        self._live: torch.Tensor | None = None
+        self._live_made = False
         if self.device.type == "cpu":
             self._ivf_np = [(p.ivf.offsets.numpy(), p.ivf.docs.numpy()) for p in self.parts]
             self._ivf_offsets, self._ivf_docs = self._ivf_np[0]
@@ -342,38 +344,41 @@ class PlaidSearcher:
 
     def joined_ivf(self) -> tuple[Ivf, torch.Tensor | None]:
         """The IVF over global positions and the live documents, (n_docs,) bool or None (every
-        one live), as the ragged stage-2 kernel reads them: the one part's own, or every part's
-        joined (each cell's lists one after the other, shifted to global positions), made once
-        (O(IVF entries)) on the first search."""
-        if self._joined is None:
-            live = None
-            if any(p.live is not None for p in self.parts):
-                live = torch.from_numpy(
-                    np.concatenate(
-                        [np.ones(p.n_docs, bool) if p.live is None else p.live for p in self.parts]
-                    )
-                )
+        one live), as the ragged stage-2 kernel reads them. The IVF is the one part's own, or
+        every part's joined (each cell's lists one after the other, shifted to global
+        positions), made once in O(IVF entries) on the first search and shared with the next
+        version of a living index when its segments are the same (:meth:`reuse_codes`); the live
+        mask is this version's, O(n_docs) bytes once."""
+        if self._joined_ivf is None:
             if len(self.parts) == 1:
-                self._joined = (self.parts[0].ivf, live)
+                self._joined_ivf = self.parts[0].ivf
             else:
-                n_cells = self.codec.n_centroids
-                cells, docs = [], []
-                for part, (offs, pdocs) in zip(self.parts, self._ivf_np, strict=True):
-                    cells.append(np.repeat(np.arange(n_cells), np.diff(offs)))
-                    docs.append(pdocs.astype(np.int64) + part.start)
-                cell, doc = np.concatenate(cells), np.concatenate(docs)
-                order = np.argsort(cell, kind="stable")  # by cell; within one, by part (ascending)
-                offsets = np.zeros(n_cells + 1, np.int64)
-                np.cumsum(np.bincount(cell, minlength=n_cells), out=offsets[1:])
-                ivf = Ivf(torch.from_numpy(offsets), torch.from_numpy(doc[order].astype(np.int32)))
-                self._joined = (ivf, live)
-        return self._joined
+                counts = [np.diff(offs) for offs, _ in self._ivf_np]
+                offsets = np.zeros(self.codec.n_centroids + 1, np.int64)
+                np.cumsum(np.sum(counts, axis=0), out=offsets[1:])
+                docs = np.empty(int(offsets[-1]), np.int32)
+                at = offsets[:-1].copy()  # where each cell's next part's list goes
+                cells = np.arange(self.codec.n_centroids)
+                for part, (offs, pdocs), n in zip(self.parts, self._ivf_np, counts, strict=True):
+                    cell = np.repeat(cells, n)
+                    docs[at[cell] + np.arange(pdocs.shape[0]) - offs[cell]] = pdocs + part.start
+                    at += n
+                self._joined_ivf = Ivf(torch.from_numpy(offsets), torch.from_numpy(docs))
+        if not self._live_made:
+            if any(p.live is not None for p in self.parts):
+                masks = [np.ones(p.n_docs, bool) if p.live is None else p.live for p in self.parts]
+                self._live = torch.from_numpy(np.concatenate(masks))
+            self._live_made = True
+        return self._joined_ivf, self._live
 
     def reuse_codes(self, other: PlaidSearcher) -> None:
-        """Takes ``other``'s joined codes (made or not yet): the caller checked that both
-        searchers' parts hold the same codes."""
-        if len(self.parts) > 1 and self._codes is None:
-            self._codes = other._codes
+        """Takes ``other``'s joined codes and joined IVF (made or not yet): the caller checked
+        that both searchers' parts hold the same codes (so the same IVF lists)."""
+        if len(self.parts) > 1:
+            if self._codes is None:
+                self._codes = other._codes
+            if self._joined_ivf is None:
+                self._joined_ivf = other._joined_ivf
 
     def _torch_glue(self, backend: str | None) -> bool:
         # The GPU's path; on CPU tensors too when the Triton backend is asked for (its
