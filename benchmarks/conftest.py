@@ -30,13 +30,17 @@ _peaks: dict[str, float] = {}
 
 @pytest.fixture(params=["avx2", "avx512"])
 def isa(request: pytest.FixtureRequest):
-    """Each benchmark runs on every SIMD ISA this CPU has."""
+    """Each benchmark runs on every SIMD ISA this CPU has; the int8 kernels (whose ISA is chosen
+    apart) on the same vector width: AVX2, or AVX-512 with VNNI where the CPU has it."""
     if C is None or request.param not in C.cpu_info()["supported_isas"]:
         pytest.skip(f"no {request.param} here")
-    previous = C.cpu_isa()
+    previous, previous_int8 = C.cpu_isa(), C.cpu_int8_isa()
     C.set_cpu_isa(request.param)
+    vnni = request.param == "avx512" and C.cpu_info()["vnni_available"]
+    C.set_cpu_int8_isa("avx512vnni" if vnni else request.param)
     yield request.param
     C.set_cpu_isa(previous)
+    C.set_cpu_int8_isa(previous_int8)
 
 
 @pytest.fixture
