@@ -3,7 +3,7 @@
 """
 
 from edgeplaid.ops.attention import attention
-from edgeplaid.ops.centroid_interaction import centroid_interaction
+from edgeplaid.ops.centroid_interaction import centroid_interaction, centroid_interaction_topk
 from edgeplaid.ops.centroid_scores import centroid_scores
 from edgeplaid.ops.compress_residuals import compress_residuals
 from edgeplaid.ops.decompress_residuals import decompress_residuals
@@ -24,6 +24,7 @@ __all__ = [
     "available_backends",
     "centroid_groups",
     "centroid_interaction",
+    "centroid_interaction_topk",
     "centroid_scores",
     "compress_residuals",
     "decompress_residuals",
