@@ -1,19 +1,72 @@
 #include "parallel.h"
 
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define EP_CPU_RELAX() _mm_pause()
+#else
+#define EP_CPU_RELAX() ((void)0)
+#endif
+
 namespace edgeplaid {
 namespace {
 
 thread_local bool t_in_pool_task = false;
+
+using Clock = std::chrono::steady_clock;
+
+// How long an idle worker (and the caller waiting for the workers) polls before sleeping on the
+// condition variable. Waking a sleeping thread costs ~20 us on the 2-vCPU VMs we measure on (a
+// futex wake plus the scheduler's wake-up latency), paid by every kernel call: a PLAID search
+// makes ~6 of them a query, ~0.1 ms of a 3 ms query. A worker that polls until the next call
+// arrives (Python glue between kernels takes 10-100 us) starts it in well under a microsecond.
+// Polling yields the CPU on every round, so a runnable thread (torch's OpenMP workers, another
+// process) takes it at once; the budget bounds the cycles burnt when nothing comes.
+// EDGEPLAID_SPIN_US overrides it (0: always sleep, the pool's behaviour before).
+int64_t spin_budget_ns() {
+  static const int64_t ns = [] {
+    const char* env = std::getenv("EDGEPLAID_SPIN_US");
+    long us = 100;
+    if (env != nullptr && *env != '\0') {
+      char* end = nullptr;
+      const long v = std::strtol(env, &end, 10);
+      if (end != env && *end == '\0' && v >= 0) us = std::min(v, 100000L);
+    }
+    return int64_t(us) * 1000;
+  }();
+  return ns;
+}
+
+// Polls done() for up to the spin budget; true when it held.
+template <class Done>
+bool spin_until(Done&& done) {
+  const int64_t budget = spin_budget_ns();
+  if (budget == 0) return done();
+  const Clock::time_point start = Clock::now();
+  for (int round = 0;; ++round) {
+    for (int i = 0; i < 16; ++i) {
+      if (done()) return true;
+      EP_CPU_RELAX();
+    }
+    if ((round & 7) == 7) {
+      if (std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count() > budget)
+        return done();
+      sched_yield();  // another runnable thread on this CPU goes first
+    }
+  }
+}
 
 class Pool {
  public:
@@ -23,7 +76,7 @@ class Pool {
   ~Pool() {
     {
       std::lock_guard<std::mutex> lk(m_);
-      stop_ = true;
+      stop_.store(true);
     }
     cv_work_.notify_all();
     for (auto& t : workers_) t.join();
@@ -33,17 +86,21 @@ class Pool {
   // Runs job(thread_index) on every thread of the pool, the caller being thread 0.
   void run(const std::function<void(int)>& job) {
     {
+      // Under the mutex: a worker about to sleep re-checks the generation under it, so the
+      // wake-up below cannot be lost.
       std::lock_guard<std::mutex> lk(m_);
       job_ = &job;
-      pending_ = n_threads_ - 1;
-      ++generation_;
+      pending_.store(n_threads_ - 1, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
     }
-    cv_work_.notify_all();
+    cv_work_.notify_all();  // no system call when no worker sleeps
     t_in_pool_task = true;
     job(0);
     t_in_pool_task = false;
-    std::unique_lock<std::mutex> lk(m_);
-    cv_done_.wait(lk, [this] { return pending_ == 0; });
+    if (!spin_until([this] { return pending_.load(std::memory_order_acquire) == 0; })) {
+      std::unique_lock<std::mutex> lk(m_);
+      cv_done_.wait(lk, [this] { return pending_.load(std::memory_order_acquire) == 0; });
+    }
     job_ = nullptr;
   }
 
@@ -51,19 +108,27 @@ class Pool {
   void worker(int index) {
     uint64_t seen = 0;
     for (;;) {
+      const auto ready = [&] {
+        return stop_.load(std::memory_order_acquire) || generation_.load(std::memory_order_acquire) != seen;
+      };
+      if (!spin_until(ready)) {
+        std::unique_lock<std::mutex> lk(m_);
+        cv_work_.wait(lk, ready);
+      }
+      if (stop_.load(std::memory_order_acquire)) return;
       const std::function<void(int)>* job;
       {
-        std::unique_lock<std::mutex> lk(m_);
-        cv_work_.wait(lk, [&] { return stop_ || generation_ != seen; });
-        if (stop_) return;
-        seen = generation_;
+        std::lock_guard<std::mutex> lk(m_);  // job_ was written under it, before the generation
+        seen = generation_.load(std::memory_order_relaxed);
         job = job_;
       }
       t_in_pool_task = true;
       (*job)(index);
       t_in_pool_task = false;
-      std::lock_guard<std::mutex> lk(m_);
-      if (--pending_ == 0) cv_done_.notify_one();
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lk(m_);  // the caller checks pending_ under it before sleeping
+        cv_done_.notify_one();
+      }
     }
   }
 
@@ -72,9 +137,9 @@ class Pool {
   std::mutex m_;
   std::condition_variable cv_work_, cv_done_;
   const std::function<void(int)>* job_ = nullptr;
-  uint64_t generation_ = 0;
-  int pending_ = 0;
-  bool stop_ = false;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<bool> stop_{false};
 };
 
 std::mutex g_pool_mutex;  // held for the whole of one parallel call

@@ -1,5 +1,6 @@
-// One persistent thread pool per process. Idle workers sleep on a condition variable (no
-// spinning beside torch's or OpenBLAS's threads); the calling thread works too. A call made
+// One persistent thread pool per process. Idle workers poll for the next call for a short
+// while (EDGEPLAID_SPIN_US, default 100 us, yielding the CPU on every round), then sleep on a
+// condition variable; the calling thread works too. A call made
 // while the pool is busy (another Python thread, or a nested call) runs inline instead of
 // queueing, so there is never oversubscription nor deadlock.
 #pragma once
