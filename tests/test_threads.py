@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -59,3 +61,33 @@ def test_peak_probe_measures_something():
 def test_set_num_threads_rejects_non_int():
     with pytest.raises(ValueError, match="n"):
         edgeplaid.set_num_threads(1.5)
+
+
+_SPIN_SCRIPT = """
+import torch, edgeplaid
+from edgeplaid import ops
+edgeplaid.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+offsets = torch.arange(0, 64 * 200 + 1, 200)
+q, t = torch.randn(4, 32, 48, generator=g), torch.randn(int(offsets[-1]), 48, generator=g)
+print(ops.maxsim_packed(q, t, offsets).sum().item())
+"""
+
+
+def _spin_run(value: str) -> subprocess.CompletedProcess:
+    env = {**__import__("os").environ, "EDGEPLAID_SPIN_US": value}
+    return subprocess.run([sys.executable, "-c", _SPIN_SCRIPT], env=env, capture_output=True, text=True)
+
+
+def test_spin_setting_does_not_change_results():
+    """Workers that sleep at once (0) and workers that poll agree with each other."""
+    sleeping, polling = _spin_run("0"), _spin_run("5000")
+    assert sleeping.returncode == 0 and polling.returncode == 0, sleeping.stderr + polling.stderr
+    assert sleeping.stdout == polling.stdout
+
+
+@pytest.mark.parametrize("bad", ["-1", "1.5", "fast", "100001"])
+def test_spin_setting_rejects_bad_values(bad):
+    out = _spin_run(bad)
+    assert out.returncode != 0
+    assert "EDGEPLAID_SPIN_US" in out.stderr and "integer in [0, 100000]" in out.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 
 C: ModuleType | None
@@ -13,6 +14,23 @@ try:
 except ImportError as exc:  # built without a compiler, or a broken build
     C = None
     IMPORT_ERROR = str(exc)
+
+SPIN_US_MAX = 100_000
+
+
+def _check_spin_env() -> None:
+    """EDGEPLAID_SPIN_US (how long an idle kernel thread polls before sleeping, read by the C++
+    pool at its first parallel call) must be an integer in [0, 100000] microseconds."""
+    raw = os.environ.get("EDGEPLAID_SPIN_US", "")
+    if raw == "":
+        return
+    if not (raw.isdigit() and 0 <= int(raw) <= SPIN_US_MAX):
+        raise ValueError(
+            f"EDGEPLAID_SPIN_US: expected an integer in [0, {SPIN_US_MAX}] (microseconds), got {raw!r}"
+        )
+
+
+_check_spin_env()
 
 
 def cpu_has_bf16() -> bool:
