@@ -423,7 +423,7 @@ py::tuple centroid_interaction_topk(const py::array& scores, const py::object& c
 // The fp32 kernels run active_isa() (best_isa(): full-width AVX-512, else AVX2; on Zen 4, whose
 // AVX-512 units are 256 bits wide, AVX2 measured faster). The int8 kernels are chosen apart: the
 // set with the most int8 products per instruction the CPU runs, VNNI (vpdpbusd, one instruction
-// for 4-way u8*s8 sums) > AVX-512BW > AVX2 (vpmaddubsw + vpmaddwd) > scalar, whatever the fp32
+// for 4-way u8*s8 sums) > AVX-512BW > AVX2 (vpmaddubsw + vpmaddwd; code_scoring.h) > scalar, whatever the fp32
 // choice: on Zen 4 VNNI measured 931 int8 Gop/s against 388 for AVX2 (peak_int8_gops()), while
 // its fp32 kernels stay on AVX2 (README, "Which ISA each op runs"). EDGEPLAID_CPU_INT8_ISA or
 // set_cpu_int8_isa() overrides it, as EDGEPLAID_CPU_ISA / set_cpu_isa() override the fp32 one.

@@ -122,18 +122,24 @@ def test_codes_exact_matches_decoding(cpp_isa, nbits, dim, with_candidates):
     torch.testing.assert_close(got, _codes_call(case, nbits, "exact", "reference", with_candidates))
 
 
-@pytest.mark.parametrize("nbits", [1, 2, 4, 8])
-@pytest.mark.parametrize("dim", [40, 48, 64, 128])
+@pytest.mark.parametrize(
+    ("nbits", "dim"),
+    [(nb, d) for nb in (1, 2, 4, 8) for d in (40, 48, 64, 128)]
+    # dim / 4 odd (44: the last group of 4 dimensions taken alone) and dim not a multiple of 4
+    # (42: padded to 44 with weight-0 levels)
+    + [(nb, d) for nb in (2, 4, 8) for d in (44,)]
+    + [(nb, 42) for nb in (4, 8)],
+)
 def test_codes_int8_is_bit_exact_on_every_isa(cpp_int8_isa, nbits, dim):
     """Every SIMD path returns the scalar path's quantised arithmetic bit for bit."""
     case = _codes_case(dim, nbits, seed=3 * dim + nbits)
     got = _codes_call(case, nbits, "int8")
-    previous = ops.cpp_backend.C.cpu_isa()
-    ops.cpp_backend.C.set_cpu_isa("scalar")
+    previous = ops.cpp_backend.C.cpu_int8_isa()
+    ops.cpp_backend.C.set_cpu_int8_isa("scalar")  # the int8 kernels' ISA is chosen apart
     try:
         want = _codes_call(case, nbits, "int8")
     finally:
-        ops.cpp_backend.C.set_cpu_isa(previous)
+        ops.cpp_backend.C.set_cpu_int8_isa(previous)
     assert torch.equal(got, want)
     # and the torch twin of the quantised arithmetic agrees to fp32 rounding
     torch.testing.assert_close(got, _codes_call(case, nbits, "int8", "reference"), rtol=2e-6, atol=2e-6)
