@@ -80,6 +80,24 @@ inline void copy_out_table(const float* tile, int64_t ld, int64_t n_cols, int64_
   }
 }
 
+// Lanes [n_valid, ts) of the centroid-major rows of centroids [c0, c0 + nc) of every query: 0.
+// From n_valid rounded down to W, in whole vectors; the copy of the valid lanes comes after.
+inline void zero_padding_lanes(float* scores, const std::vector<int64_t>& n_valid_of, int64_t n_cent, int64_t ts,
+                               int64_t c0, int64_t nc) {
+  for (int64_t qi = 0; qi < int64_t(n_valid_of.size()); ++qi) {
+    const int64_t used = n_valid_of[size_t(qi)];
+    if (used >= ts) continue;
+    const int64_t from = used / W * W;
+    float* rows = scores + (qi * n_cent + c0) * ts;
+    for (int64_t c = 0; c < nc; ++c) {
+      float* row = rows + c * ts;
+      int64_t j = from;
+      for (; j + W <= ts; j += W) Vec::zero().store(row + j);
+      for (; j < ts; ++j) row[j] = 0.0f;
+    }
+  }
+}
+
 // centroid_max[qi * n_cent + c] = max over lanes [0, n_valid) of one centroid-major row (-inf: no
 // valid token), for the rows of centroids [c0, c0 + nc) of every query.
 inline void row_maxima(const float* scores, const std::vector<int64_t>& n_valid_of, int64_t n_cent, int64_t ts,
@@ -129,12 +147,6 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, i
       const int64_t qi = row_of[size_t(lane)] / q.lq;
       slot_of[size_t(lane)] = qi * n_cent * ts + n_valid_of[size_t(qi)]++;
     }
-    parallel_for(q.nq * n_cent, 4096, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t used = n_valid_of[size_t(r / n_cent)];
-        if (used < ts) std::fill(scores + r * ts + used, scores + (r + 1) * ts, 0.0f);
-      }
-    });
   }
   if (q.mask != nullptr) {
     // Masked query tokens: scores 0, no centroid ids.
@@ -182,6 +194,10 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, i
         const float* rows = nullptr;
         const int64_t nc = rows_in.next(staged.data(), kBlock, &rows);
         rows_in.prefetch(kBlock);  // the next block, while this one is scored
+        // Centroid-major: each query's lanes past its valid tokens are zero. Written here, just
+        // before the tiles' copies fill the valid lanes of the same lines (in L1 by then): a
+        // separate pass over the table first cost a read-for-ownership of every line twice.
+        if (ts > 0) zero_padding_lanes(scores, n_valid_of, n_cent, ts, c0, nc);
         for (int64_t v0 = 0; v0 < packed.n_vec; v0 += kMaxQueryVecs) {
           const int64_t nv = std::min<int64_t>(kMaxQueryVecs, packed.n_vec - v0);
           const int64_t ld = nv * W;
