@@ -39,7 +39,7 @@ namespace edgeplaid {
 namespace EDGEPLAID_ISA_NS {
 
 constexpr int kLevelRange = 63;   // bucket weights quantised to [-63, 63] ...
-constexpr int kLevelOffset = 64;  // ... and stored as unsigned bytes [1, 127] where offset
+constexpr int kLevelOffset = 64;  // ... stored offset (kStoredOffset) as unsigned bytes [1, 127]
 constexpr int kQueryRange = 127;  // query values quantised to [-127, 127]
 #if defined(EDGEPLAID_ISA_AVX2)
 constexpr int kStoredOffset = 0;  // AVX2: signed levels (the sign trick)
@@ -56,17 +56,18 @@ constexpr int kStoredOffset = kLevelOffset;
 struct IVec {
   __m512i v;
   static EP_INLINE IVec load(const void* p) { return {_mm512_loadu_si512(p)}; }
+  // Four bytes broadcast to every 32-bit lane.
+  static EP_INLINE IVec bcast4(const uint8_t* p) {
+    int32_t x;
+    std::memcpy(&x, p, 4);
+    return {_mm512_set1_epi32(x)};
+  }
   EP_INLINE Vec to_float() const { return {_mm512_cvtepi32_ps(v)}; }
 };
 struct DocBytes {
   __m512i u;  // level + 64, unsigned
 };
 EP_INLINE DocBytes doc_bytes_of(IVec b) { return {b.v}; }
-EP_INLINE DocBytes doc_bytes(const uint8_t* p) {
-  int32_t x;
-  std::memcpy(&x, p, 4);
-  return doc_bytes_of({_mm512_set1_epi32(x)});
-}
 // acc + sum over the 4 bytes of each lane of u[byte] * s[byte] (u unsigned, s signed).
 EP_INLINE IVec dot4(IVec acc, const DocBytes& d, IVec s) {
 #if defined(EDGEPLAID_ISA_VNNI)
@@ -79,13 +80,15 @@ EP_INLINE IVec dot4(IVec acc, const DocBytes& d, IVec s) {
   return {_mm512_add_epi32(acc.v, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))};
 #endif
 }
-EP_INLINE IVec dot8(IVec acc, const DocBytes& d0, IVec s0, const DocBytes& d1, IVec s1) {
-  return dot4(dot4(acc, d0, s0), d1, s1);
-}
 #elif defined(EDGEPLAID_ISA_AVX2)
 struct IVec {
   __m256i v;
   static EP_INLINE IVec load(const void* p) { return {_mm256_loadu_si256(static_cast<const __m256i*>(p))}; }
+  static EP_INLINE IVec bcast4(const uint8_t* p) {
+    int32_t x;
+    std::memcpy(&x, p, 4);
+    return {_mm256_set1_epi32(x)};
+  }
   EP_INLINE Vec to_float() const { return {_mm256_cvtepi32_ps(v)}; }
 };
 struct DocBytes {
@@ -93,11 +96,6 @@ struct DocBytes {
   __m256i mag;    // |level|
 };
 EP_INLINE DocBytes doc_bytes_of(IVec b) { return {b.v, _mm256_abs_epi8(b.v)}; }
-EP_INLINE DocBytes doc_bytes(const uint8_t* p) {
-  int32_t x;
-  std::memcpy(&x, p, 4);
-  return doc_bytes_of({_mm256_set1_epi32(x)});
-}
 // Pair sums of |level| * (q with level's sign) = level * q, each at most 2 * 63 * 127 in magnitude.
 EP_INLINE __m256i signed_pairs(const DocBytes& d, IVec q) {
   return _mm256_maddubs_epi16(d.mag, _mm256_sign_epi8(q.v, d.level));
@@ -119,6 +117,7 @@ struct IVec {
     std::memcpy(&x, p, 4);
     return {x};
   }
+  static EP_INLINE IVec bcast4(const uint8_t* p) { return load(p); }
   EP_INLINE Vec to_float() const { return {float(v)}; }
 };
 struct DocBytes {
@@ -129,11 +128,6 @@ EP_INLINE DocBytes doc_bytes_of(IVec b) {
   std::memcpy(d.u, &b.v, 4);
   return d;
 }
-EP_INLINE DocBytes doc_bytes(const uint8_t* p) {
-  DocBytes d;
-  std::memcpy(d.u, p, 4);
-  return d;
-}
 EP_INLINE IVec dot4(IVec acc, const DocBytes& d, IVec s) {
   int8_t sb[4];
   std::memcpy(sb, &s.v, 4);
@@ -141,6 +135,11 @@ EP_INLINE IVec dot4(IVec acc, const DocBytes& d, IVec s) {
   for (int j = 0; j < 4; ++j) sum += int32_t(d.u[j]) * int32_t(sb[j]);
   return {sum};
 }
+#endif
+
+EP_INLINE DocBytes doc_bytes(const uint8_t* p) { return doc_bytes_of(IVec::bcast4(p)); }
+#if !defined(EDGEPLAID_ISA_AVX2)
+// Two groups one after the other (AVX2's own adds their int16 pair sums before one widening).
 EP_INLINE IVec dot8(IVec acc, const DocBytes& d0, IVec s0, const DocBytes& d1, IVec s1) {
   return dot4(dot4(acc, d0, s0), d1, s1);
 }
