@@ -227,3 +227,31 @@ def test_topk_long_documents_few_kept_centroids(cpp_isa, lq):
             )
             assert torch.equal(ids, want_ids)
             assert torch.equal(s, want_s)
+
+
+def test_topk_one_query_by_centroid_split_across_threads(cpp_isa):
+    """One query, a high threshold and tens of thousands of kept list entries: the kernel splits
+    the kept centroids across the pool, each part maxing into its own state, and merges the parts;
+    ids and scores equal the reference's exactly (integer scores), with and without deleted
+    documents."""
+    g = torch.Generator().manual_seed(11)
+    n_centroids, lq = 400, 24
+    scores = torch.randint(-6, 7, (1, lq, n_centroids), generator=g).float()
+    mask = torch.arange(lq)[None] < 19  # 19 valid tokens: three lane vectors, the last partial
+    offsets = make_offsets([int(x) for x in torch.randint(150, 250, (3000,), generator=g)])
+    codes = torch.randint(0, n_centroids, (int(offsets[-1]),), generator=g, dtype=torch.int32)
+    ivf = _ivf(codes, offsets, n_centroids)
+    probed = torch.randint(0, n_centroids, (1, 6), generator=g)
+    live = torch.rand(offsets.shape[0] - 1, generator=g) > 0.1
+    kept = (scores[0][mask[0]].amax(0) >= 6.0).nonzero().flatten()
+    entries = int((ivf.offsets[kept + 1] - ivf.offsets[kept]).sum())
+    assert entries >= 2 * 4096, entries  # enough for the split (kEntriesPerPart)
+    for lv in (None, live):
+        ids, s = centroid_interaction_topk(
+            scores, bundles.DocCodes(codes, offsets), ivf, probed, 200, 6.0, mask, live=lv, backend="cpp"
+        )
+        want_ids, want_s = reference.centroid_interaction_topk(
+            scores, codes, offsets, ivf.offsets, ivf.docs, probed, 200, 6.0, mask, lv
+        )
+        assert torch.equal(ids, want_ids)
+        assert torch.equal(s, want_s)
