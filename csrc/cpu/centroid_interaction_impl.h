@@ -13,6 +13,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <memory>
 
 #include "maxsim_core.h"
 #include "rank_key.h"
@@ -290,10 +291,11 @@ inline void select_best(std::vector<RankKey>& keys, int64_t n_keep, int64_t* ids
 //   documents); touched (nc + kSpareRows,): candidate j holds a kept centroid;
 //   slot_of (nd,): a document's candidate index, -1 otherwise.
 constexpr int64_t kSpareRows = 8;
-// List entries per part when one query's kept centroids are split across the pool (a part's
-// fixed cost, its state filled with -inf and the merge, is ~nc rows: worth it above a few
-// thousand entries).
+// When one query's kept centroids are split across the pool, each part needs this many list
+// entries, and this many per row of its state (a part's fixed cost is its state's fill and its
+// share of the merge, ~nc + kSpareRows row operations; SciFact: 36k entries, 1.5k candidates).
 constexpr int64_t kEntriesPerPart = 4096;
+constexpr int64_t kEntriesPerRow = 4;
 
 // NV > 0: that many lane vectors, the kept row held in registers (reading it from L1 at each
 // update measured 25% slower on SciFact); NV == 0: nv_arg of them, the row read from memory.
@@ -415,18 +417,23 @@ void centroid_interaction_topk(const ScoreTable& scores, const float* centroid_m
         // maxing into its own state (the updates are scattered loads and stores that one thread
         // cannot overlap: 36k of them took 0.33 ms on one Zen 2 thread); the parts' maxima are
         // merged below. Max is exact and order-free: the same scores, bit for bit.
-        const int64_t n_parts = per_query ? 1 : std::clamp<int64_t>(entries / kEntriesPerPart, 1, get_num_threads());
         const int64_t rows = nc + kSpareRows, row_floats = nv * W;
+        // A part costs its state's fill and its share of the merge, ~rows row operations: worth
+        // it when its entries are several times that (and at most one part per kept centroid).
+        const int64_t worth = std::min(entries / kEntriesPerPart, entries / (kEntriesPerRow * rows));
+        const int64_t n_parts =
+            per_query ? 1 : std::clamp<int64_t>(std::min<int64_t>(worth, int64_t(kept.size())), 1, get_num_threads());
         std::vector<int64_t> cut(size_t(n_parts + 1), int64_t(kept.size()));
         cut[0] = 0;
         for (int64_t k = 0, p = 1, seen_entries = 0; k < int64_t(kept.size()) && p < n_parts; ++k) {
           seen_entries += ivf.offsets[kept[size_t(k)] + 1] - ivf.offsets[kept[size_t(k)]];
           if (seen_entries * n_parts >= entries * p) cut[size_t(p++)] = k + 1;
         }
-        std::vector<float> state(size_t(n_parts * rows * row_floats));
+        // Uninitialised: each part fills its own state with -inf, on its own thread.
+        const std::unique_ptr<float[]> state(new float[size_t(n_parts * rows * row_floats)]);
         std::vector<uint8_t> touched(size_t(n_parts * rows), 0);
         const auto run_part = [&](int64_t p) {
-          float* st = state.data() + p * rows * row_floats;
+          float* st = state.get() + p * rows * row_floats;
           std::fill(st, st + rows * row_floats, kNegInf);
           const int32_t* ks = kept.data() + cut[size_t(p)];
           const int64_t nk = cut[size_t(p + 1)] - cut[size_t(p)];
@@ -451,22 +458,31 @@ void centroid_interaction_topk(const ScoreTable& scores, const float* centroid_m
           });
         for (const int32_t d : cand) slot_of[size_t(d)] = -1;
         if (err.set()) return;
-        std::vector<float> merged(static_cast<size_t>(row_floats));
-        for (int64_t j = 0; j < nc; ++j) {
-          float sc = kNegInf;
-          bool any = false;
-          for (int64_t p = 0; p < n_parts; ++p) any |= touched[size_t(p * rows + j)] != 0;
-          if (any) {
-            const float* st = state.data() + j * row_floats;
-            for (int64_t i = 0; i < n_valid; ++i) merged[size_t(i)] = st[i];
-            for (int64_t p = 1; p < n_parts; ++p)
-              for (int64_t i = 0; i < n_valid; ++i)
-                merged[size_t(i)] = std::max(merged[size_t(i)], st[p * rows * row_floats + i]);
-            sc = 0.0f;
-            for (int64_t i = 0; i < n_valid; ++i) sc += merged[size_t(i)];
+        // The parts' rows maxed lane vector by lane vector, then summed lane by lane in order (the
+        // single state's sum, bit for bit); candidates split across the pool when there are parts.
+        const auto merge = [&](int64_t j0, int64_t j1) {
+          std::vector<float> merged(static_cast<size_t>(row_floats));
+          for (int64_t j = j0; j < j1; ++j) {
+            bool any = false;
+            for (int64_t p = 0; p < n_parts; ++p) any |= touched[size_t(p * rows + j)] != 0;
+            float sc = kNegInf;
+            if (any) {
+              const float* st = state.get() + j * row_floats;
+              for (int64_t v = 0; v < nv; ++v) {
+                Vec m = Vec::load(st + v * W);
+                for (int64_t p = 1; p < n_parts; ++p) m = max(m, Vec::load(st + p * rows * row_floats + v * W));
+                m.store(merged.data() + v * W);
+              }
+              sc = 0.0f;
+              for (int64_t i = 0; i < n_valid; ++i) sc += merged[size_t(i)];
+            }
+            keys[size_t(j)] = rank_key(sc, cand[size_t(j)]);
           }
-          keys[size_t(j)] = rank_key(sc, cand[size_t(j)]);
-        }
+        };
+        if (n_parts == 1)
+          merge(0, nc);
+        else
+          parallel_for(nc, grain_for(nc, 64), merge);
         select_best(keys, n_keep, out_ids + qi * n_keep, out_scores + qi * n_keep);
         return;
       }

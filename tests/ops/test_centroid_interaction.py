@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import edgeplaid
 from conftest import DOC_LENGTHS, make_offsets, make_query_mask
 from edgeplaid import ops
 from edgeplaid.ops import bundles, reference
@@ -230,28 +231,49 @@ def test_topk_long_documents_few_kept_centroids(cpp_isa, lq):
 
 
 def test_topk_one_query_by_centroid_split_across_threads(cpp_isa):
-    """One query, a high threshold and tens of thousands of kept list entries: the kernel splits
-    the kept centroids across the pool, each part maxing into its own state, and merges the parts;
-    ids and scores equal the reference's exactly (integer scores), with and without deleted
-    documents."""
+    """One query, a high threshold and ~10^5 kept list entries: the kernel splits the kept
+    centroids across the pool (3 threads, whatever the machine), each part maxing into its own
+    state, and merges the parts; every candidate's id and score (n_keep above their count) equal
+    the reference's exactly (integer scores), with and without deleted documents."""
     g = torch.Generator().manual_seed(11)
-    n_centroids, lq = 400, 24
-    scores = torch.randint(-6, 7, (1, lq, n_centroids), generator=g).float()
+    n_centroids, lq, threshold = 400, 24, 970.0
+    scores = torch.randint(-1000, 1001, (1, lq, n_centroids), generator=g).float()
     mask = torch.arange(lq)[None] < 19  # 19 valid tokens: three lane vectors, the last partial
-    offsets = make_offsets([int(x) for x in torch.randint(150, 250, (3000,), generator=g)])
+    kept = (scores[0][mask[0]].amax(0) >= threshold).nonzero().flatten()
+    dropped = (scores[0][mask[0]].amax(0) < threshold).nonzero().flatten()
+    # 3,000 random documents, then 5 holding one pruned (probed) centroid and the last kept one
+    # only: they are touched in the last part alone.
+    lengths = [int(x) for x in torch.randint(150, 250, (3000,), generator=g)] + [20] * 5
+    offsets = make_offsets(lengths)
     codes = torch.randint(0, n_centroids, (int(offsets[-1]),), generator=g, dtype=torch.int32)
+    codes[int(offsets[3000]) :] = torch.tensor([int(dropped[0])] * 10 + [int(kept[-1])] * 10).repeat(5)
     ivf = _ivf(codes, offsets, n_centroids)
-    probed = torch.randint(0, n_centroids, (1, 6), generator=g)
+    probed = torch.cat([dropped[:1], torch.randint(0, n_centroids, (5,), generator=g)])[None]
     live = torch.rand(offsets.shape[0] - 1, generator=g) > 0.1
-    kept = (scores[0][mask[0]].amax(0) >= 6.0).nonzero().flatten()
     entries = int((ivf.offsets[kept + 1] - ivf.offsets[kept]).sum())
-    assert entries >= 2 * 4096, entries  # enough for the split (kEntriesPerPart)
-    for lv in (None, live):
-        ids, s = centroid_interaction_topk(
-            scores, bundles.DocCodes(codes, offsets), ivf, probed, 200, 6.0, mask, live=lv, backend="cpp"
-        )
-        want_ids, want_s = reference.centroid_interaction_topk(
-            scores, codes, offsets, ivf.offsets, ivf.docs, probed, 200, 6.0, mask, lv
-        )
-        assert torch.equal(ids, want_ids)
-        assert torch.equal(s, want_s)
+    # Centroid by centroid (the kept lists are shorter than the candidates' tokens), and enough
+    # entries for 3 parts (kEntriesPerPart 4,096; kEntriesPerRow 4 x ~3,000 candidate rows).
+    assert 3 * 4 * 3013 <= entries < int(offsets[-1]), entries
+    threads = edgeplaid.get_num_threads()
+    edgeplaid.set_num_threads(3)
+    try:
+        for lv in (None, live):
+            ids, s = centroid_interaction_topk(
+                scores,
+                bundles.DocCodes(codes, offsets),
+                ivf,
+                probed,
+                4000,
+                threshold,
+                mask,
+                live=lv,
+                backend="cpp",
+            )
+            want_ids, want_s = reference.centroid_interaction_topk(
+                scores, codes, offsets, ivf.offsets, ivf.docs, probed, 4000, threshold, mask, lv
+            )
+            assert torch.unique(want_s).numel() > 10  # the order is decided by the scores, not the ids
+            assert torch.equal(ids, want_ids)
+            assert torch.equal(s, want_s)
+    finally:
+        edgeplaid.set_num_threads(threads)
