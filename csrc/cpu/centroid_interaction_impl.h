@@ -300,7 +300,7 @@ constexpr int64_t kEntriesPerRow = 4;
 // NV > 0: that many lane vectors, the kept row held in registers (reading it from L1 at each
 // update measured 25% slower on SciFact); NV == 0: nv_arg of them, the row read from memory.
 template <int NV>
-inline bool interaction_by_centroid(const int32_t* kept, int64_t n_kept, const IvfLists& ivf, int64_t nd,
+inline void interaction_by_centroid(const int32_t* kept, int64_t n_kept, const IvfLists& ivf, int64_t nd,
                                     const int32_t* slot_of, int64_t n_slots, const float* table, int64_t stride,
                                     int64_t nv_arg, float* state, uint8_t* touched, KernelError& err) {
   const int64_t nv = NV > 0 ? NV : nv_arg;
@@ -312,7 +312,10 @@ inline bool interaction_by_centroid(const int32_t* kept, int64_t n_kept, const I
     for (int v = 0; v < NV; ++v) reg[v] = Vec::load(row + v * W);
     for (int64_t e = ivf.offsets[c]; e < ivf.offsets[c + 1]; ++e) {
       const uint32_t d = uint32_t(ivf.docs[e]);
-      if (int64_t(d) >= nd) return report_bad_entry(ivf, e, nd, err);
+      if (int64_t(d) >= nd) {
+        report_bad_entry(ivf, e, nd, err);
+        return;
+      }
       // Branch-free: a document that is not a candidate updates one of kSpareRows rows past the
       // last candidate's (a list holds about as many of those as candidates: an unpredictable
       // branch; one spare row would chain every such update through store-to-load forwarding).
@@ -328,7 +331,6 @@ inline bool interaction_by_centroid(const int32_t* kept, int64_t n_kept, const I
       touched[j] = 1;
     }
   }
-  return true;
 }
 
 // A thread's bitmap of nd bits, zero between uses (gather_cells clears the words it sets): no

@@ -194,6 +194,27 @@ def test_topk_bad_input(cpp_isa):
         )
 
 
+def _topk_equals_reference(scores, codes, offsets, ivf, probed, n_keep, threshold, mask, live):
+    """The cpp kernel's ids and scores equal the reference's exactly; returns the reference's scores."""
+    ids, s = centroid_interaction_topk(
+        scores,
+        bundles.DocCodes(codes, offsets),
+        ivf,
+        probed,
+        n_keep,
+        threshold,
+        mask,
+        live=live,
+        backend="cpp",
+    )
+    want_ids, want_s = reference.centroid_interaction_topk(
+        scores, codes, offsets, ivf.offsets, ivf.docs, probed, n_keep, threshold, mask, live
+    )
+    assert torch.equal(ids, want_ids)
+    assert torch.equal(s, want_s)
+    return want_s
+
+
 @pytest.mark.parametrize("lq", [3, 8, 24, 32, 40])
 def test_topk_long_documents_few_kept_centroids(cpp_isa, lq):
     """Long documents and a high threshold: the kept centroids' IVF lists are far shorter than the
@@ -212,22 +233,7 @@ def test_topk_long_documents_few_kept_centroids(cpp_isa, lq):
     live[::7] = False
     for threshold in (5.0, 6.0):
         for lv in (None, live):
-            ids, s = centroid_interaction_topk(
-                scores,
-                bundles.DocCodes(codes, offsets),
-                ivf,
-                probed,
-                25,
-                threshold,
-                mask,
-                live=lv,
-                backend="cpp",
-            )
-            want_ids, want_s = reference.centroid_interaction_topk(
-                scores, codes, offsets, ivf.offsets, ivf.docs, probed, 25, threshold, mask, lv
-            )
-            assert torch.equal(ids, want_ids)
-            assert torch.equal(s, want_s)
+            _topk_equals_reference(scores, codes, offsets, ivf, probed, 25, threshold, mask, lv)
 
 
 def test_topk_one_query_by_centroid_split_across_threads(cpp_isa):
@@ -258,22 +264,7 @@ def test_topk_one_query_by_centroid_split_across_threads(cpp_isa):
     edgeplaid.set_num_threads(3)
     try:
         for lv in (None, live):
-            ids, s = centroid_interaction_topk(
-                scores,
-                bundles.DocCodes(codes, offsets),
-                ivf,
-                probed,
-                4000,
-                threshold,
-                mask,
-                live=lv,
-                backend="cpp",
-            )
-            want_ids, want_s = reference.centroid_interaction_topk(
-                scores, codes, offsets, ivf.offsets, ivf.docs, probed, 4000, threshold, mask, lv
-            )
+            want_s = _topk_equals_reference(scores, codes, offsets, ivf, probed, 4000, threshold, mask, lv)
             assert torch.unique(want_s).numel() > 10  # the order is decided by the scores, not the ids
-            assert torch.equal(ids, want_ids)
-            assert torch.equal(s, want_s)
     finally:
         edgeplaid.set_num_threads(threads)
