@@ -224,6 +224,11 @@ ScoreTable score_table_arg(const py::array& scores, const py::object& query_len)
   return ScoreTable{f32_data(scores, "centroid_scores"), scores.shape(0), lq, scores.shape(1), scores.shape(2)};
 }
 
+// The centroid-major table (PLAID's stage 1) on AMX tiles: where the fp32 kernels run AVX-512 and
+// AMX is enabled (the amx unit's centroid_scores takes fp16 / bf16 centroids to the tiles and
+// fp32 ones to its AVX-512 code). Measured in csrc/cpu/centroid_scores_amx.h and the README.
+bool amx_tables() { return active_isa() == Isa::avx512 && amx_enabled(); }
+
 py::tuple centroid_scores(const py::array& queries, const py::object& queries_mask, const py::array& centroids,
                           const std::string& dtype, int64_t n_probe, const py::object& scores_out,
                           bool centroid_major, bool with_max) {
@@ -268,7 +273,11 @@ py::tuple centroid_scores(const py::array& queries, const py::object& queries_ma
   KernelError err;
   {
     py::gil_scoped_release release;
-    EP_DISPATCH(centroid_scores, q, c, n_probe, ts, s, i, m, err);
+    if (ts > 0 && amx_tables()) {
+      EP_IF_AMX(amx::centroid_scores(q, c, n_probe, ts, s, i, m, err);)
+    } else {
+      EP_DISPATCH(centroid_scores, q, c, n_probe, ts, s, i, m, err);
+    }
   }
   raise_if(err);
   return result();
@@ -601,7 +610,8 @@ py::dict cpu_info() {
   info["best_isa"] = isa_name(best_isa());
   info["int8_isa"] = int8_isa_name(int8_isa());
   info["vnni_available"] = vnni_available();
-  info["amx_ready"] = amx_ready();  // the attention kernel runs here
+  info["amx_ready"] = amx_ready();  // this CPU, OS and build can run AMX tiles
+  info["amx_enabled"] = amx_enabled();  // ... and they are not turned off (set_cpu_amx)
   // The ISA each op's kernel runs now (the rule above EP_DISPATCH_INT8).
   py::dict per_op;
   const char* fp32 = isa_name(active_isa());
@@ -610,7 +620,8 @@ py::dict cpu_info() {
                          "nearest_centroids", "compress_residuals", "int8_linear", "rotary_embed"})
     per_op[op] = fp32;
   per_op["fused_decompress_maxsim[int8]"] = int8_isa_name(int8_isa());
-  per_op["attention"] = amx_ready() ? "amx" : "none (torch SDPA)";
+  if (amx_tables()) per_op["centroid_scores"] = "amx (centroid-major, fp16/bf16 centroids), else avx512";
+  per_op["attention"] = amx_enabled() ? "amx" : "none (torch SDPA)";
   info["op_isa"] = per_op;
   return info;
 }
@@ -832,7 +843,9 @@ void rotary_embed(py::array& x, const std::string& dtype, const py::array& cos, 
 // (B, L, H, D) uint16 views of bf16 with a contiguous last axis; out is written.
 void attention(const py::array& q, const py::array& k, const py::array& v, py::array& out,
                const py::object& key_valid, int64_t window, double scale) {
-  if (!amx_ready()) fail("attention: needs AMX-BF16 (this CPU, OS or build has none; cpu_info()['amx_ready'])");
+  if (!amx_enabled())
+    fail("attention: needs AMX-BF16 (this CPU, OS or build has none, or set_cpu_amx(False) turned it off; "
+         "cpu_info()['amx_enabled'])");
   AttentionArgs args{};
   const py::array* arrays[4] = {&q, &k, &v, &out};
   const char* names[4] = {"q", "k", "v", "out"};
@@ -918,4 +931,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", [] { return std::string(isa_name(active_isa())); });
   m.def("set_cpu_isa", &set_active_isa, py::arg("isa"));
   m.def("cpu_info", &cpu_info);
+  m.def("cpu_amx", &amx_enabled, "Whether the AMX tile kernels run (amx_ready and not turned off).");
+  m.def("set_cpu_amx", &set_amx_enabled, py::arg("on"),
+        "Turns the AMX tile kernels on (where amx_ready) or off (EDGEPLAID_CPU_AMX=0 at start does too).");
 }

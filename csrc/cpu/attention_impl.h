@@ -20,6 +20,7 @@
 // Tiles: 0-3 the output accumulators, 4-5 two score tiles, 6 the A operand (queries or p), 7 the
 // B operand (packed keys or values). D must be 32 or 64 (bindings.cpp checks).
 #pragma once
+#include "amx_tiles.h"
 #include "ops.h"
 #include "parallel.h"
 #include "simd.h"
@@ -32,22 +33,6 @@ namespace {
 
 constexpr int64_t kRows = 16;  // queries per block: a tile's rows
 constexpr int64_t kSpan = 32;  // keys per p v step: a bf16 tile's depth
-
-struct TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Every tile 16 rows x 64 bytes (16 fp32 or 32 bf16 a row).
-void configure_tiles() {
-  TileConfig c;
-  for (int t = 0; t < 8; ++t) {
-    c.rows[t] = 16;
-    c.colsb[t] = 64;
-  }
-  _tile_loadconfig(&c);
-}
 
 // 2^x for x <= 0 (x = -1000 gives 0): round to nearest integer n, 2^(x - n) by a degree-5
 // polynomial on [-0.5, 0.5] (Taylor, relative error < 2e-6, far below bf16's 4e-3 rounding of p),

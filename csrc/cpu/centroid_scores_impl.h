@@ -11,6 +11,8 @@
 // Each thread owns a contiguous range of centroids, visited in increasing id order, so a
 // score equal to a shortlist's threshold never displaces it (the lower id wins ties); the
 // per-thread shortlists are merged at the end with the full (score, id) order.
+//
+// edgeplaid-isa: amx (the centroid-major table on AMX tiles for fp16 / bf16 centroids: centroid_scores_amx.h)
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -18,31 +20,13 @@
 #include <cstring>
 #include <functional>
 
+#include "centroid_scores_amx.h"
 #include "maxsim_core.h"
 #include "rank_key.h"
+#include "shortlist.h"
 
 namespace edgeplaid {
 namespace EDGEPLAID_ISA_NS {
-
-// One token's shortlist of centroids on one thread. Every score above the threshold is
-// appended (a store, no branches on the data); when the list is full, nth_element keeps the
-// k best and the threshold rises to the k-th best score. A binary heap costs ~2 mispredicted
-// branches per level on every insertion instead: at n_probe 32 that was 0.3 ms of a 0.8 ms
-// call. Centroids arrive in increasing id order, so a later score equal to the threshold
-// loses to the kept one, as the lower id must.
-struct Shortlist {
-  RankKey* items;
-  int64_t size;
-};
-
-EP_INLINE void keep_best(Shortlist& list, int64_t k, float* thr) {
-  std::nth_element(list.items, list.items + (k - 1), list.items + list.size, std::greater<RankKey>());
-  list.size = k;
-  *thr = key_score(list.items[k - 1]);
-}
-
-// Room per shortlist: each compaction drops at least k + 64 entries for O(2k + 64) work.
-inline int64_t shortlist_capacity(int64_t k) { return 2 * k + 64; }
 
 // out_rows[lane][c] = tile[c * ld + lane] for c < n_cols, lane < n_lanes.
 template <bool kStream>
@@ -125,6 +109,29 @@ inline void row_maxima(const float* scores, const std::vector<int64_t>& n_valid_
   }
 }
 
+// top_ids[row_of[r]] = the k best of token r's shortlists on every thread, best first (-1 past
+// the centroids kept); lists[t * n_valid + r] is thread t's list of packed token r.
+inline void merge_shortlists(const std::vector<Shortlist>& lists, int max_threads, int64_t n_valid, int64_t k,
+                             const std::vector<int64_t>& row_of, int64_t* top_ids) {
+  parallel_for(n_valid, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<RankKey> all;
+    for (int64_t r = r0; r < r1; ++r) {
+      all.clear();
+      for (int t = 0; t < max_threads; ++t) {
+        const Shortlist& list = lists[size_t(t * n_valid + r)];
+        all.insert(all.end(), list.items, list.items + list.size);
+      }
+      const int64_t keep = std::min<int64_t>(k, int64_t(all.size()));
+      if (keep > 0) {
+        std::nth_element(all.begin(), all.begin() + (keep - 1), all.end(), std::greater<RankKey>());
+        std::sort(all.begin(), all.begin() + keep, std::greater<RankKey>());
+      }
+      int64_t* dst = top_ids + row_of[size_t(r)] * k;
+      for (int64_t j = 0; j < k; ++j) dst[j] = j < keep ? key_id(all[size_t(j)]) : -1;
+    }
+  });
+}
+
 // table_stride == 0: scores is token-major (nq * lq, n_centroids); > 0: centroid-major
 // (nq, n_centroids, table_stride), each query's valid tokens compacted into lanes 0.., the rest zero.
 // centroid_max (centroid-major only; null: not wanted): (nq, n_centroids), each centroid's best
@@ -160,6 +167,9 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, i
   }
   const int64_t n_valid = packed.n_valid;
   if (n_valid == 0 && centroid_max != nullptr) std::fill(centroid_max, centroid_max + q.nq * n_cent, kNegInf);
+  // No valid token at all: the centroid-major table is all padding (the sweep below, which
+  // writes it otherwise, does not run).
+  if (n_valid == 0 && ts > 0) std::fill(scores, scores + q.nq * n_cent * ts, 0.0f);
   if (n_valid == 0 || n_cent == 0) return;
 
   const int max_threads = get_num_threads();
@@ -167,6 +177,14 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, i
   std::vector<RankKey> items(size_t(max_threads * n_valid * cap));
   std::vector<Shortlist> lists(size_t(max_threads * n_valid));
   for (size_t i = 0; i < lists.size(); ++i) lists[i] = Shortlist{items.data() + i * size_t(cap), 0};
+#if defined(EDGEPLAID_ISA_AMX)
+  // The centroid-major table from half-precision centroids: on AMX tiles (centroid_scores_amx.h).
+  if (ts > 0 && centroids.dtype != DType::f32) {
+    centroid_scores_amx(q, centroids, k, ts, scores, centroid_max, lists);
+    merge_shortlists(lists, max_threads, n_valid, k, row_of, top_ids);
+    return;
+  }
+#endif
   // Centroids per staged block: a multiple of every tile height (3, 4, 6, 8, 12) and of 8.
   constexpr int64_t kBlock = 96;
   // Non-temporal output stores need every block's row start 32-byte aligned (and a SIMD ISA).
@@ -247,24 +265,7 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, i
     });
   });
 
-  // Merge the per-thread shortlists of each token.
-  parallel_for(n_valid, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<RankKey> all;
-    for (int64_t r = r0; r < r1; ++r) {
-      all.clear();
-      for (int t = 0; t < max_threads; ++t) {
-        const Shortlist& list = lists[size_t(t * n_valid + r)];
-        all.insert(all.end(), list.items, list.items + list.size);
-      }
-      const int64_t keep = std::min<int64_t>(k, int64_t(all.size()));
-      if (keep > 0) {
-        std::nth_element(all.begin(), all.begin() + (keep - 1), all.end(), std::greater<RankKey>());
-        std::sort(all.begin(), all.begin() + keep, std::greater<RankKey>());
-      }
-      int64_t* dst = top_ids + row_of[size_t(r)] * k;
-      for (int64_t j = 0; j < k; ++j) dst[j] = j < keep ? key_id(all[size_t(j)]) : -1;
-    }
-  });
+  merge_shortlists(lists, max_threads, n_valid, k, row_of, top_ids);
 }
 
 }  // namespace EDGEPLAID_ISA_NS

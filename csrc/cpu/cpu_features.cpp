@@ -150,6 +150,26 @@ bool amx_ready() {
   return ready;
 }
 
+static std::atomic<int>& amx_setting() {
+  static std::atomic<int> on{[] {
+    const char* env = std::getenv("EDGEPLAID_CPU_AMX");
+    if (env == nullptr || *env == '\0') return 1;
+    const std::string v(env);
+    if (v == "0") return 0;
+    if (v == "1") return 1;
+    throw std::invalid_argument("EDGEPLAID_CPU_AMX: expected 0 or 1, got '" + v + "'");
+  }()};
+  return on;
+}
+
+bool amx_enabled() { return amx_ready() && amx_setting().load(std::memory_order_relaxed) != 0; }
+
+void set_amx_enabled(bool on) {
+  if (on && !amx_ready())
+    throw std::invalid_argument("on: this CPU, OS or build cannot run AMX tiles (cpu_info()['amx_ready'] is False)");
+  amx_setting().store(on ? 1 : 0, std::memory_order_relaxed);
+}
+
 Isa active_isa() {
   int v = g_active.load(std::memory_order_relaxed);
   if (v < 0) {

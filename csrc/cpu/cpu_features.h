@@ -26,6 +26,12 @@ Isa best_isa();
 // AMX usable by this process: amx_bf16, compiled in, and (Linux) the kernel granted the tile
 // data permission, asked once on first call. The AMX kernels (bf16 attention) check it.
 bool amx_ready();
+// AMX tiles in use: amx_ready() and not turned off (EDGEPLAID_CPU_AMX=0 at first use, or
+// set_amx_enabled(false)). attention checks it, and so does centroid_scores' centroid-major table
+// (on tiles while the fp32 kernels run AVX-512). Turning it on where amx_ready() is false throws
+// std::invalid_argument.
+bool amx_enabled();
+void set_amx_enabled(bool on);
 
 // The kernel set in use: EDGEPLAID_CPU_ISA at first use, else the best supported; changed by
 // set_active_isa. Throws std::invalid_argument for an unknown or unsupported name.

@@ -92,3 +92,15 @@ def test_bindings_check_a_hand_made_table():
     bad = b.CentroidScores(table[:, :, :16].contiguous(), query_len=20)
     with pytest.raises(ValueError, match="centroid_scores: expected size 32"):
         ops.centroid_interaction(bad, codes, offsets, cand, 0.5, backend="cpp")
+
+
+def test_table_of_queries_without_tokens_is_zero(cpp_isa):
+    # Every token masked: no sweep runs, and the table must still be all padding (zeros), the
+    # maxima -inf, the ids -1 (the table was left unwritten before).
+    q, cents, *_ = _data(2, 20, 300)
+    mask = torch.zeros(2, 20, dtype=torch.bool)
+    for dtype in (torch.float32, torch.float16):
+        table, ids, cmax = ops.centroid_scores(
+            q, cents.to(dtype), 3, mask, backend="cpp", layout="centroid", with_max=True
+        )
+        assert (table == 0).all() and (ids == -1).all() and (cmax == float("-inf")).all()

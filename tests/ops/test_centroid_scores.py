@@ -6,6 +6,7 @@ import torch
 from conftest import make_query_mask, make_values
 from edgeplaid import ops
 from edgeplaid.ops import reference
+from edgeplaid.ops.bundles import CentroidScores
 
 
 @pytest.mark.parametrize("dim", [40, 48, 64, 128])
@@ -41,3 +42,95 @@ def test_ranked_on_float_inputs(cpp_isa):
     ):
         for c in set(a) ^ set(b):
             assert abs(float(flat[row, c] - flat[row, b[-1]])) < 1e-4
+
+
+# ---- the centroid-major table on AMX tiles (csrc/cpu/centroid_scores_amx.h)
+
+
+@pytest.fixture
+def amx_tiles():
+    """Runs the test with the AMX tiles on (the AVX-512 kernels chosen); skips where the CPU, OS or
+    build has none. Yields a function that turns the tiles on or off for one call's comparison."""
+    from edgeplaid._native import C
+
+    if C is None or not C.cpu_info()["amx_ready"]:
+        pytest.skip("no AMX here (or edgeplaid._C is not built)")
+    isa, amx = C.cpu_isa(), C.cpu_amx()
+    C.set_cpu_isa("avx512")
+    C.set_cpu_amx(True)
+    yield C.set_cpu_amx
+    C.set_cpu_isa(isa)
+    C.set_cpu_amx(amx)
+
+
+def _table(queries, centroids, n_probe, mask):
+    return ops.centroid_scores(
+        queries, centroids, n_probe, mask, backend="cpp", layout="centroid", with_max=True
+    )
+
+
+# lq 70: five groups of 16 tokens (passes of two, then one); 13: one group; n_centroids not a
+# multiple of the 32-centroid step (a short last step on some thread), and fewer than one step.
+@pytest.mark.parametrize("dim", [40, 48, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    ("nq", "lq", "n_centroids"), [(3, 13, 1031), (2, 70, 300), (1, 32, 4099), (2, 5, 17)]
+)
+def test_amx_table_exact_on_integers(amx_tiles, dim, dtype, nq, lq, n_centroids):
+    # Integer values: every product and sum is exact in both kernels, so the tiles must give the
+    # reference's scores bit for bit, and its ids with ties to the lower id.
+    g = torch.Generator().manual_seed(dim * n_centroids + lq)
+    queries = make_values((nq, lq, dim), True, g)
+    centroids = make_values((n_centroids, dim), True, g)
+    mask = make_query_mask(nq, lq, g)  # query 0 has no valid token
+    n_probe = min(8, n_centroids)
+    table, ids, cmax = _table(queries, centroids.to(dtype), n_probe, mask)
+    amx_tiles(False)
+    want_table, want_ids, want_max = _table(queries, centroids.to(dtype), n_probe, mask)
+    assert torch.equal(table, want_table)
+    assert torch.equal(ids, want_ids)
+    assert torch.equal(cmax, want_max)
+    _, ref_ids = reference.centroid_scores(queries, centroids, n_probe, mask)
+    assert torch.equal(ids, ref_ids)
+    assert (cmax[0] == float("-inf")).all() and (table[0] == 0).all()
+
+
+@pytest.mark.parametrize("dim", [48, 64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_amx_table_within_fp32_rounding(amx_tiles, dim, dtype):
+    # Unit vectors, like a codec's: the split products (bf16 pieces of fp16 centroids and of fp32
+    # queries) differ from the fp32 kernel's sums by a few ulp only; the maxima are the table's.
+    g = torch.Generator().manual_seed(dim)
+    queries = torch.nn.functional.normalize(torch.randn(4, 32, dim, generator=g), dim=-1)
+    centroids = torch.nn.functional.normalize(torch.randn(5000, dim, generator=g), dim=-1).to(dtype)
+    mask = torch.rand(4, 32, generator=g) < 0.7
+    table, ids, cmax = _table(queries, centroids, 4, mask)
+    amx_tiles(False)
+    want_table, want_ids, _ = _table(queries, centroids, 4, mask)
+    assert (table - want_table).abs().max() <= 1e-6
+    valid = mask.sum(dim=1)
+    for i in range(4):
+        n = int(valid[i])
+        assert (table[i, :, n:] == 0).all()
+        assert torch.equal(cmax[i], table[i, :, :n].amax(dim=1))
+    # Ids may differ only where two centroids' scores are within that rounding of each other.
+    token = CentroidScores(want_table, query_len=32).token_major(mask)
+    rows = token[mask]
+    for got, want, row in zip(ids[mask].tolist(), want_ids[mask].tolist(), rows, strict=True):
+        for c in set(got) ^ set(want):
+            assert abs(float(row[c] - row[want[-1]])) <= 2e-6
+
+
+def test_amx_can_be_turned_off(amx_tiles):
+    from edgeplaid._native import C
+    from edgeplaid.ops.attention import amx_ready
+
+    assert C.cpu_info()["op_isa"]["centroid_scores"].startswith("amx")
+    amx_tiles(False)
+    info = C.cpu_info()
+    assert not C.cpu_amx() and not amx_ready() and info["amx_ready"] and not info["amx_enabled"]
+    assert info["op_isa"]["centroid_scores"] == "avx512"
+    assert info["op_isa"]["attention"].startswith("none")
+    q = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="attention: needs AMX-BF16"):
+        ops.attention(q, q, q, backend="cpp")

@@ -6,8 +6,6 @@ elsewhere the encoder keeps torch's scaled_dot_product_attention.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from edgeplaid.ops import cpp_backend as cpp
@@ -15,10 +13,10 @@ from edgeplaid.ops import reference
 from edgeplaid.ops.dispatch import register, resolve
 
 
-@functools.cache
 def amx_ready() -> bool:
-    """Whether the C++ kernel can run here (AMX-BF16 on the CPU, tile state granted by the OS)."""
-    return cpp.C is not None and bool(cpp.C.cpu_info().get("amx_ready", False))
+    """Whether the C++ kernel runs here: AMX-BF16 on the CPU, the tile state granted by the OS,
+    and the tiles not turned off (``edgeplaid._C.set_cpu_amx(False)`` or ``EDGEPLAID_CPU_AMX=0``)."""
+    return cpp.C is not None and bool(cpp.C.cpu_amx())
 
 
 def attention(
