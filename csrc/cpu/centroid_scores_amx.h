@@ -10,11 +10,15 @@
 //
 // Precision: bf16 products accumulated in fp32, made as exact as fp32 by splitting both sides.
 //   fp16 centroid  c = c_hi + c_lo             (bf16 pieces, exact: fp16 has 11 significant bits)
-//   fp32 query     q = q_hi + q_mid + q_lo     (bf16 pieces, exact up to fp32's last bit)
+//   fp32 query     q = q_hi + q_mid + q_lo     (q_hi its top 16 bits, then the rest rounded twice:
+//                                               exact up to fp32's last bit)
 //   <q, c> = c_hi.q_hi + c_hi.q_mid + c_hi.q_lo + c_lo.q_hi + c_lo.q_mid     (c_lo.q_lo < 2^-24 |c q|)
 // Each bf16 x bf16 product is exact in fp32 and the tiles accumulate in fp32 (round to nearest),
 // so the scores differ from the AVX-512 kernel's only by the order of fp32 roundings (a few ulp);
-// integer-valued inputs give the same exact sums. bf16 centroids have no c_lo.
+// integer-valued inputs give the same exact sums. bf16 centroids have no c_lo. The tiles treat
+// subnormal inputs and results as zero: a query holding a value 0 < |x| < 2^-100 (whose pieces
+// could be subnormal) goes to the AVX-512 kernel instead (amx_range_ok); products below 2^-126
+// are lost, an absolute error no score can rank on.
 //
 // Layout: the centroid side is one row per centroid, [c_hi (dim) | c_lo (dim)] zero-padded to
 // whole 32-element chunks (the A tile: 16 centroids x 32 bf16 per chunk), converted 32 centroids
@@ -42,7 +46,18 @@ constexpr int64_t kStep = 32;   // centroids per step: two A tiles (4 and 5)
 constexpr int64_t kDepth = 32;  // bf16 per tile row: one chunk of the combined vector
 constexpr int64_t kGroups = 2;  // query-token groups of 16 per pass: accumulators 2g, 2g + 1
 
-// x rounded to bf16 (to nearest, ties to even), as the fp32 it stands for; x finite.
+// x cut to bf16 (its top 16 bits), as the fp32 it stands for: the first piece of a query value.
+// Cutting rather than rounding never overflows (3.4e38 would round to inf) and leaves x - hi exact.
+inline float bf16_cut(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  b &= 0xffff0000u;
+  float r;
+  std::memcpy(&r, &b, 4);
+  return r;
+}
+// x rounded to bf16 (to nearest, ties to even), as the fp32 it stands for; x finite and at most
+// the remainder of a cut (far below bf16's largest value).
 inline float bf16_round(float x) {
   uint32_t b;
   std::memcpy(&b, &x, 4);
@@ -131,7 +146,7 @@ inline void pack_query(const float* const* rows, int64_t n, int64_t dim, int64_t
     const int64_t g = t / 16, lane = t % 16;
     for (int64_t d = 0; d < dim; ++d) {
       const float x = rows[t][d];
-      const float hi = bf16_round(x), mid = bf16_round(x - hi), lo = bf16_round(x - hi - mid);
+      const float hi = bf16_cut(x), mid = bf16_round(x - hi), lo = bf16_round(x - hi - mid);
       const uint16_t part[3] = {bf16_bits(hi), bf16_bits(mid), bf16_bits(lo)};
       for (int64_t p = 0; p < pieces; ++p) {
         const int64_t kk = p * dim + d, j = kk / kDepth, r = (kk % kDepth) / 2, e = kk % 2;
@@ -180,6 +195,19 @@ EP_INLINE void convert_block(const uint16_t* base, int64_t dim, int64_t c0, int6
       }
     }
   }
+}
+
+// Whether every query value's bf16 pieces stay in the tiles' normal range: |x| = 0 or >= 2^-100.
+inline bool amx_range_ok(const Queries& q) {
+  const int64_t n = q.nq * q.lq;
+  for (int64_t r = 0; r < n; ++r) {
+    if (q.mask != nullptr && !q.mask[r]) continue;
+    for (int64_t d = 0; d < q.dim; ++d) {
+      const float a = std::fabs(q.data[r * q.dim + d]);
+      if (a != 0.0f && a < 0x1p-100f) return false;
+    }
+  }
+  return true;
 }
 
 }  // namespace amx_stage1
