@@ -30,6 +30,7 @@
 // 6-7 the query chunks in turn.
 #pragma once
 #include "amx_tiles.h"
+#include "dtypes.h"
 #include "ops.h"
 #include "parallel.h"
 #include "rank_key.h"
@@ -45,32 +46,6 @@ constexpr int64_t kBlock = 16;  // centroids per A tile: a tile's rows
 constexpr int64_t kStep = 32;   // centroids per step: two A tiles (4 and 5)
 constexpr int64_t kDepth = 32;  // bf16 per tile row: one chunk of the combined vector
 constexpr int64_t kGroups = 2;  // query-token groups of 16 per pass: accumulators 2g, 2g + 1
-
-// x cut to bf16 (its top 16 bits), as the fp32 it stands for: the first piece of a query value.
-// Cutting rather than rounding never overflows (3.4e38 would round to inf) and leaves x - hi exact.
-inline float bf16_cut(float x) {
-  uint32_t b;
-  std::memcpy(&b, &x, 4);
-  b &= 0xffff0000u;
-  float r;
-  std::memcpy(&r, &b, 4);
-  return r;
-}
-// x rounded to bf16 (to nearest, ties to even), as the fp32 it stands for; x finite and at most
-// the remainder of a cut (far below bf16's largest value).
-inline float bf16_round(float x) {
-  uint32_t b;
-  std::memcpy(&b, &x, 4);
-  b = (b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u;
-  float r;
-  std::memcpy(&r, &b, 4);
-  return r;
-}
-inline uint16_t bf16_bits(float x) {  // x already a bf16 value
-  uint32_t b;
-  std::memcpy(&b, &x, 4);
-  return uint16_t(b >> 16);
-}
 
 // Accumulators 2g (centroids of tile 4) and 2g + 1 (tile 5) += A . B, with B (a chunk of query
 // group g) loaded into tile 6 or 7 in turn: the next load need not wait for the products reading
@@ -136,18 +111,22 @@ struct QueryTiles {
   const uint16_t* at(int64_t set, int64_t g, int64_t j) const { return b.data() + ((set * groups + g) * chunks + j) * 512; }
 };
 
-// rows: the query's valid tokens (n of them, each dim fp32); pieces: 2 (fp16 centroids) or 1.
-inline void pack_query(const float* const* rows, int64_t n, int64_t dim, int64_t pieces, int64_t chunks,
-                       QueryTiles& out) {
+// The query's n valid tokens are rows[0, n) of data (each dim fp32); pieces: 2 (fp16 centroids) or 1.
+inline void pack_query(const float* data, const int64_t* rows, int64_t n, int64_t dim, int64_t pieces,
+                       int64_t chunks, QueryTiles& out) {
   out.groups = (n + 15) / 16;
   out.chunks = chunks;
   out.b.assign(size_t(3 * out.groups * chunks * 512), 0);
   for (int64_t t = 0; t < n; ++t) {
     const int64_t g = t / 16, lane = t % 16;
     for (int64_t d = 0; d < dim; ++d) {
-      const float x = rows[t][d];
-      const float hi = bf16_cut(x), mid = bf16_round(x - hi), lo = bf16_round(x - hi - mid);
-      const uint16_t part[3] = {bf16_bits(hi), bf16_bits(mid), bf16_bits(lo)};
+      // The first piece is x cut to its top 16 bits, not rounded: that never overflows (3.4e38
+      // would round to inf) and leaves x - hi exact; the other two are rounded (dtypes.h).
+      const float x = data[rows[t] * dim + d];
+      const uint16_t part0 = uint16_t(float_to_bits(x) >> 16);
+      const float hi = bf16_to_float(part0);
+      const uint16_t part1 = float_to_bf16(x - hi);
+      const uint16_t part[3] = {part0, part1, float_to_bf16(x - hi - bf16_to_float(part1))};
       for (int64_t p = 0; p < pieces; ++p) {
         const int64_t kk = p * dim + d, j = kk / kDepth, r = (kk % kDepth) / 2, e = kk % 2;
         for (int64_t set = 0; set < 3; ++set) {
@@ -215,22 +194,21 @@ inline bool amx_range_ok(const Queries& q) {
 // The centroid-major table, top-k ids and centroid maxima of centroid_scores (same contract; see
 // centroid_scores_impl.h) for fp16 / bf16 centroids. lists: per thread, per packed valid token
 // (queries' valid tokens in order), the shortlists the caller merges.
-inline void centroid_scores_amx(const Queries& q, const Rows& centroids, int64_t k, int64_t ts, float* scores,
-                                float* centroid_max, std::vector<Shortlist>& lists) {
+// row_of: packed token -> row of q (pack_rows' order), n_valid_of: valid tokens per query.
+inline void centroid_scores_amx(const Queries& q, const Rows& centroids, int64_t k, int64_t ts,
+                                const std::vector<int64_t>& row_of, const std::vector<int64_t>& n_valid_of,
+                                float* scores, float* centroid_max, std::vector<Shortlist>& lists) {
   using namespace amx_stage1;
   const int64_t n_cent = centroids.rows, dim = q.dim;
   const int64_t pieces = centroids.dtype == DType::f16 ? 2 : 1;
   const int64_t chunks = (pieces * dim + kDepth - 1) / kDepth, row_len = chunks * kDepth;
-  // Per query: its valid tokens' first packed index, their count and B tiles.
+  // Per query: its valid tokens' first packed index and its B tiles.
   std::vector<int64_t> first(size_t(q.nq) + 1, 0);
   std::vector<QueryTiles> tiles(size_t(q.nq));
-  std::vector<const float*> rows;
   for (int64_t qi = 0; qi < q.nq; ++qi) {
-    rows.clear();
-    for (int64_t i = 0; i < q.lq; ++i)
-      if (q.mask == nullptr || q.mask[qi * q.lq + i]) rows.push_back(q.data + (qi * q.lq + i) * dim);
-    first[size_t(qi) + 1] = first[size_t(qi)] + int64_t(rows.size());
-    pack_query(rows.data(), int64_t(rows.size()), dim, pieces, chunks, tiles[size_t(qi)]);
+    const int64_t n = n_valid_of[size_t(qi)];
+    first[size_t(qi) + 1] = first[size_t(qi)] + n;
+    pack_query(q.data, row_of.data() + first[size_t(qi)], n, dim, pieces, chunks, tiles[size_t(qi)]);
   }
   const int64_t n_valid = first.back();
   const int64_t cap = shortlist_capacity(k);

@@ -180,7 +180,7 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, i
 #if defined(EDGEPLAID_ISA_AMX)
   // The centroid-major table from half-precision centroids: on AMX tiles (centroid_scores_amx.h).
   if (ts > 0 && centroids.dtype != DType::f32 && amx_stage1::amx_range_ok(q)) {
-    centroid_scores_amx(q, centroids, k, ts, scores, centroid_max, lists);
+    centroid_scores_amx(q, centroids, k, ts, row_of, n_valid_of, scores, centroid_max, lists);
     merge_shortlists(lists, max_threads, n_valid, k, row_of, top_ids);
     return;
   }
