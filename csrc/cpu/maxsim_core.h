@@ -126,15 +126,14 @@ constexpr int tile_rows() {
 }
 
 // Sweeps rows through the micro-kernel for NQV query vectors, keeping the running max
-//   best[v*W + lane] = max(best, max_t <query lane of vector v, rows[t]>);
-// with kStore every dot product is also written to tile[t * ld + v * W + lane].
+//   best[v*W + lane] = max(best, max_t <query lane of vector v, rows[t]>).
 //
 // A remainder of fewer than NT rows is swept as one more full tile over the last NT rows:
-// rows seen twice change neither a max nor a stored dot product, and a full tile runs at
+// rows seen twice change no max, and a full tile runs at
 // the micro-kernel's rate where a one-row tile is bound by FMA latency (4x slower per row).
-template <int NQV, bool kStore, int DIM>
+template <int NQV, int DIM>
 EP_INLINE void sweep_rows_dim(const float* qt, int64_t qstride, const float* rows, int64_t n_rows,
-                              int64_t dim, float* best, float* tile, int64_t ld) {
+                              int64_t dim, float* best) {
   constexpr int NT = tile_rows<NQV>();
   Vec m[NQV];
 #pragma GCC unroll 8
@@ -144,33 +143,30 @@ EP_INLINE void sweep_rows_dim(const float* qt, int64_t qstride, const float* row
   // max keeps a NaN once there (max(x, m) returns its second operand, m, when either is NaN), so
   // the document scores NaN as in the reference; the op then raises naming the argument. The
   // cost is one multiply-add per row against NQV * dim for the dot products.
-  auto fold = [&](auto& acc, int64_t t, int rows_in_tile) {
+  auto fold = [&](auto& acc, int rows_in_tile) {
     Vec poison = acc[0][0] * Vec::zero();
     for (int r = 1; r < rows_in_tile; ++r) poison = fmadd(acc[r][0], Vec::zero(), poison);
     for (int r = 0; r < rows_in_tile; ++r)
 #pragma GCC unroll 8
-      for (int v = 0; v < NQV; ++v) {
-        if constexpr (kStore) acc[r][v].store(tile + (t + r) * ld + v * W);
-        m[v] = max(acc[r][v], m[v]);
-      }
+      for (int v = 0; v < NQV; ++v) m[v] = max(acc[r][v], m[v]);
     m[0] = m[0] + poison;
   };
   int64_t t = 0;
   for (; t + NT <= n_rows; t += NT) {
     Vec acc[NT][NQV];
     dot_tile<NQV, NT, DIM>(qt, qstride, rows + t * dim, dim, acc);
-    fold(acc, t, NT);
+    fold(acc, NT);
   }
   if (t < n_rows && n_rows >= NT) {
     Vec acc[NT][NQV];
     dot_tile<NQV, NT, DIM>(qt, qstride, rows + (n_rows - NT) * dim, dim, acc);
-    fold(acc, n_rows - NT, NT);
+    fold(acc, NT);
     t = n_rows;
   }
   for (; t < n_rows; ++t) {
     Vec acc[1][NQV];
     dot_tile<NQV, 1, DIM>(qt, qstride, rows + t * dim, dim, acc);
-    fold(acc, t, 1);
+    fold(acc, 1);
   }
 #pragma GCC unroll 8
   for (int v = 0; v < NQV; ++v) m[v].store(best + v * W);
@@ -178,14 +174,14 @@ EP_INLINE void sweep_rows_dim(const float* qt, int64_t qstride, const float* row
 
 // sweep_rows_dim with dim fixed at compile time for the widths of the models edgeplaid
 // serves (48, 64 and 128: mxbai-edge-colbert, ColBERTv2) and run-time dim otherwise.
-template <int NQV, bool kStore>
+template <int NQV>
 EP_INLINE void sweep_rows(const float* qt, int64_t qstride, const float* rows, int64_t n_rows, int64_t dim,
-                          float* best, float* tile = nullptr, int64_t ld = 0) {
+                          float* best) {
   switch (dim) {
-    case 48: sweep_rows_dim<NQV, kStore, 48>(qt, qstride, rows, n_rows, dim, best, tile, ld); break;
-    case 64: sweep_rows_dim<NQV, kStore, 64>(qt, qstride, rows, n_rows, dim, best, tile, ld); break;
-    case 128: sweep_rows_dim<NQV, kStore, 128>(qt, qstride, rows, n_rows, dim, best, tile, ld); break;
-    default: sweep_rows_dim<NQV, kStore, 0>(qt, qstride, rows, n_rows, dim, best, tile, ld); break;
+    case 48: sweep_rows_dim<NQV, 48>(qt, qstride, rows, n_rows, dim, best); break;
+    case 64: sweep_rows_dim<NQV, 64>(qt, qstride, rows, n_rows, dim, best); break;
+    case 128: sweep_rows_dim<NQV, 128>(qt, qstride, rows, n_rows, dim, best); break;
+    default: sweep_rows_dim<NQV, 0>(qt, qstride, rows, n_rows, dim, best); break;
   }
 }
 
@@ -204,7 +200,7 @@ EP_INLINE void with_query_vecs(int64_t nv, F&& f) {
 inline void max_rows(const PackedQuery& q, const float* rows, int64_t n_rows, float* best) {
   for (int64_t v0 = 0; v0 < q.n_vec; v0 += kMaxQueryVecs) {
     with_query_vecs(std::min<int64_t>(kMaxQueryVecs, q.n_vec - v0), [&](auto nqv) {
-      sweep_rows<decltype(nqv)::value, false>(q.qt + v0 * W, q.stride, rows, n_rows, q.dim, best + v0 * W);
+      sweep_rows<decltype(nqv)::value>(q.qt + v0 * W, q.stride, rows, n_rows, q.dim, best + v0 * W);
     });
   }
 }

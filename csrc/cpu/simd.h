@@ -60,6 +60,7 @@ struct Vec {
   EP_INLINE void store(float* p) const { _mm512_storeu_ps(p, v); }
   friend EP_INLINE Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
   friend EP_INLINE Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
+  friend EP_INLINE Vec min(Vec a, Vec b) { return {_mm512_min_ps(a.v, b.v)}; }
   friend EP_INLINE Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
   friend EP_INLINE Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
   friend EP_INLINE Vec operator/(Vec a, Vec b) { return {_mm512_div_ps(a.v, b.v)}; }
@@ -86,6 +87,7 @@ struct Vec {
   EP_INLINE void store(float* p) const { _mm256_storeu_ps(p, v); }
   friend EP_INLINE Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   friend EP_INLINE Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
+  friend EP_INLINE Vec min(Vec a, Vec b) { return {_mm256_min_ps(a.v, b.v)}; }
   friend EP_INLINE Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
   friend EP_INLINE Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
   friend EP_INLINE Vec operator/(Vec a, Vec b) { return {_mm256_div_ps(a.v, b.v)}; }
@@ -114,6 +116,7 @@ struct Vec {
   // inputs give bit-identical scores on every ISA.
   friend EP_INLINE Vec fmadd(Vec a, Vec b, Vec c) { return {__builtin_fmaf(a.v, b.v, c.v)}; }
   friend EP_INLINE Vec max(Vec a, Vec b) { return {a.v > b.v ? a.v : b.v}; }
+  friend EP_INLINE Vec min(Vec a, Vec b) { return {a.v < b.v ? a.v : b.v}; }
   friend EP_INLINE Vec operator+(Vec a, Vec b) { return {a.v + b.v}; }
   friend EP_INLINE Vec operator*(Vec a, Vec b) { return {a.v * b.v}; }
   friend EP_INLINE Vec operator/(Vec a, Vec b) { return {a.v / b.v}; }

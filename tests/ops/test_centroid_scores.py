@@ -15,18 +15,35 @@ from edgeplaid.ops.bundles import CentroidScores
     ("n_centroids", "n_probe"),
     [(1, 1), (11, 4), (11, 11), (300, 8), (1000, 5), (1031, 32), (4096, 16), (4099, 3)],
 )
-def test_exact_with_ties(cpp_isa, dim, dtype, n_centroids, n_probe):
+@pytest.mark.parametrize("layout", ["token", "centroid"])
+def test_exact_with_ties(cpp_isa, dim, dtype, n_centroids, n_probe, layout):
     # Integer values make exact ties common: top ids must follow (score desc, id asc).
     g = torch.Generator().manual_seed(n_centroids)
     queries = make_values((2, 13, dim), True, g)
     centroids = make_values((n_centroids, dim), True, g)
     mask = make_query_mask(2, 13, g)
-    scores, ids = ops.centroid_scores(queries.to(dtype), centroids.to(dtype), n_probe, mask, backend="cpp")
+    scores, ids = ops.centroid_scores(
+        queries.to(dtype), centroids.to(dtype), n_probe, mask, backend="cpp", layout=layout
+    )
     want_scores, want_ids = reference.centroid_scores(queries, centroids, n_probe, mask)
     assert scores.dtype == torch.float32 and ids.dtype == torch.int64
-    assert torch.equal(scores, want_scores)
+    if layout == "token":
+        assert torch.equal(scores, want_scores)
+        assert (scores[0] == 0).all()
     assert torch.equal(ids, want_ids)
-    assert (ids[0] == -1).all() and (scores[0] == 0).all()
+    assert (ids[0] == -1).all()
+
+
+@pytest.mark.parametrize("n_probe", [1, 4, 8, 9])
+def test_all_centroids_tied(cpp_isa, n_probe):
+    # Every centroid scores the same: the k lowest ids win. The scan's threshold bound (the k-th
+    # best maximum of the row groups seen) equals every later score here, so a bound taken from a
+    # group before that group's own rows were scanned, or a >= instead of a >, would change ids.
+    queries = torch.ones(2, 5, 48)
+    centroids = torch.ones(1000, 48)
+    for layout in ("token", "centroid"):
+        _, ids = ops.centroid_scores(queries, centroids, n_probe, backend="cpp", layout=layout)
+        assert ids.tolist() == [[list(range(n_probe))] * 5] * 2
 
 
 def test_ranked_on_float_inputs(cpp_isa):
