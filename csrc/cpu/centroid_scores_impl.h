@@ -255,7 +255,7 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, i
   // The (n_rows, C) output is written once here and read later by other code: streaming it
   // skips the read-for-ownership of every line and keeps the centroids in cache.
   const bool stream_out =
-      W > 1 && ts == 0 && std::getenv("EP_NOSTREAM") == nullptr && reinterpret_cast<uintptr_t>(scores) % 32 == 0 && n_cent % 8 == 0;
+      W > 1 && ts == 0 && reinterpret_cast<uintptr_t>(scores) % 32 == 0 && n_cent % 8 == 0;
 
   with_dtype(centroids.dtype, [&](auto tag) {
     constexpr DType T = decltype(tag)::value;
