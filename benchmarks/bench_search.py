@@ -128,6 +128,9 @@ def stage_table(idx: Index, queries: torch.Tensor, qmask: torch.Tensor, precisio
     * stage 4: the multiply-adds of the survivors' tokens against the query's (2 ops each) at the
       int8 peak (``peak_int8_gops``) or the fp32 peak (exact);
     * selection and glue: Python and numpy between the kernels (bound 0).
+
+    With the timer on, search runs the staged pipeline (three op calls), so the glue is the
+    staged pipeline's; the p50 and batched figures are the one-call path's (search/_fused.py).
     """
     from edgeplaid import ops
     from edgeplaid._native import C
@@ -201,7 +204,8 @@ def stage_table(idx: Index, queries: torch.Tensor, qmask: torch.Tensor, precisio
         f"per stage, one query at a time ({precision}; fp32 peak {peak:.0f} GFLOP/s, int8 peak "
         f"{peak8:.0f} Gop/s, memory read {rate:.1f} GB/s; bounds: stage 1 FLOPs at the fp32 peak or its "
         "centroids and table at the read rate, whichever is longer, "
-        "stages 1b-2 bytes at the read rate, stage 4 multiply-adds at the int8/fp32 peak):"
+        "stages 1b-2 bytes at the read rate, stage 4 multiply-adds at the int8/fp32 peak; "
+        "the staged pipeline, whose glue the one-call path of the p50 above does not have):"
     )
     for r in rows:
         frac = f"{r['bound_ms'] / r['ms'] * 100:5.0f}%" if r["bound_ms"] > 0 and r["ms"] > 0 else "     -"

@@ -36,6 +36,8 @@ import torch
 from edgeplaid.ops import bundles as b
 from edgeplaid.ops import centroid_interaction, centroid_scores, fused_decompress_maxsim
 from edgeplaid.ops.centroid_interaction import centroid_interaction_topk
+from edgeplaid.ops.dispatch import implements, resolve
+from edgeplaid.search import _fused  # noqa: F401  (registers the plaid_search op)
 
 NEG_INF = float("-inf")
 # The last stage's precision on CPU: int8 changed nDCG@10 on SciFact by <= 0.002 and recall@10
@@ -506,9 +508,29 @@ class PlaidSearcher:
         ragged = not torch_glue and subset is None
         clock = STAGE_TIMES
         clock.calls += clock.enabled
+        # On CPU a block is one C++ call (search/_fused.py) unless something asks for the staged
+        # pipeline: a filter, hybrid search's extra documents, a living index's several parts, a
+        # stage 3 (n_rerank < n_candidates), or the per-stage timer.
+        fused = (
+            ragged
+            and out_e is None
+            and len(self.parts) == 1
+            and params.n_rerank >= params.n_candidates
+            and not clock.enabled
+            and implements("plaid_search", device, backend, like="centroid_scores")
+        )
         t = time.perf_counter()
         for start in range(0, nq, per_block):
             q = queries[start : start + per_block]
+            if fused:
+                ivf, live = self.joined_ivf()
+                vals, ids = resolve("plaid_search", device, backend)(
+                    q, self.codec, self.parts[0].docs, ivf.offsets, ivf.docs, live, n_probe,
+                    params.threshold, params.n_candidates, params.precision, k,
+                )  # fmt: skip
+                out_s[start : start + q.shape[0]] = vals
+                out_i[start : start + q.shape[0]] = ids
+                continue
             # On CPU stage 1 writes the centroid-major table that stages 2-4 read in place.
             layout = "token" if torch_glue else "centroid"
             if ragged:

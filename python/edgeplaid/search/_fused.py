@@ -1,0 +1,61 @@
+"""PLAID's CPU pipeline for one block of queries in one C++ call (``edgeplaid._C.plaid_search``).
+
+The staged pipeline of :meth:`PlaidSearcher.search` calls three ops (``centroid_scores``,
+``centroid_interaction_topk``, ``fused_decompress_maxsim``) and selects the top k in numpy; on
+SciFact one query at a time, their Python (conversions, checks, bundles, selections) was ~0.1-0.2
+ms of a ~1 ms query on 2 cores. This op runs the same three kernels and the same selection in one
+crossing. Its twin is the staged pipeline itself, which every other backend runs (this op has a
+``cpp`` implementation only; :func:`edgeplaid.ops.dispatch.implements` asks for it by capability)
+and which the tests compare it with, result for result.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgeplaid.ops import bundles as b
+from edgeplaid.ops import cpp_backend as cpp
+from edgeplaid.ops.dispatch import register
+
+
+def _cpp(
+    q: b.Queries,
+    codec: b.Codec,
+    docs: b.CompressedDocs,
+    ivf_offsets: torch.Tensor,
+    ivf_docs: torch.Tensor,
+    live: torch.Tensor | None,
+    n_probe: int,
+    threshold: float | None,
+    n_candidates: int,
+    precision: str,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: (nq, Lq, dim) queries with their mask; the index's codec, documents (one part: global
+    positions are local ones), IVF (offsets (C + 1,) int64, docs (n_entries,) int32) and live
+    documents ((nd,) bool or None) -> scores (nq, k) float32 best first, ids (nq, k) int64 document
+    positions (-inf / -1 past each query's scored documents)."""
+    scores, ids = cpp.C.plaid_search(
+        cpp.host_queries(q.data),
+        cpp.host(q.mask),
+        cpp.host(codec.centroids),
+        cpp.dtype_name(codec.centroids),
+        n_probe,
+        cpp.host(docs.codes),
+        cpp.host(docs.offsets),
+        cpp.host(docs.residuals),
+        cpp.host(docs.inv_norm),
+        cpp.host(ivf_offsets),
+        cpp.host(ivf_docs),
+        cpp.host(live),
+        cpp.host(codec.bucket_weights),
+        codec.nbits,
+        threshold,
+        n_candidates,
+        precision,
+        k,
+    )
+    return torch.from_numpy(scores), torch.from_numpy(ids)
+
+
+register("plaid_search", "cpp", _cpp)

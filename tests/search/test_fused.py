@@ -1,0 +1,99 @@
+"""One C++ call per query block (search/_fused.py, ``edgeplaid._C.plaid_search``) returns what the
+staged pipeline (three op calls, numpy selections) returns: the same ids and the same scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _plaid_data import corpus, queries
+from edgeplaid import Index
+from edgeplaid._native import C
+from edgeplaid.ops import dispatch
+from edgeplaid.search import STAGE_TIMES, _plaid
+
+pytestmark = pytest.mark.skipif(C is None, reason="edgeplaid._C is not built")
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    tokens, doclens, topics = corpus(n_docs=300, n_topics=20, seed=5)
+    idx = Index.build(tmp_path_factory.mktemp("f") / "i", tokens, doclens, n_centroids=64, progress=False)
+    return idx, topics
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the fused op's calls (the search must take it where it can)."""
+    calls = []
+    fn = dispatch._registry["plaid_search"]["cpp"]
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    monkeypatch.setitem(dispatch._registry["plaid_search"], "cpp", counted)
+    return calls
+
+
+def _staged(monkeypatch, search):
+    with monkeypatch.context() as m:
+        m.setattr(_plaid, "implements", lambda *a, **k: False)
+        return search()
+
+
+@pytest.mark.parametrize("precision", ["int8", "exact"])
+@pytest.mark.parametrize("k", [1, 10, 400])  # 400 > the documents: -inf / -1 past them
+@pytest.mark.parametrize(("n_candidates", "threshold"), [(8, 0.3), (64, None), (300, 0.9)])
+def test_fused_equals_staged(index, monkeypatch, fused_calls, precision, k, n_candidates, threshold):
+    idx, topics = index
+    q, m = queries(topics, n=9, length=12, seed=1)
+    m[3] = False  # a query with no valid token
+    m[4, 5:] = False
+    knobs = dict(precision=precision, n_probe=2, n_candidates=n_candidates, n_rerank=n_candidates)
+    if threshold is not None:
+        knobs["threshold"] = threshold
+
+    def search():
+        return idx.search(q, k=k, queries_mask=m, **knobs)
+
+    got = search()
+    assert len(fused_calls) == 1
+    want = _staged(monkeypatch, search)
+    assert len(fused_calls) == 1
+    assert torch.equal(got.ids, want.ids)
+    assert torch.equal(got.scores, want.scores)
+    assert (got.ids[3] == -1).all() or (got.scores[3] == 0).any()  # no token: no score above 0
+
+
+def test_fused_skips_deleted_documents(index, tmp_path, monkeypatch, fused_calls):
+    _, topics = index
+    tokens, doclens, _ = corpus(n_docs=300, n_topics=20, seed=5)
+    idx = Index.build(tmp_path / "i", tokens, doclens, n_centroids=64, progress=False)
+    q, m = queries(topics, n=6, length=10, seed=4)
+    before = idx.search(q, k=5, queries_mask=m)
+    gone = sorted(set(before.ids[:, 0].tolist()))
+    idx.delete(gone)
+    if len(idx._searcher.parts) != 1:
+        pytest.skip("a deletion made a multi-part index here (the staged path)")
+    n = len(fused_calls)
+    got = idx.search(q, k=5, queries_mask=m)
+    assert len(fused_calls) == n + 1
+    want = _staged(monkeypatch, lambda: idx.search(q, k=5, queries_mask=m))
+    assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+    assert not set(gone) & set(got.ids.flatten().tolist())
+
+
+def test_staged_where_the_fused_call_cannot(index, fused_calls):
+    idx, topics = index
+    q, m = queries(topics, n=4, length=8, seed=2)
+    idx.search(q, k=5, queries_mask=m, n_candidates=32, n_rerank=8)  # a stage 3
+    idx.search(q, k=5, queries_mask=m, subset=[[0, 1, 2, 3]] * 4)  # a filter
+    STAGE_TIMES.enabled = True
+    try:
+        idx.search(q, k=5, queries_mask=m)  # the per-stage timer
+    finally:
+        STAGE_TIMES.enabled = False
+    assert fused_calls == []
+    idx.search(q, k=5, queries_mask=m)
+    assert fused_calls == [1]
