@@ -547,6 +547,7 @@ py::tuple plaid_search(const py::array& queries, const py::object& queries_mask,
                        const py::array& bucket_weights, int nbits, const py::object& threshold,
                        int64_t n_candidates, const std::string& precision, int64_t k) {
   if (k < 1) fail("k: expected >= 1, got " + std::to_string(k));
+  if (n_candidates < 1) fail("n_candidates: expected >= 1, got " + std::to_string(n_candidates));
   expect_rank(queries, "queries", 3, "(n_queries, query_len, dim)");
   const int64_t nq = queries.shape(0), lq = queries.shape(1);
   const py::tuple first = centroid_scores(queries, queries_mask, centroids, dtype, n_probe, py::none(), true, true);
