@@ -20,6 +20,7 @@ Outputs match transformers to float32 rounding (the parity tests pin PyLate's ou
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,13 @@ from edgeplaid._native import C
 from edgeplaid.ops.attention import amx_ready, attention
 from edgeplaid.ops.int8_linear import int8_linear, quantize_weight
 from edgeplaid.ops.rotary_embed import rotary_embed
+
+
+@functools.cache
+def _cpu_has_amx() -> bool:
+    """Whether this CPU has AMX-BF16 tiles (whether or not the attention op may use them)."""
+    return C is not None and bool(C.cpu_info()["features"].get("amx_bf16", False))
+
 
 AttentionPieces = list[tuple[slice, slice, "torch.Tensor | None"]]
 
@@ -282,7 +290,13 @@ class PackedModernBert(nn.Module):
         # kernel); otherwise torch's SDPA over the pieces.
         amx = h.dtype == torch.bfloat16 and h.device.type == "cpu" and hd in (32, 64) and amx_ready()
         amx_keys = None if amx and bool(key_mask.all()) else key_mask
-        pieces = None if amx else self._pieces(key_mask, h.dtype)
+        # bf16 on a CPU without AMX tiles: torch's SDPA runs in float32. Its bf16 kernel was the
+        # slower one on a Zen 4 EPYC (AVX512-BF16, no AMX): 1.06 s against 0.74 s of attention for
+        # two 4,096-token documents on 17m, 79% of bf16's encoding time there (CPUs with AMX keep
+        # bf16 when the op is turned off: not measured in float32).
+        wide = h.dtype == torch.bfloat16 and h.device.type == "cpu" and not _cpu_has_amx()
+        sdpa_dtype = torch.float32 if wide else h.dtype
+        pieces = None if amx else self._pieces(key_mask, sdpa_dtype)
         ropes = {lt: self._rope_table(lt, length, h.device) for lt in set(self.layer_types)}
         # bf16 on CPUs: the C++ op rotates in place (torch has no bf16 complex product; rotating a
         # float32 copy made 17m's bf16 encoding 9% slower: 130.2 against 142.4 docs/s on 2 Xeon
@@ -311,7 +325,7 @@ class PackedModernBert(nn.Module):
                 q, k, v = qkv.unbind(2)
                 attention(q, k, v, amx_keys, window, hd**-0.5, attn_out, backend="cpp")
             else:
-                q, k, v = (qkv[:, :, j].transpose(1, 2) for j in range(3))  # (B, H, L, hd)
+                q, k, v = (qkv[:, :, j].transpose(1, 2).to(sdpa_dtype) for j in range(3))  # (B, H, L, hd)
                 for rows, keys, mask in pieces[lt]:
                     o = F.scaled_dot_product_attention(
                         q[:, :, rows], k[:, :, keys], v[:, :, keys], attn_mask=mask, scale=hd**-0.5
