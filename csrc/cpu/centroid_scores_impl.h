@@ -112,17 +112,14 @@ EP_INLINE void sweep_tiles_dim(const float* qt, int64_t qstride, const float* ro
   }
 }
 
-// sweep_tiles_dim with dim fixed at compile time for 48, 64 and 128 (as sweep_rows); returns the
-// group height NT.
+// sweep_tiles_dim with dim fixed at compile time where it is a served width (with_fixed_dim);
+// returns the group height NT.
 template <int NQV>
 EP_INLINE int64_t sweep_tiles(const float* qt, int64_t qstride, const float* rows, int64_t n_rows, int64_t dim,
                               float* tile, int64_t ld, float* group_max) {
-  switch (dim) {
-    case 48: sweep_tiles_dim<NQV, 48>(qt, qstride, rows, n_rows, dim, tile, ld, group_max); break;
-    case 64: sweep_tiles_dim<NQV, 64>(qt, qstride, rows, n_rows, dim, tile, ld, group_max); break;
-    case 128: sweep_tiles_dim<NQV, 128>(qt, qstride, rows, n_rows, dim, tile, ld, group_max); break;
-    default: sweep_tiles_dim<NQV, 0>(qt, qstride, rows, n_rows, dim, tile, ld, group_max); break;
-  }
+  with_fixed_dim(dim, [&](auto d) {
+    sweep_tiles_dim<NQV, decltype(d)::value>(qt, qstride, rows, n_rows, dim, tile, ld, group_max);
+  });
   return tile_rows<NQV>();
 }
 

@@ -475,12 +475,9 @@ template <int NQV>
 EP_INLINE void sweep_exact(const float* qt, int64_t qstride, const float* rows, const int32_t* codes,
                            const float* inv, int64_t n_rows, int64_t dim, const float* table, int64_t tstride,
                            float* best) {
-  switch (dim) {
-    case 48: sweep_exact_dim<NQV, 48>(qt, qstride, rows, codes, inv, n_rows, dim, table, tstride, best); break;
-    case 64: sweep_exact_dim<NQV, 64>(qt, qstride, rows, codes, inv, n_rows, dim, table, tstride, best); break;
-    case 128: sweep_exact_dim<NQV, 128>(qt, qstride, rows, codes, inv, n_rows, dim, table, tstride, best); break;
-    default: sweep_exact_dim<NQV, 0>(qt, qstride, rows, codes, inv, n_rows, dim, table, tstride, best); break;
-  }
+  with_fixed_dim(dim, [&](auto d) {
+    sweep_exact_dim<NQV, decltype(d)::value>(qt, qstride, rows, codes, inv, n_rows, dim, table, tstride, best);
+  });
 }
 
 // acc[t][v] = bias[v] + sum_g dot4(rows[t][4g : 4g + 4], q8[g][v * W : (v + 1) * W][0 : 4]).

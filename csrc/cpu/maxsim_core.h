@@ -172,17 +172,23 @@ EP_INLINE void sweep_rows_dim(const float* qt, int64_t qstride, const float* row
   for (int v = 0; v < NQV; ++v) m[v].store(best + v * W);
 }
 
-// sweep_rows_dim with dim fixed at compile time for the widths of the models edgeplaid
-// serves (48, 64 and 128: mxbai-edge-colbert, ColBERTv2) and run-time dim otherwise.
+// Calls f(std::integral_constant<int, DIM>{}) with DIM = dim for the widths of the models
+// edgeplaid serves (48, 64 and 128: mxbai-edge-colbert, ColBERTv2), else DIM = 0 (dim read at run
+// time): the sweeps' addresses are then one pointer plus immediate offsets (dot_tile).
+template <class F>
+EP_INLINE void with_fixed_dim(int64_t dim, F&& f) {
+  switch (dim) {
+    case 48: f(std::integral_constant<int, 48>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    default: f(std::integral_constant<int, 0>{}); break;
+  }
+}
+
 template <int NQV>
 EP_INLINE void sweep_rows(const float* qt, int64_t qstride, const float* rows, int64_t n_rows, int64_t dim,
                           float* best) {
-  switch (dim) {
-    case 48: sweep_rows_dim<NQV, 48>(qt, qstride, rows, n_rows, dim, best); break;
-    case 64: sweep_rows_dim<NQV, 64>(qt, qstride, rows, n_rows, dim, best); break;
-    case 128: sweep_rows_dim<NQV, 128>(qt, qstride, rows, n_rows, dim, best); break;
-    default: sweep_rows_dim<NQV, 0>(qt, qstride, rows, n_rows, dim, best); break;
-  }
+  with_fixed_dim(dim, [&](auto d) { sweep_rows_dim<NQV, decltype(d)::value>(qt, qstride, rows, n_rows, dim, best); });
 }
 
 // Calls f(std::integral_constant<int, nv>{}) for a query-vector count nv in [1, kMaxQueryVecs].

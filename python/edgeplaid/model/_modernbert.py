@@ -20,7 +20,6 @@ Outputs match transformers to float32 rounding (the parity tests pin PyLate's ou
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -29,16 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeplaid._native import C
-from edgeplaid.ops.attention import amx_ready, attention
+from edgeplaid.ops.attention import amx_present, amx_ready, attention
 from edgeplaid.ops.int8_linear import int8_linear, quantize_weight
 from edgeplaid.ops.rotary_embed import rotary_embed
-
-
-@functools.cache
-def _cpu_has_amx() -> bool:
-    """Whether this CPU has AMX-BF16 tiles (whether or not the attention op may use them)."""
-    return C is not None and bool(C.cpu_info()["features"].get("amx_bf16", False))
-
 
 AttentionPieces = list[tuple[slice, slice, "torch.Tensor | None"]]
 
@@ -294,7 +286,7 @@ class PackedModernBert(nn.Module):
         # slower one on a Zen 4 EPYC (AVX512-BF16, no AMX): 1.06 s against 0.74 s of attention for
         # two 4,096-token documents on 17m, 79% of bf16's encoding time there (CPUs with AMX keep
         # bf16 when the op is turned off: not measured in float32).
-        wide = h.dtype == torch.bfloat16 and h.device.type == "cpu" and not _cpu_has_amx()
+        wide = h.dtype == torch.bfloat16 and h.device.type == "cpu" and not amx_present()
         sdpa_dtype = torch.float32 if wide else h.dtype
         pieces = None if amx else self._pieces(key_mask, sdpa_dtype)
         ropes = {lt: self._rope_table(lt, length, h.device) for lt in set(self.layer_types)}

@@ -6,11 +6,19 @@ elsewhere the encoder keeps torch's scaled_dot_product_attention.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from edgeplaid.ops import cpp_backend as cpp
 from edgeplaid.ops import reference
 from edgeplaid.ops.dispatch import register, resolve
+
+
+@functools.cache
+def amx_present() -> bool:
+    """Whether the CPU has AMX-BF16 tiles at all, whether or not this kernel may use them now."""
+    return cpp.C is not None and bool(cpp.C.cpu_info()["features"].get("amx_bf16", False))
 
 
 def amx_ready() -> bool:
