@@ -98,3 +98,25 @@ def test_staged_where_the_fused_call_cannot(index, fused_calls):
     assert fused_calls == []
     idx.search(q, k=5, queries_mask=m)
     assert fused_calls == [1]
+
+
+def test_fused_breaks_ties_as_staged(tmp_path, monkeypatch, fused_calls):
+    # Every document twice (positions i and i + 150 hold the same tokens, so the same codes and
+    # the same scores): the top k is full of exact ties, which both paths must break the same way
+    # (the earlier candidate first).
+    tokens, doclens, topics = corpus(n_docs=150, n_topics=20, seed=7)
+    idx = Index.build(
+        tmp_path / "i",
+        torch.cat([tokens, tokens]),
+        torch.cat([doclens, doclens]),
+        n_centroids=64,
+        progress=False,
+    )
+    q, m = queries(topics, n=6, length=10, seed=3)
+    for precision in ("int8", "exact"):
+        got = idx.search(q, k=10, queries_mask=m, precision=precision)
+        want = _staged(monkeypatch, lambda p=precision: idx.search(q, k=10, queries_mask=m, precision=p))
+        pairs = got.scores[:, :-1] == got.scores[:, 1:]
+        assert bool(pairs.any())  # ties are there
+        assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+    assert len(fused_calls) == 2
