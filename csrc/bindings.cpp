@@ -7,8 +7,9 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
-#include <limits>
 #include <atomic>
+#include <limits>
+#include <memory>
 #include <cstdlib>
 #include <chrono>
 #include <string>
@@ -167,6 +168,59 @@ void raise_if(const KernelError& err) {
   if (err.set()) fail(err.message());
 }
 
+// Stage 1's centroids (n_centroids, dim) of the given dtype and its n_probe.
+Rows centroids_arg(const py::array& centroids, const std::string& dtype, int64_t dim, int64_t n_probe) {
+  expect_rank(centroids, "centroids", 2, "(n_centroids, dim)");
+  expect_dim(centroids, "centroids", 1, dim, "dim of queries");
+  const Rows c{centroids.data(), parse_dtype(centroids, dtype, "centroids"), centroids.shape(0), dim};
+  if (c.rows > int64_t(UINT32_MAX))  // the top-k selection packs ids into 32 bits
+    fail("centroids: expected at most 2**32 - 1 centroids, got " + std::to_string(c.rows));
+  if (n_probe < 1 || n_probe > c.rows)
+    fail("n_probe: expected 1 <= n_probe <= n_centroids=" + std::to_string(c.rows) + ", got " +
+         std::to_string(n_probe));
+  return c;
+}
+
+IvfLists ivf_arg(const py::array& ivf_offsets, const py::array& ivf_docs, int64_t n_cent) {
+  expect_rank(ivf_offsets, "ivf_offsets", 1, "(n_centroids + 1,)");
+  if (!has_dtype(ivf_offsets, 'i', 8)) fail("ivf_offsets: expected int64");
+  expect_dim(ivf_offsets, "ivf_offsets", 0, n_cent + 1, "n_centroids + 1");
+  expect_rank(ivf_docs, "ivf_docs", 1, "(n_entries,)");
+  if (!has_dtype(ivf_docs, 'i', 4)) fail("ivf_docs: expected int32");
+  return IvfLists{static_cast<const int64_t*>(ivf_offsets.data()), static_cast<const int32_t*>(ivf_docs.data()),
+                  n_cent, ivf_docs.shape(0)};
+}
+
+// The live documents (n_docs,) bool, or null (None: every document).
+const uint8_t* live_arg(const py::object& live, int64_t nd) {
+  if (live.is_none()) return nullptr;
+  const py::array a = live.cast<py::array>();
+  expect_rank(a, "live", 1, "(n_docs,)");
+  if (!(has_dtype(a, 'b', 1) || has_dtype(a, 'u', 1))) fail("live: expected bool");
+  expect_dim(a, "live", 0, nd, "n_docs");
+  return static_cast<const uint8_t*>(a.data());
+}
+
+// The pruning threshold, stored in *value: null when None.
+const float* threshold_arg(const py::object& threshold, float* value) {
+  if (threshold.is_none()) return nullptr;
+  *value = threshold.cast<float>();
+  return value;
+}
+
+const float* inv_norm_arg(const py::array& inv_norm, int64_t n) {
+  expect_rank(inv_norm, "inv_norm", 1, "(n_tokens,)");
+  expect_dim(inv_norm, "inv_norm", 0, n, "one per code");
+  return f32_data(inv_norm, "inv_norm");
+}
+
+// Stage 4's precision: true for "int8".
+bool int8_precision_arg(const std::string& precision) {
+  if (precision != "exact" && precision != "int8")
+    fail("precision: expected 'exact' or 'int8', got '" + precision + "'");
+  return precision == "int8";
+}
+
 py::array_t<float> maxsim_padded(const py::array& queries, const py::object& queries_mask, const py::array& docs,
                                  const std::string& dtype, const py::object& docs_mask) {
   const Queries q = queries_arg(queries, queries_mask);
@@ -234,14 +288,7 @@ py::tuple centroid_scores(const py::array& queries, const py::object& queries_ma
                           const std::string& dtype, int64_t n_probe, const py::object& scores_out,
                           bool centroid_major, bool with_max) {
   const Queries q = queries_arg(queries, queries_mask);
-  expect_rank(centroids, "centroids", 2, "(n_centroids, dim)");
-  expect_dim(centroids, "centroids", 1, q.dim, "dim of queries");
-  const Rows c{centroids.data(), parse_dtype(centroids, dtype, "centroids"), centroids.shape(0), q.dim};
-  if (c.rows > int64_t(UINT32_MAX))  // the top-k selection packs ids into 32 bits
-    fail("centroids: expected at most 2**32 - 1 centroids, got " + std::to_string(c.rows));
-  if (n_probe < 1 || n_probe > c.rows)
-    fail("n_probe: expected 1 <= n_probe <= n_centroids=" + std::to_string(c.rows) + ", got " +
-         std::to_string(n_probe));
+  const Rows c = centroids_arg(centroids, dtype, q.dim, n_probe);
   const int64_t ts = centroid_major ? table_stride_for(q.lq) : 0;
   const std::vector<py::ssize_t> shape =
       centroid_major ? std::vector<py::ssize_t>{q.nq, c.rows, ts} : std::vector<py::ssize_t>{q.nq, q.lq, c.rows};
@@ -350,11 +397,7 @@ py::array_t<float> centroid_interaction(const py::array& scores, const py::objec
   const int64_t* off = offsets_arg(offsets, &nd);
   const Candidates c = candidates_arg(candidates, nq, nd);
   float thr = 0.0f;
-  const float* thr_ptr = nullptr;
-  if (!threshold.is_none()) {
-    thr = threshold.cast<float>();
-    thr_ptr = &thr;
-  }
+  const float* thr_ptr = threshold_arg(threshold, &thr);
   py::array_t<float> out({nq, c.nc});
   if (out.size() == 0) return out;  // nothing to compute (a zero-sized axis): the kernels never see it
   float* o = out.mutable_data();
@@ -386,32 +429,15 @@ py::tuple centroid_interaction_topk(const py::array& scores, const py::object& c
   const Ids ids = codes_arg(codes);
   int64_t nd = 0;
   const int64_t* off = offsets_arg(offsets, &nd);
-  expect_rank(ivf_offsets, "ivf_offsets", 1, "(n_centroids + 1,)");
-  if (!has_dtype(ivf_offsets, 'i', 8)) fail("ivf_offsets: expected int64");
-  expect_dim(ivf_offsets, "ivf_offsets", 0, n_cent + 1, "n_centroids + 1");
-  expect_rank(ivf_docs, "ivf_docs", 1, "(n_entries,)");
-  if (!has_dtype(ivf_docs, 'i', 4)) fail("ivf_docs: expected int32");
-  const IvfLists ivf{static_cast<const int64_t*>(ivf_offsets.data()), static_cast<const int32_t*>(ivf_docs.data()),
-                     n_cent, ivf_docs.shape(0)};
+  const IvfLists ivf = ivf_arg(ivf_offsets, ivf_docs, n_cent);
   expect_rank(probed, "probed", 2, "(n_queries, n_probed)");
   if (!has_dtype(probed, 'i', 8)) fail("probed: expected int64");
   expect_dim(probed, "probed", 0, nq, "n_queries");
-  const uint8_t* alive = nullptr;
-  if (!live.is_none()) {
-    const py::array a = live.cast<py::array>();
-    expect_rank(a, "live", 1, "(n_docs,)");
-    if (!(has_dtype(a, 'b', 1) || has_dtype(a, 'u', 1))) fail("live: expected bool");
-    expect_dim(a, "live", 0, nd, "n_docs");
-    alive = static_cast<const uint8_t*>(a.data());
-  }
+  const uint8_t* alive = live_arg(live, nd);
   if (nd > int64_t(INT32_MAX)) fail("doc_offsets: expected at most 2**31 - 1 documents, got " + std::to_string(nd));
   if (n_keep < 1) fail("n_keep: expected >= 1, got " + std::to_string(n_keep));
   float thr = 0.0f;
-  const float* thr_ptr = nullptr;
-  if (!threshold.is_none()) {
-    thr = threshold.cast<float>();
-    thr_ptr = &thr;
-  }
+  const float* thr_ptr = threshold_arg(threshold, &thr);
   py::array_t<int64_t> out_ids({nq, n_keep});
   py::array_t<float> out_scores({nq, n_keep});
   if (nq == 0) return py::make_tuple(out_ids, out_scores);
@@ -503,14 +529,11 @@ py::array_t<float> fused_decompress_maxsim_codes(const py::array& queries, const
                                                  const py::array& bucket_weights, int nbits,
                                                  const std::string& precision, const py::object& query_len) {
   const Queries q = queries_arg(queries, queries_mask);
-  if (precision != "exact" && precision != "int8")
-    fail("precision: expected 'exact' or 'int8', got '" + precision + "'");
+  const bool int8 = int8_precision_arg(precision);
   const float* weights = bucket_weights_arg(bucket_weights, nbits, q.dim);
   const Ids ids = codes_arg(codes);
   const Compressed tokens{ids, residuals_arg(residuals, ids.n, q.dim * nbits / 8)};
-  expect_rank(inv_norm, "inv_norm", 1, "(n_tokens,)");
-  expect_dim(inv_norm, "inv_norm", 0, ids.n, "one per code");
-  const float* inv = f32_data(inv_norm, "inv_norm");
+  const float* inv = inv_norm_arg(inv_norm, ids.n);
   const ScoreTable table = score_table_arg(centroid_scores, query_len);
   expect_dim(centroid_scores, "centroid_scores", 0, q.nq, "n_queries");
   if (table.lq != q.lq)
@@ -522,7 +545,6 @@ py::array_t<float> fused_decompress_maxsim_codes(const py::array& queries, const
   if (out.size() == 0) return out;  // nothing to compute (a zero-sized axis): the kernels never see it
   float* o = out.mutable_data();
   KernelError err;
-  const bool int8 = precision == "int8";
   {
     py::gil_scoped_release release;
     if (int8) EP_DISPATCH_INT8(fused_decompress_maxsim_codes, q, tokens, inv, off, nd, table, weights, nbits, int8, c, o, err);
@@ -532,14 +554,110 @@ py::array_t<float> fused_decompress_maxsim_codes(const py::array& queries, const
   return out;
 }
 
-// PLAID's CPU pipeline for one block of queries in one call: stage 1 (centroid_scores: the
+// ---- PLAID's CPU pipeline in one call ----------------------------------------------------------
+
+// What plaid_search reads besides the queries, checked by its binding.
+struct PlaidArgs {
+  Rows centroids;           // (n_centroids, dim)
+  int64_t n_probe;
+  Compressed tokens;        // codes (n_tokens,), residuals (n_tokens, dim * nbits / 8)
+  const float* inv_norm;    // (n_tokens,)
+  const int64_t* offsets;   // (nd + 1,)
+  int64_t nd;
+  IvfLists ivf;
+  const uint8_t* live;      // (nd,) or null
+  const float* weights;     // (2**nbits,)
+  int nbits;
+  const float* threshold;   // or null
+  int64_t n_candidates, k;
+  bool int8;
+};
+
+// A buffer that grows to the largest size asked of it, uninitialised (every element a kernel
+// reads it writes first): reused across the queries a thread runs in one call.
+template <class T>
+class Scratch {
+ public:
+  T* get(int64_t n) {
+    if (n > n_) {
+      data_.reset(new T[size_t(n)]);
+      n_ = n;
+    }
+    return data_.get();
+  }
+
+ private:
+  std::unique_ptr<T[]> data_;
+  int64_t n_ = 0;
+};
+
+// One thread's buffers: a query's table is n_centroids x stride floats (2 MiB for SciFact's
+// 16,384 centroids and 32-token queries).
+struct PlaidBuffers {
+  Scratch<float> table, cmax, kept_scores, scores;
+  Scratch<int64_t> top, kept, order;
+};
+
+// Stages 1, 1b-2 and 4 of the queries q (q.nq of them) with the kernels each stage's op runs,
+// then each query's k best: a higher score first, then the earlier candidate (the order of
+// PlaidSearcher.search's stable numpy sort); -inf / -1 past its scored documents. The kernels
+// spread over the pool unless called from a pool task (then inline: plaid_search's one query a
+// thread). out_scores / out_ids: (q.nq, k).
+void plaid_block(const Queries& q, const PlaidArgs& a, PlaidBuffers& buf, float* out_scores, int64_t* out_ids,
+                 KernelError& err) {
+  const int64_t nq = q.nq, lq = q.lq, n_cent = a.centroids.rows, ts = table_stride_for(lq);
+  const int64_t nc = a.n_candidates, k = a.k;
+  float* table = buf.table.get(nq * n_cent * ts);
+  float* cmax = buf.cmax.get(nq * n_cent);
+  int64_t* top = buf.top.get(nq * lq * a.n_probe);
+  if (lq == 0) std::fill(cmax, cmax + nq * n_cent, -std::numeric_limits<float>::infinity());
+  if (ts > 0 && amx_tables()) {
+    EP_IF_AMX(amx::centroid_scores(q, a.centroids, a.n_probe, ts, table, top, cmax, err);)
+  } else {
+    EP_DISPATCH(centroid_scores, q, a.centroids, a.n_probe, ts, table, top, cmax, err);
+  }
+  if (err.set()) return;
+  const ScoreTable st{table, nq, lq, n_cent, ts};
+  int64_t* kept = buf.kept.get(nq * nc);
+  float* kept_scores = buf.kept_scores.get(nq * nc);
+  EP_DISPATCH(centroid_interaction_topk, st, cmax, q.mask, a.tokens.codes, a.offsets, a.nd, a.ivf, top,
+              lq * a.n_probe, a.live, a.threshold, nc, kept, kept_scores, err);
+  if (err.set()) return;
+  float* scores = buf.scores.get(nq * nc);
+  const Candidates cand{kept, nc};
+  if (a.int8)
+    EP_DISPATCH_INT8(fused_decompress_maxsim_codes, q, a.tokens, a.inv_norm, a.offsets, a.nd, st, a.weights, a.nbits,
+                     true, cand, scores, err);
+  else
+    EP_DISPATCH(fused_decompress_maxsim_codes, q, a.tokens, a.inv_norm, a.offsets, a.nd, st, a.weights, a.nbits,
+                false, cand, scores, err);
+  if (err.set()) return;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t n = std::min(k, nc);
+  int64_t* order = buf.order.get(nc);
+  for (int64_t i = 0; i < nq; ++i) {
+    const float* s = scores + i * nc;
+    for (int64_t j = 0; j < nc; ++j) order[j] = j;
+    std::partial_sort(order, order + n, order + nc,
+                      [s](int64_t x, int64_t y) { return s[x] > s[y] || (s[x] == s[y] && x < y); });
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t at = j < n ? order[j] : -1;
+      const bool scored = at >= 0 && s[at] != kNegInf && kept[i * nc + at] >= 0;
+      out_scores[i * k + j] = scored ? s[at] : kNegInf;  // an empty or pruned document is no result
+      out_ids[i * k + j] = scored ? kept[i * nc + at] : -1;
+    }
+  }
+}
+
+// PLAID's CPU pipeline for a batch of queries in one call: stage 1 (centroid_scores: the
 // centroid-major table and each centroid's maximum), stages 1b-2 (centroid_interaction_topk over
 // the probed IVF lists, n_candidates kept) and stage 4 (fused_decompress_maxsim_codes of those),
-// then each query's k best: a higher score first, then the earlier candidate (the order of
-// PlaidSearcher.search's stable numpy sort); -inf / -1 past its scored documents. The same three
-// kernels, argument checks and GIL releases as the three op calls, without the Python between
-// them (conversions, checks, bundles and numpy selections: ~0.1-0.2 ms of a ~1 ms SciFact query
-// on 2 cores, the measurements in README.md). Returns (scores (nq, k) float32, ids (nq, k) int64).
+// then each query's k best. The same kernels and checks as the three op calls, without the Python
+// between them (conversions, checks, bundles and numpy selections: ~0.1-0.2 ms of a ~1 ms SciFact
+// query on 2 cores, the measurements in README.md). One query alone runs each stage across the
+// pool; several run one query per pool thread, every stage inline on it: no wait between stages,
+// each thread's table in its own L2 (batched SciFact on the Zen 4: README, "one query a thread").
+// Returns (scores (nq, k) float32, ids (nq, k) int64).
 py::tuple plaid_search(const py::array& queries, const py::object& queries_mask, const py::array& centroids,
                        const std::string& dtype, int64_t n_probe, const py::array& codes,
                        const py::array& doc_offsets, const py::array& residuals, const py::array& inv_norm,
@@ -548,39 +666,47 @@ py::tuple plaid_search(const py::array& queries, const py::object& queries_mask,
                        int64_t n_candidates, const std::string& precision, int64_t k) {
   if (k < 1) fail("k: expected >= 1, got " + std::to_string(k));
   if (n_candidates < 1) fail("n_candidates: expected >= 1, got " + std::to_string(n_candidates));
-  expect_rank(queries, "queries", 3, "(n_queries, query_len, dim)");
-  const int64_t nq = queries.shape(0), lq = queries.shape(1);
-  const py::tuple first = centroid_scores(queries, queries_mask, centroids, dtype, n_probe, py::none(), true, true);
-  const py::array table = first[0], cmax = first[2];
-  py::array top = first[1];
-  const py::array probed = top.reshape({nq, lq * n_probe});
-  const py::tuple kept = centroid_interaction_topk(table, cmax, queries_mask, codes, doc_offsets, ivf_offsets, ivf_docs,
-                                                   probed, live, threshold, n_candidates, lq);
-  const py::array_t<int64_t> cand = kept[0].cast<py::array_t<int64_t>>();
-  const py::array_t<float> s4 = fused_decompress_maxsim_codes(queries, queries_mask, codes, residuals, inv_norm,
-                                                              doc_offsets, cand, table, bucket_weights, nbits,
-                                                              precision, py::int_(lq));
-  py::array_t<float> out_scores({nq, k});
-  py::array_t<int64_t> out_ids({nq, k});
+  const Queries q = queries_arg(queries, queries_mask);
+  PlaidArgs a;
+  a.centroids = centroids_arg(centroids, dtype, q.dim, n_probe);
+  a.n_probe = n_probe;
+  a.int8 = int8_precision_arg(precision);
+  a.weights = bucket_weights_arg(bucket_weights, nbits, q.dim);
+  a.nbits = nbits;
+  const Ids ids = codes_arg(codes);
+  a.tokens = Compressed{ids, residuals_arg(residuals, ids.n, q.dim * nbits / 8)};
+  a.inv_norm = inv_norm_arg(inv_norm, ids.n);
+  a.offsets = offsets_arg(doc_offsets, &a.nd);
+  if (a.nd > int64_t(INT32_MAX))
+    fail("doc_offsets: expected at most 2**31 - 1 documents, got " + std::to_string(a.nd));
+  a.ivf = ivf_arg(ivf_offsets, ivf_docs, a.centroids.rows);
+  a.live = live_arg(live, a.nd);
+  float thr = 0.0f;
+  a.threshold = threshold_arg(threshold, &thr);
+  a.n_candidates = n_candidates;
+  a.k = k;
+  py::array_t<float> out_scores({q.nq, k});
+  py::array_t<int64_t> out_ids({q.nq, k});
   float* os = out_scores.mutable_data();
   int64_t* oi = out_ids.mutable_data();
-  const int64_t nc = cand.shape(1), n = std::min(k, nc);
-  const float* sc = s4.data();
-  const int64_t* ci = cand.data();
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  std::vector<int64_t> order(static_cast<size_t>(nc));
-  for (int64_t i = 0; i < nq; ++i) {
-    const float* s = sc + i * nc;
-    for (int64_t j = 0; j < nc; ++j) order[size_t(j)] = j;
-    std::partial_sort(order.begin(), order.begin() + n, order.end(),
-                      [s](int64_t a, int64_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); });
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t at = j < n ? order[size_t(j)] : -1;
-      const bool scored = at >= 0 && s[at] != kNegInf && ci[i * nc + at] >= 0;
-      os[i * k + j] = scored ? s[at] : kNegInf;  // an empty or pruned document is no result
-      oi[i * k + j] = scored ? ci[i * nc + at] : -1;
+  KernelError err;
+  {
+    py::gil_scoped_release release;
+    if (q.nq < 2 || get_num_threads() < 2) {
+      PlaidBuffers buf;
+      if (q.nq > 0) plaid_block(q, a, buf, os, oi, err);
+    } else {
+      std::atomic<int64_t> next{0};
+      parallel_each_thread([&](int, int) {
+        PlaidBuffers buf;
+        for (int64_t i = next.fetch_add(1); i < q.nq && !err.set(); i = next.fetch_add(1)) {
+          const Queries one{q.data + i * q.lq * q.dim, q.mask == nullptr ? nullptr : q.mask + i * q.lq, 1, q.lq, q.dim};
+          plaid_block(one, a, buf, os + i * k, oi + i * k, err);
+        }
+      });
     }
   }
+  raise_if(err);
   return py::make_tuple(out_scores, out_ids);
 }
 

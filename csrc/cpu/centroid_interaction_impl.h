@@ -356,7 +356,7 @@ void centroid_interaction_topk(const ScoreTable& scores, const float* centroid_m
   const int64_t nq = scores.nq, lq = scores.lq, n_centroids = scores.n_centroids, stride = scores.stride;
   // One query a thread when there are enough queries (no hand-off inside a query); else the
   // query's candidates are split across the pool.
-  const bool per_query = nq >= get_num_threads();
+  const bool per_query = nq >= parallel_width();
   const auto run_query = [&](int64_t qi) {
     int64_t n_valid = 0;
     for (int64_t i = 0; i < lq; ++i) n_valid += (queries_mask == nullptr || queries_mask[qi * lq + i]) ? 1 : 0;
@@ -424,7 +424,7 @@ void centroid_interaction_topk(const ScoreTable& scores, const float* centroid_m
         // it when its entries are several times that (and at most one part per kept centroid).
         const int64_t worth = std::min(entries / kEntriesPerPart, entries / (kEntriesPerRow * rows));
         const int64_t n_parts =
-            per_query ? 1 : std::clamp<int64_t>(std::min<int64_t>(worth, int64_t(kept.size())), 1, get_num_threads());
+            per_query ? 1 : std::clamp<int64_t>(std::min<int64_t>(worth, int64_t(kept.size())), 1, parallel_width());
         std::vector<int64_t> cut(size_t(n_parts + 1), int64_t(kept.size()));
         cut[0] = 0;
         for (int64_t k = 0, p = 1, seen_entries = 0; k < int64_t(kept.size()) && p < n_parts; ++k) {

@@ -231,7 +231,7 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, i
   if (n_valid == 0 && ts > 0) std::fill(scores, scores + q.nq * n_cent * ts, 0.0f);
   if (n_valid == 0 || n_cent == 0) return;
 
-  const int max_threads = get_num_threads();
+  const int max_threads = parallel_width();
   const int64_t cap = shortlist_capacity(k);
   std::vector<RankKey> items(size_t(max_threads * n_valid * cap));
   std::vector<Shortlist> lists(size_t(max_threads * n_valid));

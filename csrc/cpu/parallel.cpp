@@ -199,6 +199,8 @@ void set_num_threads(int n) { g_requested.store(n <= 0 ? 0 : n); }
 
 int get_num_threads() { return wanted_threads(); }
 
+int parallel_width() { return t_in_pool_task ? 1 : wanted_threads(); }
+
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   grain = std::max<int64_t>(1, grain);

@@ -12,6 +12,11 @@ namespace edgeplaid {
 void set_num_threads(int n);  // n <= 0: one per hardware thread
 int get_num_threads();
 
+// The threads a parallel call made here would use: 1 inside a pool task (nested calls run
+// inline), else get_num_threads(). Kernels size their per-thread state and choose between
+// splitting one query and running one query a thread by it.
+int parallel_width();
+
 // Calls fn(begin, end) over [0, n) in chunks of `grain`, dynamically balanced.
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import edgeplaid
 from _plaid_data import corpus, queries
 from edgeplaid import Index
 from edgeplaid._native import C
@@ -120,3 +121,44 @@ def test_fused_breaks_ties_as_staged(tmp_path, monkeypatch, fused_calls):
         assert bool(pairs.any())  # ties are there
         assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
     assert len(fused_calls) == 2
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fused_batch_equals_one_at_a_time(index, fused_calls, threads):
+    # A batch runs one query a pool thread, each stage inline on it; one query alone spreads each
+    # stage across the pool; one thread runs everything inline. All give the same bits.
+    idx, topics = index
+    q, m = queries(topics, n=11, length=12, seed=6)
+    m[2] = False
+    m[7, 3:] = False
+    previous = edgeplaid.get_num_threads()
+    edgeplaid.set_num_threads(threads)
+    try:
+        for precision in ("int8", "exact"):
+            got = idx.search(q, k=7, queries_mask=m, precision=precision)
+            for i in range(q.shape[0]):
+                one = idx.search(q[i : i + 1], k=7, queries_mask=m[i : i + 1], precision=precision)
+                assert torch.equal(got.ids[i : i + 1], one.ids)
+                assert torch.equal(got.scores[i : i + 1], one.scores)
+    finally:
+        edgeplaid.set_num_threads(previous)
+    assert len(fused_calls) == 2 * (1 + q.shape[0])
+
+
+def test_fused_reports_a_bad_code_from_any_thread(index, fused_calls):
+    # A corrupt code met by a pool thread's query raises (naming it) and the searcher's arrays
+    # stay as they were.
+    idx, topics = index
+    docs = idx._searcher.parts[0].docs
+    q, m = queries(topics, n=8, length=10, seed=9)
+    before = idx.search(q, k=5, queries_mask=m)
+    codes = docs.codes
+    saved = codes.clone()
+    codes[: codes.shape[0] : 7] = idx._searcher.codec.n_centroids + 3  # out of range everywhere
+    try:
+        with pytest.raises(ValueError, match="code"):
+            idx.search(q, k=5, queries_mask=m)
+    finally:
+        codes.copy_(saved)
+    after = idx.search(q, k=5, queries_mask=m)
+    assert torch.equal(before.ids, after.ids) and torch.equal(before.scores, after.scores)

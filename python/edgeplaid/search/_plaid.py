@@ -50,6 +50,8 @@ DEFAULT_PRECISION = "int8"
 # centroid tiles serve every query of a block; stage 2 runs one query per thread). On a GPU
 # 256 MiB: whole batches in one launch.
 _MAX_SCORE_BLOCK = {"cpu": 1 << 22, "cuda": 1 << 26}
+# Queries a plaid_search call takes (search/_fused.py): one query a pool thread at a time.
+_FUSED_BLOCK = 256
 
 
 class StageTimes:
@@ -519,6 +521,10 @@ class PlaidSearcher:
             and not clock.enabled
             and implements("plaid_search", device, backend, like="centroid_scores")
         )
+        if fused:
+            # The one-call path holds one query's table per thread, whatever the block: the block
+            # only bounds how long a call runs without the GIL's interrupt checks (~0.1-0.3 s).
+            per_block = _FUSED_BLOCK
         t = time.perf_counter()
         for start in range(0, nq, per_block):
             q = queries[start : start + per_block]
