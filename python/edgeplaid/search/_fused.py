@@ -6,9 +6,10 @@ SciFact one query at a time, their Python (conversions, checks, bundles, selecti
 ms of a ~1 ms query on 2 cores. This op runs the same three kernels and the same selection in one
 crossing: one query alone with each stage spread over the kernel threads, several queries one a
 thread (every stage inline on it, its table in that core's cache; batched SciFact on the Zen 4
-+28-45% against blocks of 8 with each stage spread, README). Its twin is the staged pipeline itself, which every other backend runs (this op has a
-``cpp`` implementation only; :func:`edgeplaid.ops.dispatch.implements` asks for it by capability)
-and which the tests compare it with, result for result.
++28-45% against blocks of 8 with each stage spread, README). Its twin is the staged pipeline
+itself, which every other backend runs (this op has a ``cpp`` implementation only;
+:func:`edgeplaid.ops.dispatch.implements` asks for it by capability) and which the tests compare
+it with, result for result.
 """
 
 from __future__ import annotations
