@@ -43,10 +43,11 @@ using namespace edgeplaid;
 #define EP_IF_AVX2(...)
 #endif
 
-// Calls ns::fn(args...) for the active ISA's namespace ns.
-#define EP_DISPATCH(fn, ...)                                        \
+// Calls ns::fn(args...) for the namespace ns of the ISA `isa` (EP_DISPATCH: the active one).
+#define EP_DISPATCH(fn, ...) EP_DISPATCH_ON(active_isa(), fn, __VA_ARGS__)
+#define EP_DISPATCH_ON(isa, fn, ...)                                \
   do {                                                              \
-    switch (active_isa()) {                                         \
+    switch (isa) {                                                  \
       case Isa::avx512: EP_IF_AVX512(avx512::fn(__VA_ARGS__); break;) \
         [[fallthrough]];                                            \
       case Isa::avx2: EP_IF_AVX2(avx2::fn(__VA_ARGS__); break;)     \
@@ -800,7 +801,8 @@ py::dict cpu_info() {
     per_op[op] = fp32;
   per_op["fused_decompress_maxsim[int8]"] = int8_isa_name(int8_isa());
   if (amx_tables()) per_op["centroid_scores"] = "amx (centroid-major, fp16/bf16 centroids), else avx512";
-  per_op["attention"] = amx_enabled() ? "amx" : "none (torch SDPA)";
+  per_op["attention"] = isa_name(attention_isa());  // float32 heads
+  per_op["attention[bf16]"] = amx_enabled() ? "amx" : "none (torch SDPA)";
   info["op_isa"] = per_op;
   return info;
 }
@@ -1022,9 +1024,11 @@ void rotary_embed(py::array& x, const std::string& dtype, const py::array& cos, 
 // (B, L, H, D) uint16 views of bf16 with a contiguous last axis; out is written.
 void attention(const py::array& q, const py::array& k, const py::array& v, py::array& out,
                const py::object& key_valid, int64_t window, double scale) {
-  if (!amx_enabled())
-    fail("attention: needs AMX-BF16 (this CPU, OS or build has none, or set_cpu_amx(False) turned it off; "
-         "cpu_info()['amx_enabled'])");
+  // float32 on the vector units (the active ISA); bf16 on AMX tiles only.
+  const bool f32 = has_dtype(q, 'f', 4);
+  if (!f32 && !amx_enabled())
+    fail("attention: bfloat16 needs AMX-BF16 (this CPU, OS or build has none, or set_cpu_amx(False) turned it "
+         "off; cpu_info()['amx_enabled']); float32 runs anywhere");
   AttentionArgs args{};
   const py::array* arrays[4] = {&q, &k, &v, &out};
   const char* names[4] = {"q", "k", "v", "out"};
@@ -1033,14 +1037,18 @@ void attention(const py::array& q, const py::array& k, const py::array& v, py::a
     const py::array& a = *arrays[i];
     const std::string name = names[i];
     if (a.ndim() != 4) fail(name + ": expected a 4-D array (batch, length, heads, dim), got shape " + shape_str(a));
-    if (!has_dtype(a, 'u', 2)) fail(name + ": expected bfloat16 (given as uint16)");
+    if (f32 ? !has_dtype(a, 'f', 4) : !has_dtype(a, 'u', 2))
+      fail(name + (f32 ? ": expected float32 (the dtype of q)" : ": expected bfloat16 (given as uint16, the dtype of q)"));
     for (int axis = 0; axis < 4; ++axis)
       if (a.shape(axis) != q.shape(axis)) fail(name + ": expected the shape of q " + shape_str(q) + ", got " + shape_str(a));
     view_strides(a, name, strides[i]);
   }
   if (!out.writeable()) fail("out: expected a writeable array");
   const int64_t d = q.shape(3);
-  if (d != 32 && d != 64) fail("q: expected a head dim of 32 or 64 (the AMX kernel's tiles), got " + std::to_string(d));
+  if (!f32 && d != 32 && d != 64)
+    fail("q: expected a head dim of 32 or 64 (the AMX kernel's tiles), got " + std::to_string(d));
+  if (f32 && (d < 16 || d > 512 || d % 16 != 0))  // whole vectors of every ISA
+    fail("q: expected a head dim that is a multiple of 16, at most 512, got " + std::to_string(d));
   args.b = q.shape(0);
   args.l = q.shape(1);
   args.h = q.shape(2);
@@ -1049,12 +1057,16 @@ void attention(const py::array& q, const py::array& k, const py::array& v, py::a
   args.scale = float(scale);
   args.key_valid = mask_data(key_valid, "key_valid", args.b, args.l);
   if (q.size() == 0) return;
-  args.q = static_cast<const uint16_t*>(q.data());
-  args.k = static_cast<const uint16_t*>(k.data());
-  args.v = static_cast<const uint16_t*>(v.data());
-  args.out = static_cast<uint16_t*>(out.mutable_data());
+  args.q = q.data();
+  args.k = k.data();
+  args.v = v.data();
+  args.out = out.mutable_data();
   py::gil_scoped_release release;
-  EP_IF_AMX(amx::attention(args);)
+  if (f32) {
+    EP_DISPATCH_ON(attention_isa(), attention, args);
+  } else {
+    EP_IF_AMX(amx::attention(args);)
+  }
 }
 
 }  // namespace
@@ -1100,7 +1112,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out_features"), py::arg("post") = "none", py::arg("other") = py::none());
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("key_valid"),
         py::arg("window"), py::arg("scale"),
-        "softmax(q k^T * scale, masked) v over bf16 heads on AMX tiles (see csrc/cpu/attention_impl.h).");
+        "softmax(q k^T * scale, masked) v: float32 heads on the vector units, bf16 on AMX tiles "
+        "(csrc/cpu/attention_impl.h).");
   m.def("rotary_embed", &rotary_embed, py::arg("x"), py::arg("dtype"), py::arg("cos"), py::arg("sin"),
         "Rotary embedding of x's interleaved pairs, in place (see csrc/cpu/rotary_embed_impl.h).");
   m.def("peak_gflops", &peak_gflops, py::arg("seconds") = 0.25,

@@ -1,7 +1,8 @@
-// attention: softmax(q k^T * scale, masked) v over bf16 heads, on AMX tiles (the encoder's
-// attention layers on CPUs with AMX-BF16). Semantics in ops.h (AttentionArgs).
+// attention: softmax(q k^T * scale, masked) v. Semantics in ops.h (AttentionArgs). The amx unit
+// compiles the bf16 kernel below (the encoder's attention layers on CPUs with AMX-BF16); the base
+// ISAs compile the float32 one of attention_fp32.h.
 //
-// edgeplaid-isa: amx (the tile instructions; the base ISAs compile this header to nothing)
+// edgeplaid-isa: amx (the tile instructions)
 //
 // Why a kernel: torch's CPU flash attention ran the 17m encoder's heads (64 dims, a few hundred
 // positions) at 300-340 GFLOP/s in bf16 on 2 Xeon cores, 40% of the bf16 forward, while one AMX
@@ -25,7 +26,9 @@
 #include "parallel.h"
 #include "simd.h"
 
-#if defined(EDGEPLAID_ISA_AMX)
+#if !defined(EDGEPLAID_ISA_AMX)
+#include "attention_fp32.h"
+#else
 namespace edgeplaid {
 namespace EDGEPLAID_ISA_NS {
 
@@ -114,10 +117,10 @@ void attention(const AttentionArgs& a) {
     std::vector<float> bias(static_cast<size_t>(n_keys));  // 0 for a valid key, -inf otherwise
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t bi = u / a.h, hi = u % a.h;
-      const uint16_t* q = a.q + bi * a.q_strides[0] + hi * a.q_strides[2];
-      const uint16_t* k = a.k + bi * a.k_strides[0] + hi * a.k_strides[2];
-      const uint16_t* v = a.v + bi * a.v_strides[0] + hi * a.v_strides[2];
-      uint16_t* out = a.out + bi * a.out_strides[0] + hi * a.out_strides[2];
+      const uint16_t* q = static_cast<const uint16_t*>(a.q) + bi * a.q_strides[0] + hi * a.q_strides[2];
+      const uint16_t* k = static_cast<const uint16_t*>(a.k) + bi * a.k_strides[0] + hi * a.k_strides[2];
+      const uint16_t* v = static_cast<const uint16_t*>(a.v) + bi * a.v_strides[0] + hi * a.v_strides[2];
+      uint16_t* out = static_cast<uint16_t*>(a.out) + bi * a.out_strides[0] + hi * a.out_strides[2];
       pack_keys_values(k, a.k_strides[1], v, a.v_strides[1], l, d, n_keys, kp.data(), vp.data());
       const uint8_t* valid = a.key_valid ? a.key_valid + bi * l : nullptr;
       for (int64_t j = 0; j < n_keys; ++j) bias[j] = j < l && (!valid || valid[j]) ? 0.0f : kNegInf;

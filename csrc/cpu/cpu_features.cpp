@@ -78,9 +78,12 @@ Isa parse_isa(const std::string& name) {
                               name + "'");
 }
 
+std::atomic<bool> g_forced{false};  // EDGEPLAID_CPU_ISA or set_active_isa chose the kernel set
+
 Isa initial_isa() {
   const char* env = std::getenv("EDGEPLAID_CPU_ISA");
   if (env == nullptr || *env == '\0') return best_isa();
+  g_forced.store(true, std::memory_order_relaxed);
   const Isa isa = parse_isa(env);
   if (!isa_supported(isa))
     throw std::invalid_argument(std::string("EDGEPLAID_CPU_ISA=") + env +
@@ -184,6 +187,16 @@ void set_active_isa(const std::string& name) {
   if (!isa_supported(isa))
     throw std::invalid_argument("isa: '" + name + "' is not supported by this CPU or build");
   g_active.store(int(isa), std::memory_order_relaxed);
+  g_forced.store(true, std::memory_order_relaxed);
+}
+
+bool isa_forced() {
+  (void)active_isa();  // reads EDGEPLAID_CPU_ISA on first use
+  return g_forced.load(std::memory_order_relaxed);
+}
+
+Isa attention_isa() {
+  return !isa_forced() && isa_supported(Isa::avx512) ? Isa::avx512 : active_isa();
 }
 
 }  // namespace edgeplaid

@@ -144,16 +144,17 @@ struct CentroidGroups {
   int64_t dim;
 };
 
-// Attention over bf16 heads (attention_impl.h, AMX): for every batch b, head h and position i,
+// Attention (attention_impl.h): for every batch b, head h and position i,
 //   out[b, i, h] = sum_j p_ij v[b, j, h],  p_i = softmax over allowed j of q[b, i, h] . k[b, j, h] * scale,
 // allowed: key_valid[b, j] != 0 (null: every key) and |i - j| <= window (window < 0: every key).
-// A row with no allowed key is zero. q, k, v, out are (B, L, H, D) bf16 with element strides
-// (batch, position, head) and a contiguous last axis.
+// A row with no allowed key is zero. q, k, v, out are (B, L, H, D) with element strides
+// (batch, position, head) and a contiguous last axis: bf16 (uint16_t) on AMX tiles (the amx
+// unit), float32 on the vector units (the base ISAs: attention_fp32.h).
 struct AttentionArgs {
-  const uint16_t* q;
-  const uint16_t* k;
-  const uint16_t* v;
-  uint16_t* out;
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
   int64_t q_strides[3], k_strides[3], v_strides[3], out_strides[3];
   const uint8_t* key_valid;  // (B, L) or null
   int64_t b, l, h, d, window;

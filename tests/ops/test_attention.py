@@ -1,6 +1,7 @@
-"""attention: the AMX kernel against its reference twin (full and sliding-window layers, key
-masks, tails of every blocking, strided views of a fused QKV output), against torch's SDPA, and
-bad arguments. The kernel tests skip on CPUs without AMX-BF16; the reference runs everywhere."""
+"""attention: the bf16 AMX kernel and the float32 vector kernel (scalar, AVX2, AVX-512) against
+their reference twin (full and sliding-window layers, key masks, tails of every blocking, strided
+views of a fused QKV output), the twin against torch's SDPA, and bad arguments. The bf16 kernel
+tests skip on CPUs without AMX-BF16; the float32 ones need only edgeplaid._C."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from edgeplaid import ops
+from edgeplaid._native import C
 from edgeplaid.ops import reference
-from edgeplaid.ops.attention import amx_ready
+from edgeplaid.ops.attention import amx_ready, cpp_ready
 
 needs_amx = pytest.mark.skipif(not amx_ready(), reason="no AMX-BF16 here (or edgeplaid._C is not built)")
+needs_cpp = pytest.mark.skipif(C is None, reason="edgeplaid._C is not built")
 
 CASES = [  # (B, L, H, D, window, masked): a lone token, tails of 16 queries and 32 keys, windows
     (1, 1, 1, 64, None, False),
@@ -25,9 +28,9 @@ CASES = [  # (B, L, H, D, window, masked): a lone token, tails of 16 queries and
 ]
 
 
-def _qkv(b: int, length: int, h: int, d: int, seed: int = 0):
+def _qkv(b: int, length: int, h: int, d: int, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(b, length, 3, h, d, generator=g).to(torch.bfloat16)
+    qkv = torch.randn(b, length, 3, h, d, generator=g).to(dtype)
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
@@ -101,12 +104,10 @@ def test_empty(backend):
 def test_cpp_refuses_without_amx(monkeypatch):
     if amx_ready():
         pytest.skip("this CPU has AMX")
-    from edgeplaid._native import C
-
     if C is None:
         pytest.skip("edgeplaid._C is not built")
     q, k, v = _qkv(1, 4, 1, 64)
-    with pytest.raises(ValueError, match="attention: needs AMX-BF16"):
+    with pytest.raises(ValueError, match="attention: bfloat16 needs AMX-BF16"):
         ops.attention(q, k, v, backend="cpp")
 
 
@@ -118,14 +119,19 @@ def _bf16(*shape):
     ("args", "kwargs", "match"),
     [
         ((_bf16(2, 3, 4), _bf16(2, 3, 4), _bf16(2, 3, 4)), {}, "q: expected a 4-D"),
-        ((torch.zeros(1, 2, 1, 32), _bf16(1, 2, 1, 32), _bf16(1, 2, 1, 32)), {}, "q: expected bfloat16"),
+        (
+            (torch.zeros(1, 2, 1, 32), _bf16(1, 2, 1, 32), _bf16(1, 2, 1, 32)),
+            {},
+            "k: expected bfloat16 or float32",
+        ),
+        ((torch.zeros(1, 2, 1, 32, dtype=torch.float64),) * 3, {}, "q: expected bfloat16 or float32"),
         ((_bf16(1, 2, 1, 32), _bf16(1, 3, 1, 32), _bf16(1, 2, 1, 32)), {}, "k: expected the shape of q"),
         ((_bf16(1, 2, 1, 32),) * 2 + (_bf16(1, 2, 1, 64)[..., ::2],), {}, "v: expected a contiguous"),
         ((_bf16(1, 2, 1, 32),) * 3, {"key_mask": torch.ones(1, 3).bool()}, "key_mask: expected bool"),
         ((_bf16(1, 2, 1, 32),) * 3, {"key_mask": torch.ones(1, 2)}, "key_mask: expected bool"),
         ((_bf16(1, 2, 1, 32),) * 3, {"window": -1}, "window: expected a non-negative int"),
         ((_bf16(1, 2, 1, 32),) * 3, {"window": 2.0}, "window: expected a non-negative int"),
-        ((_bf16(1, 2, 1, 32),) * 3, {"out": torch.zeros(1, 2, 1, 32)}, "out: expected bfloat16"),
+        ((_bf16(1, 2, 1, 32),) * 3, {"out": torch.zeros(1, 2, 1, 32)}, "out: expected torch.bfloat16"),
     ],
 )
 def test_bad_arguments(args, kwargs, match):
@@ -138,3 +144,118 @@ def test_cpp_refuses_other_head_dims():
     q, k, v = _qkv(1, 4, 1, 48)
     with pytest.raises(ValueError, match="q: expected a head dim of 32 or 64"):
         ops.attention(q, k, v, backend="cpp")
+
+
+# ---- float32 heads: the vector kernel (attention_fp32.h) on every ISA this CPU runs
+
+FP32_CASES = [  # beyond CASES: head dims 16 / 48 / 128, a window wider than the sequence, many blocks
+    *CASES,
+    (1, 3, 2, 16, None, True),
+    (2, 61, 3, 48, 7, True),
+    (1, 50, 1, 128, 100, False),
+    (1, 200, 1, 64, None, True),
+]
+
+
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
+def isa(request):
+    """Each kernel set this CPU runs (forced: the float32 attention follows a forced ISA)."""
+    if C is None:
+        pytest.skip("edgeplaid._C is not built")
+    if request.param not in C.cpu_info()["supported_isas"]:
+        pytest.skip(f"no {request.param} here")
+    previous = C.cpu_isa()
+    C.set_cpu_isa(request.param)
+    assert C.cpu_info()["op_isa"]["attention"] == request.param
+    yield request.param
+    C.set_cpu_isa(previous)
+
+
+@pytest.mark.parametrize("case", FP32_CASES)
+def test_fp32_matches_reference(case, isa):
+    b, length, h, d, window, masked = case
+    q, k, v = _qkv(b, length, h, d, dtype=torch.float32)
+    mask = _key_mask(b, length) if masked else None
+    got = ops.attention(q, k, v, mask, window, backend="cpp")
+    want = ops.attention(q, k, v, mask, window, backend="reference")
+    assert got.dtype == torch.float32
+    # float32 throughout (the exponential to 2e-7): sums in another order, nothing rounded to bf16
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@needs_cpp
+def test_fp32_is_the_default_on_cpu():
+    """float32 heads take the C++ kernel without asking (bf16 ones where AMX is ready), and the
+    reference where the head dim is not a multiple of 16."""
+    assert cpp_ready(torch.float32, 64) and cpp_ready(torch.float32, 16)
+    assert not cpp_ready(torch.float32, 40) and not cpp_ready(torch.float64, 64)
+    q, k, v = _qkv(2, 30, 2, 64, dtype=torch.float32)
+    got = ops.attention(q, k, v, None, 4)
+    torch.testing.assert_close(got, ops.attention(q, k, v, None, 4, backend="cpp"), rtol=0, atol=0)
+    q, k, v = _qkv(1, 9, 1, 40, dtype=torch.float32)  # reference, no error
+    torch.testing.assert_close(ops.attention(q, k, v), ops.attention(q, k, v, backend="reference"))
+
+
+def test_fp32_row_without_keys_is_zero(isa):
+    q, k, v = _qkv(1, 120, 2, 32, dtype=torch.float32)
+    mask = torch.zeros(1, 120, dtype=torch.bool)
+    mask[0, :3] = True  # queries past position 3 + window see no key
+    got = ops.attention(q, k, v, mask, 2, backend="cpp")
+    assert torch.isfinite(got).all() and not got[0, 10:].any()
+    assert got[0, :3].any()
+    got = ops.attention(q, k, v, torch.zeros(1, 120, dtype=torch.bool), None, backend="cpp")
+    assert not got.any()  # no key at all
+
+
+@needs_cpp
+def test_fp32_writes_out_in_place_and_leaves_inputs():
+    q, k, v = _qkv(2, 77, 2, 64, dtype=torch.float32)
+    before = [t.clone() for t in (q, k, v)]
+    out = torch.full((2, 77, 2, 64), 7.0)
+    assert ops.attention(q, k, v, None, 8, out=out, backend="cpp") is out
+    assert all(torch.equal(t, t0) for t, t0 in zip((q, k, v), before, strict=True))
+    torch.testing.assert_close(
+        out, reference.attention(q, k, v, None, 8, 0.125, out.clone()), rtol=2e-5, atol=2e-5
+    )
+
+
+@needs_cpp
+def test_fp32_matches_sdpa_at_length():
+    """A 1,000-token full layer and its sliding-window twin against torch's SDPA (the encoder's
+    previous path): many query and key blocks, scores large enough to need the running maximum."""
+    q, k, v = _qkv(1, 1000, 2, 64, seed=3, dtype=torch.float32)
+    q = q * 4  # peaked softmax rows: the running maximum must rescale what came before
+    pos = torch.arange(1000)
+    for window in (None, 64):
+        allowed = None if window is None else (pos[:, None] - pos[None, :]).abs() <= window
+        want = F.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (q, k, v)), attn_mask=allowed, scale=0.125
+        ).transpose(1, 2)
+        torch.testing.assert_close(
+            ops.attention(q, k, v, None, window, backend="cpp"), want, rtol=1e-4, atol=1e-5
+        )
+
+
+@needs_cpp
+@pytest.mark.parametrize("d", [8, 40, 520])
+def test_fp32_refuses_other_head_dims(d):
+    q, k, v = _qkv(1, 4, 1, d, dtype=torch.float32)
+    with pytest.raises(ValueError, match="q: expected a head dim that is a multiple of 16"):
+        ops.attention(q, k, v, backend="cpp")
+
+
+@needs_cpp
+def test_fp32_runs_avx512_unless_forced():
+    """The float32 attention takes AVX-512 wherever the CPU has it (Zen 4 too), unless an ISA is
+    forced (EDGEPLAID_CPU_ISA, set_cpu_isa): then that one (cpu_info()["op_isa"] says which)."""
+    import subprocess
+    import sys
+
+    code = "from edgeplaid._native import C; print(C.cpu_info()['op_isa']['attention'], C.cpu_isa())"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "EDGEPLAID_CPU_ISA"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    attention_isa, active = out.stdout.split()
+    assert attention_isa == ("avx512" if "avx512" in C.cpu_info()["supported_isas"] else active)
+    env["EDGEPLAID_CPU_ISA"] = "scalar"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["scalar", "scalar"]

@@ -147,9 +147,9 @@ def test_amx_can_be_turned_off(amx_tiles):
     info = C.cpu_info()
     assert not C.cpu_amx() and not amx_ready() and info["amx_ready"] and not info["amx_enabled"]
     assert info["op_isa"]["centroid_scores"] == "avx512"
-    assert info["op_isa"]["attention"].startswith("none")
+    assert info["op_isa"]["attention[bf16]"].startswith("none")
     q = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="attention: needs AMX-BF16"):
+    with pytest.raises(ValueError, match="attention: bfloat16 needs AMX-BF16"):
         ops.attention(q, q, q, backend="cpp")
 
 

@@ -7,8 +7,10 @@ Where transformers' ModernBERT spends its time on CPU, and what this forward doe
   its weight packed once (:class:`PackedLinears`), with the GLU's GELU and product and the residual
   additions fused into the products.
 * Attention over all ``L x L`` pairs in every layer, although the local layers only let a token see
-  the tokens within ``local_attention // 2`` positions: here those layers run blocks of queries
-  against only the keys in their reach (``O(L * (block + window))`` work instead of ``O(L^2)``).
+  the tokens within ``local_attention // 2`` positions: here the C++ attention op on CPU (float32
+  heads on the vector units, bf16 on AMX tiles) takes the window into its loop, and elsewhere
+  those layers run blocks of queries against only the keys in their reach (``O(L * (block +
+  window))`` work instead of ``O(L^2)``).
 * Rotary embeddings recomputed per layer with ``cat``/``neg``/copies, 4-D masks rebuilt per call:
   here the query and key rows of ``Wqkv`` are stored with each rotary pair side by side (dot
   products between queries and keys do not depend on the order of their dimensions), so the
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeplaid._native import C
-from edgeplaid.ops.attention import amx_present, amx_ready, attention
+from edgeplaid.ops.attention import amx_present, amx_ready, attention, cpp_ready
 from edgeplaid.ops.int8_linear import int8_linear, quantize_weight
 from edgeplaid.ops.rotary_embed import rotary_embed
 
@@ -281,14 +283,24 @@ class PackedModernBert(nn.Module):
         # bf16 on CPUs with AMX: the attention op (tiles; both layer types, the window in the
         # kernel); otherwise torch's SDPA over the pieces.
         amx = h.dtype == torch.bfloat16 and h.device.type == "cpu" and hd in (32, 64) and amx_ready()
-        amx_keys = None if amx and bool(key_mask.all()) else key_mask
-        # bf16 on a CPU without AMX tiles: torch's SDPA runs in float32. Its bf16 kernel was the
-        # slower one on a Zen 4 EPYC (AVX512-BF16, no AMX): 1.06 s against 0.74 s of attention for
-        # two 4,096-token documents on 17m, 79% of bf16's encoding time there (CPUs with AMX keep
-        # bf16 when the op is turned off: not measured in float32).
+        # bf16 on a CPU without AMX tiles: attention runs in float32. torch's bf16 SDPA kernel was
+        # the slower one on a Zen 4 EPYC (AVX512-BF16, no AMX): 1.06 s against 0.74 s of attention
+        # for two 4,096-token documents on 17m, 79% of bf16's encoding time there (CPUs with AMX
+        # keep bf16 when the op is turned off: not measured in float32).
         wide = h.dtype == torch.bfloat16 and h.device.type == "cpu" and not amx_present()
         sdpa_dtype = torch.float32 if wide else h.dtype
-        pieces = None if amx else self._pieces(key_mask, sdpa_dtype)
+        # float32 attention on CPU: the C++ op too (both layer types, the window in the kernel;
+        # 17m on a 2-core Zen 4, 4,096-token documents: 6,226-6,811 -> 8,231-8,556 tokens/s in
+        # fp32, 256-token ones unchanged: torch's SDPA ran the global layers at ~65% of the FMA
+        # peak and the sliding ones as one masked call per 64-query block).
+        vec = (
+            not amx
+            and h.device.type == "cpu"
+            and sdpa_dtype == torch.float32
+            and cpp_ready(torch.float32, hd)
+        )
+        op_keys = None if (amx or vec) and bool(key_mask.all()) else key_mask
+        pieces = None if amx or vec else self._pieces(key_mask, sdpa_dtype)
         ropes = {lt: self._rope_table(lt, length, h.device) for lt in set(self.layer_types)}
         # bf16 on CPUs: the C++ op rotates in place (torch has no bf16 complex product; rotating a
         # float32 copy made 17m's bf16 encoding 9% slower: 130.2 against 142.4 docs/s on 2 Xeon
@@ -312,10 +324,15 @@ class PackedModernBert(nn.Module):
                 wide = qk.float()
                 torch.view_as_complex(wide.unflatten(-1, (hd // 2, 2))).mul_(ropes_c[lt])
                 qk.copy_(wide)
-            if amx:  # (B, L, H, hd) views straight into the kernel, which writes attn_out
+            if amx or vec:  # (B, L, H, hd) views straight into the kernel, which writes its output
                 window = self.window if lt == "sliding_attention" else None
-                q, k, v = qkv.unbind(2)
-                attention(q, k, v, amx_keys, window, hd**-0.5, attn_out, backend="cpp")
+                if amx or qkv.dtype == torch.float32:
+                    q, k, v = qkv.unbind(2)
+                    attention(q, k, v, op_keys, window, hd**-0.5, attn_out, backend="cpp")
+                else:  # bf16 heads, float32 attention
+                    q, k, v = qkv.float().unbind(2)
+                    wide_out = attention(q, k, v, op_keys, window, hd**-0.5, backend="cpp")
+                    attn_out.copy_(wide_out)
             else:
                 q, k, v = (qkv[:, :, j].transpose(1, 2).to(sdpa_dtype) for j in range(3))  # (B, H, L, hd)
                 for rows, keys, mask in pieces[lt]:

@@ -1,0 +1,281 @@
+// attention over float32 heads on the vector units (scalar, AVX2, AVX-512): the encoder's
+// attention layers in float32 (fp32 and int8 precision, and bf16 on CPUs without AMX, whose
+// attention runs widened). Semantics in ops.h (AttentionArgs); included by attention_impl.h for
+// the base ISAs (the AMX unit compiles the bf16 tile kernel instead).
+//
+// Why a kernel: at 4,096 tokens 17m's three global layers are ~2/3 of its FLOPs, and torch's CPU
+// SDPA ran them at ~65% of a 2-core Zen 4's fp32 FMA peak; its sliding layers went through one
+// masked SDPA call per 64-query block. This kernel: 196 against 162 GFLOP/s on those heads (AVX-512
+// on Zen 4, 85% of the AVX2 peak; AVX2 161), the sliding layers 2x faster in the encoder.
+//
+// How (FlashAttention-2's loop, on registers and L1/L2): the work unit is (batch, head, block of
+// kQBlock queries). The block's queries are transposed once (d x kQBlock, times scale * log2 e)
+// so that queries lie on the vector lanes everywhere: the scores of a key block are S^T
+// (keys x queries), and every softmax reduction (a query's maximum and sum over keys) is a
+// lane-wise max / add down the keys, with no horizontal reduction. For each block of up to
+// kKBlock keys within the band's reach:
+//   1. S^T = K Q^T in register tiles of kKeys keys (each element of a key row, read in place from
+//      the fused QKV output, broadcast) x kQVecs query vectors, d deep;
+//   2. the key and band masks, the running maximum m, p = 2^(s - m) (a degree-6 polynomial on
+//      [-1/2, 1/2], relative error < 2e-7), the running sum l, and each query's factor
+//      2^(m_old - m) for what it accumulated so far;
+//   3. O = O * factor + P V in register tiles of kRowsO queries x CV value vectors (each p
+//      broadcast), the values packed once per (batch, head) as contiguous rows (rows of the fused
+//      QKV output lie 3 x hidden floats apart: a key block's rows would share a few L1 sets).
+// Finally each query's row is divided by l; a query with no allowed key is 0.
+#pragma once
+#include <memory>
+
+#include "maxsim_core.h"
+#include "ops.h"
+#include "parallel.h"
+#include "simd.h"
+
+namespace edgeplaid {
+namespace EDGEPLAID_ISA_NS {
+
+namespace attention_fp32 {
+
+constexpr int64_t kQBlock = 48;                    // queries per task: 6 AVX2 / 3 AVX-512 vectors
+constexpr int64_t kQVecsBlock = (kQBlock + W - 1) / W;
+constexpr int64_t kKBlock = 64;                    // keys per step
+constexpr int kKeys = W >= 16 ? 8 : 6;             // S^T tile: kKeys keys x kQVecs query vectors
+constexpr int kQVecs = W >= 16 ? 3 : 2;            //   (24 / 12 accumulators)
+constexpr int kRowsO = W >= 16 ? 6 : 3;            // P V tile: kRowsO queries x 4 value vectors
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^x for x in [-126, 0]: n = round(x), 2^(x - n) by its Taylor polynomial of degree 6 on
+// [-1/2, 1/2] (relative error < 2e-7), times 2^n.
+EP_INLINE Vec exp2_neg(Vec x) {
+#if defined(EDGEPLAID_ISA_AVX512)
+  const Vec n{_mm512_roundscale_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+#elif defined(EDGEPLAID_ISA_AVX2)
+  const Vec n{_mm256_round_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+#else
+  const Vec n{std::nearbyint(x.v)};
+#endif
+  const Vec f = fmadd(n, Vec::set1(-1.0f), x);
+  Vec p = Vec::set1(1.5403530e-4f);
+  p = fmadd(p, f, Vec::set1(1.3333558e-3f));
+  p = fmadd(p, f, Vec::set1(9.6181291e-3f));
+  p = fmadd(p, f, Vec::set1(5.5504109e-2f));
+  p = fmadd(p, f, Vec::set1(2.4022651e-1f));
+  p = fmadd(p, f, Vec::set1(6.9314718e-1f));
+  p = fmadd(p, f, Vec::set1(1.0f));
+#if defined(EDGEPLAID_ISA_AVX512)
+  return {_mm512_scalef_ps(p.v, n.v)};
+#elif defined(EDGEPLAID_ISA_AVX2)
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23);
+  return {_mm256_mul_ps(p.v, _mm256_castsi256_ps(e))};
+#else
+  return {std::ldexp(p.v, int(n.v))};
+#endif
+}
+
+// x on the lanes whose query (first + lane) lies in [lo, hi], else -inf (exact as floats below 2^24).
+EP_INLINE Vec keep_lanes(Vec x, float first, float lo, float hi) {
+#if defined(EDGEPLAID_ISA_AVX512)
+  const __m512 at = _mm512_add_ps(_mm512_set1_ps(first), _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __mmask16 in = _mm512_cmp_ps_mask(at, _mm512_set1_ps(lo), _CMP_GE_OQ) &
+                       _mm512_cmp_ps_mask(at, _mm512_set1_ps(hi), _CMP_LE_OQ);
+  return {_mm512_mask_blend_ps(in, _mm512_set1_ps(kNegInf), x.v)};
+#elif defined(EDGEPLAID_ISA_AVX2)
+  const __m256 at = _mm256_add_ps(_mm256_set1_ps(first), _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256 in = _mm256_and_ps(_mm256_cmp_ps(at, _mm256_set1_ps(lo), _CMP_GE_OQ),
+                                  _mm256_cmp_ps(at, _mm256_set1_ps(hi), _CMP_LE_OQ));
+  return {_mm256_blendv_ps(_mm256_set1_ps(kNegInf), x.v, in)};
+#else
+  return {first >= lo && first <= hi ? x.v : kNegInf};
+#endif
+}
+
+// s[(j + kr) * kQBlock + v * W ..] = <key j + kr, queries of vector v0 + v> for kr < KR, v < QV:
+// k points at key j's row (rows k_step apart), qt at the transposed queries (d x kQBlock).
+template <int KR, int QV>
+EP_INLINE void score_tile(const float* k, int64_t k_step, const float* qt, int64_t d, float* s) {
+  Vec acc[KR][QV];
+#pragma GCC unroll 8
+  for (int r = 0; r < KR; ++r)
+#pragma GCC unroll 3
+    for (int v = 0; v < QV; ++v) acc[r][v] = Vec::zero();
+#pragma GCC unroll 4
+  for (int64_t e = 0; e < d; ++e) {
+    Vec q[QV];
+#pragma GCC unroll 3
+    for (int v = 0; v < QV; ++v) q[v] = Vec::load(qt + e * kQBlock + v * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < KR; ++r) {
+      const Vec b = Vec::set1(k[r * k_step + e]);
+#pragma GCC unroll 3
+      for (int v = 0; v < QV; ++v) acc[r][v] = fmadd(b, q[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < KR; ++r)
+#pragma GCC unroll 3
+    for (int v = 0; v < QV; ++v) acc[r][v].store(s + r * kQBlock + v * W);
+}
+
+// S^T of keys [0, n_keys) (k: the first key's row) for query vectors [0, n_qvecs).
+inline void scores(const float* k, int64_t k_step, const float* qt, int64_t d, int64_t n_keys, int64_t n_qvecs,
+                   float* s) {
+  for (int64_t v0 = 0; v0 < n_qvecs; v0 += kQVecs) {
+    const int64_t nv = std::min<int64_t>(kQVecs, n_qvecs - v0);
+    const auto run = [&](auto qv) {
+      constexpr int QV = decltype(qv)::value;
+      int64_t j = 0;
+      for (; j + kKeys <= n_keys; j += kKeys)
+        score_tile<kKeys, QV>(k + j * k_step, k_step, qt + v0 * W, d, s + j * kQBlock + v0 * W);
+      for (; j < n_keys; ++j) score_tile<1, QV>(k + j * k_step, k_step, qt + v0 * W, d, s + j * kQBlock + v0 * W);
+    };
+    if (nv == kQVecs) run(std::integral_constant<int, kQVecs>{});
+    else if (kQVecs > 2 && nv == 2) run(std::integral_constant<int, 2>{});
+    else run(std::integral_constant<int, 1>{});
+  }
+}
+
+// o[r * d + c0 ..] = o * factor[r] + sum_{j < n_keys} p[j * kQBlock + r] v[j][c0 ..] for r < kRowsO
+// (v: the key block's first value row, rows d apart), CV vectors from column c0.
+template <int CV>
+EP_INLINE void value_tile(const float* p, const float* v, int64_t n_keys, int64_t c0, const float* factor, float* o,
+                          int64_t d) {
+  Vec acc[kRowsO][CV];
+#pragma GCC unroll 6
+  for (int r = 0; r < kRowsO; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < CV; ++c) acc[r][c] = Vec::zero();
+  const float* vr = v + c0;
+  for (int64_t j = 0; j < n_keys; ++j, vr += d) {
+    Vec vv[CV];
+#pragma GCC unroll 4
+    for (int c = 0; c < CV; ++c) vv[c] = Vec::load(vr + c * W);
+#pragma GCC unroll 6
+    for (int r = 0; r < kRowsO; ++r) {
+      const Vec b = Vec::set1(p[j * kQBlock + r]);
+#pragma GCC unroll 4
+      for (int c = 0; c < CV; ++c) acc[r][c] = fmadd(b, vv[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < kRowsO; ++r) {
+    const Vec f = Vec::set1(factor[r]);
+    float* dst = o + r * d + c0;
+#pragma GCC unroll 4
+    for (int c = 0; c < CV; ++c) fmadd(Vec::load(dst + c * W), f, acc[r][c]).store(dst + c * W);
+  }
+}
+
+}  // namespace attention_fp32
+
+void attention(const AttentionArgs& a) {
+  using namespace attention_fp32;
+  const int64_t b = a.b, l = a.l, h = a.h, d = a.d;
+  const float* q = static_cast<const float*>(a.q);
+  const float* k = static_cast<const float*>(a.k);
+  const float* v = static_cast<const float*>(a.v);
+  float* out = static_cast<float*>(a.out);
+  // Values as contiguous rows per (batch, head); bias per (batch, key): 0, or -inf (masked). The
+  // calling thread keeps these buffers between calls (an encoder calls once a layer with the same
+  // shapes): fresh pages for 4 MiB of values cost ~1.5 ms a call, as much as 16 x 256-token heads'
+  // attention itself.
+  static thread_local std::vector<float> vp_buf, bias_buf;
+  if (vp_buf.size() < size_t(b * h * l * d)) vp_buf.resize(size_t(b * h * l * d));
+  if (bias_buf.size() < size_t(b * l)) bias_buf.resize(size_t(b * l));
+  float* const vp = vp_buf.data();
+  float* const bias = bias_buf.data();
+  parallel_for(b * h, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t bi = u / h, hi = u % h;
+      const float* vs = v + bi * a.v_strides[0] + hi * a.v_strides[2];
+      float* vd = vp + u * l * d;
+      for (int64_t j = 0; j < l; ++j) std::memcpy(vd + j * d, vs + j * a.v_strides[1], size_t(d) * sizeof(float));
+      if (hi == 0) {
+        const uint8_t* valid = a.key_valid ? a.key_valid + bi * l : nullptr;
+        for (int64_t j = 0; j < l; ++j) bias[size_t(bi * l + j)] = !valid || valid[j] ? 0.0f : kNegInf;
+      }
+    }
+  });
+  const float qscale = a.scale * kLog2e;  // the softmax in base 2
+  const int64_t n_qblocks = (l + kQBlock - 1) / kQBlock;
+  const int cv = (d / W) % 4 == 0 ? 4 : (d / W) % 2 == 0 ? 2 : 1;
+  parallel_for(b * h * n_qblocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qt(size_t(d * kQBlock)), s(size_t(kKBlock * kQBlock)), o(size_t(kQBlock * d));
+    alignas(64) float m[kQVecsBlock * W], sum[kQVecsBlock * W], factor[kQVecsBlock * W];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t u = t / n_qblocks, q0 = (t % n_qblocks) * kQBlock, bi = u / h, hi = u % h;
+      const int64_t rows = std::min(kQBlock, l - q0), n_qvecs = (rows + W - 1) / W;
+      const float* qs = q + bi * a.q_strides[0] + hi * a.q_strides[2];
+      for (int64_t e = 0; e < d; ++e)
+        for (int64_t r = 0; r < kQBlock; ++r)
+          qt[size_t(e * kQBlock + r)] = r < rows ? qs[(q0 + r) * a.q_strides[1] + e] * qscale : 0.0f;
+      std::fill(o.begin(), o.end(), 0.0f);
+      std::fill(m, m + kQVecsBlock * W, kNegInf);
+      std::fill(sum, sum + kQVecsBlock * W, 0.0f);
+      std::fill(factor, factor + kQVecsBlock * W, 0.0f);
+      int64_t lo = 0, hi_key = l;  // the keys any query of the block may see
+      if (a.window >= 0) {
+        lo = std::max<int64_t>(0, q0 - a.window);
+        hi_key = std::min(l, q0 + rows + a.window);
+      }
+      const float* ks = k + bi * a.k_strides[0] + hi * a.k_strides[2];
+      const float* vs = vp + u * l * d;
+      const float* bb = bias + bi * l;
+      for (int64_t j0 = lo; j0 < hi_key; j0 += kKBlock) {
+        const int64_t nk = std::min(kKBlock, hi_key - j0);
+        scores(ks + j0 * a.k_strides[1], a.k_strides[1], qt.data(), d, nk, n_qvecs, s.data());
+        // Masks, then each query's running maximum (lane-wise down the keys).
+        for (int64_t vq = 0; vq < n_qvecs; ++vq) {
+          const float first = float(q0 + vq * W);
+          Vec mx = Vec::set1(kNegInf);
+          for (int64_t j = 0; j < nk; ++j) {
+            float* row = s.data() + j * kQBlock + vq * W;
+            Vec x = Vec::load(row) + Vec::set1(bb[j0 + j]);
+            // The band: queries i with |i - key| <= window, i.e. i in [key - window, key + window].
+            if (a.window >= 0) {
+              const int64_t key = j0 + j;
+              if (q0 + vq * W < key - a.window || q0 + vq * W + W - 1 > key + a.window)
+                x = keep_lanes(x, first, float(key - a.window), float(key + a.window));
+            }
+            x.store(row);
+            mx = max(mx, x);
+          }
+          const Vec m_old = Vec::load(m + vq * W), m_new = max(m_old, mx);
+          m_new.store(m + vq * W);
+          // A query with no allowed key yet (m_new = -inf) uses 0 as its maximum: its p are all
+          // 2^-126 (at most), and it is zeroed at the end.
+          float mn[W];
+          m_new.store(mn);
+          for (int i = 0; i < W; ++i) mn[i] = mn[i] == kNegInf ? 0.0f : mn[i];
+          const Vec neg = Vec::load(mn) * Vec::set1(-1.0f), floor = Vec::set1(-126.0f);
+          const Vec f = exp2_neg(max(m_old + neg, floor));  // m_old = -inf: 2^-126, ~0
+          Vec total = Vec::zero();
+          for (int64_t j = 0; j < nk; ++j) {
+            float* row = s.data() + j * kQBlock + vq * W;
+            const Vec e = exp2_neg(max(Vec::load(row) + neg, floor));
+            total = total + e;
+            e.store(row);
+          }
+          fmadd(Vec::load(sum + vq * W), f, total).store(sum + vq * W);
+          f.store(factor + vq * W);
+        }
+        // O = O * factor + P V, kRowsO queries at a time (rows past l compute what they compute).
+        for (int64_t r0 = 0; r0 < rows; r0 += kRowsO)
+          for (int64_t c0 = 0; c0 < d; c0 += cv * W) {
+            const float* pr = s.data() + r0;
+            float* orow = o.data() + r0 * d;
+            if (cv == 4) value_tile<4>(pr, vs + j0 * d, nk, c0, factor + r0, orow, d);
+            else if (cv == 2) value_tile<2>(pr, vs + j0 * d, nk, c0, factor + r0, orow, d);
+            else value_tile<1>(pr, vs + j0 * d, nk, c0, factor + r0, orow, d);
+          }
+      }
+      float* os = out + bi * a.out_strides[0] + hi * a.out_strides[2];
+      for (int64_t r = 0; r < rows; ++r) {
+        const float inv = m[r] == kNegInf || !(sum[r] > 0.0f) ? 0.0f : 1.0f / sum[r];
+        for (int64_t e = 0; e < d; ++e) os[(q0 + r) * a.out_strides[1] + e] = o[size_t(r * d + e)] * inv;
+      }
+    }
+  });
+}
+
+}  // namespace EDGEPLAID_ISA_NS
+}  // namespace edgeplaid
