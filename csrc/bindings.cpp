@@ -285,6 +285,17 @@ ScoreTable score_table_arg(const py::array& scores, const py::object& query_len)
 // fp32 ones to its AVX-512 code). Measured in csrc/cpu/centroid_scores_amx.h and the README.
 bool amx_tables() { return active_isa() == Isa::avx512 && amx_enabled(); }
 
+// Stage 1's kernel (the op's binding and plaid_search's pipeline): the centroid-major table
+// (table_stride > 0) on AMX tiles where amx_tables(), else the active ISA's kernel. GIL released.
+void run_centroid_scores(const Queries& q, const Rows& c, int64_t n_probe, int64_t table_stride, float* scores,
+                         int64_t* top_ids, float* centroid_max, KernelError& err) {
+  if (table_stride > 0 && amx_tables()) {
+    EP_IF_AMX(amx::centroid_scores(q, c, n_probe, table_stride, scores, top_ids, centroid_max, err);)
+  } else {
+    EP_DISPATCH(centroid_scores, q, c, n_probe, table_stride, scores, top_ids, centroid_max, err);
+  }
+}
+
 py::tuple centroid_scores(const py::array& queries, const py::object& queries_mask, const py::array& centroids,
                           const std::string& dtype, int64_t n_probe, const py::object& scores_out,
                           bool centroid_major, bool with_max) {
@@ -322,11 +333,7 @@ py::tuple centroid_scores(const py::array& queries, const py::object& queries_ma
   KernelError err;
   {
     py::gil_scoped_release release;
-    if (ts > 0 && amx_tables()) {
-      EP_IF_AMX(amx::centroid_scores(q, c, n_probe, ts, s, i, m, err);)
-    } else {
-      EP_DISPATCH(centroid_scores, q, c, n_probe, ts, s, i, m, err);
-    }
+    run_centroid_scores(q, c, n_probe, ts, s, i, m, err);
   }
   raise_if(err);
   return result();
@@ -612,11 +619,7 @@ void plaid_block(const Queries& q, const PlaidArgs& a, PlaidBuffers& buf, float*
   float* cmax = buf.cmax.get(nq * n_cent);
   int64_t* top = buf.top.get(nq * lq * a.n_probe);
   if (lq == 0) std::fill(cmax, cmax + nq * n_cent, -std::numeric_limits<float>::infinity());
-  if (ts > 0 && amx_tables()) {
-    EP_IF_AMX(amx::centroid_scores(q, a.centroids, a.n_probe, ts, table, top, cmax, err);)
-  } else {
-    EP_DISPATCH(centroid_scores, q, a.centroids, a.n_probe, ts, table, top, cmax, err);
-  }
+  run_centroid_scores(q, a.centroids, a.n_probe, ts, table, top, cmax, err);
   if (err.set()) return;
   const ScoreTable st{table, nq, lq, n_cent, ts};
   int64_t* kept = buf.kept.get(nq * nc);

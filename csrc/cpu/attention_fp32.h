@@ -14,18 +14,16 @@
 // (keys x queries), and every softmax reduction (a query's maximum and sum over keys) is a
 // lane-wise max / add down the keys, with no horizontal reduction. For each block of up to
 // kKBlock keys within the band's reach:
-//   1. S^T = K Q^T in register tiles of kKeys keys (each element of a key row, read in place from
-//      the fused QKV output, broadcast) x kQVecs query vectors, d deep;
+//   1. S^T = K Q^T with MaxSim's micro-kernel (dot_tile): tiles of keys (each element of a key
+//      row broadcast) x kQVecs query vectors, d deep;
 //   2. the key and band masks, the running maximum m, p = 2^(s - m) (a degree-6 polynomial on
 //      [-1/2, 1/2], relative error < 2e-7), the running sum l, and each query's factor
 //      2^(m_old - m) for what it accumulated so far;
 //   3. O = O * factor + P V in register tiles of kRowsO queries x CV value vectors (each p
-//      broadcast), the values packed once per (batch, head) as contiguous rows (rows of the fused
-//      QKV output lie 3 x hidden floats apart: a key block's rows would share a few L1 sets).
+//      broadcast).
+// Keys and values are packed once per (batch, head) as contiguous rows.
 // Finally each query's row is divided by l; a query with no allowed key is 0.
 #pragma once
-#include <memory>
-
 #include "maxsim_core.h"
 #include "ops.h"
 #include "parallel.h"
@@ -39,8 +37,7 @@ namespace attention_fp32 {
 constexpr int64_t kQBlock = 48;                    // queries per task: 6 AVX2 / 3 AVX-512 vectors
 constexpr int64_t kQVecsBlock = (kQBlock + W - 1) / W;
 constexpr int64_t kKBlock = 64;                    // keys per step
-constexpr int kKeys = W >= 16 ? 8 : 6;             // S^T tile: kKeys keys x kQVecs query vectors
-constexpr int kQVecs = W >= 16 ? 3 : 2;            //   (24 / 12 accumulators)
+constexpr int kQVecs = W >= 16 ? 3 : 2;            // S^T tile: tile_rows<kQVecs>() keys x kQVecs
 constexpr int kRowsO = W >= 16 ? 6 : 3;            // P V tile: kRowsO queries x 4 value vectors
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -89,48 +86,31 @@ EP_INLINE Vec keep_lanes(Vec x, float first, float lo, float hi) {
 #endif
 }
 
-// s[(j + kr) * kQBlock + v * W ..] = <key j + kr, queries of vector v0 + v> for kr < KR, v < QV:
-// k points at key j's row (rows k_step apart), qt at the transposed queries (d x kQBlock).
-template <int KR, int QV>
-EP_INLINE void score_tile(const float* k, int64_t k_step, const float* qt, int64_t d, float* s) {
-  Vec acc[KR][QV];
-#pragma GCC unroll 8
-  for (int r = 0; r < KR; ++r)
-#pragma GCC unroll 3
-    for (int v = 0; v < QV; ++v) acc[r][v] = Vec::zero();
-#pragma GCC unroll 4
-  for (int64_t e = 0; e < d; ++e) {
-    Vec q[QV];
-#pragma GCC unroll 3
-    for (int v = 0; v < QV; ++v) q[v] = Vec::load(qt + e * kQBlock + v * W);
-#pragma GCC unroll 8
-    for (int r = 0; r < KR; ++r) {
-      const Vec b = Vec::set1(k[r * k_step + e]);
-#pragma GCC unroll 3
-      for (int v = 0; v < QV; ++v) acc[r][v] = fmadd(b, q[v], acc[r][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < KR; ++r)
-#pragma GCC unroll 3
-    for (int v = 0; v < QV; ++v) acc[r][v].store(s + r * kQBlock + v * W);
-}
-
-// S^T of keys [0, n_keys) (k: the first key's row) for query vectors [0, n_qvecs).
-inline void scores(const float* k, int64_t k_step, const float* qt, int64_t d, int64_t n_keys, int64_t n_qvecs,
-                   float* s) {
+// S^T of keys [0, n_keys) (kp: the first key's row, rows d apart) for query vectors [0, n_qvecs):
+// s[j * kQBlock + lane] = <key j, query lane>, through MaxSim's micro-kernel (dot_tile: the keys
+// are its rows, the transposed queries its query vectors).
+inline void scores(const float* kp, const float* qt, int64_t d, int64_t n_keys, int64_t n_qvecs, float* s) {
   for (int64_t v0 = 0; v0 < n_qvecs; v0 += kQVecs) {
     const int64_t nv = std::min<int64_t>(kQVecs, n_qvecs - v0);
-    const auto run = [&](auto qv) {
-      constexpr int QV = decltype(qv)::value;
+    const auto run = [&](auto qv, auto dd) {
+      constexpr int QV = decltype(qv)::value, DIM = decltype(dd)::value;
+      const auto tile = [&](auto nt, int64_t j) {
+        constexpr int NT = decltype(nt)::value;
+        Vec acc[NT][QV];
+        dot_tile<QV, NT, DIM>(qt + v0 * W, kQBlock, kp + j * d, d, acc);
+        for (int r = 0; r < NT; ++r)
+          for (int v = 0; v < QV; ++v) acc[r][v].store(s + (j + r) * kQBlock + (v0 + v) * W);
+      };
+      constexpr int NT = tile_rows<QV>();
       int64_t j = 0;
-      for (; j + kKeys <= n_keys; j += kKeys)
-        score_tile<kKeys, QV>(k + j * k_step, k_step, qt + v0 * W, d, s + j * kQBlock + v0 * W);
-      for (; j < n_keys; ++j) score_tile<1, QV>(k + j * k_step, k_step, qt + v0 * W, d, s + j * kQBlock + v0 * W);
+      for (; j + NT <= n_keys; j += NT) tile(std::integral_constant<int, NT>{}, j);
+      for (; j < n_keys; ++j) tile(std::integral_constant<int, 1>{}, j);
     };
-    if (nv == kQVecs) run(std::integral_constant<int, kQVecs>{});
-    else if (kQVecs > 2 && nv == 2) run(std::integral_constant<int, 2>{});
-    else run(std::integral_constant<int, 1>{});
+    with_fixed_dim(d, [&](auto dd) {
+      if (nv == kQVecs) run(std::integral_constant<int, kQVecs>{}, dd);
+      else if (kQVecs > 2 && nv == 2) run(std::integral_constant<int, 2>{}, dd);
+      else run(std::integral_constant<int, 1>{}, dd);
+    });
   }
 }
 
@@ -174,24 +154,28 @@ void attention(const AttentionArgs& a) {
   const float* k = static_cast<const float*>(a.k);
   const float* v = static_cast<const float*>(a.v);
   float* out = static_cast<float*>(a.out);
-  // Values as contiguous rows per (batch, head); bias per (batch, key): 0, or -inf (masked). The
-  // calling thread keeps these buffers between calls (an encoder calls once a layer with the same
-  // shapes): fresh pages for 4 MiB of values cost ~1.5 ms a call, as much as 16 x 256-token heads'
-  // attention itself.
-  static thread_local std::vector<float> vp_buf, bias_buf;
-  if (vp_buf.size() < size_t(b * h * l * d)) vp_buf.resize(size_t(b * h * l * d));
-  if (bias_buf.size() < size_t(b * l)) bias_buf.resize(size_t(b * l));
-  float* const vp = vp_buf.data();
-  float* const bias = bias_buf.data();
+  // Keys and values as contiguous rows per (batch, head) (rows of the fused QKV output lie 3 x
+  // hidden floats apart: a key block's rows would share a few L1 sets), bias per (batch, key): 0,
+  // or -inf (masked). One call_buffer, which the calling thread keeps between calls (an encoder
+  // calls once a layer with the same shapes: fresh pages for 4 MiB of values cost ~1.5 ms a call,
+  // as much as 16 x 256-token heads' attention itself).
+  const int64_t rows_size = b * h * l * d;
+  std::vector<float> fallback;
+  float* const kp = call_buffer(2 * rows_size + b * l, fallback);
+  float* const vp = kp + rows_size;
+  float* const bias = vp + rows_size;
   parallel_for(b * h, 1, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t bi = u / h, hi = u % h;
+      const float* ks = k + bi * a.k_strides[0] + hi * a.k_strides[2];
       const float* vs = v + bi * a.v_strides[0] + hi * a.v_strides[2];
-      float* vd = vp + u * l * d;
-      for (int64_t j = 0; j < l; ++j) std::memcpy(vd + j * d, vs + j * a.v_strides[1], size_t(d) * sizeof(float));
+      for (int64_t j = 0; j < l; ++j) {
+        std::memcpy(kp + (u * l + j) * d, ks + j * a.k_strides[1], size_t(d) * sizeof(float));
+        std::memcpy(vp + (u * l + j) * d, vs + j * a.v_strides[1], size_t(d) * sizeof(float));
+      }
       if (hi == 0) {
         const uint8_t* valid = a.key_valid ? a.key_valid + bi * l : nullptr;
-        for (int64_t j = 0; j < l; ++j) bias[size_t(bi * l + j)] = !valid || valid[j] ? 0.0f : kNegInf;
+        for (int64_t j = 0; j < l; ++j) bias[bi * l + j] = !valid || valid[j] ? 0.0f : kNegInf;
       }
     }
   });
@@ -217,12 +201,12 @@ void attention(const AttentionArgs& a) {
         lo = std::max<int64_t>(0, q0 - a.window);
         hi_key = std::min(l, q0 + rows + a.window);
       }
-      const float* ks = k + bi * a.k_strides[0] + hi * a.k_strides[2];
+      const float* ks = kp + u * l * d;
       const float* vs = vp + u * l * d;
       const float* bb = bias + bi * l;
       for (int64_t j0 = lo; j0 < hi_key; j0 += kKBlock) {
         const int64_t nk = std::min(kKBlock, hi_key - j0);
-        scores(ks + j0 * a.k_strides[1], a.k_strides[1], qt.data(), d, nk, n_qvecs, s.data());
+        scores(ks + j0 * d, qt.data(), d, nk, n_qvecs, s.data());
         // Masks, then each query's running maximum (lane-wise down the keys).
         for (int64_t vq = 0; vq < n_qvecs; ++vq) {
           const float first = float(q0 + vq * W);

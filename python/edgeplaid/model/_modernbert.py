@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeplaid._native import C
-from edgeplaid.ops.attention import amx_present, amx_ready, attention, cpp_ready
+from edgeplaid.ops.attention import amx_present, attention, cpp_ready
 from edgeplaid.ops.int8_linear import int8_linear, quantize_weight
 from edgeplaid.ops.rotary_embed import rotary_embed
 
@@ -280,9 +280,9 @@ class PackedModernBert(nn.Module):
         h = m.embeddings.norm(m.embeddings.tok_embeddings(input_ids.reshape(-1)))  # (B*L, hidden)
         nh, hd = self.n_heads, self.head_dim
         hidden = nh * hd
-        # bf16 on CPUs with AMX: the attention op (tiles; both layer types, the window in the
-        # kernel); otherwise torch's SDPA over the pieces.
-        amx = h.dtype == torch.bfloat16 and h.device.type == "cpu" and hd in (32, 64) and amx_ready()
+        # bf16 on CPUs with AMX: the attention op on tiles (both layer types, the window in the
+        # kernel); float32 below; otherwise torch's SDPA over the pieces.
+        amx = h.dtype == torch.bfloat16 and h.device.type == "cpu" and cpp_ready(torch.bfloat16, hd)
         # bf16 on a CPU without AMX tiles: attention runs in float32. torch's bf16 SDPA kernel was
         # the slower one on a Zen 4 EPYC (AVX512-BF16, no AMX): 1.06 s against 0.74 s of attention
         # for two 4,096-token documents on 17m, 79% of bf16's encoding time there (CPUs with AMX
