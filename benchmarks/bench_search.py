@@ -118,10 +118,12 @@ def stage_table(idx: Index, queries: torch.Tensor, qmask: torch.Tensor, precisio
     """Each stage's mean time per query (one query at a time, ``edgeplaid.search.STAGE_TIMES``)
     against its own bound, measured on this machine now:
 
-    * stage 1: 2 * valid tokens * centroids * dim FLOPs at the fp32 FMA peak of the ISA it runs,
-      or, when longer, the bytes it must move at the read rate: the centroids once and the
-      centroid-major table it writes (centroids * stride * 4 B). With AMX tiles (whose products
-      run ~8x the fp32 peak) the table's bytes are the bound;
+    * stage 1: 2 * valid tokens * centroids * dim FLOPs at the fp32 FMA peak of the ISA it runs
+      (int8 stage 1, ``stage1_precision``: twice that many int8 ops, two passes of 7-bit levels,
+      at the int8 peak), or, when longer, the bytes it must move at the read rate: the centroids
+      once (fp16, or the int8 levels' 2 B an element) and the centroid-major table it writes
+      (centroids * stride * 4 B). With AMX tiles (whose products run ~8x the fp32 peak) the
+      table's bytes are the bound;
     * stages 1b-2: the bytes they must read at least once (each candidate's codes, 2 B a token,
       the IVF entries, 4 B each, and a score-table row, 4 B a lane, for every token not pruned)
       at the streaming memory read rate;
@@ -136,6 +138,7 @@ def stage_table(idx: Index, queries: torch.Tensor, qmask: torch.Tensor, precisio
     from edgeplaid._native import C
     from edgeplaid.ops.bundles import CentroidScores
     from edgeplaid.ops.centroid_interaction import centroid_interaction_topk
+    from edgeplaid.ops.centroid_scores import stage1_precision
     from edgeplaid.search import STAGE_TIMES, resolve_params
 
     st = idx._state
@@ -149,6 +152,7 @@ def stage_table(idx: Index, queries: torch.Tensor, qmask: torch.Tensor, precisio
     offs, docs = (t.numpy() for t in (searcher.ivf.offsets, searcher.ivf.docs))
     codes = searcher.docs.codes.numpy().astype(np.int64)
     doc_off = searcher.docs.offsets.numpy()
+    int8_stage1 = stage1_precision(precision, idx.centroids.device) == "int8"
     flops1 = bytes1 = bytes2 = macs4 = 0.0
     for i in range(nq):
         q, m = queries[i : i + 1], qmask[i : i + 1]
@@ -156,8 +160,9 @@ def stage_table(idx: Index, queries: torch.Tensor, qmask: torch.Tensor, precisio
             q, idx.centroids, p.n_probe, m, layout="centroid", with_max=True
         )
         n_valid = int(m.sum())
-        flops1 += 2.0 * n_valid * idx.n_centroids * idx.dim
-        bytes1 += idx.centroids.element_size() * idx.centroids.numel() + 4.0 * scores.numel()
+        flops1 += (4.0 if int8_stage1 else 2.0) * n_valid * idx.n_centroids * idx.dim
+        elem = 2 if int8_stage1 else idx.centroids.element_size()
+        bytes1 += elem * idx.centroids.numel() + 4.0 * scores.numel()
         cells = np.unique(top.numpy().ravel())
         cells = cells[cells >= 0]
         entries = np.concatenate([docs[offs[c] : offs[c + 1]] for c in cells])
@@ -190,7 +195,9 @@ def stage_table(idx: Index, queries: torch.Tensor, qmask: torch.Tensor, precisio
     per = {k: v / nq * 1e3 for k, v in STAGE_TIMES.seconds.items()}
     total = float(np.mean(lat)) * 1e3
     bounds = {
-        "1 centroid_scores": max(flops1 / (peak * 1e9), bytes1 / (rate * 1e9)) / nq * 1e3,
+        "1 centroid_scores": max(flops1 / ((peak8 if int8_stage1 else peak) * 1e9), bytes1 / (rate * 1e9))
+        / nq
+        * 1e3,
         "1b-2 candidates": bytes2 / nq / (rate * 1e9) * 1e3,
         "4 scoring": macs4 / nq * 2 / ((peak8 if precision == "int8" else peak) * 1e9) * 1e3,
     }
@@ -202,7 +209,8 @@ def stage_table(idx: Index, queries: torch.Tensor, qmask: torch.Tensor, precisio
     rows.append(dict(stage="total", ms=total, bound_ms=sum(bounds.values())))
     print(
         f"per stage, one query at a time ({precision}; fp32 peak {peak:.0f} GFLOP/s, int8 peak "
-        f"{peak8:.0f} Gop/s, memory read {rate:.1f} GB/s; bounds: stage 1 FLOPs at the fp32 peak or its "
+        f"{peak8:.0f} Gop/s, memory read {rate:.1f} GB/s; bounds: stage 1 FLOPs at the fp32 peak "
+        f"(int8 stage 1 here: {'yes, int8 ops at the int8 peak' if int8_stage1 else 'no'}) or its "
         "centroids and table at the read rate, whichever is longer, "
         "stages 1b-2 bytes at the read rate, stage 4 multiply-adds at the int8/fp32 peak; "
         "the staged pipeline, whose glue the one-call path of the p50 above does not have):"

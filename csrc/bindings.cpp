@@ -215,7 +215,7 @@ const float* inv_norm_arg(const py::array& inv_norm, int64_t n) {
   return f32_data(inv_norm, "inv_norm");
 }
 
-// Stage 4's precision: true for "int8".
+// A precision argument (stage 1 and stage 4): true for "int8".
 bool int8_precision_arg(const std::string& precision) {
   if (precision != "exact" && precision != "int8")
     fail("precision: expected 'exact' or 'int8', got '" + precision + "'");
@@ -280,27 +280,123 @@ ScoreTable score_table_arg(const py::array& scores, const py::object& query_len)
   return ScoreTable{f32_data(scores, "centroid_scores"), scores.shape(0), lq, scores.shape(1), scores.shape(2)};
 }
 
+// ---- Each op on its own ISA --------------------------------------------------------------------
+// The fp32 kernels run active_isa() (best_isa(): full-width AVX-512, else AVX2; on Zen 4, whose
+// AVX-512 units are 256 bits wide, AVX2 measured faster). The int8 kernels are chosen apart: the
+// set with the most int8 products per instruction the CPU runs, VNNI (vpdpbusd, one instruction
+// for 4-way u8*s8 sums) > AVX-512BW > AVX2 (vpmaddubsw + vpmaddwd; code_scoring.h) > scalar, whatever the fp32
+// choice: on Zen 4 VNNI measured 931 int8 Gop/s against 388 for AVX2 (peak_int8_gops()), while
+// its fp32 kernels stay on AVX2 (README, "Which ISA each op runs"). EDGEPLAID_CPU_INT8_ISA or
+// set_cpu_int8_isa() overrides it, as EDGEPLAID_CPU_ISA / set_cpu_isa() override the fp32 one.
+enum class Int8Isa { scalar, avx2, avx512, avx512vnni };
+const char* int8_isa_name(Int8Isa isa) {
+  switch (isa) {
+    case Int8Isa::avx512vnni: return "avx512vnni";
+    case Int8Isa::avx512: return "avx512";
+    case Int8Isa::avx2: return "avx2";
+    default: return "scalar";
+  }
+}
+bool vnni_available() {
+  EP_IF_AVX512VNNI(return cpu_features().avx512_vnni && isa_supported(Isa::avx512);)
+  return false;
+}
+bool int8_isa_supported(Int8Isa isa) {
+  switch (isa) {
+    case Int8Isa::avx512vnni: return vnni_available();
+    case Int8Isa::avx512: return isa_supported(Isa::avx512);
+    case Int8Isa::avx2: return isa_supported(Isa::avx2);
+    default: return true;
+  }
+}
+Int8Isa best_int8_isa() {
+  for (Int8Isa isa : {Int8Isa::avx512vnni, Int8Isa::avx512, Int8Isa::avx2})
+    if (int8_isa_supported(isa)) return isa;
+  return Int8Isa::scalar;
+}
+Int8Isa parse_int8_isa(const std::string& name, const char* what) {
+  for (Int8Isa isa : {Int8Isa::scalar, Int8Isa::avx2, Int8Isa::avx512, Int8Isa::avx512vnni}) {
+    if (name != int8_isa_name(isa)) continue;
+    if (!int8_isa_supported(isa)) fail(std::string(what) + ": '" + name + "' is not supported by this CPU or build");
+    return isa;
+  }
+  fail(std::string(what) + ": expected one of scalar, avx2, avx512, avx512vnni, got '" + name + "'");
+}
+std::atomic<int>& int8_setting() {
+  static std::atomic<int> isa{[] {
+    const char* env = std::getenv("EDGEPLAID_CPU_INT8_ISA");
+    if (env == nullptr || *env == '\0') return int(best_int8_isa());
+    return int(parse_int8_isa(env, "EDGEPLAID_CPU_INT8_ISA"));
+  }()};
+  return isa;
+}
+Int8Isa int8_isa() { return Int8Isa(int8_setting().load(std::memory_order_relaxed)); }
+void set_cpu_int8_isa(const std::string& name) { int8_setting().store(int(parse_int8_isa(name, "isa"))); }
+
+// Calls ns::fn(args...) for the int8 ISA's namespace ns.
+#define EP_DISPATCH_INT8(fn, ...)                                                      \
+  do {                                                                                 \
+    switch (int8_isa()) {                                                              \
+      case Int8Isa::avx512vnni: EP_IF_AVX512VNNI(avx512vnni::fn(__VA_ARGS__); break;)  \
+        [[fallthrough]];                                                               \
+      case Int8Isa::avx512: EP_IF_AVX512(avx512::fn(__VA_ARGS__); break;)              \
+        [[fallthrough]];                                                               \
+      case Int8Isa::avx2: EP_IF_AVX2(avx2::fn(__VA_ARGS__); break;)                    \
+        [[fallthrough]];                                                               \
+      default: scalar::fn(__VA_ARGS__);                                                \
+    }                                                                                  \
+  } while (0)
+
 // The centroid-major table (PLAID's stage 1) on AMX tiles: where the fp32 kernels run AVX-512 and
 // AMX is enabled (the amx unit's centroid_scores takes fp16 / bf16 centroids to the tiles and
 // fp32 ones to its AVX-512 code). Measured in csrc/cpu/centroid_scores_amx.h and the README.
 bool amx_tables() { return active_isa() == Isa::avx512 && amx_enabled(); }
 
-// Stage 1's kernel (the op's binding and plaid_search's pipeline): the centroid-major table
-// (table_stride > 0) on AMX tiles where amx_tables(), else the active ISA's kernel. GIL released.
-void run_centroid_scores(const Queries& q, const Rows& c, int64_t n_probe, int64_t table_stride, float* scores,
-                         int64_t* top_ids, float* centroid_max, KernelError& err) {
-  if (table_stride > 0 && amx_tables()) {
+// Stage 1's kernel (the op's binding and plaid_search's pipeline): with int8 centroids (c8 not
+// null) the int8 kernel on the int8 ISA; else the centroid-major table (table_stride > 0) on AMX
+// tiles where amx_tables(), or the active ISA's fp32 kernel. GIL released.
+void run_centroid_scores(const Queries& q, const Rows& c, const Int8Rows* c8, int64_t n_probe, int64_t table_stride,
+                         float* scores, int64_t* top_ids, float* centroid_max, KernelError& err) {
+  if (c8 != nullptr) {
+    EP_DISPATCH_INT8(centroid_scores_int8, q, *c8, n_probe, table_stride, scores, top_ids, centroid_max, err);
+  } else if (table_stride > 0 && amx_tables()) {
     EP_IF_AMX(amx::centroid_scores(q, c, n_probe, table_stride, scores, top_ids, centroid_max, err);)
   } else {
     EP_DISPATCH(centroid_scores, q, c, n_probe, table_stride, scores, top_ids, centroid_max, err);
   }
 }
 
+// Stage 1's int8 centroids (centroid_scores' precision "int8"): levels (2, n_centroids, dim
+// rounded up to 4) int8, the hi and lo halves of 12-bit levels, each in [-63, 63], zero past dim;
+// scales (n_centroids,) float32, finite and >= 0: as edgeplaid.ops.quantise_centroids makes them
+// once an index. Their shapes and dtypes are checked here; their values are not (O(n_centroids x
+// dim) a call, more than a one-query search spends on stage 1's bookkeeping): a value out of range
+// gives wrong scores, never an access out of bounds (no address depends on a level or a scale).
+Int8Rows int8_centroids_arg(const py::object& levels, const py::object& scales, const Rows& c) {
+  if (levels.is_none() || scales.is_none())
+    fail("centroid_levels, centroid_scales: expected both for precision 'int8' (quantise_centroids)");
+  const py::array lv = levels.cast<py::array>(), sc = scales.cast<py::array>();
+  const int64_t dim4 = (c.dim + 3) / 4 * 4;
+  expect_rank(lv, "centroid_levels", 3, "(2, n_centroids, dim rounded up to 4)");
+  if (!has_dtype(lv, 'i', 1)) fail("centroid_levels: expected int8");
+  expect_dim(lv, "centroid_levels", 0, 2, "the hi and lo halves");
+  expect_dim(lv, "centroid_levels", 1, c.rows, "n_centroids");
+  expect_dim(lv, "centroid_levels", 2, dim4, "dim rounded up to 4");
+  expect_rank(sc, "centroid_scales", 1, "(n_centroids,)");
+  expect_dim(sc, "centroid_scales", 0, c.rows, "n_centroids");
+  const Int8Rows r{static_cast<const int8_t*>(lv.data()), f32_data(sc, "centroid_scales"), c.rows, c.dim, dim4};
+  return r;
+}
+
 py::tuple centroid_scores(const py::array& queries, const py::object& queries_mask, const py::array& centroids,
                           const std::string& dtype, int64_t n_probe, const py::object& scores_out,
-                          bool centroid_major, bool with_max) {
+                          bool centroid_major, bool with_max, const std::string& precision,
+                          const py::object& centroid_levels, const py::object& centroid_scales) {
   const Queries q = queries_arg(queries, queries_mask);
   const Rows c = centroids_arg(centroids, dtype, q.dim, n_probe);
+  Int8Rows c8{};
+  const bool int8 = int8_precision_arg(precision);
+  if (int8) c8 = int8_centroids_arg(centroid_levels, centroid_scales, c);
   const int64_t ts = centroid_major ? table_stride_for(q.lq) : 0;
   const std::vector<py::ssize_t> shape =
       centroid_major ? std::vector<py::ssize_t>{q.nq, c.rows, ts} : std::vector<py::ssize_t>{q.nq, q.lq, c.rows};
@@ -333,7 +429,7 @@ py::tuple centroid_scores(const py::array& queries, const py::object& queries_ma
   KernelError err;
   {
     py::gil_scoped_release release;
-    run_centroid_scores(q, c, n_probe, ts, s, i, m, err);
+    run_centroid_scores(q, c, int8 ? &c8 : nullptr, n_probe, ts, s, i, m, err);
   }
   raise_if(err);
   return result();
@@ -463,72 +559,6 @@ py::tuple centroid_interaction_topk(const py::array& scores, const py::object& c
   return py::make_tuple(out_ids, out_scores);
 }
 
-// ---- Each op on its own ISA --------------------------------------------------------------------
-// The fp32 kernels run active_isa() (best_isa(): full-width AVX-512, else AVX2; on Zen 4, whose
-// AVX-512 units are 256 bits wide, AVX2 measured faster). The int8 kernels are chosen apart: the
-// set with the most int8 products per instruction the CPU runs, VNNI (vpdpbusd, one instruction
-// for 4-way u8*s8 sums) > AVX-512BW > AVX2 (vpmaddubsw + vpmaddwd; code_scoring.h) > scalar, whatever the fp32
-// choice: on Zen 4 VNNI measured 931 int8 Gop/s against 388 for AVX2 (peak_int8_gops()), while
-// its fp32 kernels stay on AVX2 (README, "Which ISA each op runs"). EDGEPLAID_CPU_INT8_ISA or
-// set_cpu_int8_isa() overrides it, as EDGEPLAID_CPU_ISA / set_cpu_isa() override the fp32 one.
-enum class Int8Isa { scalar, avx2, avx512, avx512vnni };
-const char* int8_isa_name(Int8Isa isa) {
-  switch (isa) {
-    case Int8Isa::avx512vnni: return "avx512vnni";
-    case Int8Isa::avx512: return "avx512";
-    case Int8Isa::avx2: return "avx2";
-    default: return "scalar";
-  }
-}
-bool vnni_available() {
-  EP_IF_AVX512VNNI(return cpu_features().avx512_vnni && isa_supported(Isa::avx512);)
-  return false;
-}
-bool int8_isa_supported(Int8Isa isa) {
-  switch (isa) {
-    case Int8Isa::avx512vnni: return vnni_available();
-    case Int8Isa::avx512: return isa_supported(Isa::avx512);
-    case Int8Isa::avx2: return isa_supported(Isa::avx2);
-    default: return true;
-  }
-}
-Int8Isa best_int8_isa() {
-  for (Int8Isa isa : {Int8Isa::avx512vnni, Int8Isa::avx512, Int8Isa::avx2})
-    if (int8_isa_supported(isa)) return isa;
-  return Int8Isa::scalar;
-}
-Int8Isa parse_int8_isa(const std::string& name, const char* what) {
-  for (Int8Isa isa : {Int8Isa::scalar, Int8Isa::avx2, Int8Isa::avx512, Int8Isa::avx512vnni}) {
-    if (name != int8_isa_name(isa)) continue;
-    if (!int8_isa_supported(isa)) fail(std::string(what) + ": '" + name + "' is not supported by this CPU or build");
-    return isa;
-  }
-  fail(std::string(what) + ": expected one of scalar, avx2, avx512, avx512vnni, got '" + name + "'");
-}
-std::atomic<int>& int8_setting() {
-  static std::atomic<int> isa{[] {
-    const char* env = std::getenv("EDGEPLAID_CPU_INT8_ISA");
-    if (env == nullptr || *env == '\0') return int(best_int8_isa());
-    return int(parse_int8_isa(env, "EDGEPLAID_CPU_INT8_ISA"));
-  }()};
-  return isa;
-}
-Int8Isa int8_isa() { return Int8Isa(int8_setting().load(std::memory_order_relaxed)); }
-void set_cpu_int8_isa(const std::string& name) { int8_setting().store(int(parse_int8_isa(name, "isa"))); }
-
-// Calls ns::fn(args...) for the int8 ISA's namespace ns.
-#define EP_DISPATCH_INT8(fn, ...)                                                      \
-  do {                                                                                 \
-    switch (int8_isa()) {                                                              \
-      case Int8Isa::avx512vnni: EP_IF_AVX512VNNI(avx512vnni::fn(__VA_ARGS__); break;)  \
-        [[fallthrough]];                                                               \
-      case Int8Isa::avx512: EP_IF_AVX512(avx512::fn(__VA_ARGS__); break;)              \
-        [[fallthrough]];                                                               \
-      case Int8Isa::avx2: EP_IF_AVX2(avx2::fn(__VA_ARGS__); break;)                    \
-        [[fallthrough]];                                                               \
-      default: scalar::fn(__VA_ARGS__);                                                \
-    }                                                                                  \
-  } while (0)
 
 py::array_t<float> fused_decompress_maxsim_codes(const py::array& queries, const py::object& queries_mask,
                                                  const py::array& codes, const py::array& residuals,
@@ -567,6 +597,8 @@ py::array_t<float> fused_decompress_maxsim_codes(const py::array& queries, const
 // What plaid_search reads besides the queries, checked by its binding.
 struct PlaidArgs {
   Rows centroids;           // (n_centroids, dim)
+  Int8Rows centroids8;      // stage 1's int8 centroids, where given
+  bool int8_stage1;         // stage 1 from int8 products (centroids8)
   int64_t n_probe;
   Compressed tokens;        // codes (n_tokens,), residuals (n_tokens, dim * nbits / 8)
   const float* inv_norm;    // (n_tokens,)
@@ -619,7 +651,7 @@ void plaid_block(const Queries& q, const PlaidArgs& a, PlaidBuffers& buf, float*
   float* cmax = buf.cmax.get(nq * n_cent);
   int64_t* top = buf.top.get(nq * lq * a.n_probe);
   if (lq == 0) std::fill(cmax, cmax + nq * n_cent, -std::numeric_limits<float>::infinity());
-  run_centroid_scores(q, a.centroids, a.n_probe, ts, table, top, cmax, err);
+  run_centroid_scores(q, a.centroids, a.int8_stage1 ? &a.centroids8 : nullptr, a.n_probe, ts, table, top, cmax, err);
   if (err.set()) return;
   const ScoreTable st{table, nq, lq, n_cent, ts};
   int64_t* kept = buf.kept.get(nq * nc);
@@ -654,7 +686,8 @@ void plaid_block(const Queries& q, const PlaidArgs& a, PlaidBuffers& buf, float*
 }
 
 // PLAID's CPU pipeline for a batch of queries in one call: stage 1 (centroid_scores: the
-// centroid-major table and each centroid's maximum), stages 1b-2 (centroid_interaction_topk over
+// centroid-major table and each centroid's maximum; from int8 products where the int8 centroids
+// centroid_levels / centroid_scales are given, int8_centroids_arg), stages 1b-2 (centroid_interaction_topk over
 // the probed IVF lists, n_candidates kept) and stage 4 (fused_decompress_maxsim_codes of those),
 // then each query's k best. The same kernels and checks as the three op calls, without the Python
 // between them (conversions, checks, bundles and numpy selections: ~0.1-0.2 ms of a ~1 ms SciFact
@@ -667,7 +700,8 @@ py::tuple plaid_search(const py::array& queries, const py::object& queries_mask,
                        const py::array& doc_offsets, const py::array& residuals, const py::array& inv_norm,
                        const py::array& ivf_offsets, const py::array& ivf_docs, const py::object& live,
                        const py::array& bucket_weights, int nbits, const py::object& threshold,
-                       int64_t n_candidates, const std::string& precision, int64_t k) {
+                       int64_t n_candidates, const std::string& precision, int64_t k,
+                       const py::object& centroid_levels, const py::object& centroid_scales) {
   if (k < 1) fail("k: expected >= 1, got " + std::to_string(k));
   if (n_candidates < 1) fail("n_candidates: expected >= 1, got " + std::to_string(n_candidates));
   const Queries q = queries_arg(queries, queries_mask);
@@ -675,6 +709,10 @@ py::tuple plaid_search(const py::array& queries, const py::object& queries_mask,
   a.centroids = centroids_arg(centroids, dtype, q.dim, n_probe);
   a.n_probe = n_probe;
   a.int8 = int8_precision_arg(precision);
+  // Stage 1 from int8 products where the caller gives the int8 centroids (the search's rule:
+  // edgeplaid.ops.centroid_scores.stage1_precision), else fp32.
+  a.int8_stage1 = !centroid_levels.is_none() || !centroid_scales.is_none();
+  if (a.int8_stage1) a.centroids8 = int8_centroids_arg(centroid_levels, centroid_scales, a.centroids);
   a.weights = bucket_weights_arg(bucket_weights, nbits, q.dim);
   a.nbits = nbits;
   const Ids ids = codes_arg(codes);
@@ -803,6 +841,7 @@ py::dict cpu_info() {
                          "nearest_centroids", "compress_residuals", "int8_linear", "rotary_embed"})
     per_op[op] = fp32;
   per_op["fused_decompress_maxsim[int8]"] = int8_isa_name(int8_isa());
+  per_op["centroid_scores[int8]"] = int8_isa_name(int8_isa());
   if (amx_tables()) per_op["centroid_scores"] = "amx (centroid-major, fp16/bf16 centroids), else avx512";
   per_op["attention"] = isa_name(attention_isa());  // float32 heads
   per_op["attention[bf16]"] = amx_enabled() ? "amx" : "none (torch SDPA)";
@@ -1082,7 +1121,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("doc_offsets"), py::arg("candidates"));
   m.def("centroid_scores", &centroid_scores, py::arg("queries"), py::arg("queries_mask"), py::arg("centroids"),
         py::arg("dtype"), py::arg("n_probe"), py::arg("scores_out") = py::none(), py::arg("centroid_major") = false,
-        py::arg("with_max") = false);
+        py::arg("with_max") = false, py::arg("precision") = "exact", py::arg("centroid_levels") = py::none(),
+        py::arg("centroid_scales") = py::none());
   m.def("decompress_residuals", &decompress_residuals, py::arg("codes"), py::arg("residuals"), py::arg("centroids"),
         py::arg("dtype"), py::arg("bucket_weights"), py::arg("nbits"), py::arg("out_dtype"));
   m.def("fused_decompress_maxsim", &fused_decompress_maxsim, py::arg("queries"), py::arg("queries_mask"),
@@ -1095,7 +1135,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("plaid_search", &plaid_search, py::arg("queries"), py::arg("queries_mask"), py::arg("centroids"),
         py::arg("dtype"), py::arg("n_probe"), py::arg("codes"), py::arg("doc_offsets"), py::arg("residuals"),
         py::arg("inv_norm"), py::arg("ivf_offsets"), py::arg("ivf_docs"), py::arg("live"), py::arg("bucket_weights"),
-        py::arg("nbits"), py::arg("threshold"), py::arg("n_candidates"), py::arg("precision"), py::arg("k"));
+        py::arg("nbits"), py::arg("threshold"), py::arg("n_candidates"), py::arg("precision"), py::arg("k"),
+        py::arg("centroid_levels") = py::none(), py::arg("centroid_scales") = py::none());
   m.def("centroid_interaction", &centroid_interaction, py::arg("centroid_scores"), py::arg("queries_mask"),
         py::arg("codes"), py::arg("doc_offsets"), py::arg("candidates"), py::arg("threshold"),
         py::arg("query_len") = py::none());

@@ -63,6 +63,8 @@ struct IVec {
     return {_mm512_set1_epi32(x)};
   }
   EP_INLINE Vec to_float() const { return {_mm512_cvtepi32_ps(v)}; }
+  // (*this << shift) + b, lane-wise.
+  EP_INLINE IVec shl_add(int shift, IVec b) const { return {_mm512_add_epi32(_mm512_slli_epi32(v, shift), b.v)}; }
 };
 struct DocBytes {
   __m512i u;  // level + 64, unsigned
@@ -90,6 +92,8 @@ struct IVec {
     return {_mm256_set1_epi32(x)};
   }
   EP_INLINE Vec to_float() const { return {_mm256_cvtepi32_ps(v)}; }
+  // (*this << shift) + b, lane-wise.
+  EP_INLINE IVec shl_add(int shift, IVec b) const { return {_mm256_add_epi32(_mm256_slli_epi32(v, shift), b.v)}; }
 };
 struct DocBytes {
   __m256i level;  // signed, [-63, 63]
@@ -119,6 +123,8 @@ struct IVec {
   }
   static EP_INLINE IVec bcast4(const uint8_t* p) { return load(p); }
   EP_INLINE Vec to_float() const { return {float(v)}; }
+  // (*this << shift) + b, as a multiply (a left shift of a negative int is undefined before C++20).
+  EP_INLINE IVec shl_add(int shift, IVec b) const { return {v * (int32_t(1) << shift) + b.v}; }
 };
 struct DocBytes {
   uint8_t u[4];
@@ -480,20 +486,23 @@ EP_INLINE void sweep_exact(const float* qt, int64_t qstride, const float* rows, 
   });
 }
 
-// acc[t][v] = bias[v] + sum_g dot4(rows[t][4g : 4g + 4], q8[g][v * W : (v + 1) * W][0 : 4]).
+// acc[t][v] = bias[v] + sum_g dot4(rows[t][4g : 4g + 4], q8[g][v * W : (v + 1) * W][0 : 4])
+// (kInit false: acc[t][v] += the sum, bias not added).
 // AVX2 takes the groups two at a time (dot8), keeping each token's two DocBytes in registers and
 // loading the query vectors (two loads a cycle hide them; 16 registers hold no more). The other
 // ISAs keep the query vectors in registers and broadcast each token's bytes once per group (two
 // groups' query vectors would not fit beside AVX-512's 24 accumulators).
-template <int NQV, int NT, int GROUPS>
+template <int NQV, int NT, int GROUPS, bool kInit = true>
 EP_INLINE void dot_tile_i8(const int8_t* q8, int64_t qstride4, const uint8_t* rows, int64_t row_bytes,
                            int64_t groups_arg, const IVec (&bias)[NQV], IVec (&acc)[NT][NQV]) {
   const int64_t groups = GROUPS > 0 ? GROUPS : groups_arg;
   const int64_t rb = GROUPS > 0 ? GROUPS * 4 : row_bytes;
+  if constexpr (kInit) {
 #pragma GCC unroll 16
-  for (int t = 0; t < NT; ++t)
+    for (int t = 0; t < NT; ++t)
 #pragma GCC unroll 8
-    for (int v = 0; v < NQV; ++v) acc[t][v] = bias[v];
+      for (int v = 0; v < NQV; ++v) acc[t][v] = bias[v];
+  }
   int64_t g = 0;
 #if defined(EDGEPLAID_ISA_AVX2)
   for (; g + 2 <= groups; g += 2) {

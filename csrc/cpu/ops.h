@@ -46,6 +46,17 @@ struct Rows {
   int64_t rows, dim;
 };
 
+// Centroids quantised for int8 stage-1 scoring: 12-bit levels L = 64 * hi + lo, stored as two
+// 7-bit halves (the int8 tiles take levels in [-63, 63]): centroid[c][d] ~ scale[c] * L[c][d],
+//   hi[c][d] = levels[c * dim4 + d],  lo[c][d] = levels[(rows + c) * dim4 + d]   (levels (2, rows, dim4))
+// each in [-63, 63] (lo in [-32, 32]), zero past dim.
+struct Int8Rows {
+  const int8_t* levels;
+  const float* scale;
+  int64_t rows, dim, dim4;
+};
+constexpr int kLevelHiShift = 6;  // L = (hi << 6) + lo
+
 // Documents packed back to back: document d is tokens[offsets[d] : offsets[d + 1]].
 struct PackedDocs {
   Rows tokens;
@@ -169,6 +180,9 @@ struct AttentionArgs {
   void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe,              \
                        int64_t table_stride, float* scores, int64_t* top_ids, float* centroid_max, \
                        KernelError& err);                                                      \
+  void centroid_scores_int8(const Queries& q, const Int8Rows& centroids, int64_t n_probe,      \
+                            int64_t table_stride, float* scores, int64_t* top_ids,             \
+                            float* centroid_max, KernelError& err);                            \
   void decompress_residuals(const Compressed& tokens, const Codec& codec, void* out,          \
                             DType out_dtype, KernelError& err);                                \
   void fused_decompress_maxsim(const Queries& q, const Compressed& tokens,                     \
@@ -211,7 +225,8 @@ EDGEPLAID_DECLARE_KERNELS(scalar)
 EDGEPLAID_DECLARE_KERNELS(avx2)
 EDGEPLAID_DECLARE_KERNELS(avx512)
 
-// AVX-512 with VNNI (vpdpbusd): its unit defines only the int8 code-scoring kernel and int8_probe;
+// AVX-512 with VNNI (vpdpbusd): its unit defines only the int8 kernels (code scoring, stage 1's
+// int8 table) and int8_probe;
 // the other declarations are never called (bindings.cpp's EP_DISPATCH_INT8).
 EDGEPLAID_DECLARE_KERNELS(avx512vnni)
 

@@ -67,6 +67,9 @@ struct Vec {
   // Bit i set where a[i] > b[i].
   friend EP_INLINE uint32_t gt_mask(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ); }
   EP_INLINE float sum() const { return _mm512_reduce_add_ps(v); }
+  EP_INLINE float max_lane() const { return _mm512_reduce_max_ps(v); }
+  // Lanes [0, n) to p[0 : n) (0 <= n <= W); nothing past them is touched.
+  EP_INLINE void store_first(float* p, int n) const { _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1u), v); }
 };
 #elif defined(EDGEPLAID_ISA_AVX2)
 struct Vec {
@@ -99,6 +102,16 @@ struct Vec {
     const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
   }
+  EP_INLINE float max_lane() const {
+    const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1)));
+  }
+  // Lanes [0, n) to p[0 : n) (0 <= n <= W); nothing past them is touched.
+  EP_INLINE void store_first(float* p, int n) const {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane), v);
+  }
 };
 #else
 struct Vec {
@@ -112,6 +125,10 @@ struct Vec {
   static EP_INLINE Vec load_f16(const uint16_t* p) { return {f16_to_float(*p)}; }
   static EP_INLINE Vec load_bf16(const uint16_t* p) { return {bf16_to_float(*p)}; }
   EP_INLINE void store(float* p) const { *p = v; }
+  EP_INLINE float max_lane() const { return v; }
+  EP_INLINE void store_first(float* p, int n) const {
+    if (n > 0) *p = v;
+  }
   // A fused multiply-add, as the SIMD paths do: one rounding per step, so that integer-valued
   // inputs give bit-identical scores on every ISA.
   friend EP_INLINE Vec fmadd(Vec a, Vec b, Vec c) { return {__builtin_fmaf(a.v, b.v, c.v)}; }

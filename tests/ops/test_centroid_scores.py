@@ -191,3 +191,111 @@ def test_amx_table_on_three_threads(amx_tiles):
         edgeplaid.set_num_threads(previous)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
+
+
+# ---- precision="int8": integer products (csrc/cpu/centroid_scores_impl.h, centroid_scores_int8)
+
+
+@pytest.mark.parametrize("dim", [16, 30, 48, 64, 128])
+@pytest.mark.parametrize(
+    ("nq", "lq", "n_centroids", "n_probe"),
+    [(1, 1, 1, 1), (3, 13, 11, 4), (2, 32, 1000, 2), (1, 7, 97, 8), (2, 40, 4099, 16), (5, 33, 300, 9)],
+)
+def test_int8_bit_exact_on_every_isa(cpp_int8_isa, dim, nq, lq, n_centroids, n_probe):
+    # The integer sums are exact and the epilogue the same two roundings on every ISA: the cpp
+    # kernel equals its reference bit for bit, scores, ids and centroid maxima, in both layouts
+    # (lq 33 and 40 leave partial last vectors on every lane width; 5 queries pack tokens of
+    # several queries into one vector).
+    g = torch.Generator().manual_seed(dim * n_centroids + lq)
+    queries = torch.randn(nq, lq, dim, generator=g)
+    centroids = torch.randn(n_centroids, dim, generator=g).half()
+    mask = make_query_mask(nq, lq, g) if nq > 1 else None
+    for layout in ("token", "centroid"):
+        kw = dict(layout=layout, with_max=True, precision="int8")
+        got = ops.centroid_scores(queries, centroids, n_probe, mask, backend="cpp", **kw)
+        want = ops.centroid_scores(queries, centroids, n_probe, mask, backend="reference", **kw)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b), layout
+
+
+def test_int8_formula_and_fidelity():
+    # The reference against the formula written out, and the int8 scores within the quantisation's
+    # bound of the exact ones: |q.c - q'.c'| <= |q|_1 * scale_c / 2 + |L_c|_1 * scale_c * qscale / 2.
+    g = torch.Generator().manual_seed(5)
+    q = torch.nn.functional.normalize(torch.randn(2, 9, 48, generator=g), dim=-1)
+    c = torch.nn.functional.normalize(torch.randn(500, 48, generator=g), dim=-1)
+    levels, scales = ops.quantise_centroids(c)
+    assert levels.dtype == torch.int8 and levels.shape == (2, 500, 48) and scales.shape == (500,)
+    full = levels[0].long() * 64 + levels[1].long()
+    assert int(levels[0].abs().max()) == 63 and int(levels[1].abs().max()) <= 32
+    assert int(full.abs().max()) == 4032
+    assert ((full.double() * scales[:, None].double() - c.double()).abs() <= scales[:, None] / 2 + 1e-7).all()
+    qscale = q.abs().amax(-1, keepdim=True) / 127
+    qq = torch.round(q / qscale)
+    dots = torch.einsum("qid,cd->qic", qq.double(), full.double()).float()
+    want = dots * (qscale * scales)
+    got, _ = reference.centroid_scores_int8(q, levels, scales, 4)
+    assert torch.equal(got, want)
+    exact = torch.einsum("qid,cd->qic", q, c)
+    bound = q.abs().sum(-1, keepdim=True) * scales / 2 + full.abs().sum(-1).float() * scales * qscale / 2
+    assert ((got - exact).abs() <= bound + 1e-6).all()
+    assert (got - exact).abs().max() < 0.01  # unit vectors: the query's 8 bits, ~1e-3 typical
+
+
+def test_int8_quantise_centroids_layout():
+    # dim not a multiple of 4: zero levels past dim; a zero row: scale 0, levels 0; a Codec's are
+    # computed once.
+    c = torch.tensor([[0.5, -0.75, 0.25, 0.0, 2.0], [0.0] * 5])
+    levels, scales = ops.quantise_centroids(c)
+    assert levels.shape == (2, 2, 8)
+    # L = round(c / (2 / 4032)) = 1008, -1512, 504, 0, 4032 -> hi = round(L / 64), lo = L - 64 hi
+    assert levels[0, 0].tolist() == [16, -24, 8, 0, 63, 0, 0, 0]
+    assert levels[1, 0].tolist() == [-16, 24, -8, 0, 0, 0, 0, 0]
+    assert levels[:, 1].abs().sum() == 0 and scales[1] == 0
+    assert torch.equal(scales[:1], torch.tensor([2.0]) / 4032)
+    from edgeplaid.ops.bundles import Codec
+
+    codec = Codec(c, torch.tensor([-0.1, 0.1]), 1)
+    assert ops.quantise_centroids(codec) is ops.quantise_centroids(codec)
+
+
+def test_int8_zero_query_token_and_masks(cpp_int8_isa):
+    # A zero query token scores 0 everywhere (qscale 0); masked tokens 0 with ids -1.
+    q = torch.randn(2, 5, 48)
+    q[1, 2] = 0
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 3] = False
+    c = torch.randn(200, 48)
+    scores, ids = ops.centroid_scores(q, c, 3, mask, backend="cpp", precision="int8")
+    assert (scores[1, 2] == 0).all() and (scores[0, 3] == 0).all() and (ids[0, 3] == -1).all()
+    assert ids[1, 2].tolist() == [0, 1, 2]  # all tied at 0: the lowest ids
+
+
+def test_int8_argument_errors():
+    q, c = torch.randn(1, 4, 48), torch.randn(100, 48)
+    with pytest.raises(ValueError, match="precision: expected one of"):
+        ops.centroid_scores(q, c, 2, backend="cpp", precision="fp8")
+    with pytest.raises(ValueError, match="precision: 'int8' runs on the cpp and reference"):
+        ops.centroid_scores(q, c, 2, backend="triton", precision="int8")
+    from edgeplaid._native import C
+
+    if C is None:
+        pytest.skip("edgeplaid._C is not built")
+    qn, cn = q.numpy(), c.numpy()
+
+    def call(levels, scales):
+        return C.centroid_scores(
+            qn, None, cn, "float32", 2, precision="int8", centroid_levels=levels, centroid_scales=scales
+        )
+
+    with pytest.raises(ValueError, match="centroid_levels, centroid_scales: expected both"):
+        call(None, None)
+    levels, scales = ops.quantise_centroids(c)
+    with pytest.raises(ValueError, match="centroid_levels: expected size 48"):
+        call(levels[:, :, :44].contiguous().numpy(), scales.numpy())
+    with pytest.raises(ValueError, match="centroid_levels: expected a 3-D array"):
+        call(levels[0].numpy(), scales.numpy())
+    with pytest.raises(ValueError, match="centroid_levels: expected int8"):
+        call(levels.to(torch.int16).numpy(), scales.numpy())
+    with pytest.raises(ValueError, match="centroid_scales: expected size 100"):
+        call(levels.numpy(), scales[:99].numpy())

@@ -162,3 +162,33 @@ def test_fused_reports_a_bad_code_from_any_thread(index, fused_calls):
         codes.copy_(saved)
     after = idx.search(q, k=5, queries_mask=m)
     assert torch.equal(before.ids, after.ids) and torch.equal(before.scores, after.scores)
+
+
+def test_stage1_int8_where_given_the_int8_centroids(index, monkeypatch):
+    # Stage 1 runs int8 products where the caller gives the codec's int8 centroids
+    # (quantise_centroids, made once per codec and kept with it), fp32 otherwise; the search picks
+    # by stage1_precision (VNNI CPUs), the staged pipeline and the one-call op alike.
+    idx, topics = index
+    s = idx._searcher
+    codec, docs, ivf = s.codec, s.parts[0].docs, s.parts[0].ivf
+    q, m = queries(topics, n=3, length=6, seed=3)
+    args = (
+        q.numpy(), m.numpy(), codec.centroids.numpy(), "float16" if codec.centroids.dtype == torch.float16
+        else "float32", 2, docs.codes.numpy(), docs.offsets.numpy(), docs.residuals.numpy(),
+        docs.inv_norm.numpy(), ivf.offsets.numpy(), ivf.docs.numpy(), None, codec.bucket_weights.numpy(),
+        codec.nbits, 0.5, 16, "int8", 5,
+    )  # fmt: skip
+    levels, scales = edgeplaid.ops.quantise_centroids(codec)
+    assert edgeplaid.ops.quantise_centroids(codec)[0] is levels  # kept with the codec
+    params = dict(k=5, queries_mask=m, n_probe=2, threshold=0.5, n_candidates=16, n_rerank=16)
+    for rule in ("int8", "exact"):
+        monkeypatch.setattr(_plaid, "stage1_precision", lambda p, d, rule=rule: rule)
+        want = _staged(monkeypatch, lambda: idx.search(q, **params))
+        if rule == "int8":
+            got = C.plaid_search(*args, centroid_levels=levels.numpy(), centroid_scales=scales.numpy())
+        else:
+            got = C.plaid_search(*args)
+        assert torch.equal(torch.from_numpy(got[1]), want.ids), rule
+        assert torch.equal(torch.from_numpy(got[0]), want.scores), rule
+    with pytest.raises(ValueError, match="centroid_levels, centroid_scales: expected both"):
+        C.plaid_search(*args, centroid_levels=levels.numpy())

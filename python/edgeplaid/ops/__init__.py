@@ -4,7 +4,7 @@
 
 from edgeplaid.ops.attention import attention
 from edgeplaid.ops.centroid_interaction import centroid_interaction, centroid_interaction_topk
-from edgeplaid.ops.centroid_scores import centroid_scores
+from edgeplaid.ops.centroid_scores import centroid_scores, quantise_centroids
 from edgeplaid.ops.compress_residuals import compress_residuals
 from edgeplaid.ops.decompress_residuals import decompress_residuals
 from edgeplaid.ops.dispatch import BackendUnavailableError, available_backends
@@ -34,6 +34,7 @@ __all__ = [
     "maxsim_packed",
     "nearest_centroids",
     "offsets_from_lengths",
+    "quantise_centroids",
     "quantize_weight",
     "residual_inv_norms",
     "rotary_embed",

@@ -113,6 +113,39 @@ def centroid_scores(
     to the lower centroid id. Masked query tokens get scores 0 and ids -1.
     """
     scores = torch.einsum("qid,cd->qic", queries.float(), centroids.float())
+    return _top_centroids(scores, n_probe, queries_mask)
+
+
+def centroid_scores_int8(
+    queries: torch.Tensor,
+    levels: torch.Tensor,
+    scales: torch.Tensor,
+    n_probe: int,
+    queries_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """centroid_scores from int8 products (the cpp kernel's twin, bit for bit):
+
+        qscale_i = max_d |q_id| / 127,  qq_id = round(q_id / qscale_i)   (ties to even; 0 if qscale 0)
+        scores[q, i, c] = float(Σ_d qq_id · L_cd) · (qscale_i · scales[c]),  L = 64 · levels[0] + levels[1]
+
+    queries (nq, Lq, dim) float; levels (2, C, dim4 >= dim) int8, scales (C,) float32 (as
+    ``quantise_centroids`` makes them). Returns as :func:`centroid_scores`.
+    """
+    q = queries.float()
+    dim = q.shape[-1]
+    qscale = q.abs().amax(dim=-1, keepdim=True) / 127 if dim else q.new_zeros((*q.shape[:-1], 1))
+    safe = torch.where(qscale > 0, qscale, torch.ones_like(qscale))
+    qq = torch.where(qscale > 0, torch.round(q / safe), torch.zeros_like(q)).clamp_(-127, 127)
+    full = levels[0, :, :dim].double() * 64 + levels[1, :, :dim].double()
+    # float64 products of integers below 2**53: the exact integer sums, rounded once to float32
+    dots = torch.einsum("qid,cd->qic", qq.double(), full).float()
+    scores = dots * (qscale * scales.float())
+    return _top_centroids(scores, n_probe, queries_mask)
+
+
+def _top_centroids(
+    scores: torch.Tensor, n_probe: int, queries_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     top_ids = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n_probe]
     if queries_mask is not None:
         scores = scores.masked_fill(~queries_mask[..., None], 0.0)

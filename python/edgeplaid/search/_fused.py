@@ -18,6 +18,7 @@ import torch
 
 from edgeplaid.ops import bundles as b
 from edgeplaid.ops import cpp_backend as cpp
+from edgeplaid.ops.centroid_scores import quantise_centroids, stage1_precision
 from edgeplaid.ops.dispatch import register
 
 
@@ -37,7 +38,10 @@ def _cpp(
     """q: (nq, Lq, dim) queries with their mask; the index's codec, documents (one part: global
     positions are local ones), IVF (offsets (C + 1,) int64, docs (n_entries,) int32) and live
     documents ((nd,) bool or None) -> scores (nq, k) float32 best first, ids (nq, k) int64 document
-    positions (-inf / -1 past each query's scored documents)."""
+    positions (-inf / -1 past each query's scored documents). precision: stage 4's; stage 1's
+    follows (stage1_precision: the int8 centroids are passed where it is int8)."""
+    int8_stage1 = stage1_precision(precision, codec.centroids.device) == "int8"
+    levels, scales = quantise_centroids(codec) if int8_stage1 else (None, None)
     scores, ids = cpp.C.plaid_search(
         cpp.host_queries(q.data),
         cpp.host(q.mask),
@@ -57,6 +61,8 @@ def _cpp(
         n_candidates,
         precision,
         k,
+        centroid_levels=cpp.host(levels),
+        centroid_scales=cpp.host(scales),
     )
     return torch.from_numpy(scores), torch.from_numpy(ids)
 

@@ -36,6 +36,7 @@ import torch
 from edgeplaid.ops import bundles as b
 from edgeplaid.ops import centroid_interaction, centroid_scores, fused_decompress_maxsim
 from edgeplaid.ops.centroid_interaction import centroid_interaction_topk
+from edgeplaid.ops.centroid_scores import stage1_precision
 from edgeplaid.ops.dispatch import implements, resolve
 from edgeplaid.search import _fused  # noqa: F401  (registers the plaid_search op)
 
@@ -541,7 +542,13 @@ class PlaidSearcher:
             layout = "token" if torch_glue else "centroid"
             if ragged:
                 scores, top, cmax = centroid_scores(
-                    q, self.codec, n_probe, backend=backend, layout="centroid", with_max=True
+                    q,
+                    self.codec,
+                    n_probe,
+                    backend=backend,
+                    layout="centroid",
+                    with_max=True,
+                    precision=stage1_precision(params.precision, device),
                 )
                 cs = b.CentroidScores(scores, query_len=lq)
                 t = clock.lap("1 centroid_scores", t)
@@ -560,7 +567,14 @@ class PlaidSearcher:
                 )
                 t = clock.lap("1b-2 candidates", t)
             else:
-                scores, top = centroid_scores(q, self.codec, n_probe, backend=backend, layout=layout)
+                scores, top = centroid_scores(
+                    q,
+                    self.codec,
+                    n_probe,
+                    backend=backend,
+                    layout=layout,
+                    precision=stage1_precision(params.precision, device),
+                )
                 # finite: the queries and the codec were checked
                 cs = b.CentroidScores(scores, query_len=lq if layout == "centroid" else None)
                 t = clock.lap("1 centroid_scores", t)
