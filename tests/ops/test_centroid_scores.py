@@ -224,7 +224,9 @@ def test_int8_formula_and_fidelity():
     g = torch.Generator().manual_seed(5)
     q = torch.nn.functional.normalize(torch.randn(2, 9, 48, generator=g), dim=-1)
     c = torch.nn.functional.normalize(torch.randn(500, 48, generator=g), dim=-1)
+    before = c.clone()
     levels, scales = ops.quantise_centroids(c)
+    assert torch.equal(c, before)  # worked on a copy
     assert levels.dtype == torch.int8 and levels.shape == (2, 500, 48) and scales.shape == (500,)
     full = levels[0].long() * 64 + levels[1].long()
     assert int(levels[0].abs().max()) == 63 and int(levels[1].abs().max()) <= 32

@@ -551,7 +551,8 @@ class Index:
                 ``n_rerank`` (kept after stage 3, scored from the codes), ``precision`` of that
                 last stage (``"int8"``, the default, or ``"exact"`` fp32; see
                 :func:`edgeplaid.ops.fused_decompress_maxsim`; default int8 on CPU, exact on a
-                GPU, whose Triton kernel decodes). Defaults scale with k
+                GPU, whose Triton kernel decodes; at int8 stage 1 is int8 too on AVX-512 VNNI
+                CPUs, ``edgeplaid.ops.centroid_scores.stage1_precision``). Defaults scale with k
                 (:func:`edgeplaid.search.default_params`).
             backend: the kernels' backend ("cpp", "triton", "reference"); None: by the index's
                 device.

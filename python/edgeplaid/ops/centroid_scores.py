@@ -49,18 +49,23 @@ def quantise_centroids(centroids: Any) -> Int8Centroids:
         if cached is None:
             cached = _QUANTISED[centroids] = quantise_centroids(centroids.centroids)
         return cached
-    c = v.float_tensor(centroids, "centroids", 2, "(n_centroids, dim)").float()
-    v.check_finite(c, "centroids")
-    n, dim = c.shape
-    scales = c.abs().amax(dim=1) / LEVEL_RANGE if dim else c.new_zeros(n)
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    level = torch.round(c / safe[:, None]).clamp_(-LEVEL_RANGE, LEVEL_RANGE)
-    hi = torch.round(level / (1 << LEVEL_SHIFT))
-    lo = level - hi * (1 << LEVEL_SHIFT)
-    levels = c.new_zeros((2, n, (dim + 3) // 4 * 4), dtype=torch.int8)
-    levels[0, :, :dim] = hi.to(torch.int8)
-    levels[1, :, :dim] = lo.to(torch.int8)
-    return levels, scales.contiguous()
+    cents = v.float_tensor(centroids, "centroids", 2, "(n_centroids, dim)")
+    v.check_finite(cents, "centroids")
+    n, dim = cents.shape
+    levels = torch.zeros((2, n, (dim + 3) // 4 * 4), dtype=torch.int8, device=cents.device)
+    scales = torch.zeros(n, dtype=torch.float32, device=cents.device)
+    # In row chunks: fp32 temporaries of the whole (C, dim) matrix, several at once, stayed in the
+    # process's resident memory after the call (+10 to +45 MB at 8,192 to 32,768 centroids).
+    for r0 in range(0, n, 4096):
+        c = cents[r0 : r0 + 4096].to(torch.float32, copy=True)  # worked on in place below
+        sc = c.abs().amax(dim=1) / LEVEL_RANGE if dim else c.new_zeros(c.shape[0])
+        level = c.div_(torch.where(sc > 0, sc, torch.ones_like(sc))[:, None]).round_()
+        level.clamp_(-LEVEL_RANGE, LEVEL_RANGE)
+        hi = torch.round(level / (1 << LEVEL_SHIFT))
+        levels[0, r0 : r0 + 4096, :dim] = hi.to(torch.int8)
+        levels[1, r0 : r0 + 4096, :dim] = level.sub_(hi.mul_(1 << LEVEL_SHIFT)).to(torch.int8)
+        scales[r0 : r0 + 4096] = sc
+    return levels, scales
 
 
 def stage1_precision(precision: str, device: torch.device) -> str:

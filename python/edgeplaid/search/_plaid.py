@@ -43,6 +43,7 @@ from edgeplaid.search import _fused  # noqa: F401  (registers the plaid_search o
 NEG_INF = float("-inf")
 # The last stage's precision on CPU: int8 changed nDCG@10 on SciFact by <= 0.002 and recall@10
 # against exhaustive search by <= 0.005 at lower latency (benchmarks/bench_search.py, README).
+# Stage 1 follows it where its int8 products are faster (stage1_precision: VNNI CPUs).
 # The Triton backend scores by decoding (fp32): "exact" there.
 DEFAULT_PRECISION = "int8"
 # Queries scored together: bounds the (queries, query_len, n_centroids) fp32 centroid-score block.
@@ -95,7 +96,7 @@ class Ivf:
 @dataclass(frozen=True)
 class SearchParams:
     """PLAID's knobs (colbert-ai's ncells, centroid_score_threshold, ndocs, ndocs // 4) and the
-    precision of the last stage."""
+    precision of the last stage (and of stage 1 where ``stage1_precision`` says so)."""
 
     n_probe: int
     threshold: float | None
