@@ -375,6 +375,14 @@ void run_centroid_scores(const Queries& q, const Rows& c, const Int8Rows* c8, in
 Int8Rows int8_centroids_arg(const py::object& levels, const py::object& scales, const Rows& c) {
   if (levels.is_none() || scales.is_none())
     fail("centroid_levels, centroid_scales: expected both for precision 'int8' (quantise_centroids)");
+  // numpy arrays only: a cast of anything else would make a new array that only this function
+  // holds, and the Int8Rows returned would point into it after it is freed.
+  if (!py::isinstance<py::array>(levels)) fail("centroid_levels: expected a numpy array");
+  if (!py::isinstance<py::array>(scales)) fail("centroid_scales: expected a numpy array");
+  // Its int32 sums reach 532,384 x dim (ops.h).
+  if (c.dim > kInt8Stage1MaxDim)
+    fail("queries: int8 stage 1 takes dim <= " + std::to_string(kInt8Stage1MaxDim) + " (its int32 sums), got " +
+         std::to_string(c.dim));
   const py::array lv = levels.cast<py::array>(), sc = scales.cast<py::array>();
   const int64_t dim4 = (c.dim + 3) / 4 * 4;
   expect_rank(lv, "centroid_levels", 3, "(2, n_centroids, dim rounded up to 4)");

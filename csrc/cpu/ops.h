@@ -56,6 +56,10 @@ struct Int8Rows {
   int64_t rows, dim, dim4;
 };
 constexpr int kLevelHiShift = 6;  // L = (hi << 6) + lo
+// The largest dim the int8 stage 1 takes: in its second pass the int32 accumulator holds at most
+// (64 x 63 x 127 + 64 x 127 + 96 x 127) x dim = 532,384 x dim (the shifted first pass, the offset's
+// bias, the lo levels + 64 against 8-bit queries), below 2^31 up to dim 4,033.
+constexpr int64_t kInt8Stage1MaxDim = 4032;
 
 // Documents packed back to back: document d is tokens[offsets[d] : offsets[d + 1]].
 struct PackedDocs {

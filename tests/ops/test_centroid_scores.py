@@ -301,3 +301,10 @@ def test_int8_argument_errors():
         call(levels.to(torch.int16).numpy(), scales.numpy())
     with pytest.raises(ValueError, match="centroid_scales: expected size 100"):
         call(levels.numpy(), scales[:99].numpy())
+    with pytest.raises(ValueError, match="centroid_levels: expected a numpy array"):
+        call(levels.tolist(), scales.numpy())
+    wide_q, wide_c = torch.randn(1, 2, 4036), torch.randn(10, 4036)  # past the int32 sums' reach
+    wl, ws = ops.quantise_centroids(wide_c)
+    with pytest.raises(ValueError, match="queries: int8 stage 1 takes dim <= 4032"):
+        C.centroid_scores(wide_q.numpy(), None, wide_c.numpy(), "float32", 2, precision="int8",
+                          centroid_levels=wl.numpy(), centroid_scales=ws.numpy())  # fmt: skip
