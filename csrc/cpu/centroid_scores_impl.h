@@ -441,26 +441,13 @@ void centroid_scores(const Queries& q, const Rows& centroids, int64_t n_probe, i
 // (one pass) moved stage 4's centroid term enough to cost SciFact 0.009 of recall@10 against
 // exhaustive search; 12 bits leave it where fp32 is (README).
 
-// The packed query lanes quantised: q8 [dim4 / 4][stride][4], scale [stride] qscale, bias
-// [stride] -kStoredOffset * sum_d qq (the stored levels' offset taken back); zero past n_valid.
+// The packed query lanes quantised (code_scoring.h's quantise_lanes): q8 [dim4 / 4][stride][4],
+// scale [stride] qscale, bias [stride] -kStoredOffset * sum_d qq; zero past n_valid.
 struct Int8Lanes {
   std::vector<int8_t> q8;
   std::vector<float> scale;
   std::vector<int32_t> bias;
 };
-
-inline void quantise_lanes(const Queries& q, const Stage1Plan& p, int64_t dim4, Int8Lanes& out) {
-  const int64_t stride = p.packed.stride;
-  out.q8.assign(size_t(dim4 / 4 * stride * 4), 0);
-  out.scale.assign(size_t(stride), 0.0f);
-  out.bias.assign(size_t(stride), 0);
-  for (int64_t lane = 0; lane < p.packed.n_valid; ++lane) {
-    int32_t sum = 0;
-    out.scale[size_t(lane)] =
-        quantise_query_row(q.data + p.row_of[size_t(lane)] * q.dim, q.dim, stride, lane, out.q8.data(), &sum);
-    out.bias[size_t(lane)] = -kStoredOffset * sum;
-  }
-}
 
 // tile[r * ld + v * W + lane] = the scores of NT centroid rows (stored levels, row_bytes apart:
 // the hi halves at rows, the lo halves at rows_lo; scales cscale) for NQV query vectors; m[v] =
@@ -538,16 +525,12 @@ template <int NQV>
 EP_INLINE int64_t sweep_tiles_i8(const Int8Lanes& lanes, int64_t stride, int64_t v0, const uint8_t* rows,
                                  const uint8_t* rows_lo, int64_t row_bytes, const float* cscale, int64_t n_rows,
                                  float* tile, int64_t ld, float* group_max) {
-  const auto run = [&](auto groups) {
-    return sweep_tiles_i8_dim<NQV, decltype(groups)::value>(lanes, stride, v0, rows, rows_lo, row_bytes, cscale,
+  int64_t group = 1;
+  with_fixed_dim(row_bytes, [&](auto d) {  // as sweep_i8: GROUPS = dim4 / 4 for the served dims
+    group = sweep_tiles_i8_dim<NQV, decltype(d)::value / 4>(lanes, stride, v0, rows, rows_lo, row_bytes, cscale,
                                                              n_rows, tile, ld, group_max);
-  };
-  switch (row_bytes) {  // the served widths' group counts fixed at compile time
-    case 48: return run(std::integral_constant<int, 12>{});
-    case 64: return run(std::integral_constant<int, 16>{});
-    case 128: return run(std::integral_constant<int, 32>{});
-    default: return run(std::integral_constant<int, 0>{});
-  }
+  });
+  return group;
 }
 
 // int8 levels: used in place where the ISA stores them signed (AVX2), else offset into an L1
@@ -603,7 +586,8 @@ void centroid_scores_int8(const Queries& q, const Int8Rows& centroids, int64_t n
   Stage1Plan p;
   if (!plan_stage1(q, n_cent, k, ts, scores, top_ids, centroid_max, p)) return;
   Int8Lanes lanes;
-  quantise_lanes(q, p, centroids.dim4, lanes);
+  quantise_lanes(q.data, p.row_of.data(), p.packed.n_valid, q.dim, p.packed.stride, 1.0f, lanes.q8, lanes.scale,
+                 lanes.bias);
   Stage1Lists sl(p.packed.n_valid, k);
   sweep_centroids(p, q, n_cent, k, ts, scores, centroid_max, sl, [&](int64_t c_begin, int64_t c_end) {
     return Int8Source{&lanes, p.packed.stride, &centroids, c_begin, c_end,

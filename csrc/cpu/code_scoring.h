@@ -354,9 +354,25 @@ inline float quantise_query_row(const float* q, int64_t dim, int64_t stride, int
   return qscale;
 }
 
+// Lanes [0, n_valid) quantised from rows rows[lane] of data (dim floats each): q8 [dim4 / 4][stride][4],
+// scale[lane] = qscale * factor, bias[lane] = -kStoredOffset * sum_d qq (the stored levels' offset
+// taken back); zero past n_valid. Stage 4 (factor: the levels' wscale) and stage 1's int8 kernel.
+inline void quantise_lanes(const float* data, const int64_t* rows, int64_t n_valid, int64_t dim, int64_t stride,
+                           float factor, std::vector<int8_t>& q8, std::vector<float>& scale,
+                           std::vector<int32_t>& bias) {
+  q8.assign(size_t((dim + 3) / 4 * stride * 4), 0);
+  scale.assign(size_t(stride), 0.0f);
+  bias.assign(size_t(stride), 0);
+  for (int64_t lane = 0; lane < n_valid; ++lane) {
+    int32_t sum = 0;
+    scale[size_t(lane)] = quantise_query_row(data + rows[lane] * dim, dim, stride, lane, q8.data(), &sum) * factor;
+    bias[size_t(lane)] = -kStoredOffset * sum;
+  }
+}
+
 inline ScoredQueries prepare_queries(const Queries& q, const ScoreTable& scores, bool int8, float wscale) {
   ScoredQueries out;
-  const int64_t nq = q.nq, dim = q.dim, dim4 = (dim + 3) / 4 * 4, n_centroids = scores.n_centroids;
+  const int64_t nq = q.nq, dim = q.dim, n_centroids = scores.n_centroids;
   out.qs.resize(size_t(nq));
   out.qt.resize(size_t(nq));
   out.scale.resize(size_t(nq));
@@ -381,16 +397,8 @@ inline ScoredQueries prepare_queries(const Queries& q, const ScoreTable& scores,
     s.n_vec = pq.n_vec;
     s.stride = std::max<int64_t>(pq.stride, W);
     if (int8) {
-      out.q8[size_t(k)].assign(size_t(dim4 / 4 * s.stride * 4), 0);
-      out.scale[size_t(k)].assign(size_t(s.stride), 0.0f);
-      out.bias[size_t(k)].assign(size_t(s.stride), 0);
-      for (int64_t lane = 0; lane < pq.n_valid; ++lane) {
-        int32_t sum = 0;
-        const float qscale =
-            quantise_query_row(q.data + rows[size_t(lane)] * dim, dim, s.stride, lane, out.q8[size_t(k)].data(), &sum);
-        out.scale[size_t(k)][size_t(lane)] = qscale * wscale;
-        out.bias[size_t(k)][size_t(lane)] = -kStoredOffset * sum;
-      }
+      quantise_lanes(q.data, rows.data(), pq.n_valid, dim, s.stride, wscale, out.q8[size_t(k)], out.scale[size_t(k)],
+                     out.bias[size_t(k)]);
       s.q8 = out.q8[size_t(k)].data();
       s.scale = out.scale[size_t(k)].data();
       s.bias = out.bias[size_t(k)].data();
@@ -588,12 +596,10 @@ EP_INLINE void sweep_i8_dim(const ScoredQuery& q, int64_t v0, const uint8_t* row
 template <int NQV>
 EP_INLINE void sweep_i8(const ScoredQuery& q, int64_t v0, const uint8_t* rows, int64_t row_bytes,
                         const int32_t* codes, const float* inv, int64_t n_rows, float* best) {
-  switch (row_bytes) {
-    case 48: sweep_i8_dim<NQV, 12>(q, v0, rows, row_bytes, codes, inv, n_rows, best); break;
-    case 64: sweep_i8_dim<NQV, 16>(q, v0, rows, row_bytes, codes, inv, n_rows, best); break;
-    case 128: sweep_i8_dim<NQV, 32>(q, v0, rows, row_bytes, codes, inv, n_rows, best); break;
-    default: sweep_i8_dim<NQV, 0>(q, v0, rows, row_bytes, codes, inv, n_rows, best); break;
-  }
+  // A row is dim4 level bytes: the served dims (48, 64, 128) are their own dim4, GROUPS = dim4 / 4.
+  with_fixed_dim(row_bytes, [&](auto d) {
+    sweep_i8_dim<NQV, decltype(d)::value / 4>(q, v0, rows, row_bytes, codes, inv, n_rows, best);
+  });
 }
 
 // ------------------------------------------------------------------ documents
