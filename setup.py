@@ -47,6 +47,18 @@ ISA_FLAGS = {
         "-mfma",
         "-mf16c",
     ],
+    # Only the bf16 attention kernel on vdpbf16ps; chosen at run time where the CPU has AVX512-BF16
+    # and no AMX tiles are in use.
+    "avx512bf16": [
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mavx512bf16",
+        "-mavx2",
+        "-mfma",
+        "-mf16c",
+    ],
     # Only the bf16 attention kernel (AMX tiles); chosen at run time where the CPU and OS allow AMX.
     "amx": [
         "-mavx512f",
@@ -80,6 +92,7 @@ ISA_MACROS = {
     "avx2": ["EDGEPLAID_ISA_AVX2"],
     "avx512": ["EDGEPLAID_ISA_AVX512"],
     "avx512vnni": ["EDGEPLAID_ISA_AVX512", "EDGEPLAID_ISA_VNNI"],
+    "avx512bf16": ["EDGEPLAID_ISA_AVX512", "EDGEPLAID_ISA_BF16"],
     "amx": ["EDGEPLAID_ISA_AVX512", "EDGEPLAID_ISA_AMX"],
 }
 EXTRA_ISA_TAG = "// edgeplaid-isa:"

@@ -32,6 +32,11 @@ using namespace edgeplaid;
 #else
 #define EP_IF_AVX512VNNI(...)
 #endif
+#if defined(EDGEPLAID_HAVE_AVX512BF16)
+#define EP_IF_AVX512BF16(...) __VA_ARGS__
+#else
+#define EP_IF_AVX512BF16(...)
+#endif
 #if defined(EDGEPLAID_HAVE_AMX)
 #define EP_IF_AMX(...) __VA_ARGS__
 #else
@@ -812,6 +817,14 @@ double peak_gflops(double seconds) { return peak_rate(seconds, probe_flops); }
 // int8 multiply-add peak in G int ops/s (2 per multiply-add) of the int8 kernel set in use.
 double peak_int8_gops(double seconds) { return peak_rate(seconds, probe_int8); }
 
+// Which kernel takes bf16 heads of head dim d here: AMX tiles (32 or 64 dims, tiles enabled),
+// else the vdpbf16ps kernel (multiples of 16 up to 512), else none.
+const char* bf16_attention_kernel(int64_t d) {
+  if (amx_enabled() && (d == 32 || d == 64)) return "amx";
+  if (bf16_attention_ready() && d % 16 == 0 && d >= 16 && d <= 512) return "avx512bf16";
+  return "none";
+}
+
 py::dict cpu_info() {
   const CpuFeatures& f = cpu_features();
   py::dict features;
@@ -852,7 +865,7 @@ py::dict cpu_info() {
   per_op["centroid_scores[int8]"] = int8_isa_name(int8_isa());
   if (amx_tables()) per_op["centroid_scores"] = "amx (centroid-major, fp16/bf16 centroids), else avx512";
   per_op["attention"] = isa_name(attention_isa());  // float32 heads
-  per_op["attention[bf16]"] = amx_enabled() ? "amx" : "none (torch SDPA)";
+  per_op["attention[bf16]"] = bf16_attention_kernel(64);  // amx, avx512bf16 or none (head dim 64)
   info["op_isa"] = per_op;
   return info;
 }
@@ -1070,15 +1083,19 @@ void rotary_embed(py::array& x, const std::string& dtype, const py::array& cos, 
   EP_DISPATCH(rotary_embed, data, dt, b, l, g, d, st[0], st[1], st[2], c, s);
 }
 
-// attention over bf16 heads on AMX tiles (csrc/cpu/attention_impl.h); q, k, v, out are
-// (B, L, H, D) uint16 views of bf16 with a contiguous last axis; out is written.
+// attention (csrc/cpu/attention_impl.h): q, k, v, out are (B, L, H, D) float32, or uint16 views
+// of bf16, with a contiguous last axis; out is written. float32 on the vector units (the
+// attention ISA), bf16 on AMX tiles or vdpbf16ps (bf16_attention_kernel).
 void attention(const py::array& q, const py::array& k, const py::array& v, py::array& out,
                const py::object& key_valid, int64_t window, double scale) {
-  // float32 on the vector units (the active ISA); bf16 on AMX tiles only.
   const bool f32 = has_dtype(q, 'f', 4);
-  if (!f32 && !amx_enabled())
-    fail("attention: bfloat16 needs AMX-BF16 (this CPU, OS or build has none, or set_cpu_amx(False) turned it "
-         "off; cpu_info()['amx_enabled']); float32 runs anywhere");
+  const int64_t d = q.ndim() == 4 ? q.shape(3) : 0;
+  const std::string kernel = f32 ? "f32" : bf16_attention_kernel(d);
+  if (kernel == "none")
+    fail("attention: bfloat16 needs AMX-BF16 tiles (head dim 32 or 64) or AVX512-BF16 (a head dim that is a "
+         "multiple of 16, at most 512), got head dim " +
+         std::to_string(d) + " on a CPU, OS or build without them (cpu_info()['op_isa']['attention[bf16]']); "
+         "float32 runs anywhere");
   AttentionArgs args{};
   const py::array* arrays[4] = {&q, &k, &v, &out};
   const char* names[4] = {"q", "k", "v", "out"};
@@ -1094,9 +1111,6 @@ void attention(const py::array& q, const py::array& k, const py::array& v, py::a
     view_strides(a, name, strides[i]);
   }
   if (!out.writeable()) fail("out: expected a writeable array");
-  const int64_t d = q.shape(3);
-  if (!f32 && d != 32 && d != 64)
-    fail("q: expected a head dim of 32 or 64 (the AMX kernel's tiles), got " + std::to_string(d));
   if (f32 && (d < 16 || d > 512 || d % 16 != 0))  // whole vectors of every ISA
     fail("q: expected a head dim that is a multiple of 16, at most 512, got " + std::to_string(d));
   args.b = q.shape(0);
@@ -1114,8 +1128,10 @@ void attention(const py::array& q, const py::array& k, const py::array& v, py::a
   py::gil_scoped_release release;
   if (f32) {
     EP_DISPATCH_ON(attention_isa(), attention, args);
-  } else {
+  } else if (kernel == "amx") {
     EP_IF_AMX(amx::attention(args);)
+  } else {
+    EP_IF_AVX512BF16(avx512bf16::attention(args);)
   }
 }
 
@@ -1162,9 +1178,11 @@ PYBIND11_MODULE(_C, m) {
         "(out_features, in_features) int8 -> the packed layout int8_linear reads on the active ISA.");
   m.def("int8_linear", &int8_linear, py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("bias"),
         py::arg("out_features"), py::arg("post") = "none", py::arg("other") = py::none());
+  m.def("bf16_attention_kernel", &bf16_attention_kernel, py::arg("head_dim"),
+        "The kernel that takes bf16 heads of this head dim here: 'amx', 'avx512bf16' or 'none'.");
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("key_valid"),
         py::arg("window"), py::arg("scale"),
-        "softmax(q k^T * scale, masked) v: float32 heads on the vector units, bf16 on AMX tiles "
+        "softmax(q k^T * scale, masked) v: float32 heads on the vector units, bf16 on AMX tiles or vdpbf16ps "
         "(csrc/cpu/attention_impl.h).");
   m.def("rotary_embed", &rotary_embed, py::arg("x"), py::arg("dtype"), py::arg("cos"), py::arg("sin"),
         "Rotary embedding of x's interleaved pairs, in place (see csrc/cpu/rotary_embed_impl.h).");

@@ -35,11 +35,11 @@ def _functions_using(register: str) -> set[str]:
 def test_wide_registers_stay_in_their_isa():
     # demangled, or mangled where objdump cannot demangle (deeply nested lambdas)
     avx512 = (
-        *("edgeplaid::avx512::", "edgeplaid::avx512vnni::", "edgeplaid::amx::"),
-        *("9edgeplaid6avx512", "9edgeplaid10avx512vnni", "9edgeplaid3amx"),
+        *("edgeplaid::avx512::", "edgeplaid::avx512vnni::", "edgeplaid::avx512bf16::", "edgeplaid::amx::"),
+        *("9edgeplaid6avx512", "9edgeplaid10avx512vnni", "9edgeplaid10avx512bf16", "9edgeplaid3amx"),
     )
     zmm = {f for f in _functions_using("zmm") if not any(ns in f for ns in avx512)}
-    assert not zmm, f"AVX-512 instructions outside edgeplaid::avx512(vnni) and ::amx: {sorted(zmm)[:5]}"
+    assert not zmm, f"AVX-512 instructions outside edgeplaid::avx512(vnni, bf16) and ::amx: {sorted(zmm)[:5]}"
     ymm = {
         f
         for f in _functions_using("ymm")

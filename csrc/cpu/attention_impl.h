@@ -1,8 +1,9 @@
 // attention: softmax(q k^T * scale, masked) v. Semantics in ops.h (AttentionArgs). The amx unit
-// compiles the bf16 kernel below (the encoder's attention layers on CPUs with AMX-BF16); the base
-// ISAs compile the float32 one of attention_fp32.h.
+// compiles the bf16 tile kernel below (the encoder's attention layers on CPUs with AMX-BF16); the
+// avx512bf16 unit the bf16 vector kernel (attention_bf16.h: vdpbf16ps, CPUs with AVX512-BF16 and
+// no AMX); the base ISAs the float32 one (attention_vec.h), over the same driver.
 //
-// edgeplaid-isa: amx (the tile instructions)
+// edgeplaid-isa: amx avx512bf16 (the tile instructions; vdpbf16ps)
 //
 // Why a kernel: torch's CPU flash attention ran the 17m encoder's heads (64 dims, a few hundred
 // positions) at 300-340 GFLOP/s in bf16 on 2 Xeon cores, 40% of the bf16 forward, while one AMX
@@ -26,8 +27,20 @@
 #include "parallel.h"
 #include "simd.h"
 
-#if !defined(EDGEPLAID_ISA_AMX)
-#include "attention_fp32.h"
+#if defined(EDGEPLAID_ISA_BF16)
+#include "attention_bf16.h"
+namespace edgeplaid {
+namespace EDGEPLAID_ISA_NS {
+void attention(const AttentionArgs& a) { attention_vec::run<attention_vec::Bf16Heads>(a); }
+}  // namespace EDGEPLAID_ISA_NS
+}  // namespace edgeplaid
+#elif !defined(EDGEPLAID_ISA_AMX)
+#include "attention_vec.h"
+namespace edgeplaid {
+namespace EDGEPLAID_ISA_NS {
+void attention(const AttentionArgs& a) { attention_vec::run<attention_vec::F32Heads>(a); }
+}  // namespace EDGEPLAID_ISA_NS
+}  // namespace edgeplaid
 #else
 namespace edgeplaid {
 namespace EDGEPLAID_ISA_NS {

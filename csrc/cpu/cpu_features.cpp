@@ -199,4 +199,12 @@ Isa attention_isa() {
   return !isa_forced() && isa_supported(Isa::avx512) ? Isa::avx512 : active_isa();
 }
 
+bool bf16_attention_ready() {
+#if defined(EDGEPLAID_HAVE_AVX512BF16)
+  return cpu_features().avx512_bf16 && isa_supported(Isa::avx512) && attention_isa() == Isa::avx512;
+#else
+  return false;
+#endif
+}
+
 }  // namespace edgeplaid

@@ -43,5 +43,9 @@ bool isa_forced();
 // vector registers hold the score and value tiles: 196 against 161 GFLOP/s for AVX2 on 17m's
 // 4,096-token heads, 85% of the AVX2 FMA peak), unless an ISA is forced: then that one.
 Isa attention_isa();
+// The bf16 vector attention kernel (vdpbf16ps, the avx512bf16 unit) runs here: compiled in, the
+// CPU has AVX512-BF16 with AVX-512 usable, and no narrower ISA is forced (EDGEPLAID_CPU_ISA,
+// set_active_isa: an AVX2-only CPU is emulated whole). AMX tiles, where enabled, come first.
+bool bf16_attention_ready();
 
 }  // namespace edgeplaid

@@ -26,6 +26,8 @@
 
 #if defined(EDGEPLAID_ISA_AVX512) && defined(EDGEPLAID_ISA_AMX)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c")
+#elif defined(EDGEPLAID_ISA_AVX512) && defined(EDGEPLAID_ISA_BF16)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
 #elif defined(EDGEPLAID_ISA_AVX512) && defined(EDGEPLAID_ISA_VNNI)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
 #elif defined(EDGEPLAID_ISA_AVX512)

@@ -164,7 +164,8 @@ struct CentroidGroups {
 // allowed: key_valid[b, j] != 0 (null: every key) and |i - j| <= window (window < 0: every key).
 // A row with no allowed key is zero. q, k, v, out are (B, L, H, D) with element strides
 // (batch, position, head) and a contiguous last axis: bf16 (uint16_t) on AMX tiles (the amx
-// unit), float32 on the vector units (the base ISAs: attention_fp32.h).
+// unit) or on vdpbf16ps (the avx512bf16 unit: attention_bf16.h), float32 on the vector units
+// (the base ISAs: attention_vec.h).
 struct AttentionArgs {
   const void* q;
   const void* k;
@@ -233,6 +234,10 @@ EDGEPLAID_DECLARE_KERNELS(avx512)
 // int8 table) and int8_probe;
 // the other declarations are never called (bindings.cpp's EP_DISPATCH_INT8).
 EDGEPLAID_DECLARE_KERNELS(avx512vnni)
+
+// AVX-512 with AVX512-BF16: its unit defines only attention, for bf16 heads (bindings.cpp checks
+// cpu_bf16_attention()).
+EDGEPLAID_DECLARE_KERNELS(avx512bf16)
 
 // AVX-512 with AMX tiles: its unit defines only attention (bindings.cpp checks amx_ready()).
 EDGEPLAID_DECLARE_KERNELS(amx)

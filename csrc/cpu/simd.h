@@ -21,6 +21,8 @@
 #define EDGEPLAID_ISA_NS amx
 #elif defined(EDGEPLAID_ISA_AVX512) && defined(EDGEPLAID_ISA_VNNI)
 #define EDGEPLAID_ISA_NS avx512vnni
+#elif defined(EDGEPLAID_ISA_AVX512) && defined(EDGEPLAID_ISA_BF16)
+#define EDGEPLAID_ISA_NS avx512bf16
 #elif defined(EDGEPLAID_ISA_AVX512)
 #define EDGEPLAID_ISA_NS avx512
 #elif defined(EDGEPLAID_ISA_AVX2)

@@ -12,7 +12,7 @@ from tests.model._texts import DOCUMENTS, QUERIES
 from edgeplaid._native import C
 from edgeplaid.model import ColBERT, _modernbert, _precision
 from edgeplaid.model._precision import QuantizedLinear, resolve_precision
-from edgeplaid.ops.attention import amx_ready
+from edgeplaid.ops.attention import cpp_ready
 
 needs_cpp = pytest.mark.skipif(C is None, reason="edgeplaid._C is not built (int8 is its kernel)")
 
@@ -119,10 +119,13 @@ def test_bad_precisions(model_dirs: dict[str, Path]) -> None:
     assert ColBERT.from_pretrained(model_dirs["bert"], precision="bf16").dtype == torch.bfloat16
 
 
-@pytest.mark.skipif(not amx_ready(), reason="no AMX-BF16 here: bf16 attention stays in torch's SDPA")
+@pytest.mark.skipif(
+    not cpp_ready(torch.bfloat16, 64), reason="no bf16 attention kernel here (AMX-BF16 or AVX512-BF16)"
+)
 def test_bf16_attention_kernel_matches_sdpa(model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch):
-    """bf16 on AMX CPUs runs attention in the AMX kernel (full and sliding layers, padded batches):
-    the same vectors as torch's SDPA in bf16, to bf16 rounding."""
+    """bf16 on CPUs with AMX or AVX512-BF16 runs attention in the bf16 kernel (full and sliding
+    layers, padded batches): the same vectors as torch's SDPA (bf16 on AMX CPUs, float32 on the
+    others), to bf16 rounding."""
     model = ColBERT.from_pretrained(model_dirs["17m"], precision="bf16")
     texts = [*DOCUMENTS, "a short one", " ".join(DOCUMENTS)]  # padding, and past the 128-token window
     kernel, lengths = model.encode_documents(texts)

@@ -1,7 +1,8 @@
-"""attention: the bf16 AMX kernel and the float32 vector kernel (scalar, AVX2, AVX-512) against
-their reference twin (full and sliding-window layers, key masks, tails of every blocking, strided
-views of a fused QKV output), the twin against torch's SDPA, and bad arguments. The bf16 kernel
-tests skip on CPUs without AMX-BF16; the float32 ones need only edgeplaid._C."""
+"""attention: the bf16 kernels (AMX tiles; vdpbf16ps) and the float32 vector kernel (scalar, AVX2,
+AVX-512) against their reference twin (full and sliding-window layers, key masks, odd lengths,
+tails of every blocking, strided views of a fused QKV output), the twin against torch's SDPA, and
+bad arguments. Each bf16 kernel's tests skip on CPUs without its instructions (AMX-BF16;
+AVX512-BF16); the float32 ones need only edgeplaid._C."""
 
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ import torch.nn.functional as F
 from edgeplaid import ops
 from edgeplaid._native import C
 from edgeplaid.ops import reference
-from edgeplaid.ops.attention import amx_ready, cpp_ready
+from edgeplaid.ops.attention import amx_ready, bf16_kernel, cpp_ready
 
-needs_amx = pytest.mark.skipif(not amx_ready(), reason="no AMX-BF16 here (or edgeplaid._C is not built)")
 needs_cpp = pytest.mark.skipif(C is None, reason="edgeplaid._C is not built")
 
 CASES = [  # (B, L, H, D, window, masked): a lone token, tails of 16 queries and 32 keys, windows
@@ -44,10 +44,40 @@ def _key_mask(b: int, length: int, seed: int = 1) -> torch.Tensor:
     return mask
 
 
-@needs_amx
-@pytest.mark.parametrize("case", CASES)
-def test_matches_reference(case):
+@pytest.fixture(params=["amx", "avx512bf16"])
+def bf16_on(request):
+    """Each bf16 kernel this CPU runs: AMX tiles, or vdpbf16ps (with the tiles turned off where
+    the CPU has them: the kernel a Zen 4 runs)."""
+    if C is None:
+        pytest.skip("edgeplaid._C is not built")
+    if request.param == "amx" and not amx_ready():
+        pytest.skip("no AMX-BF16 here")
+    previous = C.cpu_amx()
+    if request.param == "avx512bf16" and previous:
+        C.set_cpu_amx(False)
+    try:
+        if bf16_kernel(64) != request.param:
+            pytest.skip(f"no {request.param} bf16 kernel here (bf16 heads: {bf16_kernel(64)})")
+        yield request.param
+    finally:
+        C.set_cpu_amx(previous)
+
+
+BF16_CASES = [  # beyond CASES: head dims 16 / 48 / 128 (vdpbf16ps only), odd lengths with bands
+    *CASES,
+    (1, 3, 2, 16, None, True),
+    (2, 61, 3, 48, 7, True),
+    (1, 50, 1, 128, 100, False),
+    (1, 1001, 2, 64, 63, False),
+    (2, 97, 2, 64, 1, True),
+]
+
+
+@pytest.mark.parametrize("case", BF16_CASES)
+def test_matches_reference(case, bf16_on):
     b, length, h, d, window, masked = case
+    if bf16_on == "amx" and d not in (32, 64):
+        pytest.skip("the AMX kernel's tiles take head dims 32 and 64")
     q, k, v = _qkv(b, length, h, d)
     mask = _key_mask(b, length) if masked else None
     got = ops.attention(q, k, v, mask, window, backend="cpp")
@@ -74,8 +104,24 @@ def test_reference_matches_sdpa(window):
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
 
 
-@needs_amx
-def test_writes_out_in_place_and_leaves_inputs():
+def test_bf16_matches_sdpa_at_length(bf16_on):
+    """A 1,000-token full layer and its sliding twin against float32 SDPA on the same bf16 inputs:
+    many query and key blocks, peaked rows (the running maximum rescales what came before); the
+    only loss is p's and the output's rounding to bf16."""
+    q, k, v = _qkv(1, 1000, 2, 64, seed=3)
+    q = (q.float() * 4).bfloat16()
+    pos = torch.arange(1000)
+    for window in (None, 64):
+        allowed = None if window is None else (pos[:, None] - pos[None, :]).abs() <= window
+        want = F.scaled_dot_product_attention(
+            *(t.float().transpose(1, 2) for t in (q, k, v)), attn_mask=allowed, scale=0.125
+        ).transpose(1, 2)
+        got = ops.attention(q, k, v, None, window, backend="cpp").float()
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        assert float((got - want).abs().mean()) < 1e-3
+
+
+def test_writes_out_in_place_and_leaves_inputs(bf16_on):
     q, k, v = _qkv(2, 40, 2, 64)
     before = [t.clone() for t in (q, k, v)]
     out = torch.full((2, 40, 2, 64), 7.0, dtype=torch.bfloat16)
@@ -85,29 +131,52 @@ def test_writes_out_in_place_and_leaves_inputs():
     torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
-@needs_amx
-def test_row_without_keys_is_zero():
-    q, k, v = _qkv(1, 50, 1, 32)
-    mask = torch.zeros(1, 50, dtype=torch.bool)
+def test_row_without_keys_is_zero(bf16_on):
+    q, k, v = _qkv(1, 51, 1, 32)
+    mask = torch.zeros(1, 51, dtype=torch.bool)
     mask[0, :3] = True  # queries past position 3 + window see no key
     got = ops.attention(q, k, v, mask, 2, backend="cpp")
     assert torch.isfinite(got.float()).all() and not got[0, 10:].any()
     assert got[0, :3].any()
+    got = ops.attention(q, k, v, torch.zeros(1, 51, dtype=torch.bool), None, backend="cpp")
+    assert not got.any()  # no key at all
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_amx)])
-def test_empty(backend):
+def test_empty_reference():
     q = torch.zeros(0, 4, 2, 64, dtype=torch.bfloat16)
-    assert ops.attention(q, q, q, backend=backend).shape == q.shape
+    assert ops.attention(q, q, q, backend="reference").shape == q.shape
 
 
-def test_cpp_refuses_without_amx(monkeypatch):
-    if amx_ready():
-        pytest.skip("this CPU has AMX")
-    if C is None:
-        pytest.skip("edgeplaid._C is not built")
-    q, k, v = _qkv(1, 4, 1, 64)
-    with pytest.raises(ValueError, match="attention: bfloat16 needs AMX-BF16"):
+def test_empty(bf16_on):
+    q = torch.zeros(0, 4, 2, 64, dtype=torch.bfloat16)
+    assert ops.attention(q, q, q, backend="cpp").shape == q.shape
+
+
+@needs_cpp
+def test_bf16_follows_a_forced_isa():
+    """vdpbf16ps is AVX-512 code: with a narrower ISA forced (an AVX2-only CPU emulated) bf16 heads
+    have no vector kernel, cpu_info says so, and the op refuses them naming what it needs (AMX
+    tiles, where enabled, do not depend on the ISA)."""
+    previous = C.cpu_isa()
+    C.set_cpu_isa("avx2" if "avx2" in C.cpu_info()["supported_isas"] else "scalar")
+    try:
+        kernel = bf16_kernel(64)
+        assert kernel == ("amx" if amx_ready() else "none")
+        assert C.cpu_info()["op_isa"]["attention[bf16]"] == kernel
+        assert not cpp_ready(torch.bfloat16, 48)  # AMX takes 32 / 64 only
+        q, k, v = _qkv(1, 4, 1, 48)
+        with pytest.raises(ValueError, match="attention: bfloat16 needs AMX-BF16 tiles"):
+            ops.attention(q, k, v, backend="cpp")
+    finally:
+        C.set_cpu_isa(previous)
+
+
+@needs_cpp
+@pytest.mark.parametrize("d", [8, 40, 528])
+def test_bf16_refuses_other_head_dims(d):
+    assert not cpp_ready(torch.bfloat16, d)
+    q, k, v = _qkv(1, 4, 1, d)
+    with pytest.raises(ValueError, match=f"attention: bfloat16 needs .* got head dim {d}"):
         ops.attention(q, k, v, backend="cpp")
 
 
@@ -139,14 +208,7 @@ def test_bad_arguments(args, kwargs, match):
         ops.attention(*args, **kwargs)
 
 
-@needs_amx
-def test_cpp_refuses_other_head_dims():
-    q, k, v = _qkv(1, 4, 1, 48)
-    with pytest.raises(ValueError, match="q: expected a head dim of 32 or 64"):
-        ops.attention(q, k, v, backend="cpp")
-
-
-# ---- float32 heads: the vector kernel (attention_fp32.h) on every ISA this CPU runs
+# ---- float32 heads: the vector kernel (attention_vec.h) on every ISA this CPU runs
 
 FP32_CASES = [  # beyond CASES: head dims 16 / 48 / 128, a window wider than the sequence, many blocks
     *CASES,
@@ -185,7 +247,7 @@ def test_fp32_matches_reference(case, isa):
 
 @needs_cpp
 def test_fp32_is_the_default_on_cpu():
-    """float32 heads take the C++ kernel without asking (bf16 ones where AMX is ready), and the
+    """float32 heads take the C++ kernel without asking (bf16 ones where a bf16 kernel runs), and the
     reference where the head dim is not a multiple of 16."""
     assert cpp_ready(torch.float32, 64) and cpp_ready(torch.float32, 16)
     assert not cpp_ready(torch.float32, 40) and not cpp_ready(torch.float64, 64)

@@ -8,7 +8,7 @@ Where transformers' ModernBERT spends its time on CPU, and what this forward doe
   additions fused into the products.
 * Attention over all ``L x L`` pairs in every layer, although the local layers only let a token see
   the tokens within ``local_attention // 2`` positions: here the C++ attention op on CPU (float32
-  heads on the vector units, bf16 on AMX tiles) takes the window into its loop, and elsewhere
+  heads on the vector units, bf16 on AMX tiles or AVX512-BF16) takes the window into its loop, and elsewhere
   those layers run blocks of queries against only the keys in their reach (``O(L * (block +
   window))`` work instead of ``O(L^2)``).
 * Rotary embeddings recomputed per layer with ``cat``/``neg``/copies, 4-D masks rebuilt per call:
@@ -280,27 +280,28 @@ class PackedModernBert(nn.Module):
         h = m.embeddings.norm(m.embeddings.tok_embeddings(input_ids.reshape(-1)))  # (B*L, hidden)
         nh, hd = self.n_heads, self.head_dim
         hidden = nh * hd
-        # bf16 on CPUs with AMX: the attention op on tiles (both layer types, the window in the
-        # kernel); float32 below; otherwise torch's SDPA over the pieces.
-        amx = h.dtype == torch.bfloat16 and h.device.type == "cpu" and cpp_ready(torch.bfloat16, hd)
-        # bf16 on a CPU without AMX tiles: attention runs in float32. torch's bf16 SDPA kernel was
-        # the slower one on a Zen 4 EPYC (AVX512-BF16, no AMX): 1.06 s against 0.74 s of attention
-        # for two 4,096-token documents on 17m, 79% of bf16's encoding time there (CPUs with AMX
-        # keep bf16 when the op is turned off: not measured in float32).
-        wide = h.dtype == torch.bfloat16 and h.device.type == "cpu" and not amx_present()
+        # bf16 on CPUs with AMX tiles or AVX512-BF16: the attention op in bf16 (both layer types,
+        # the window in the kernel; AMX tiles, else vdpbf16ps: on a 2-core Zen 4 17m's 4,096-token
+        # heads 1.65-1.8x the float32 kernel); float32 below; otherwise torch's SDPA over the pieces.
+        bf16_op = h.dtype == torch.bfloat16 and h.device.type == "cpu" and cpp_ready(torch.bfloat16, hd)
+        # bf16 on a CPU with neither: attention runs in float32. torch's bf16 SDPA kernel was the
+        # slower one on a Zen 4 EPYC (AVX512-BF16, no AMX): 1.06 s against 0.74 s of attention for
+        # two 4,096-token documents on 17m, 79% of bf16's encoding time there (CPUs with AMX keep
+        # bf16 when the op is turned off: not measured in float32).
+        wide = h.dtype == torch.bfloat16 and h.device.type == "cpu" and not bf16_op and not amx_present()
         sdpa_dtype = torch.float32 if wide else h.dtype
         # float32 attention on CPU: the C++ op too (both layer types, the window in the kernel;
         # 17m on a 2-core Zen 4, 4,096-token documents: 6,226-6,811 -> 8,231-8,556 tokens/s in
         # fp32, 256-token ones unchanged: torch's SDPA ran the global layers at ~65% of the FMA
         # peak and the sliding ones as one masked call per 64-query block).
         vec = (
-            not amx
+            not bf16_op
             and h.device.type == "cpu"
             and sdpa_dtype == torch.float32
             and cpp_ready(torch.float32, hd)
         )
-        op_keys = None if (amx or vec) and bool(key_mask.all()) else key_mask
-        pieces = None if amx or vec else self._pieces(key_mask, sdpa_dtype)
+        op_keys = None if (bf16_op or vec) and bool(key_mask.all()) else key_mask
+        pieces = None if bf16_op or vec else self._pieces(key_mask, sdpa_dtype)
         ropes = {lt: self._rope_table(lt, length, h.device) for lt in set(self.layer_types)}
         # bf16 on CPUs: the C++ op rotates in place (torch has no bf16 complex product; rotating a
         # float32 copy made 17m's bf16 encoding 9% slower: 130.2 against 142.4 docs/s on 2 Xeon
@@ -324,9 +325,9 @@ class PackedModernBert(nn.Module):
                 wide = qk.float()
                 torch.view_as_complex(wide.unflatten(-1, (hd // 2, 2))).mul_(ropes_c[lt])
                 qk.copy_(wide)
-            if amx or vec:  # (B, L, H, hd) views straight into the kernel, which writes its output
+            if bf16_op or vec:  # (B, L, H, hd) views straight into the kernel, which writes its output
                 window = self.window if lt == "sliding_attention" else None
-                if amx or qkv.dtype == torch.float32:
+                if bf16_op or qkv.dtype == torch.float32:
                     q, k, v = qkv.unbind(2)
                     attention(q, k, v, op_keys, window, hd**-0.5, attn_out, backend="cpp")
                 else:  # bf16 heads, float32 attention
