@@ -34,7 +34,7 @@ def isa(request: pytest.FixtureRequest):
     apart) on the same vector width: AVX2, or AVX-512 with VNNI where the CPU has it."""
     if C is None or request.param not in C.cpu_info()["supported_isas"]:
         pytest.skip(f"no {request.param} here")
-    previous, previous_int8 = C.cpu_isa(), C.cpu_int8_isa()
+    previous, previous_int8 = C.cpu_isa_state(), C.cpu_int8_isa()
     C.set_cpu_isa(request.param)
     vnni = request.param == "avx512" and C.cpu_info()["vnni_available"]
     C.set_cpu_int8_isa("avx512vnni" if vnni else request.param)
@@ -70,7 +70,7 @@ def peak_int8_gops(isa: str) -> float:
 def machine_peak_gflops() -> float:
     """The fp32 FMA peak of the best ISA this CPU has: the bar for work that does not run on
     edgeplaid's kernels (torch's GEMMs in the encoder), measured once, not per ISA."""
-    previous = C.cpu_isa()
+    previous = C.cpu_isa_state()
     C.set_cpu_isa(C.cpu_info()["best_isa"])
     try:
         return float(C.peak_gflops(0.5))

@@ -817,6 +817,16 @@ double peak_gflops(double seconds) { return peak_rate(seconds, probe_flops); }
 // int8 multiply-add peak in G int ops/s (2 per multiply-add) of the int8 kernel set in use.
 double peak_int8_gops(double seconds) { return peak_rate(seconds, probe_int8); }
 
+// bf16 multiply-add peak in GFLOP/s (2 per multiply-add) of vdpbf16ps, the bf16 vector attention's
+// instruction, on the pool's threads; where that kernel cannot run here, an error.
+double peak_bf16_gflops(double seconds) {
+  if (!bf16_attention_ready())
+    fail("peak_bf16_gflops: needs AVX512-BF16 with AVX-512 in use (this CPU, OS, build or a forced ISA has none)");
+  double rate = 0;
+  EP_IF_AVX512BF16(rate = peak_rate(seconds, [](int64_t n) { return avx512bf16::bf16_probe(n); });)
+  return rate;
+}
+
 // Which kernel takes bf16 heads of head dim d here: AMX tiles (32 or 64 dims, tiles enabled),
 // else the vdpbf16ps kernel (multiples of 16 up to 512), else none.
 const char* bf16_attention_kernel(int64_t d) {
@@ -1190,12 +1200,17 @@ PYBIND11_MODULE(_C, m) {
         "Measured fp32 FMA peak (GFLOP/s) of the active ISA on all pool threads.");
   m.def("peak_int8_gops", &peak_int8_gops, py::arg("seconds") = 0.25,
         "Measured int8 multiply-add peak (G int ops/s, 2 per multiply-add) of the int8 kernels in use.");
+  m.def("peak_bf16_gflops", &peak_bf16_gflops, py::arg("seconds") = 0.25,
+        "Measured bf16 multiply-add peak (GFLOP/s) of vdpbf16ps on all pool threads (AVX512-BF16 CPUs).");
   m.def("cpu_int8_isa", [] { return std::string(int8_isa_name(int8_isa())); });
   m.def("set_cpu_int8_isa", &set_cpu_int8_isa, py::arg("isa"));
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("get_num_threads", &get_num_threads);
   m.def("cpu_isa", [] { return std::string(isa_name(active_isa())); });
-  m.def("set_cpu_isa", &set_active_isa, py::arg("isa"));
+  m.def("set_cpu_isa", &set_active_isa, py::arg("isa"),
+        "Forces a kernel set (scalar, avx2, avx512), or 'auto': the CPU's own choice, nothing forced.");
+  m.def("cpu_isa_state", [] { return std::string(isa_forced() ? isa_name(active_isa()) : "auto"); },
+        "What set_cpu_isa takes to restore the present choice: the forced ISA's name, or 'auto'.");
   m.def("cpu_info", &cpu_info);
   m.def("cpu_amx", &amx_enabled, "Whether the AMX tile kernels run (amx_ready and not turned off).");
   m.def("set_cpu_amx", &set_amx_enabled, py::arg("on"),

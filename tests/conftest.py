@@ -25,7 +25,7 @@ def cpp_isa(request: pytest.FixtureRequest):
     isa = request.param
     if isa not in C.cpu_info()["supported_isas"]:
         pytest.skip(f"this CPU (or build) has no {isa}")
-    previous = C.cpu_isa()
+    previous = C.cpu_isa_state()
     C.set_cpu_isa(isa)
     yield isa
     C.set_cpu_isa(previous)
@@ -44,7 +44,7 @@ def cpp_int8_isa(request: pytest.FixtureRequest):
         pytest.skip(f"this CPU (or build) has no {base}")
     if isa == "avx512vnni" and not C.cpu_info()["vnni_available"]:
         pytest.skip("this CPU (or build) has no AVX-512 VNNI")
-    previous, previous_int8 = C.cpu_isa(), C.cpu_int8_isa()
+    previous, previous_int8 = C.cpu_isa_state(), C.cpu_int8_isa()
     C.set_cpu_isa(base)
     C.set_cpu_int8_isa(isa)
     assert C.cpu_info()["int8_isa"] == isa

@@ -183,6 +183,11 @@ Isa active_isa() {
 }
 
 void set_active_isa(const std::string& name) {
+  if (name == "auto") {  // back to the CPU's own choice, nothing forced
+    g_active.store(int(best_isa()), std::memory_order_relaxed);
+    g_forced.store(false, std::memory_order_relaxed);
+    return;
+  }
   const Isa isa = parse_isa(name);
   if (!isa_supported(isa))
     throw std::invalid_argument("isa: '" + name + "' is not supported by this CPU or build");

@@ -34,7 +34,8 @@ bool amx_enabled();
 void set_amx_enabled(bool on);
 
 // The kernel set in use: EDGEPLAID_CPU_ISA at first use, else the best supported; changed by
-// set_active_isa. Throws std::invalid_argument for an unknown or unsupported name.
+// set_active_isa ("auto": the best supported again, not forced). Throws std::invalid_argument for
+// an unknown or unsupported name.
 Isa active_isa();
 void set_active_isa(const std::string& name);
 // Whether EDGEPLAID_CPU_ISA or set_active_isa chose the kernel set (rather than best_isa()).

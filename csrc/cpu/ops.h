@@ -224,6 +224,7 @@ struct AttentionArgs {
   void attention(const AttentionArgs& a);                                                      \
   double fma_probe(int64_t iterations);                                                        \
   double int8_probe(int64_t iterations);                                                       \
+  double bf16_probe(int64_t iterations);                                                       \
   }
 
 EDGEPLAID_DECLARE_KERNELS(scalar)
@@ -235,8 +236,8 @@ EDGEPLAID_DECLARE_KERNELS(avx512)
 // the other declarations are never called (bindings.cpp's EP_DISPATCH_INT8).
 EDGEPLAID_DECLARE_KERNELS(avx512vnni)
 
-// AVX-512 with AVX512-BF16: its unit defines only attention, for bf16 heads (bindings.cpp checks
-// cpu_bf16_attention()).
+// AVX-512 with AVX512-BF16: its unit defines only attention, for bf16 heads, and bf16_probe
+// (bindings.cpp checks bf16_attention_ready()).
 EDGEPLAID_DECLARE_KERNELS(avx512bf16)
 
 // AVX-512 with AMX tiles: its unit defines only attention (bindings.cpp checks amx_ready()).

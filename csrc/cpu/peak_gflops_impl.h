@@ -1,14 +1,14 @@
 // The fp32 FMA peak probe: 10 independent accumulator chains per thread (enough to cover
 // the FMA latency x throughput of current x86 cores without spilling: 16 would spill and
 // halve the rate on AVX2). Returns the FLOPs executed.
-// edgeplaid-isa: avx512vnni (int8_probe with vpdpbusd; setup.py builds it)
+// edgeplaid-isa: avx512vnni avx512bf16 (int8_probe with vpdpbusd; bf16_probe with vdpbf16ps)
 #pragma once
 #include "code_scoring.h"
 
 namespace edgeplaid {
 namespace EDGEPLAID_ISA_NS {
 
-#if !defined(EDGEPLAID_ISA_VNNI)  // the VNNI unit only adds int8_probe
+#if !defined(EDGEPLAID_ISA_VNNI) && !defined(EDGEPLAID_ISA_BF16)  // those units add one probe each
 double fma_probe(int64_t iterations) {
   constexpr int kChains = 10;
   Vec acc[kChains];
@@ -28,6 +28,28 @@ double fma_probe(int64_t iterations) {
 }
 #endif
 
+#if defined(EDGEPLAID_ISA_BF16)
+// The bf16 multiply-add peak of vdpbf16ps (the bf16 attention kernel's instruction): 10
+// independent chains of zmm vdpbf16ps, each 32 bf16 multiply-adds into 16 float32 lanes. Returns
+// the FLOPs executed (2 per multiply-add).
+double bf16_probe(int64_t iterations) {
+  constexpr int kChains = 10;
+  __m512 acc[kChains];
+  for (int c = 0; c < kChains; ++c) acc[c] = _mm512_set1_ps(float(c));
+  // 2^-10 x 2^-10 pairs: each chain grows by 2^-19 a round, far from overflow for any run.
+  __m512bh a = (__m512bh)_mm512_set1_epi16(0x3A80), b = (__m512bh)_mm512_set1_epi16(0x3A80);
+  for (int64_t i = 0; i < iterations; ++i) {
+    asm volatile("" : "+v"(a), "+v"(b));  // keeps the products in the loop
+#pragma GCC unroll 10
+    for (int c = 0; c < kChains; ++c) acc[c] = _mm512_dpbf16_ps(acc[c], a, b);
+  }
+  __m512 total = _mm512_setzero_ps();
+  for (int c = 0; c < kChains; ++c) total = _mm512_add_ps(total, acc[c]);
+  volatile float sink = _mm512_reduce_add_ps(total);
+  (void)sink;
+  return 2.0 * 32.0 * kChains * double(iterations);
+}
+#else
 // The int8 multiply-add peak: 10 independent chains of the two-group dot product (dot8) the int8
 // code-scoring kernel issues: two vpdpbusd with VNNI; two vpmaddubsw + vpmaddwd + vpaddd with
 // AVX-512BW; on AVX2 two vpsignb + vpmaddubsw, one vpaddw, vpmaddwd and vpaddd, with the vpabsb of
@@ -70,6 +92,7 @@ double int8_probe(int64_t iterations) {
   (void)sink;
   return 2.0 * 8.0 * double(Vec::W) * kChains * double(iterations);
 }
+#endif
 
 }  // namespace EDGEPLAID_ISA_NS
 }  // namespace edgeplaid

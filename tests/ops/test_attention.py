@@ -157,7 +157,7 @@ def test_bf16_follows_a_forced_isa():
     """vdpbf16ps is AVX-512 code: with a narrower ISA forced (an AVX2-only CPU emulated) bf16 heads
     have no vector kernel, cpu_info says so, and the op refuses them naming what it needs (AMX
     tiles, where enabled, do not depend on the ISA)."""
-    previous = C.cpu_isa()
+    previous = C.cpu_isa_state()
     C.set_cpu_isa("avx2" if "avx2" in C.cpu_info()["supported_isas"] else "scalar")
     try:
         kernel = bf16_kernel(64)
@@ -226,7 +226,7 @@ def isa(request):
         pytest.skip("edgeplaid._C is not built")
     if request.param not in C.cpu_info()["supported_isas"]:
         pytest.skip(f"no {request.param} here")
-    previous = C.cpu_isa()
+    previous = C.cpu_isa_state()
     C.set_cpu_isa(request.param)
     assert C.cpu_info()["op_isa"]["attention"] == request.param
     yield request.param
@@ -321,3 +321,18 @@ def test_fp32_runs_avx512_unless_forced():
     env["EDGEPLAID_CPU_ISA"] = "scalar"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split() == ["scalar", "scalar"]
+
+
+@needs_cpp
+def test_peak_bf16_gflops():
+    """vdpbf16ps' peak where the bf16 vector kernel runs (twice the FMA rate on Zen 4 and Xeons:
+    32 multiply-adds a zmm instruction), an error naming what is missing elsewhere."""
+    if bf16_kernel(64) == "avx512bf16" or (C.cpu_info()["features"]["avx512_bf16"] and not C.cpu_amx()):
+        assert C.peak_bf16_gflops(0.02) > 0
+    previous = C.cpu_isa_state()
+    C.set_cpu_isa("scalar")
+    try:
+        with pytest.raises(ValueError, match="peak_bf16_gflops: needs AVX512-BF16"):
+            C.peak_bf16_gflops(0.02)
+    finally:
+        C.set_cpu_isa(previous)

@@ -72,7 +72,7 @@ def amx_tiles():
 
     if C is None or not C.cpu_info()["amx_ready"]:
         pytest.skip("no AMX here (or edgeplaid._C is not built)")
-    isa, amx = C.cpu_isa(), C.cpu_amx()
+    isa, amx = C.cpu_isa_state(), C.cpu_amx()
     C.set_cpu_isa("avx512")
     C.set_cpu_amx(True)
     yield C.set_cpu_amx

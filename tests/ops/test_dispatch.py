@@ -94,3 +94,23 @@ def test_available_backends_reports_build_and_device():
     if "cpp" in info["backends"]:
         assert "scalar" in info["cpp"]["compiled_isas"]
         assert info["cpp"]["active_isa"] in info["cpp"]["supported_isas"]
+
+
+def test_set_cpu_isa_auto_undoes_a_forced_isa():
+    """A test or tool that forces an ISA restores the previous state with cpu_isa_state(): the
+    forced name, or "auto" (the CPU's own choice, so that per-op rules such as the float32
+    attention's AVX-512 apply again)."""
+    from edgeplaid._native import C
+
+    if C is None:
+        pytest.skip("edgeplaid._C is not built")
+    previous = C.cpu_isa_state()
+    try:
+        C.set_cpu_isa("scalar")
+        assert C.cpu_isa_state() == "scalar" and C.cpu_info()["op_isa"]["attention"] == "scalar"
+        C.set_cpu_isa("auto")
+        assert C.cpu_isa_state() == "auto" and C.cpu_isa() == C.cpu_info()["best_isa"]
+        want = "avx512" if "avx512" in C.cpu_info()["supported_isas"] else C.cpu_isa()
+        assert C.cpu_info()["op_isa"]["attention"] == want
+    finally:
+        C.set_cpu_isa(previous)

@@ -292,7 +292,7 @@ def test_each_op_reports_its_isa():
         if info["vnni_available"]
         else next(i for i in ("avx512", "avx2", "scalar") if i in supported)
     )
-    previous, previous_int8 = C.cpu_isa(), C.cpu_int8_isa()
+    previous, previous_int8 = C.cpu_isa_state(), C.cpu_int8_isa()
     try:
         C.set_cpu_int8_isa(best)
         for isa in supported:  # the fp32 choice does not move the int8 one

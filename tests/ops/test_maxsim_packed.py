@@ -99,7 +99,7 @@ def test_isas_are_bit_identical():
     if C is None:
         pytest.skip("edgeplaid._C is not built")
     queries, tokens, offsets, mask, candidates = _inputs(64, 37, integer=False, seed=5)
-    previous = C.cpu_isa()
+    previous = C.cpu_isa_state()
     results = {}
     try:
         for isa in C.cpu_info()["supported_isas"]:

@@ -61,7 +61,7 @@ def test_isas_agree_bit_for_bit():
         pytest.skip("edgeplaid._C is not built")
     x, cents = _clustered(1500, 700, 48, seed=1)
     groups = centroid_groups(cents, 24, degree=8)
-    previous, out = C.cpu_isa(), []
+    previous, out = C.cpu_isa_state(), []
     try:
         for isa in C.cpu_info()["supported_isas"]:
             C.set_cpu_isa(isa)

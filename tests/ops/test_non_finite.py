@@ -112,7 +112,7 @@ def cpp_isa_or_none(request):
         return
     if request.param not in C.cpu_info()["supported_isas"]:
         pytest.skip(f"this CPU (or build) has no {request.param}")
-    previous = C.cpu_isa()
+    previous = C.cpu_isa_state()
     C.set_cpu_isa(request.param)
     try:
         yield request.param
