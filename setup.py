@@ -6,8 +6,9 @@ csrc/cpu/isa_begin.h, the header) so that adding an op adds no per-ISA files. is
 the ISA on with a target pragma after the library headers, so that only edgeplaid's own code in
 those units uses AVX2/AVX-512 and library templates stay baseline; everything else is compiled
 for the baseline x86-64. The extension loads on any CPU and picks its kernels at run time. ISA
-units whose instructions the compiler lacks are left out. A header that also has a VNNI build
-(an int8 kernel) says so on a line `// edgeplaid-isa: avx512vnni`.
+units whose instructions the compiler lacks are left out. A header that also has a build for an
+extra unit says so on a line `// edgeplaid-isa: avx512vnni` (int8 kernels), `avx512bf16`
+(vdpbf16ps) or `amx` (tiles).
 
 Environment:
   EDGEPLAID_REQUIRE_CPP=1   a failed C++ build is fatal (CI sets it); otherwise it warns and

@@ -1099,13 +1099,6 @@ void rotary_embed(py::array& x, const std::string& dtype, const py::array& cos, 
 void attention(const py::array& q, const py::array& k, const py::array& v, py::array& out,
                const py::object& key_valid, int64_t window, double scale) {
   const bool f32 = has_dtype(q, 'f', 4);
-  const int64_t d = q.ndim() == 4 ? q.shape(3) : 0;
-  const std::string kernel = f32 ? "f32" : bf16_attention_kernel(d);
-  if (kernel == "none")
-    fail("attention: bfloat16 needs AMX-BF16 tiles (head dim 32 or 64) or AVX512-BF16 (a head dim that is a "
-         "multiple of 16, at most 512), got head dim " +
-         std::to_string(d) + " on a CPU, OS or build without them (cpu_info()['op_isa']['attention[bf16]']); "
-         "float32 runs anywhere");
   AttentionArgs args{};
   const py::array* arrays[4] = {&q, &k, &v, &out};
   const char* names[4] = {"q", "k", "v", "out"};
@@ -1121,6 +1114,13 @@ void attention(const py::array& q, const py::array& k, const py::array& v, py::a
     view_strides(a, name, strides[i]);
   }
   if (!out.writeable()) fail("out: expected a writeable array");
+  const int64_t d = q.shape(3);
+  const std::string kernel = f32 ? "f32" : bf16_attention_kernel(d);
+  if (kernel == "none")
+    fail("attention: bfloat16 needs AMX-BF16 tiles (head dim 32 or 64) or AVX512-BF16 (a head dim that is a "
+         "multiple of 16, at most 512), got head dim " +
+         std::to_string(d) + " on a CPU, OS or build without them (cpu_info()['op_isa']['attention[bf16]']); "
+         "float32 runs anywhere");
   if (f32 && (d < 16 || d > 512 || d % 16 != 0))  // whole vectors of every ISA
     fail("q: expected a head dim that is a multiple of 16, at most 512, got " + std::to_string(d));
   args.b = q.shape(0);

@@ -32,10 +32,21 @@ namespace attention_vec {
 
 struct Bf16Heads {
   using Elem = uint16_t;                  // bf16 bits
+  using QElem = uint32_t;                 // a pair of the queries' bf16
   static constexpr int64_t kKeyStep = 2;  // pairs of keys
+  static constexpr int kExpDegree = 4;    // p is rounded to bf16 (4e-3): a degree-4 polynomial's 5e-5 is plenty
   struct Scratch {
+    // p of the key block, rounded: p2[jp * kQBlock + r] = (p[2jp][r], p[2jp + 1][r]).
     std::vector<uint32_t> p2 = std::vector<uint32_t>(size_t(kKBlock / 2 * kQBlock), 0u);
   };
+
+  // p of keys j, j + 1 (one query vector) rounded to bf16 (nearest even) and paired, as the
+  // value tiles broadcast them. The float32 e still sum into l (softmax_block), as the reference.
+  static EP_INLINE void emit_p(const Vec (&e)[2], int64_t j, int64_t vq, float*, Scratch& scratch) {
+    const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(e[0].v));
+    const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(e[1].v));
+    _mm512_storeu_si512(scratch.p2.data() + (j / 2) * kQBlock + vq * W, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+  }
 
   static EP_INLINE uint32_t pair_at(const uint16_t* x) {
     uint32_t w;
@@ -66,12 +77,11 @@ struct Bf16Heads {
     }
   }
 
-  // qt32[p * kQBlock + r] = (q[r][2p], q[r][2p + 1]) for r < rows, 0 beyond ((d / 2) x kQBlock
-  // 32-bit lanes in the d x kQBlock floats of qt). Unscaled: the scale multiplies the float32 scores.
-  static void load_queries(const uint16_t* q, int64_t q_step, int64_t rows, int64_t d, float, float* qt) {
-    uint32_t* qt32 = reinterpret_cast<uint32_t*>(qt);
+  // qt[p * kQBlock + r] = (q[r][2p], q[r][2p + 1]) for r < rows, 0 beyond ((d / 2) x kQBlock pairs).
+  // Unscaled: the scale multiplies the float32 scores.
+  static void load_queries(const uint16_t* q, int64_t q_step, int64_t rows, int64_t d, float, uint32_t* qt) {
     for (int64_t p = 0; p < d / 2; ++p)
-      for (int64_t r = 0; r < kQBlock; ++r) qt32[p * kQBlock + r] = r < rows ? pair_at(q + r * q_step + 2 * p) : 0u;
+      for (int64_t r = 0; r < kQBlock; ++r) qt[p * kQBlock + r] = r < rows ? pair_at(q + r * q_step + 2 * p) : 0u;
   }
   static float score_scale(float qscale) { return qscale; }
 
@@ -104,8 +114,7 @@ struct Bf16Heads {
       for (int v = 0; v < QV; ++v) acc[r][v].store(s + (j + r) * kQBlock + (v0 + v) * W);
   }
 
-  static void scores(const uint16_t* kp, const float* qt, int64_t d, int64_t n_keys, int64_t n_qvecs, float* s) {
-    const uint32_t* qt32 = reinterpret_cast<const uint32_t*>(qt);
+  static void scores(const uint16_t* kp, const uint32_t* qt32, int64_t d, int64_t n_keys, int64_t n_qvecs, float* s) {
     for (int64_t v0 = 0; v0 < n_qvecs; v0 += kQVecs) {
       const int64_t nv = std::min<int64_t>(kQVecs, n_qvecs - v0);
       const auto run = [&](auto qv) {
@@ -145,18 +154,10 @@ struct Bf16Heads {
     scale_add_tile<CV>(acc, factor, o + c0, d);
   }
 
-  // p (n_keys x kQBlock float32, n_keys even) rounded to bf16 pairs of keys, then O = O * factor +
-  // P V as in F32Heads::accumulate.
-  static void accumulate(const float* p, const uint16_t* vp, int64_t n_keys, int64_t rows, int64_t n_qvecs,
-                         int64_t d, const float* factor, float* o, Scratch& scratch) {
-    uint32_t* p2 = scratch.p2.data();
-    for (int64_t jp = 0; jp < n_keys / 2; ++jp)
-      for (int64_t vq = 0; vq < n_qvecs; ++vq) {
-        const float* even = p + 2 * jp * kQBlock + vq * W;
-        const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(even)));
-        const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(even + kQBlock)));
-        _mm512_storeu_si512(p2 + jp * kQBlock + vq * W, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-      }
+  // O = O * factor + P V as in F32Heads::accumulate, P from the pairs emit_p wrote (n_keys even).
+  static void accumulate(const float*, const uint16_t* vp, int64_t n_keys, int64_t rows, int64_t, int64_t d,
+                         const float* factor, float* o, Scratch& scratch) {
+    const uint32_t* p2 = scratch.p2.data();
     const uint32_t* vp32 = reinterpret_cast<const uint32_t*>(vp);
     const int cv = value_vectors(d);
     for (int64_t r0 = 0; r0 < rows; r0 += kRowsO)

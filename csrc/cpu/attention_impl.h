@@ -236,4 +236,4 @@ void attention(const AttentionArgs& a) {
 
 }  // namespace EDGEPLAID_ISA_NS
 }  // namespace edgeplaid
-#endif  // EDGEPLAID_ISA_AMX
+#endif  // EDGEPLAID_ISA_BF16 / base ISAs / EDGEPLAID_ISA_AMX

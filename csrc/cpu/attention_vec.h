@@ -40,9 +40,12 @@ constexpr int kQVecs = W >= 16 ? 3 : 2;            // S^T tile: tile_rows<kQVecs
 constexpr int kRowsO = W >= 16 ? 6 : 3;            // P V tile: kRowsO queries x 4 value vectors
 constexpr float kLog2e = 1.4426950408889634f;
 
-// 2^x for x in [-126, 0]: n = round(x), 2^(x - n) by its Taylor polynomial of degree 6 on
-// [-1/2, 1/2] (relative error < 2e-7), times 2^n.
+// 2^x for x in [-126, 0]: n = round(x), 2^(x - n) by its Taylor polynomial of degree kDegree on
+// [-1/2, 1/2] (relative error < 2e-7 at 6, the float32 heads' p; < 5e-5 at 4, enough for p that
+// is rounded to bf16's 4e-3), times 2^n.
+template <int kDegree>
 EP_INLINE Vec exp2_neg(Vec x) {
+  static_assert(kDegree >= 4 && kDegree <= 6, "degrees 4 to 6");
 #if defined(EDGEPLAID_ISA_AVX512)
   const Vec n{_mm512_roundscale_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
 #elif defined(EDGEPLAID_ISA_AVX2)
@@ -51,9 +54,10 @@ EP_INLINE Vec exp2_neg(Vec x) {
   const Vec n{std::nearbyint(x.v)};
 #endif
   const Vec f = fmadd(n, Vec::set1(-1.0f), x);
-  Vec p = Vec::set1(1.5403530e-4f);
-  p = fmadd(p, f, Vec::set1(1.3333558e-3f));
-  p = fmadd(p, f, Vec::set1(9.6181291e-3f));
+  constexpr float c[7] = {1.0f, 6.9314718e-1f, 2.4022651e-1f, 5.5504109e-2f, 9.6181291e-3f, 1.3333558e-3f, 1.5403530e-4f};
+  Vec p = Vec::set1(c[kDegree]);
+  if constexpr (kDegree >= 6) p = fmadd(p, f, Vec::set1(c[5]));
+  if constexpr (kDegree >= 5) p = fmadd(p, f, Vec::set1(c[4]));
   p = fmadd(p, f, Vec::set1(5.5504109e-2f));
   p = fmadd(p, f, Vec::set1(2.4022651e-1f));
   p = fmadd(p, f, Vec::set1(6.9314718e-1f));
@@ -86,11 +90,16 @@ EP_INLINE Vec keep_lanes(Vec x, float first, float lo, float hi) {
 }
 
 // Step 2 for one key block: s (n_keys rows of kQBlock raw scores, query vectors [0, n_qvecs))
-// becomes p = 2^(s * scale + bias[j] - m) in place, with the band's and the key mask's -inf; the
-// running maximum m, sum and each query's rescaling factor (kQVecsBlock * W lanes) are updated.
-// first_query: the block's first query; first_key: the block's first key; window < 0: no band.
+// gives p = 2^(s * scale + bias[j] - m), with the band's and the key mask's -inf, handed to
+// Heads::emit_p kKeyStep keys at a time (float32 heads: back into s; bf16 heads: rounded into
+// pairs in the scratch); the running maximum m, sum and each query's rescaling factor
+// (kQVecsBlock * W lanes) are updated. first_query: the block's first query; first_key: the
+// block's first key; window < 0: no band.
+template <class Heads>
 inline void softmax_block(float* s, int64_t n_keys, int64_t n_qvecs, int64_t first_query, int64_t first_key,
-                          int64_t window, const float* bias, float scale, float* m, float* sum, float* factor) {
+                          int64_t window, const float* bias, float scale, float* m, float* sum, float* factor,
+                          typename Heads::Scratch& scratch) {
+  constexpr int64_t kStep = Heads::kKeyStep;
   const Vec scale_v = Vec::set1(scale);
   for (int64_t vq = 0; vq < n_qvecs; ++vq) {
     const int64_t q_lo = first_query + vq * W;
@@ -115,13 +124,15 @@ inline void softmax_block(float* s, int64_t n_keys, int64_t n_qvecs, int64_t fir
     m_new.store(mn);
     for (int i = 0; i < W; ++i) mn[i] = mn[i] == kNegInf ? 0.0f : mn[i];
     const Vec neg = Vec::load(mn) * Vec::set1(-1.0f), floor = Vec::set1(-126.0f);
-    const Vec f = exp2_neg(max(m_old + neg, floor));  // m_old = -inf: 2^-126, ~0
+    const Vec f = exp2_neg<6>(max(m_old + neg, floor));  // m_old = -inf: 2^-126, ~0
     Vec total = Vec::zero();
-    for (int64_t j = 0; j < n_keys; ++j) {
-      float* row = s + j * kQBlock + vq * W;
-      const Vec e = exp2_neg(max(Vec::load(row) + neg, floor));
-      total = total + e;
-      e.store(row);
+    for (int64_t j = 0; j < n_keys; j += kStep) {  // n_keys is a multiple of kStep
+      Vec e[kStep];
+      for (int64_t t = 0; t < kStep; ++t) {
+        e[t] = exp2_neg<Heads::kExpDegree>(max(Vec::load(s + (j + t) * kQBlock + vq * W) + neg, floor));
+        total = total + e[t];
+      }
+      Heads::emit_p(e, j, vq, s, scratch);
     }
     fmadd(Vec::load(sum + vq * W), f, total).store(sum + vq * W);
     f.store(factor + vq * W);
@@ -148,8 +159,15 @@ inline int value_vectors(int64_t d) { return (d / W) % 4 == 0 ? 4 : (d / W) % 2 
 // read straight from the score rows.
 struct F32Heads {
   using Elem = float;
+  using QElem = float;                    // the transposed queries' element
   static constexpr int64_t kKeyStep = 1;  // key blocks start anywhere
+  static constexpr int kExpDegree = 6;    // p stays float32
   struct Scratch {};
+
+  // p of key j (one query vector) back into its score row, where the value tiles read it.
+  static EP_INLINE void emit_p(const Vec (&e)[1], int64_t j, int64_t vq, float* s, Scratch&) {
+    e[0].store(s + j * kQBlock + vq * W);
+  }
 
   // Rows of one (batch, head): kp[j * d ..] = k[j], vp[j * d ..] = v[j], j < l (= padded l).
   static void pack(const float* k, int64_t k_step, const float* v, int64_t v_step, int64_t l, int64_t d, float* kp,
@@ -278,7 +296,8 @@ void run(const AttentionArgs& a) {
   const float score_scale = Heads::score_scale(qscale);
   const int64_t n_qblocks = (l + kQBlock - 1) / kQBlock;
   parallel_for(b * h * n_qblocks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qt(size_t(d * kQBlock)), s(size_t(kKBlock * kQBlock)), o(size_t(kQBlock * d));
+    std::vector<typename Heads::QElem> qt(size_t(d * kQBlock));
+    std::vector<float> s(size_t(kKBlock * kQBlock)), o(size_t(kQBlock * d));
     alignas(64) float m[kQVecsBlock * W], sum[kQVecsBlock * W], factor[kQVecsBlock * W];
     typename Heads::Scratch scratch;
     for (int64_t t = t0; t < t1; ++t) {
@@ -301,7 +320,7 @@ void run(const AttentionArgs& a) {
       for (int64_t j0 = lo; j0 < hi_key; j0 += kKBlock) {
         const int64_t nk = std::min(kKBlock, hi_key - j0);  // a multiple of kKeyStep
         Heads::scores(ks + j0 * d, qt.data(), d, nk, n_qvecs, s.data());
-        softmax_block(s.data(), nk, n_qvecs, q0, j0, a.window, bb + j0, score_scale, m, sum, factor);
+        softmax_block<Heads>(s.data(), nk, n_qvecs, q0, j0, a.window, bb + j0, score_scale, m, sum, factor, scratch);
         Heads::accumulate(s.data(), vs + j0 * d, nk, rows, n_qvecs, d, factor, o.data(), scratch);
       }
       Elem* os = out + bi * a.out_strides[0] + hi * a.out_strides[2] + q0 * a.out_strides[1];

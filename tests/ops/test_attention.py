@@ -327,7 +327,7 @@ def test_fp32_runs_avx512_unless_forced():
 def test_peak_bf16_gflops():
     """vdpbf16ps' peak where the bf16 vector kernel runs (twice the FMA rate on Zen 4 and Xeons:
     32 multiply-adds a zmm instruction), an error naming what is missing elsewhere."""
-    if bf16_kernel(64) == "avx512bf16" or (C.cpu_info()["features"]["avx512_bf16"] and not C.cpu_amx()):
+    if bf16_kernel(16) == "avx512bf16":  # 16 dims: never AMX's, so the vector kernel's readiness
         assert C.peak_bf16_gflops(0.02) > 0
     previous = C.cpu_isa_state()
     C.set_cpu_isa("scalar")

@@ -61,7 +61,9 @@ class PackedLinears:
 
     ``weight`` may be a transformed copy of a layer's weight (``derive``, cached the same way).
     ``post``: ``"gelu"`` applies the erf GELU; ``("add" | "mul", other)`` adds or multiplies an
-    equal-shaped tensor. Results equal the unfused torch ops' to float32 rounding.
+    equal-shaped tensor. Results equal the unfused torch ops' to float32 rounding (bf16: to bf16
+    rounding; oneDNN rounds once where the unfused ops round after the product and again after
+    the GELU).
     """
 
     def __init__(self) -> None:
@@ -294,10 +296,10 @@ class PackedModernBert(nn.Module):
         # the window in the kernel; AMX tiles, else vdpbf16ps: on a 2-core Zen 4 17m's 4,096-token
         # heads 1.65-1.8x the float32 kernel); float32 below; otherwise torch's SDPA over the pieces.
         bf16_op = h.dtype == torch.bfloat16 and h.device.type == "cpu" and cpp_ready(torch.bfloat16, hd)
-        # bf16 on a CPU with neither: attention runs in float32. torch's bf16 SDPA kernel was the
-        # slower one on a Zen 4 EPYC (AVX512-BF16, no AMX): 1.06 s against 0.74 s of attention for
-        # two 4,096-token documents on 17m, 79% of bf16's encoding time there (CPUs with AMX keep
-        # bf16 when the op is turned off: not measured in float32).
+        # bf16 on a CPU with neither (or a narrower ISA forced): attention runs in float32. torch's
+        # bf16 SDPA kernel was the slower one on a Zen 4 EPYC (AVX512-BF16, no AMX): 1.06 s against
+        # 0.74 s of attention for two 4,096-token documents on 17m, 79% of bf16's encoding time
+        # there (CPUs with AMX keep bf16 SDPA when both kernels are off: not measured in float32).
         wide = h.dtype == torch.bfloat16 and h.device.type == "cpu" and not bf16_op and not amx_present()
         sdpa_dtype = torch.float32 if wide else h.dtype
         # float32 attention on CPU: the C++ op too (both layer types, the window in the kernel;

@@ -27,7 +27,7 @@ def amx_present() -> bool:
 
 
 def amx_ready() -> bool:
-    """Whether the C++ kernel runs here: AMX-BF16 on the CPU, the tile state granted by the OS,
+    """Whether the AMX bf16 kernel runs here: AMX-BF16 on the CPU, the tile state granted by the OS,
     and the tiles not turned off (``edgeplaid._C.set_cpu_amx(False)`` or ``EDGEPLAID_CPU_AMX=0``)."""
     return cpp.C is not None and bool(cpp.C.cpu_amx())
 
