@@ -129,44 +129,15 @@ struct Bf16Heads {
     }
   }
 
-  // o[r * d + c0 ..] = o * factor[r] + sum_{jp < n_pairs} p2[jp][r] . vp32[jp][c0 ..] for r < kRowsO
-  // (p2 from the tile's first query, vp32 from the key block's first pair), CV vectors from c0.
-  template <int CV>
-  static EP_INLINE void value_tile(const uint32_t* p2, const uint32_t* vp32, int64_t n_pairs, int64_t c0,
-                                   const float* factor, float* o, int64_t d) {
-    Vec acc[kRowsO][CV];
-#pragma GCC unroll 6
-    for (int r = 0; r < kRowsO; ++r)
-#pragma GCC unroll 4
-      for (int c = 0; c < CV; ++c) acc[r][c] = Vec::zero();
-    const uint32_t* vr = vp32 + c0;
-    for (int64_t jp = 0; jp < n_pairs; ++jp, vr += d) {
-      __m512bh vv[CV];
-#pragma GCC unroll 4
-      for (int c = 0; c < CV; ++c) vv[c] = (__m512bh)_mm512_loadu_si512(vr + c * W);
-#pragma GCC unroll 6
-      for (int r = 0; r < kRowsO; ++r) {
-        const __m512bh b = (__m512bh)_mm512_set1_epi32(int32_t(p2[jp * kQBlock + r]));
-#pragma GCC unroll 4
-        for (int c = 0; c < CV; ++c) acc[r][c].v = _mm512_dpbf16_ps(acc[r][c].v, b, vv[c]);
-      }
-    }
-    scale_add_tile<CV>(acc, factor, o + c0, d);
-  }
-
-  // O = O * factor + P V as in F32Heads::accumulate, P from the pairs emit_p wrote (n_keys even).
-  static void accumulate(const float*, const uint16_t* vp, int64_t n_keys, int64_t rows, int64_t, int64_t d,
-                         const float* factor, float* o, Scratch& scratch) {
-    const uint32_t* p2 = scratch.p2.data();
-    const uint32_t* vp32 = reinterpret_cast<const uint32_t*>(vp);
-    const int cv = value_vectors(d);
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowsO)
-      for (int64_t c0 = 0; c0 < d; c0 += cv * W) {
-        if (cv == 4) value_tile<4>(p2 + r0, vp32, n_keys / 2, c0, factor + r0, o + r0 * d, d);
-        else if (cv == 2) value_tile<2>(p2 + r0, vp32, n_keys / 2, c0, factor + r0, o + r0 * d, d);
-        else value_tile<1>(p2 + r0, vp32, n_keys / 2, c0, factor + r0, o + r0 * d, d);
-      }
-  }
+  // The P V product (value_tile): pairs of keys, p from emit_p's pairs (n_keys even), values as
+  // pairs of keys; one broadcast p pair a vdpbf16ps.
+  using Lane = uint32_t;
+  using VReg = __m512bh;
+  static EP_INLINE VReg load_v(const uint32_t* v) { return (__m512bh)_mm512_loadu_si512(v); }
+  static EP_INLINE VReg broadcast_p(const uint32_t* p) { return (__m512bh)_mm512_set1_epi32(int32_t(*p)); }
+  static EP_INLINE Vec madd(Vec acc, VReg p, VReg v) { return {_mm512_dpbf16_ps(acc.v, p, v)}; }
+  static const uint32_t* p_rows(const float*, Scratch& scratch) { return scratch.p2.data(); }
+  static const uint32_t* v_rows(const uint16_t* vp) { return reinterpret_cast<const uint32_t*>(vp); }
 
   // out[e] = bf16(o[e] * inv), e < d (a multiple of 16), rounded to nearest even.
   static void store_row(const float* o, float inv, int64_t d, uint16_t* out) {

@@ -18,8 +18,8 @@
 //   2. the key and band masks, the running maximum m, p = 2^(s * scale - m) (a degree-6
 //      polynomial on [-1/2, 1/2], relative error < 2e-7), the running sum l, and each query's
 //      factor 2^(m_old - m) for what it accumulated so far (softmax_block, shared);
-//   3. O = O * factor + P V (Heads::accumulate) in register tiles of kRowsO queries x value vectors
-//      (each p broadcast).
+//   3. O = O * factor + P V (accumulate, shared; Heads' multiply-add) in register tiles of kRowsO
+//      queries x value vectors (each p broadcast).
 // Keys and values are packed once per (batch, head) (Heads::pack). Finally each query's row is
 // divided by l (Heads::store_row); a query with no allowed key is 0.
 #pragma once
@@ -213,49 +213,60 @@ struct F32Heads {
     }
   }
 
-  // o[r * d + c0 ..] = o * factor[r] + sum_{j < n_keys} p[j * kQBlock + r] v[j][c0 ..] for r < kRowsO
-  // (v: the key block's first value row, rows d apart), CV vectors from column c0.
-  template <int CV>
-  static EP_INLINE void value_tile(const float* p, const float* v, int64_t n_keys, int64_t c0, const float* factor,
-                                   float* o, int64_t d) {
-    Vec acc[kRowsO][CV];
-#pragma GCC unroll 6
-    for (int r = 0; r < kRowsO; ++r)
-#pragma GCC unroll 4
-      for (int c = 0; c < CV; ++c) acc[r][c] = Vec::zero();
-    const float* vr = v + c0;
-    for (int64_t j = 0; j < n_keys; ++j, vr += d) {
-      Vec vv[CV];
-#pragma GCC unroll 4
-      for (int c = 0; c < CV; ++c) vv[c] = Vec::load(vr + c * W);
-#pragma GCC unroll 6
-      for (int r = 0; r < kRowsO; ++r) {
-        const Vec b = Vec::set1(p[j * kQBlock + r]);
-#pragma GCC unroll 4
-        for (int c = 0; c < CV; ++c) acc[r][c] = fmadd(b, vv[c], acc[r][c]);
-      }
-    }
-    scale_add_tile<CV>(acc, factor, o + c0, d);
-  }
-
-  // O = O * factor + P V for the block's first `rows` queries (kRowsO at a time: rows past them
-  // compute what they compute) over keys [0, n_keys) of vp (the key block's first value row).
-  static void accumulate(const float* p, const float* vp, int64_t n_keys, int64_t rows, int64_t /*n_qvecs*/,
-                         int64_t d, const float* factor, float* o, Scratch&) {
-    const int cv = value_vectors(d);
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowsO)
-      for (int64_t c0 = 0; c0 < d; c0 += cv * W) {
-        if (cv == 4) value_tile<4>(p + r0, vp, n_keys, c0, factor + r0, o + r0 * d, d);
-        else if (cv == 2) value_tile<2>(p + r0, vp, n_keys, c0, factor + r0, o + r0 * d, d);
-        else value_tile<1>(p + r0, vp, n_keys, c0, factor + r0, o + r0 * d, d);
-      }
-  }
+  // The P V product (value_tile): p read from the score rows, one float32 broadcast an FMA.
+  using Lane = float;
+  using VReg = Vec;
+  static EP_INLINE VReg load_v(const float* v) { return Vec::load(v); }
+  static EP_INLINE VReg broadcast_p(const float* p) { return Vec::set1(*p); }
+  static EP_INLINE Vec madd(Vec acc, VReg p, VReg v) { return fmadd(p, v, acc); }
+  static const float* p_rows(const float* s, Scratch&) { return s; }
+  static const float* v_rows(const float* vp) { return vp; }
 
   // out[e] = o[e] * inv, e < d.
   static void store_row(const float* o, float inv, int64_t d, float* out) {
     for (int64_t e = 0; e < d; ++e) out[e] = o[e] * inv;
   }
 };
+
+// o[r * d + c0 ..] = o * factor[r] + sum_{t < n_steps} p[t * kQBlock + r] . v[t * d + c0 ..] for
+// r < kRowsO, CV vectors from column c0: step t is one key (float32 heads: an FMA) or a pair of
+// keys (bf16 heads: vdpbf16ps), p from the tile's first query, v from the key block's first step.
+template <class Heads, int CV>
+EP_INLINE void value_tile(const typename Heads::Lane* p, const typename Heads::Lane* v, int64_t n_steps, int64_t c0,
+                          const float* factor, float* o, int64_t d) {
+  Vec acc[kRowsO][CV];
+#pragma GCC unroll 6
+  for (int r = 0; r < kRowsO; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < CV; ++c) acc[r][c] = Vec::zero();
+  const typename Heads::Lane* vr = v + c0;
+  for (int64_t t = 0; t < n_steps; ++t, vr += d) {
+    typename Heads::VReg vv[CV];
+#pragma GCC unroll 4
+    for (int c = 0; c < CV; ++c) vv[c] = Heads::load_v(vr + c * W);
+#pragma GCC unroll 6
+    for (int r = 0; r < kRowsO; ++r) {
+      const typename Heads::VReg b = Heads::broadcast_p(p + t * kQBlock + r);
+#pragma GCC unroll 4
+      for (int c = 0; c < CV; ++c) acc[r][c] = Heads::madd(acc[r][c], b, vv[c]);
+    }
+  }
+  scale_add_tile<CV>(acc, factor, o + c0, d);
+}
+
+// Step 3: O = O * factor + P V for the block's first `rows` queries (kRowsO at a time: rows past
+// them compute what they compute) over n_steps steps of v (the key block's first).
+template <class Heads>
+void accumulate(const typename Heads::Lane* p, const typename Heads::Lane* v, int64_t n_steps, int64_t rows,
+                int64_t d, const float* factor, float* o) {
+  const int cv = value_vectors(d);
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowsO)
+    for (int64_t c0 = 0; c0 < d; c0 += cv * W) {
+      if (cv == 4) value_tile<Heads, 4>(p + r0, v, n_steps, c0, factor + r0, o + r0 * d, d);
+      else if (cv == 2) value_tile<Heads, 2>(p + r0, v, n_steps, c0, factor + r0, o + r0 * d, d);
+      else value_tile<Heads, 1>(p + r0, v, n_steps, c0, factor + r0, o + r0 * d, d);
+    }
+}
 
 // The driver: Heads (F32Heads, or Bf16Heads in the avx512bf16 unit) supplies the packing, the two
 // products and the element type; the masks, the online softmax and the threading are shared.
@@ -321,7 +332,8 @@ void run(const AttentionArgs& a) {
         const int64_t nk = std::min(kKBlock, hi_key - j0);  // a multiple of kKeyStep
         Heads::scores(ks + j0 * d, qt.data(), d, nk, n_qvecs, s.data());
         softmax_block<Heads>(s.data(), nk, n_qvecs, q0, j0, a.window, bb + j0, score_scale, m, sum, factor, scratch);
-        Heads::accumulate(s.data(), vs + j0 * d, nk, rows, n_qvecs, d, factor, o.data(), scratch);
+        accumulate<Heads>(Heads::p_rows(s.data(), scratch), Heads::v_rows(vs + j0 * d), nk / Heads::kKeyStep, rows, d,
+                          factor, o.data());
       }
       Elem* os = out + bi * a.out_strides[0] + hi * a.out_strides[2] + q0 * a.out_strides[1];
       for (int64_t r = 0; r < rows; ++r) {
