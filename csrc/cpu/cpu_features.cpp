@@ -206,7 +206,7 @@ Isa attention_isa() {
 
 bool bf16_attention_ready() {
 #if defined(EDGEPLAID_HAVE_AVX512BF16)
-  return cpu_features().avx512_bf16 && isa_supported(Isa::avx512) && attention_isa() == Isa::avx512;
+  return cpu_features().avx512_bf16 && attention_isa() == Isa::avx512;  // avx512: supported, not forced narrower
 #else
   return false;
 #endif
