@@ -1,9 +1,10 @@
 """int8_linear: the encoder's linear layers (17m and 32m shapes, 5,280 tokens = 16 documents of
 330) in int8 against float32 oneDNN (what precision "fp32" runs) and torch's F.linear (MKL).
 
-The int8 kernel is held to the machine's int8 multiply-add peak (``peak_int8_gops``), the float32
-contenders to the fp32 FMA peak. Expect at most 2x float32 on AVX2: one vpmaddubsw + vpmaddwd per
-32 multiply-adds against one FMA per 8 (csrc/cpu/int8_linear_impl.h).
+The int8 kernel is held to the machine's int8 multiply-add peak (``peak_int8_gops``) of the int8
+ISA under test, the float32 contenders to the fp32 FMA peak. On AVX2 expect at most 2x float32
+(one vpmaddubsw + vpmaddwd per 32 multiply-adds against one FMA per 8); with AVX-512 VNNI one
+vpdpbusd per 64 (csrc/cpu/int8_linear_impl.h).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _harness import Report, median_seconds, ours_label, quick, time_ours
+from _harness import Report, median_seconds, quick, time_ours
 from edgeplaid import ops
+from edgeplaid._native import C
 
 SHAPES = {  # (in_features, out_features): qkv, the GLU's input, attention output, head
     "17m qkv": (256, 768),
@@ -44,5 +46,5 @@ def test_int8_linear(benchmark, peak_gflops, peak_int8_gops, isa, layer):
         )
         report.add("oneDNN fp32, packed weight (precision fp32)", onednn)
     ours = time_ours(benchmark, lambda: ops.int8_linear(x, q))
-    report.add(ours_label() + " int8", ours, peak=peak_int8_gops)
+    report.add(f"edgeplaid cpp ({C.cpu_int8_isa()}) int8", ours, peak=peak_int8_gops)
     report.finish()

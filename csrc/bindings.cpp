@@ -869,10 +869,11 @@ py::dict cpu_info() {
   const char* fp32 = isa_name(active_isa());
   for (const char* op : {"maxsim", "maxsim_packed", "centroid_scores", "centroid_interaction",
                          "centroid_interaction_topk", "decompress_residuals", "fused_decompress_maxsim",
-                         "nearest_centroids", "compress_residuals", "int8_linear", "rotary_embed"})
+                         "nearest_centroids", "compress_residuals", "rotary_embed"})
     per_op[op] = fp32;
   per_op["fused_decompress_maxsim[int8]"] = int8_isa_name(int8_isa());
   per_op["centroid_scores[int8]"] = int8_isa_name(int8_isa());
+  per_op["int8_linear"] = int8_isa_name(int8_isa());
   if (amx_tables()) per_op["centroid_scores"] = "amx (centroid-major, fp16/bf16 centroids), else avx512";
   per_op["attention"] = isa_name(attention_isa());  // float32 heads
   per_op["attention[bf16]"] = bf16_attention_kernel(64);  // amx, avx512bf16 or none (head dim 64)
@@ -978,11 +979,13 @@ py::tuple compress_residuals(const py::array& tokens, const std::string& dtype, 
 
 // ---- end of index building ---------------------------------------------------------------------
 
-// Output channels per column block of int8_linear's packed weights on the active ISA.
+// Output channels per column block of int8_linear's packed weights on the int8 ISA (int8_linear
+// is an int8 kernel: it runs the int8 ISA, VNNI's vpdpbusd where the CPU has it).
 int64_t int8_linear_block() {
-  switch (active_isa()) {
-    case Isa::avx512: EP_IF_AVX512(return avx512::int8_linear_block();) [[fallthrough]];
-    case Isa::avx2: EP_IF_AVX2(return avx2::int8_linear_block();) [[fallthrough]];
+  switch (int8_isa()) {
+    case Int8Isa::avx512vnni: EP_IF_AVX512VNNI(return avx512vnni::int8_linear_block();) [[fallthrough]];
+    case Int8Isa::avx512: EP_IF_AVX512(return avx512::int8_linear_block();) [[fallthrough]];
+    case Int8Isa::avx2: EP_IF_AVX2(return avx2::int8_linear_block();) [[fallthrough]];
     default: return scalar::int8_linear_block();
   }
 }
@@ -998,7 +1001,7 @@ py::array_t<int8_t> int8_linear_pack(const py::array& qweight) {
   int8_t* pk = packed.mutable_data();
   {
     py::gil_scoped_release release;
-    EP_DISPATCH(int8_linear_pack, q, n, k, pk);
+    EP_DISPATCH_INT8(int8_linear_pack, q, n, k, pk);
   }
   return packed;
 }
@@ -1048,7 +1051,7 @@ py::array_t<float> int8_linear(const py::array& x, const py::array& packed, cons
   KernelError err;
   {
     py::gil_scoped_release release;
-    EP_DISPATCH(int8_linear, xd, m, k, pk, sc, bs, n, code, od, o, err);
+    EP_DISPATCH_INT8(int8_linear, xd, m, k, pk, sc, bs, n, code, od, o, err);
   }
   raise_if(err);
   return out;

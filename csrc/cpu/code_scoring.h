@@ -73,10 +73,7 @@ EP_INLINE DocBytes doc_bytes_of(IVec b) { return {b.v}; }
 // acc + sum over the 4 bytes of each lane of u[byte] * s[byte] (u unsigned, s signed).
 EP_INLINE IVec dot4(IVec acc, const DocBytes& d, IVec s) {
 #if defined(EDGEPLAID_ISA_VNNI)
-  // As inline asm: GCC 12 copies the accumulator of _mm512_dpbusd_epi32 into a scratch register
-  // and back (and spills it) on every call; the asm accumulates in place.
-  asm("vpdpbusd %2, %1, %0" : "+v"(acc.v) : "v"(d.u), "v"(s.v));
-  return acc;
+  return {dpbusd(acc.v, d.u, s.v)};  // simd.h
 #else
   const __m512i pairs = _mm512_maddubs_epi16(d.u, s.v);  // never saturates: see the header
   return {_mm512_add_epi32(acc.v, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))};

@@ -232,7 +232,7 @@ EDGEPLAID_DECLARE_KERNELS(avx2)
 EDGEPLAID_DECLARE_KERNELS(avx512)
 
 // AVX-512 with VNNI (vpdpbusd): its unit defines only the int8 kernels (code scoring, stage 1's
-// int8 table) and int8_probe;
+// int8 table, int8_linear) and int8_probe;
 // the other declarations are never called (bindings.cpp's EP_DISPATCH_INT8).
 EDGEPLAID_DECLARE_KERNELS(avx512vnni)
 

@@ -42,6 +42,16 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // hand the AVX-512 copy to the AVX2 path (tests/test_isa_isolation.py checks the binary).
 namespace EDGEPLAID_ISA_NS {
 
+#if defined(EDGEPLAID_ISA_VNNI)
+// acc + the sum over each int32 lane's 4 bytes of u[byte] (unsigned) * s[byte] (signed):
+// vpdpbusd. As inline asm: GCC 12 copies the accumulator of _mm512_dpbusd_epi32 into a scratch
+// register and back (and spills it) on every call; the asm accumulates in place.
+EP_INLINE __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+  return acc;
+}
+#endif
+
 #if defined(EDGEPLAID_ISA_AVX512)
 struct Vec {
   static constexpr int W = 16;

@@ -18,6 +18,7 @@ SHAPES = [  # (rows, in_features, out_features): tails of every blocking (4 rows
     (65, 255, 48),
     (130, 256, 768),
     (9, 513, 33),
+    (200, 96, 80),  # 2 row chunks, 5 blocks: VNNI tiles of 12 rows x 2 blocks and their tails
 ]
 
 
@@ -32,7 +33,7 @@ def _inputs(m: int, k: int, n: int, seed: int = 0):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("post", ["none", "add", "mul"])
-def test_matches_reference(cpp_isa, shape, post):
+def test_matches_reference(cpp_int8_isa, shape, post):
     x, w, b, other = _inputs(*shape)
     q = ops.quantize_weight(w, b)
     got = ops.int8_linear(x, q, post, other, backend="cpp")
@@ -41,7 +42,7 @@ def test_matches_reference(cpp_isa, shape, post):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
 
 
-def test_exact_on_integer_inputs(cpp_isa):
+def test_exact_on_integer_inputs(cpp_int8_isa):
     """Rows and channels whose largest magnitude is 127 quantise to themselves (scale 1): the
     result is the exact integer product."""
     g = torch.Generator().manual_seed(1)
@@ -53,7 +54,7 @@ def test_exact_on_integer_inputs(cpp_isa):
     torch.testing.assert_close(got, (x.double() @ w.double().T).float(), rtol=0, atol=0)
 
 
-def test_zero_rows_and_channels(cpp_isa):
+def test_zero_rows_and_channels(cpp_int8_isa):
     x, w, b, _ = _inputs(6, 40, 20)
     x[2] = 0.0
     w[3] = 0.0
@@ -62,7 +63,7 @@ def test_zero_rows_and_channels(cpp_isa):
     torch.testing.assert_close(got[:, 3], b[3].expand(6), rtol=0, atol=0)
 
 
-def test_no_rows(cpp_isa):
+def test_no_rows(cpp_int8_isa):
     _, w, b, _ = _inputs(1, 8, 3)
     got = ops.int8_linear(torch.zeros(0, 8), ops.quantize_weight(w, b), backend="cpp")
     assert got.shape == (0, 3)
