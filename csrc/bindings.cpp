@@ -1008,7 +1008,7 @@ py::array_t<int8_t> int8_linear_pack(const py::array& qweight) {
 
 py::array_t<float> int8_linear(const py::array& x, const py::array& packed, const py::array& scales,
                                const py::array& bias, int64_t out_features, const std::string& post,
-                               const py::object& other) {
+                               const py::object& other, const py::object& inv_smooth) {
   expect_rank(x, "x", 2, "(rows, in_features)");
   const float* xd = f32_data(x, "x");
   const int64_t m = x.shape(0), k = x.shape(1), n = out_features;
@@ -1044,6 +1044,14 @@ py::array_t<float> int8_linear(const py::array& x, const py::array& packed, cons
   } else if (post != "none") {
     fail("post: expected 'none', 'add' or 'mul', got '" + post + "'");
   }
+  const float* smooth = nullptr;
+  py::array smooth_array;  // keeps the cast alive while the kernel reads it
+  if (!inv_smooth.is_none()) {
+    smooth_array = inv_smooth.cast<py::array>();
+    expect_rank(smooth_array, "inv_smooth", 1, "(in_features,)");
+    expect_dim(smooth_array, "inv_smooth", 0, k, "in_features of x");
+    smooth = f32_data(smooth_array, "inv_smooth");
+  }
   py::array_t<float> out(std::vector<py::ssize_t>{m, n});
   if (m == 0) return out;
   const int8_t* pk = static_cast<const int8_t*>(packed.data());
@@ -1051,7 +1059,7 @@ py::array_t<float> int8_linear(const py::array& x, const py::array& packed, cons
   KernelError err;
   {
     py::gil_scoped_release release;
-    EP_DISPATCH_INT8(int8_linear, xd, m, k, pk, sc, bs, n, code, od, o, err);
+    EP_DISPATCH_INT8(int8_linear, xd, m, k, smooth, pk, sc, bs, n, code, od, o, err);
   }
   raise_if(err);
   return out;
@@ -1190,7 +1198,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_linear_pack", &int8_linear_pack, py::arg("qweight"),
         "(out_features, in_features) int8 -> the packed layout int8_linear reads on the active ISA.");
   m.def("int8_linear", &int8_linear, py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("bias"),
-        py::arg("out_features"), py::arg("post") = "none", py::arg("other") = py::none());
+        py::arg("out_features"), py::arg("post") = "none", py::arg("other") = py::none(),
+        py::arg("inv_smooth") = py::none());
   m.def("bf16_attention_kernel", &bf16_attention_kernel, py::arg("head_dim"),
         "The kernel that takes bf16 heads of this head dim here: 'amx', 'avx512bf16' or 'none'.");
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("key_valid"),

@@ -1,10 +1,16 @@
 // int8_linear: a linear layer with int8 weights and int8 activations, quantised per output
 // channel and per row (token), float32 in and out:
 //
-//   sx[m] = max_k |x[m, k]| / 127,      qx[m, k] = round(x[m, k] / sx[m])     (per row, at call time)
+//   x'[m, k] = x[m, k] * inv_smooth[k]  (optional: SmoothQuant's per-channel factors, below)
+//   sx[m] = max_k |x'[m, k]| / 127,     qx[m, k] = round(x'[m, k] / sx[m])    (per row, at call time)
 //   sw[n] = max_k |w[n, k]| / 127,      qw[n, k] = round(w[n, k] / sw[n])     (per channel, packed once)
 //   y[m, n] = float(sum_k qx[m, k] * qw[n, k]) * (sx[m] * sw[n]) + bias[n]
 //   out = y, y + other or y * other                                          (post = 0, 1, 2)
+//
+// inv_smooth (k floats, or null) divides each input channel by its smoothing factor before the
+// row is quantised; quantize_weight multiplied the weight's columns by the same factors, so the
+// product is unchanged while channels with outlying activations (BERT's) no longer set every
+// token's scale alone (SmoothQuant, Xiao et al. 2023; ops/int8_linear.py: smooth_factors).
 //
 // round() is round-half-to-even of x * (127 / amax) (as torch.round); the sums are exact int32
 // (|sum| <= k * 127^2 < 2^31 for every k this op is used with), converted exactly to float32
@@ -264,6 +270,7 @@ struct LinScratch {
   std::vector<int8_t> qx;
   std::vector<float> sx;
   std::vector<int32_t> qsum;  // sum_k qx[r, k] (the VNNI tile's correction)
+  std::vector<float> smoothed;  // x[r, :] * inv_smooth, one row
   std::vector<int32_t> acc;
 };
 inline LinScratch& lin_scratch() {
@@ -283,8 +290,9 @@ void int8_linear_pack(const int8_t* qweight, int64_t n, int64_t k, int8_t* packe
   }
 }
 
-void int8_linear(const float* x, int64_t m, int64_t k, const int8_t* packed, const float* scales,
-                 const float* bias, int64_t n, int post, const float* other, float* out, KernelError& err) {
+void int8_linear(const float* x, int64_t m, int64_t k, const float* inv_smooth, const int8_t* packed,
+                 const float* scales, const float* bias, int64_t n, int post, const float* other, float* out,
+                 KernelError& err) {
   (void)err;
   const int64_t kq = (k + 3) / 4, kp4 = 4 * kq, n_blocks = (n + kLinNR - 1) / kLinNR;
   const int64_t n_chunks = (m + kLinChunk - 1) / kLinChunk;
@@ -293,11 +301,16 @@ void int8_linear(const float* x, int64_t m, int64_t k, const int8_t* packed, con
     if (s.qx.size() < size_t(kLinChunk * kp4)) s.qx.resize(size_t(kLinChunk * kp4));
     if (s.sx.size() < size_t(kLinChunk)) s.sx.resize(size_t(kLinChunk));
     if (s.qsum.size() < size_t(kLinChunk)) s.qsum.resize(size_t(kLinChunk));
+    if (inv_smooth != nullptr && s.smoothed.size() < size_t(k)) s.smoothed.resize(size_t(k));
     if (s.acc.size() < size_t(kLinMR * kLinNR)) s.acc.resize(size_t(kLinMR * kLinNR));
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
       const int64_t r0 = chunk * kLinChunk, rows = std::min(kLinChunk, m - r0);
       for (int64_t r = 0; r < rows; ++r) {
         const float* row = x + (r0 + r) * k;
+        if (inv_smooth != nullptr) {
+          for (int64_t i = 0; i < k; ++i) s.smoothed[size_t(i)] = row[i] * inv_smooth[i];
+          row = s.smoothed.data();
+        }
         const float amax = abs_max(row, k);
         s.sx[r] = amax / 127.0f;
         quantize_row(row, k, amax > 0.0f ? 127.0f / amax : 0.0f, s.qx.data() + r * kp4, kp4);

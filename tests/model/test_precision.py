@@ -41,15 +41,19 @@ def test_low_precision_tokens_close_to_fp32(model_dirs: dict[str, Path], size: s
     assert float(_cosines(q_low[m_low], q32[m32]).mean()) >= 0.999
 
 
+@pytest.mark.parametrize("vnni", [True, False])
 @pytest.mark.parametrize("native_bf16", [True, False])
-def test_auto_rule_on_cpu(monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
+def test_auto_rule_on_cpu(monkeypatch: pytest.MonkeyPatch, native_bf16: bool, vnni: bool) -> None:
     """bf16 where the CPU multiplies it (every backbone), else int8 for the own ModernBERT forward
-    (when the C++ kernel is built), else fp32; an explicit dtype wins."""
+    (when the C++ kernel is built) and for other backbones where the int8 kernels run VNNI, else
+    fp32; an explicit dtype wins."""
     monkeypatch.setattr(_precision, "cpu_has_bf16", lambda: native_bf16)
+    monkeypatch.setattr(_precision, "vnni_int8", lambda: vnni and C is not None)
     cpu = torch.device("cpu")
     own = "bf16" if native_bf16 else ("int8" if C is not None else "fp32")
+    other = "bf16" if native_bf16 else ("int8" if vnni and C is not None else "fp32")
     assert resolve_precision("auto", cpu, None, own_forward=True) == own
-    assert resolve_precision("auto", cpu, None, own_forward=False) == ("bf16" if native_bf16 else "fp32")
+    assert resolve_precision("auto", cpu, None, own_forward=False) == other
     assert resolve_precision("auto", cpu, torch.float32) == "fp32"
 
 
@@ -101,6 +105,56 @@ def test_int8_keeps_the_state_dict_and_follows_weight_changes(model_dirs: dict[s
     after = int8.encode_documents(DOCUMENTS[:2])[0]
     assert not torch.equal(before, after)
     torch.testing.assert_close(after, fresh.encode_documents(DOCUMENTS[:2])[0], rtol=0, atol=0)
+
+
+@needs_cpp
+@pytest.mark.parametrize("size", ["17m", "bert"])
+def test_int8_calibration_smooths_every_int8_layer(model_dirs: dict[str, Path], size: str) -> None:
+    """Setting int8 calibrates on the shipped sample text: every int8 layer's weight has its input
+    ranges recorded and is quantised smoothed; deterministic, and again after ``.to()``."""
+    model = ColBERT.from_pretrained(model_dirs[size], precision="int8")
+    ranges = model._linears.act_amax
+    assert ranges and all(r.ndim == 1 and bool((r > 0).any()) for r in ranges.values())
+    layers = [m for m in model.backbone.modules() if isinstance(m, QuantizedLinear)]
+    if size == "bert":  # transformers' forward: its layers share the model's ranges
+        assert layers and all(id(m.weight) in ranges and m.__dict__["ranges"] is ranges for m in layers)
+    first = model.encode_documents(DOCUMENTS)[0]
+    int8_weights = [e[2] for key, e in model._linears._cache.items() if key[1].endswith("|int8")]
+    int8_weights += [m._quantized() for m in layers if size == "bert"]
+    assert int8_weights and all(w.inv_smooth is not None for w in int8_weights)
+    again = ColBERT.from_pretrained(model_dirs[size], precision="int8").encode_documents(DOCUMENTS)[0]
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    model.to(torch.float32)  # replaces the parameters: calibrated again
+    assert model._linears.act_amax
+    torch.testing.assert_close(model.encode_documents(DOCUMENTS)[0], first, rtol=0, atol=0)
+
+
+@needs_cpp
+@pytest.mark.parametrize("size", ["17m", "bert"])
+def test_int8_smoothing_cuts_the_error_of_outlier_channels(model_dirs: dict[str, Path], size: str) -> None:
+    """Layer norms with a few channels 25x the rest (as BERT's): calibrated smoothing brings the
+    int8 vectors closer to float32 than int8 without it."""
+
+    def outliers(model: ColBERT) -> ColBERT:
+        with torch.no_grad():
+            for name, m in model.backbone.named_modules():
+                if isinstance(m, torch.nn.LayerNorm) and "final" not in name:
+                    m.weight[3] *= 25.0
+                    m.weight[-7] *= -25.0
+        return model
+
+    model = outliers(ColBERT.from_pretrained(model_dirs[size], precision="fp32"))
+    exact = model.encode_documents(DOCUMENTS)[0]
+    model.precision = "int8"  # calibrates on the changed model
+    smoothed = _cosines(model.encode_documents(DOCUMENTS)[0], exact)
+    model._linears.act_amax.clear()
+    model._linears.drop_int8()
+    for m in model.backbone.modules():
+        if isinstance(m, QuantizedLinear):
+            m.__dict__["_q"] = None
+    plain = _cosines(model.encode_documents(DOCUMENTS)[0], exact)
+    got = (float(smoothed.mean()), float(plain.mean()))
+    assert float(1 - smoothed.mean()) < 0.7 * float(1 - plain.mean()), got
 
 
 def test_bad_precisions(model_dirs: dict[str, Path]) -> None:

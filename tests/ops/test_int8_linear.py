@@ -132,3 +132,71 @@ def test_binding_checks_the_packed_weights():
         C.int8_linear(x.numpy(), blocks.numpy(), scale[:3].contiguous().numpy(), bias.numpy(), 3)
     with pytest.raises(ValueError, match="post: expected 'none', 'add' or 'mul'"):
         C.int8_linear(x.numpy(), blocks.numpy(), scale.numpy(), bias.numpy(), 3, "gelu")
+
+
+# ---- smoothing (SmoothQuant's per-channel factors) ----------------------------------------------
+
+
+def _outlier_inputs(m: int, k: int, n: int, seed: int = 3):
+    """Activations with two channels 20x the others (as BERT's layer norms make them)."""
+    x, w, b, other = _inputs(m, k, n, seed)
+    x[:, 1] *= 20.0
+    x[:, k // 2] *= -20.0
+    return x, w, b, other
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 5), (65, 255, 48), (200, 96, 80)])
+@pytest.mark.parametrize("post", ["none", "add"])
+def test_smoothing_matches_reference(cpp_int8_isa, shape, post):
+    x, w, b, other = _outlier_inputs(*shape)
+    s = ops.smooth_factors(x.abs().amax(0), w)
+    q = ops.quantize_weight(w, b, smooth=s)
+    got = ops.int8_linear(x, q, post, other, backend="cpp")
+    want = ops.int8_linear(x, q, post, other, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+
+
+def test_smoothing_keeps_the_product_and_cuts_the_error(any_backend):
+    x, w, b, _ = _outlier_inputs(64, 256, 96)
+    exact = x @ w.T + b
+    plain = ops.int8_linear(x, ops.quantize_weight(w, b), backend=any_backend)
+    smoothed = ops.int8_linear(
+        x, ops.quantize_weight(w, b, smooth=ops.smooth_factors(x.abs().amax(0), w)), backend=any_backend
+    )
+    err_plain = (plain - exact).norm() / exact.norm()
+    err_smoothed = (smoothed - exact).norm() / exact.norm()
+    assert err_smoothed < 0.01
+    assert err_smoothed < 0.5 * err_plain  # the outliers no longer set each row's scale alone
+
+
+def test_smooth_factors():
+    w = torch.tensor([[1.0, -4.0, 0.0, 2.0], [0.5, 1.0, 0.0, -8.0]])
+    amax = torch.tensor([4.0, 1.0, 3.0, 0.0])
+    s = ops.smooth_factors(amax, w, alpha=0.5)
+    # s = sqrt(amax / wmax) where both are non-zero; 1 where either is zero
+    torch.testing.assert_close(s, torch.tensor([2.0, 0.5, 1.0, 1.0]))
+    torch.testing.assert_close(ops.smooth_factors(amax, w, alpha=1.0)[:2], torch.tensor([4.0, 1.0]))
+    with pytest.raises(ValueError, match="alpha: expected a value in"):
+        ops.smooth_factors(amax, w, alpha=1.5)
+    with pytest.raises(ValueError, match=r"act_amax: expected shape \(4,\)"):
+        ops.smooth_factors(amax[:3], w)
+
+
+def test_bad_smoothing_arguments():
+    _, w, b, _ = _inputs(4, 8, 3)
+    with pytest.raises(ValueError, match=r"smooth: expected \(8,\) positive finite factors"):
+        ops.quantize_weight(w, b, smooth=torch.ones(7))
+    with pytest.raises(ValueError, match="smooth: expected"):
+        ops.quantize_weight(w, b, smooth=torch.zeros(8))
+    with pytest.raises(ValueError, match="smooth: expected"):
+        ops.quantize_weight(w, b, smooth=torch.full((8,), float("nan")))
+
+
+@pytest.mark.skipif(C is None, reason="edgeplaid._C is not built")
+def test_binding_checks_inv_smooth():
+    x, w, b, _ = _inputs(4, 8, 3)
+    args = (x.numpy(), *(t.numpy() for t in ops.quantize_weight(w, b).packed), 3, "none", None)
+    with pytest.raises(ValueError, match="inv_smooth: expected size 8"):
+        C.int8_linear(*args, torch.ones(7).numpy())
+    with pytest.raises(ValueError, match="inv_smooth: expected float32"):
+        C.int8_linear(*args, torch.ones(8).double().numpy())

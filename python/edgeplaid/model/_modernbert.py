@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeplaid._native import C, cpu_has_bf16
+from edgeplaid.model._precision import SMOOTH_ALPHA, record_amax
 from edgeplaid.ops.attention import amx_present, attention, cpp_ready
-from edgeplaid.ops.int8_linear import int8_linear, quantize_weight
+from edgeplaid.ops.int8_linear import int8_linear, quantize_weight, smooth_factors
 from edgeplaid.ops.rotary_embed import rotary_embed
 
 AttentionPieces = list[tuple[slice, slice, "torch.Tensor | None"]]
@@ -70,6 +71,12 @@ class PackedLinears:
         self.enabled = _onednn_linear_available()
         self.bf16 = self.enabled and cpu_has_bf16()
         self.int8 = False
+        # Calibration (model/_precision.py: calibrate_int8): while ``calibrating``, each call that
+        # int8 would take records its input channels' largest |x| here, keyed by the id of the
+        # layer's weight (shared with transformers' forward's QuantizedLinear layers, which read
+        # the same weights on the same inputs); int8 weights are quantised with smooth_factors of them.
+        self.calibrating = False
+        self.act_amax: dict[int, torch.Tensor] = {}
         self._cache: dict[tuple[int, str], tuple[torch.Tensor, int, Any]] = {}
 
     def uses_onednn(self, x: torch.Tensor) -> bool:
@@ -99,7 +106,11 @@ class PackedLinears:
                 if derive is not None:
                     w = derive(w)
                 if packed == "int8":
-                    w = quantize_weight(w, bias)
+                    # Factors of the whole source weight (derived ones take rows of it): the same as
+                    # transformers' forward's QuantizedLinear uses for it.
+                    amax = self.act_amax.get(id(source))
+                    smooth = None if amax is None else smooth_factors(amax, source.detach(), SMOOTH_ALPHA)
+                    w = quantize_weight(w, bias, smooth=smooth)
                 elif packed:
                     w = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
             entry = (source, source._version, w)
@@ -118,6 +129,9 @@ class PackedLinears:
     ) -> torch.Tensor:
         if bias is not None and derive is not None:
             bias = self.weight(bias, tag, derive)
+        calibrate = self.calibrating and not keep_fp32 and x.device.type == "cpu"
+        if calibrate and x.dtype == source.dtype == torch.float32:
+            record_amax(self.act_amax, id(source), x)
         if not keep_fp32 and self.uses_int8(x) and source.dtype == torch.float32:
             q = self.weight(source, tag, derive, packed="int8", bias=bias)
             x2 = x.reshape(-1, x.shape[-1])
@@ -157,6 +171,11 @@ class PackedLinears:
 
     def clear(self) -> None:
         self._cache.clear()
+        self.act_amax.clear()  # keyed by the parameters' ids, which .to() and friends replace
+
+    def drop_int8(self) -> None:
+        """Forgets the int8 weights (re-quantised at next use, e.g. with new smoothing)."""
+        self._cache = {key: v for key, v in self._cache.items() if not key[1].endswith("|int8")}
 
 
 def _pairs_interleaved(head_dim: int, n_heads: int, hidden: int) -> torch.Tensor:

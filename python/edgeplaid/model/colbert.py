@@ -21,7 +21,7 @@ from edgeplaid.model._checkpoint import (
     resolve_path,
 )
 from edgeplaid.model._modernbert import PackedLinears, PackedModernBert
-from edgeplaid.model._precision import DTYPE_OF, PRECISIONS, resolve_precision, set_int8
+from edgeplaid.model._precision import DTYPE_OF, PRECISIONS, calibrate_int8, resolve_precision, set_int8
 
 __all__ = ["ColBERT", "NotAModelError"]
 
@@ -146,7 +146,11 @@ class ColBERT(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._linears.clear()  # .to() / .half() / ... replace the parameters: drop packed copies
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        int8 = self.__dict__.get("_precision") == "int8"
+        if int8 and self.device.type == "cpu" and self.dtype == torch.float32:
+            calibrate_int8(self)  # the calibration was keyed by the replaced parameters
+        return out
 
     # ------------------------------------------------------------------ loading
 
@@ -177,7 +181,8 @@ class ColBERT(nn.Module):
         vocabulary sample). Keyword settings override the checkpoint's, as PyLate's do.
         ``precision``: "auto" (default), "fp32", "bf16", "fp16" or "int8" (see :attr:`precision`);
         "auto" is bf16 on CPUs that multiply bf16 natively (AVX512-BF16), else int8 for ModernBERT
-        backbones (float32 for others, and without the C++ extension), and bf16/fp16 on GPUs.
+        backbones, and for others where the int8 kernels run AVX-512 VNNI (else float32; float32
+        without the C++ extension), and bf16/fp16 on GPUs.
         ``dtype``: float32, float16 or bfloat16 weights and compute, the same as precision
         "fp32"/"fp16"/"bf16". Outputs are float32 whatever the precision.
         """
@@ -254,8 +259,9 @@ class ColBERT(nn.Module):
     @property
     def precision(self) -> str:
         """The compute precision: "fp32" (PyLate's outputs to float32 rounding), "int8" (linear
-        layers with int8 weights per channel and int8 activations per token, the MLP's output
-        projection in float32; CPU only), "bf16" or "fp16" (the weights' dtype). Setting it
+        layers with int8 weights per channel and int8 activations per token, smoothed by factors
+        calibrated on the shipped sample text when set, the MLP's output projection in float32;
+        CPU only), "bf16" or "fp16" (the weights' dtype). Setting it
         switches between "fp32" and "int8" in place; "bf16"/"fp16" need ``from_pretrained``
         (or ``.to(dtype)``)."""
         return self.__dict__["_precision"]
@@ -275,8 +281,10 @@ class ColBERT(nn.Module):
             )
         int8 = value == "int8"
         self._linears.int8 = int8
-        set_int8(self.backbone, int8)
+        set_int8(self.backbone, int8, self._linears.act_amax)
         self.__dict__["_precision"] = value
+        if int8:
+            calibrate_int8(self)  # smoothing factors for the int8 layers (_precision.py)
 
     @property
     def output_dim(self) -> int:

@@ -9,7 +9,7 @@ from edgeplaid.ops.compress_residuals import compress_residuals
 from edgeplaid.ops.decompress_residuals import decompress_residuals
 from edgeplaid.ops.dispatch import BackendUnavailableError, available_backends
 from edgeplaid.ops.fused_decompress_maxsim import fused_decompress_maxsim, residual_inv_norms
-from edgeplaid.ops.int8_linear import Int8Weight, int8_linear, quantize_weight
+from edgeplaid.ops.int8_linear import Int8Weight, int8_linear, quantize_weight, smooth_factors
 from edgeplaid.ops.maxsim import maxsim
 from edgeplaid.ops.maxsim_packed import maxsim_packed
 from edgeplaid.ops.nearest_centroids import CentroidGroups, centroid_groups, nearest_centroids
@@ -38,4 +38,5 @@ __all__ = [
     "quantize_weight",
     "residual_inv_norms",
     "rotary_embed",
+    "smooth_factors",
 ]

@@ -5,6 +5,16 @@ linear layers through it.
 Why per row: a token's activations are quantised on their own range, so one token with large
 values does not coarsen every other token's (per-tensor scales, as torch's dynamic quantisation
 uses, cost the random 17m model's tokens 0.007 of mean cosine against 0.0007 here).
+
+Smoothing (SmoothQuant, Xiao et al. 2023): where a few input channels run far larger than the rest
+(BERT's layer norms put one channel of MiniLM's MLP input at 28 against a median of 2), they set
+every token's scale alone and the other channels keep a few levels. ``quantize_weight(...,
+smooth=s)`` multiplies the weight's columns by ``s`` and the op divides ``x``'s channels by it
+before quantising: the product is unchanged, the activations' range is evened out and the
+weights', which quantise per output channel, absorbs it. :func:`smooth_factors` makes ``s`` from
+the channels' largest activations on calibration text (the model's, ``model/_precision.py``).
+MiniLM's per-token cosine to fp32 on 100 SciFact abstracts: 0.99938 without, 0.99982 with
+(calibrated on Cranfield, alpha 0.5; 0.99970 at alpha 0.8).
 """
 
 from __future__ import annotations
@@ -27,13 +37,15 @@ class Int8Weight:
     ``qweight (N, K) int8`` = round(weight · 127 / amax_n), ``scale (N,) float32`` = amax_n / 127,
     ``bias (N,) float32`` (zeros when the layer has none). ``packed``: the same values in the
     C++ kernel's layout with ``scale`` and ``bias`` zero-padded to its column blocks, or None
-    (no C++ backend, or another device).
+    (no C++ backend, or another device). ``inv_smooth (K,) float32``: 1 / the smoothing factors
+    the weight's columns were multiplied by (``quantize_weight(..., smooth=)``), or None.
     """
 
     qweight: torch.Tensor
     scale: torch.Tensor
     bias: torch.Tensor
     packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    inv_smooth: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -44,18 +56,32 @@ class Int8Weight:
         return self.qweight.shape[1]
 
 
-def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Weight:
+def quantize_weight(
+    weight: torch.Tensor, bias: torch.Tensor | None = None, smooth: torch.Tensor | None = None
+) -> Int8Weight:
     """Quantises ``weight (out_features, in_features)`` float per output channel (the rows of
     ``weight``, as :func:`edgeplaid.ops.reference.quantize_rows`), packing it for the C++ kernel
-    when the weight is on the CPU and the kernel is built."""
+    when the weight is on the CPU and the kernel is built. ``smooth (in_features,)``: positive
+    smoothing factors (:func:`smooth_factors`); the rows quantised are ``weight · smooth`` and
+    :func:`int8_linear` divides ``x``'s channels by ``smooth`` before quantising them."""
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.numel() == 0:
         raise ValueError(
             f"weight: expected a non-empty 2-D tensor (out_features, in_features), got "
             f"{getattr(weight, 'shape', type(weight).__name__)}"
         )
     w = weight.detach().float().contiguous()
+    n, k = w.shape
+    inv_smooth = None
+    if smooth is not None:
+        smooth = smooth.detach().float().to(w.device)
+        if smooth.shape != (k,) or not bool(torch.isfinite(smooth).all()) or not bool((smooth > 0).all()):
+            raise ValueError(
+                f"smooth: expected ({k},) positive finite factors, got shape {tuple(smooth.shape)}"
+                + ("" if smooth.shape != (k,) else f", min {float(smooth.min()):.3g}")
+            )
+        w = (w * smooth[None, :]).contiguous()
+        inv_smooth = (1.0 / smooth).contiguous()
     qweight, scale = reference.quantize_rows(w)
-    n = w.shape[0]
     if bias is None:
         b = torch.zeros(n, dtype=torch.float32, device=w.device)
     else:
@@ -63,7 +89,33 @@ def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> I
             raise ValueError(f"bias: expected shape ({n},), got {tuple(bias.shape)}")
         b = bias.detach().float().contiguous()
     packed = _pack(qweight, scale, b) if cpp.C is not None and w.device.type == "cpu" else None
-    return Int8Weight(qweight, scale, b, packed)
+    return Int8Weight(qweight, scale, b, packed, inv_smooth)
+
+
+def smooth_factors(act_amax: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """SmoothQuant's factors: ``s[k] = act_amax[k]^alpha / max_n |weight[n, k]|^(1 - alpha)``.
+
+    ``act_amax (K,)``: each input channel's largest |activation| on calibration text; ``weight
+    (N, K)``. Channels never active (or all-zero weight columns) get 1; factors are clamped to
+    [1e-4, 1e4] of their median so no channel's weight column overflows or vanishes. Returns (K,)
+    float32.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha: expected a value in [0, 1], got {alpha}")
+    if weight.ndim != 2 or act_amax.shape != (weight.shape[1],):
+        raise ValueError(
+            f"act_amax: expected shape ({weight.shape[-1]},) for weight {tuple(weight.shape)}, "
+            f"got {tuple(act_amax.shape)}"
+        )
+    a = act_amax.detach().float().cpu()
+    wmax = weight.detach().float().abs().amax(0).cpu()
+    live = (a > 0) & (wmax > 0) & torch.isfinite(a)
+    s = torch.ones_like(a)
+    s[live] = a[live].pow(alpha) / wmax[live].pow(1.0 - alpha)
+    if bool(live.any()):
+        mid = s[live].median()
+        s = torch.where(live, s.clamp(mid * 1e-4, mid * 1e4), torch.ones_like(s))
+    return s
 
 
 def _pack(
@@ -91,8 +143,9 @@ def int8_linear(
     """y[m, n] = float32(Σ_k qx[m, k] · qw[n, k]) · (sx[m] · sw[n]) + bias[n], then ``y + other``
     (post "add") or ``y · other`` (post "mul").
 
-    ``qx, sx`` quantise each row of ``x`` to int8 at call time (``qx = round(x · 127 / amax_m)``,
-    ``sx = amax_m / 127``); ``qw, sw, bias`` come from :func:`quantize_weight`.
+    ``qx, sx`` quantise each row of ``x' = x · inv_smooth`` (``x`` itself without smoothing) to int8
+    at call time (``qx = round(x' · 127 / amax_m)``, ``sx = amax_m / 127``); ``qw, sw, bias,
+    inv_smooth`` come from :func:`quantize_weight`.
 
     Args:
         x: (M, K) float32, K = ``weight.in_features``.
@@ -124,7 +177,7 @@ def int8_linear(
 
 
 def _reference(x: torch.Tensor, w: Int8Weight, post: str, other: torch.Tensor | None) -> torch.Tensor:
-    return reference.int8_linear(x, w.qweight, w.scale, w.bias, post, other)
+    return reference.int8_linear(x, w.qweight, w.scale, w.bias, post, other, w.inv_smooth)
 
 
 def _cpp(x: torch.Tensor, w: Int8Weight, post: str, other: torch.Tensor | None) -> torch.Tensor:
@@ -138,6 +191,7 @@ def _cpp(x: torch.Tensor, w: Int8Weight, post: str, other: torch.Tensor | None) 
         w.out_features,
         post,
         None if other is None else other.contiguous().numpy(),
+        None if w.inv_smooth is None else w.inv_smooth.cpu().contiguous().numpy(),
     )
     return torch.from_numpy(out)
 

@@ -554,14 +554,20 @@ def int8_linear(
     bias: torch.Tensor,
     post: str = "none",
     other: torch.Tensor | None = None,
+    inv_smooth: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y[m, n] = float32(Σ_k qx[m, k] · qweight[n, k]) · (sx[m] · scale[n]) + bias[n], then ``+ other``
-    (post "add") or ``· other`` (post "mul"); ``qx, sx = quantize_rows(x)``.
+    (post "add") or ``· other`` (post "mul"); ``qx, sx = quantize_rows(x · inv_smooth)`` (``x``
+    when ``inv_smooth`` is None).
 
     x (M, K) float32, qweight (N, K) int8, scale (N,) float32, bias (N,) float32, other (M, N)
-    float32. Returns (M, N) float32. The integer sums are exact (float64 holds them).
+    float32, inv_smooth (K,) float32. Returns (M, N) float32. The integer sums are exact (float64
+    holds them).
     """
-    qx, sx = quantize_rows(x.float())
+    x = x.float()
+    if inv_smooth is not None:
+        x = x * inv_smooth[None, :]
+    qx, sx = quantize_rows(x)
     acc = (qx.double() @ qweight.double().T).float()
     y = acc * (sx[:, None] * scale[None, :]) + bias[None, :]
     if post == "add":
