@@ -1006,11 +1006,14 @@ py::array_t<int8_t> int8_linear_pack(const py::array& qweight) {
   return packed;
 }
 
-py::array_t<float> int8_linear(const py::array& x, const py::array& packed, const py::array& scales,
-                               const py::array& bias, int64_t out_features, const std::string& post,
-                               const py::object& other, const py::object& inv_smooth) {
+// x (rows, in_features) and other float32, or both bf16 (uint16 bits): the output takes x's dtype.
+py::array int8_linear(const py::array& x, const py::array& packed, const py::array& scales, const py::array& bias,
+                      int64_t out_features, const std::string& post, const py::object& other,
+                      const py::object& inv_smooth) {
   expect_rank(x, "x", 2, "(rows, in_features)");
-  const float* xd = f32_data(x, "x");
+  const bool bf16 = has_dtype(x, 'u', 2);
+  if (!bf16 && !has_dtype(x, 'f', 4)) fail("x: expected float32 or bfloat16 (given as uint16)");
+  const DType dtype = bf16 ? DType::bf16 : DType::f32;
   const int64_t m = x.shape(0), k = x.shape(1), n = out_features;
   expect_rank(packed, "packed", 4, "(n_blocks, ceil(in_features / 4), block, 4) from int8_linear_pack");
   if (!has_dtype(packed, 'i', 1)) fail("packed: expected int8 (from int8_linear_pack)");
@@ -1032,17 +1035,25 @@ py::array_t<float> int8_linear(const py::array& x, const py::array& packed, cons
   const float* sc = f32_data(scales, "scales");
   const float* bs = f32_data(bias, "bias");
   int code = 0;
-  const float* od = nullptr;
+  const void* od = nullptr;
+  py::array other_array;  // keeps a cast alive while the kernel reads it
   if (post == "add" || post == "mul") {
     code = post == "add" ? 1 : 2;
     if (other.is_none()) fail("other: required when post is '" + post + "'");
-    const py::array o = other.cast<py::array>();
-    expect_rank(o, "other", 2, "(rows, out_features)");
-    expect_dim(o, "other", 0, m, "rows of x");
-    expect_dim(o, "other", 1, n, "out_features");
-    od = f32_data(o, "other");
+    other_array = other.cast<py::array>();
+    expect_rank(other_array, "other", 2, "(rows, out_features)");
+    expect_dim(other_array, "other", 0, m, "rows of x");
+    expect_dim(other_array, "other", 1, n, "out_features");
+    if (!has_dtype(other_array, bf16 ? 'u' : 'f', bf16 ? 2 : 4))
+      fail(std::string("other: expected ") + (bf16 ? "bfloat16 (given as uint16)" : "float32") + ", as x");
+    od = other_array.data();
+  } else if (post == "geglu") {
+    code = 3;
+    if (n % (2 * nr) != 0)
+      fail("out_features: 'geglu' takes both halves' column blocks in step: expected a multiple of " +
+           std::to_string(2 * nr) + ", got " + std::to_string(n));
   } else if (post != "none") {
-    fail("post: expected 'none', 'add' or 'mul', got '" + post + "'");
+    fail("post: expected 'none', 'add', 'mul' or 'geglu', got '" + post + "'");
   }
   const float* smooth = nullptr;
   py::array smooth_array;  // keeps the cast alive while the kernel reads it
@@ -1052,14 +1063,17 @@ py::array_t<float> int8_linear(const py::array& x, const py::array& packed, cons
     expect_dim(smooth_array, "inv_smooth", 0, k, "in_features of x");
     smooth = f32_data(smooth_array, "inv_smooth");
   }
-  py::array_t<float> out(std::vector<py::ssize_t>{m, n});
+  const int64_t n_out = code == 3 ? n / 2 : n;  // geglu: GELU(first half) * second half
+  py::array out = bf16 ? py::array(py::array_t<uint16_t>(std::vector<py::ssize_t>{m, n_out}))
+                       : py::array(py::array_t<float>(std::vector<py::ssize_t>{m, n_out}));
   if (m == 0) return out;
   const int8_t* pk = static_cast<const int8_t*>(packed.data());
-  float* o = out.mutable_data();
+  const void* xd = x.data();
+  void* o = out.mutable_data();
   KernelError err;
   {
     py::gil_scoped_release release;
-    EP_DISPATCH_INT8(int8_linear, xd, m, k, smooth, pk, sc, bs, n, code, od, o, err);
+    EP_DISPATCH_INT8(int8_linear, xd, dtype, m, k, smooth, pk, sc, bs, n, code, od, o, err);
   }
   raise_if(err);
   return out;

@@ -40,38 +40,6 @@ constexpr int kQVecs = W >= 16 ? 3 : 2;            // S^T tile: tile_rows<kQVecs
 constexpr int kRowsO = W >= 16 ? 6 : 3;            // P V tile: kRowsO queries x 4 value vectors
 constexpr float kLog2e = 1.4426950408889634f;
 
-// 2^x for x in [-126, 0]: n = round(x), 2^(x - n) by its Taylor polynomial of degree kDegree on
-// [-1/2, 1/2] (relative error < 2e-7 at 6, the float32 heads' p; < 5e-5 at 4, enough for p that
-// is rounded to bf16's 4e-3), times 2^n.
-template <int kDegree>
-EP_INLINE Vec exp2_neg(Vec x) {
-  static_assert(kDegree >= 4 && kDegree <= 6, "degrees 4 to 6");
-#if defined(EDGEPLAID_ISA_AVX512)
-  const Vec n{_mm512_roundscale_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
-#elif defined(EDGEPLAID_ISA_AVX2)
-  const Vec n{_mm256_round_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
-#else
-  const Vec n{std::nearbyint(x.v)};
-#endif
-  const Vec f = fmadd(n, Vec::set1(-1.0f), x);
-  constexpr float c[7] = {1.0f, 6.9314718e-1f, 2.4022651e-1f, 5.5504109e-2f, 9.6181291e-3f, 1.3333558e-3f, 1.5403530e-4f};
-  Vec p = Vec::set1(c[kDegree]);
-  if constexpr (kDegree >= 6) p = fmadd(p, f, Vec::set1(c[5]));
-  if constexpr (kDegree >= 5) p = fmadd(p, f, Vec::set1(c[4]));
-  p = fmadd(p, f, Vec::set1(5.5504109e-2f));
-  p = fmadd(p, f, Vec::set1(2.4022651e-1f));
-  p = fmadd(p, f, Vec::set1(6.9314718e-1f));
-  p = fmadd(p, f, Vec::set1(1.0f));
-#if defined(EDGEPLAID_ISA_AVX512)
-  return {_mm512_scalef_ps(p.v, n.v)};
-#elif defined(EDGEPLAID_ISA_AVX2)
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23);
-  return {_mm256_mul_ps(p.v, _mm256_castsi256_ps(e))};
-#else
-  return {std::ldexp(p.v, int(n.v))};
-#endif
-}
-
 // x on the lanes whose query (first + lane) lies in [lo, hi], else -inf (exact as floats below 2^24).
 EP_INLINE Vec keep_lanes(Vec x, float first, float lo, float hi) {
 #if defined(EDGEPLAID_ISA_AVX512)

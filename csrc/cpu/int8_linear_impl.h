@@ -6,6 +6,16 @@
 //   sw[n] = max_k |w[n, k]| / 127,      qw[n, k] = round(w[n, k] / sw[n])     (per channel, packed once)
 //   y[m, n] = float(sum_k qx[m, k] * qw[n, k]) * (sx[m] * sw[n]) + bias[n]
 //   out = y, y + other or y * other                                          (post = 0, 1, 2)
+//   out[m, j] = GELU(y[m, j]) * y[m, h + j], h = n / 2                       (post = 3, "geglu")
+//
+// x, other and out are float32 or all bf16 (dtype): bf16 rows are widened as they are quantised,
+// other is widened in the epilogue, out rounded to nearest even once (y in float32 until then), so
+// a bf16 model's linear layers run int8 without a float32 copy of their inputs and outputs.
+//
+// geglu is ModernBERT's MLP input (Wi's first half through the erf GELU, times its second half)
+// in one call: the VNNI tile takes block j of each half as its two column blocks and writes
+// h columns; one pass over x and none over the (m, n) products (other ISAs: the same blocks, the
+// GELU in scalar code). h must be a multiple of kLinNR.
 //
 // inv_smooth (k floats, or null) divides each input channel by its smoothing factor before the
 // row is quantised; quantize_weight multiplied the weight's columns by the same factors, so the
@@ -51,7 +61,9 @@
 // chunk's rows stream past it) runs a kLinMR x kLinNR register tile per k-quad.
 // edgeplaid-isa: avx512vnni (vnni_tile: vpdpbusd)
 #pragma once
+#include <algorithm>
 #include <array>
+#include <type_traits>
 #include <utility>
 
 #include "ops.h"
@@ -111,6 +123,26 @@ inline void quantize_row(const float* x, int64_t k, float inv, int8_t* q, int64_
   for (; i < kp4; ++i) q[i] = 0;
 }
 
+// wide[0 : k] = x[at : at + k] (float32 or bf16) times inv_smooth (when given), in float32.
+inline void widen_row(const void* x, int64_t at, bool bf16, const float* inv_smooth, int64_t k, float* wide) {
+  const float* f = static_cast<const float*>(x) + at;
+  const uint16_t* h = static_cast<const uint16_t*>(x) + at;
+  int64_t i = 0;
+#if defined(EP_LIN_SIMD)
+  for (; i + 8 <= k; i += 8) {
+    __m256 v = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))), 16))
+                    : _mm256_loadu_ps(f + i);
+    if (inv_smooth != nullptr) v = _mm256_mul_ps(v, _mm256_loadu_ps(inv_smooth + i));
+    _mm256_storeu_ps(wide + i, v);
+  }
+#endif
+  for (; i < k; ++i) {
+    const float v = bf16 ? bf16_to_float(h[i]) : f[i];
+    wide[i] = inv_smooth != nullptr ? v * inv_smooth[i] : v;
+  }
+}
+
 inline int32_t quad_at(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -163,20 +195,53 @@ inline void tile(const int8_t* qx, int64_t ld, const int8_t* block, int64_t kq, 
 constexpr int kVnniMR = 12;  // rows per tile: 12 x 2 accumulators + 2 weights + the flip of 32 zmm
 constexpr int kVnniNB = 2;   // column blocks (of kLinNR channels, one zmm each) per tile
 
+// GELU(x) = x * Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2: erf by Abramowitz & Stegun 7.1.26
+// (|error| < 1.5e-7), erfc(z) = (a1 t + ... + a5 t^5) e^(-z^2), t = 1 / (1 + p z), z = |x| / sqrt 2;
+// Phi = 1 - erfc / 2 for x >= 0, erfc / 2 below.
+inline __m512 gelu16(__m512 x) {
+  const __m512 z = _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(0.70710678f));
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, _mm512_set1_ps(1.0f)));
+  __m512 poly = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+  poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
+  poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
+  poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
+  poly = _mm512_mul_ps(poly, t);
+  const __m512 power = _mm512_max_ps(_mm512_mul_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(-1.4426950408889634f)),
+                                     _mm512_set1_ps(-126.0f));
+  const __m512 half_erfc = _mm512_mul_ps(_mm512_mul_ps(poly, exp2_neg<6>(Vec{power}).v), _mm512_set1_ps(0.5f));
+  const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 phi = _mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_set1_ps(1.0f), half_erfc), half_erfc);
+  return _mm512_mul_ps(x, phi);
+}
+
+// 16 floats rounded to bf16 (nearest even, NaN kept quiet: dtypes.h's float_to_bf16).
+inline __m256i round_bf16(__m512 y) {
+  const __m512i u = _mm512_castps_si512(y);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+
 // One tile's arguments: R rows of quantised activations against NB column blocks.
 struct VnniTileArgs {
-  const int8_t* qx;      // (R, ld) the rows' int8 activations, k padded to quads with zeros
-  int64_t ld;
+  const int8_t* qx;      // (kq, kVnniMR, 4) the tile's int8 activations, quad p of row r at
+                         // (p * kVnniMR + r) * 4 (k padded to quads with zeros)
   const int32_t* qsum;   // (R,) sum_k qx[r, k]
   const float* sx;       // (R,) the rows' scales
   const int8_t* block;   // the first column block; the next one block_stride bytes on
   int64_t block_stride;
   int64_t kq;            // k-quads
-  const float* sw;       // (NB * kLinNR,) the columns' scales and biases (zero-padded)
-  const float* bias;
+  const float* sw;       // (kLinNR,) each block's columns' scales and biases (zero-padded):
+  const float* bias;     // block 0's here, block 1's at sw_b / bias_b
+  const float* sw_b;
+  const float* bias_b;
+  bool geglu;            // out = GELU(block 0's y) * block 1's y, kLinNR columns (NB = 2)
   int post;              // 0, 1: + other, 2: * other
-  const float* other;    // (R, ld_out) at the tile's first row and column, or null
-  float* out;            // (R, ld_out) likewise
+  bool bf16;             // other and out are bf16 (else float32)
+  const void* other;     // (R, ld_out) elements at the tile's first row and column, or null
+  void* out;             // (R, ld_out) likewise
   int64_t ld_out;
   int64_t cols;          // columns to write: NB * kLinNR but in the last tile
 };
@@ -194,16 +259,15 @@ void vnni_tile(const VnniTileArgs& t) {
           c4_0 = zero, c4_1 = zero, c5_0 = zero, c5_1 = zero, c6_0 = zero, c6_1 = zero, c7_0 = zero, c7_1 = zero,
           c8_0 = zero, c8_1 = zero, c9_0 = zero, c9_1 = zero, c10_0 = zero, c10_1 = zero, c11_0 = zero, c11_1 = zero;
   const __m512i flip = _mm512_set1_epi8(char(0x80));
-  const int8_t* qx = t.qx;
-  const int64_t ld = t.ld;
+  const int8_t* qx = t.qx;  // the quads of one p side by side: one base, constant offsets
   const int8_t* b0 = t.block;
   const int8_t* b1 = t.block + t.block_stride;
-  for (int64_t p = 0; p < t.kq; ++p, b0 += 4 * kLinNR, b1 += 4 * kLinNR) {
+  for (int64_t p = 0; p < t.kq; ++p, b0 += 4 * kLinNR, b1 += 4 * kLinNR, qx += 4 * kVnniMR) {
     const __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512(b0), flip);
     const __m512i w1 = NB > 1 ? _mm512_xor_si512(_mm512_loadu_si512(b1), flip) : zero;
 #define EP_VNNI_ROW(r)                                                   \
   if constexpr (R > r) {                                                 \
-    const __m512i a = _mm512_set1_epi32(quad_at(qx + r * ld + 4 * p));   \
+    const __m512i a = _mm512_set1_epi32(quad_at(qx + 4 * r));             \
     c##r##_0 = dpbusd(c##r##_0, w0, a);                                  \
     if constexpr (NB > 1) c##r##_1 = dpbusd(c##r##_1, w1, a);            \
   }
@@ -212,22 +276,49 @@ void vnni_tile(const VnniTileArgs& t) {
 #undef EP_VNNI_ROW
   }
   const __m512 sw0 = _mm512_loadu_ps(t.sw), bias0 = _mm512_loadu_ps(t.bias);
-  const __m512 sw1 = NB > 1 ? _mm512_loadu_ps(t.sw + kLinNR) : sw0;
-  const __m512 bias1 = NB > 1 ? _mm512_loadu_ps(t.bias + kLinNR) : bias0;
+  const __m512 sw1 = NB > 1 ? _mm512_loadu_ps(t.sw_b) : sw0;
+  const __m512 bias1 = NB > 1 ? _mm512_loadu_ps(t.bias_b) : bias0;
   const auto lanes = [](int64_t n) { return n >= kLinNR ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(n, 0)) - 1u); };
   const __mmask16 m0 = lanes(t.cols), m1 = lanes(t.cols - kLinNR);
-  const auto finish = [&](__m512i c, __m512i shift, __m512 scale, __m512 bias, __mmask16 m, int64_t at) {
-    __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c, shift)), scale, bias);
-    if (t.post == 1) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, t.other + at));
-    if (t.post == 2) y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(m, t.other + at));
-    _mm512_mask_storeu_ps(t.out + at, m, y);
+  // (always_inline: GCC otherwise calls the epilogue's lambdas, 5% of int8 encoding measured)
+  const auto load_other = [&](__mmask16 m, int64_t at) __attribute__((always_inline)) {
+    if (!t.bf16) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(t.other) + at);
+    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(t.other) + at);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  };
+  const auto value = [](__m512i c, __m512i shift, __m512 scale, __m512 bias) __attribute__((always_inline)) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c, shift)), scale, bias);
+  };
+  const auto store = [&](__m512 y, __mmask16 m, int64_t at) __attribute__((always_inline)) {
+    if (t.bf16) {
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(t.out) + at, m, round_bf16(y));
+    } else {
+      _mm512_mask_storeu_ps(static_cast<float*>(t.out) + at, m, y);
+    }
+  };
+  const auto finish = [&](__m512i c, __m512i shift, __m512 scale, __m512 bias, __mmask16 m,
+                          int64_t at) __attribute__((always_inline)) {
+    __m512 y = value(c, shift, scale, bias);
+    if (t.post == 1) y = _mm512_add_ps(y, load_other(m, at));
+    if (t.post == 2) y = _mm512_mul_ps(y, load_other(m, at));
+    if (t.bf16) {
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(t.out) + at, m, round_bf16(y));
+    } else {
+      _mm512_mask_storeu_ps(static_cast<float*>(t.out) + at, m, y);
+    }
   };
 #define EP_VNNI_ROW(r)                                                                               \
   if constexpr (R > r) {                                                                             \
     const __m512i shift = _mm512_set1_epi32(128 * t.qsum[r]);                                        \
     const __m512 sx = _mm512_set1_ps(t.sx[r]);                                                       \
-    finish(c##r##_0, shift, _mm512_mul_ps(sx, sw0), bias0, m0, r * t.ld_out);                        \
-    if constexpr (NB > 1) finish(c##r##_1, shift, _mm512_mul_ps(sx, sw1), bias1, m1, r * t.ld_out + kLinNR); \
+    if (NB > 1 && t.geglu) {                                                                         \
+      const __m512 a = value(c##r##_0, shift, _mm512_mul_ps(sx, sw0), bias0);                        \
+      const __m512 b = value(c##r##_1, shift, _mm512_mul_ps(sx, sw1), bias1);                        \
+      store(_mm512_mul_ps(gelu16(a), b), m0, r * t.ld_out);                                          \
+    } else {                                                                                         \
+      finish(c##r##_0, shift, _mm512_mul_ps(sx, sw0), bias0, m0, r * t.ld_out);                      \
+      if constexpr (NB > 1) finish(c##r##_1, shift, _mm512_mul_ps(sx, sw1), bias1, m1, r * t.ld_out + kLinNR); \
+    }                                                                                                \
   }
   EP_VNNI_ROW(0) EP_VNNI_ROW(1) EP_VNNI_ROW(2) EP_VNNI_ROW(3) EP_VNNI_ROW(4) EP_VNNI_ROW(5)
   EP_VNNI_ROW(6) EP_VNNI_ROW(7) EP_VNNI_ROW(8) EP_VNNI_ROW(9) EP_VNNI_ROW(10) EP_VNNI_ROW(11)
@@ -244,10 +335,24 @@ constexpr std::array<std::array<VnniTile, kVnniMR>, kVnniNB> kVnniTiles = {
     vnni_tiles<1>(std::make_integer_sequence<int, kVnniMR>{}), vnni_tiles<2>(std::make_integer_sequence<int, kVnniMR>{})};
 #endif
 
-// out[0 : cols] = acc * (sx * sw) + bias, then + other or * other.
+// out[0 : cols] = acc * (sx * sw) + bias, then + other or * other; other and out float32, or
+// bf16 (the scalar loop: bf16 models run where the VNNI tile's epilogue does).
 inline void epilogue(const int32_t* acc, float sx, const float* sw, const float* bias, int post,
-                     const float* other, float* out, int64_t cols) {
+                     const void* other_ptr, void* out_ptr, bool bf16, int64_t cols) {
   int64_t n = 0;
+  if (bf16) {
+    const uint16_t* other = static_cast<const uint16_t*>(other_ptr);
+    uint16_t* out = static_cast<uint16_t*>(out_ptr);
+    for (; n < cols; ++n) {
+      float y = float(acc[n]) * (sx * sw[n]) + bias[n];
+      if (post == 1) y += bf16_to_float(other[n]);
+      if (post == 2) y *= bf16_to_float(other[n]);
+      out[n] = float_to_bf16(y);
+    }
+    return;
+  }
+  const float* other = static_cast<const float*>(other_ptr);
+  float* out = static_cast<float*>(out_ptr);
 #if defined(EP_LIN_SIMD)
   const __m256 s = _mm256_set1_ps(sx);
   for (; n + 8 <= cols; n += 8) {
@@ -266,11 +371,32 @@ inline void epilogue(const int32_t* acc, float sx, const float* sw, const float*
   }
 }
 
+// GELU with the erf, as torch's F.gelu (scalar: the ISAs without the VNNI tile's vector one).
+inline float gelu(float y) { return 0.5f * y * (1.0f + std::erf(y * 0.70710678f)); }
+
+// out[0 : cols] = GELU(acc * (sx * sw) + bias) * (acc_b * (sx * sw_b) + bias_b).
+inline void geglu_epilogue(const int32_t* acc, const int32_t* acc_b, float sx, const float* sw, const float* bias,
+                           const float* sw_b, const float* bias_b, void* out, bool bf16, int64_t cols) {
+  for (int64_t c = 0; c < cols; ++c) {
+    const float y = gelu(float(acc[c]) * (sx * sw[c]) + bias[c]) * (float(acc_b[c]) * (sx * sw_b[c]) + bias_b[c]);
+    if (bf16) static_cast<uint16_t*>(out)[c] = float_to_bf16(y);
+    else static_cast<float*>(out)[c] = y;
+  }
+}
+
+// &p[at] for float32 or bf16 elements.
+template <typename P>
+inline P* element(P* p, int64_t at, bool bf16) {
+  using Byte = std::conditional_t<std::is_const_v<P>, const char, char>;
+  return static_cast<P*>(static_cast<Byte*>(p) + at * (bf16 ? 2 : 4));
+}
+
 struct LinScratch {
   std::vector<int8_t> qx;
+  std::vector<int8_t> qrow;  // one quantised row (the VNNI tiles' layout is interleaved)
   std::vector<float> sx;
   std::vector<int32_t> qsum;  // sum_k qx[r, k] (the VNNI tile's correction)
-  std::vector<float> smoothed;  // x[r, :] * inv_smooth, one row
+  std::vector<float> row32;  // one row of x widened to float32 and / or smoothed
   std::vector<int32_t> acc;
 };
 inline LinScratch& lin_scratch() {
@@ -290,67 +416,109 @@ void int8_linear_pack(const int8_t* qweight, int64_t n, int64_t k, int8_t* packe
   }
 }
 
-void int8_linear(const float* x, int64_t m, int64_t k, const float* inv_smooth, const int8_t* packed,
-                 const float* scales, const float* bias, int64_t n, int post, const float* other, float* out,
-                 KernelError& err) {
+void int8_linear(const void* x, DType dtype, int64_t m, int64_t k, const float* inv_smooth,
+                 const int8_t* packed, const float* scales, const float* bias, int64_t n, int post,
+                 const void* other, void* out, KernelError& err) {
   (void)err;
   const int64_t kq = (k + 3) / 4, kp4 = 4 * kq, n_blocks = (n + kLinNR - 1) / kLinNR;
   const int64_t n_chunks = (m + kLinChunk - 1) / kLinChunk;
+  const bool geglu = post == 3;
+  const int64_t n_out = geglu ? n / 2 : n;  // geglu: n / 2 a multiple of kLinNR (the binding checks)
   parallel_for(n_chunks, 1, [&](int64_t c0, int64_t c1) {
     LinScratch& s = lin_scratch();
     if (s.qx.size() < size_t(kLinChunk * kp4)) s.qx.resize(size_t(kLinChunk * kp4));
+    if (s.qrow.size() < size_t(kp4)) s.qrow.resize(size_t(kp4));
     if (s.sx.size() < size_t(kLinChunk)) s.sx.resize(size_t(kLinChunk));
     if (s.qsum.size() < size_t(kLinChunk)) s.qsum.resize(size_t(kLinChunk));
-    if (inv_smooth != nullptr && s.smoothed.size() < size_t(k)) s.smoothed.resize(size_t(k));
-    if (s.acc.size() < size_t(kLinMR * kLinNR)) s.acc.resize(size_t(kLinMR * kLinNR));
+    const bool bf16 = dtype == DType::bf16, widen = bf16 || inv_smooth != nullptr;
+    if (widen && s.row32.size() < size_t(k)) s.row32.resize(size_t(k));
+    if (s.acc.size() < size_t(2 * kLinMR * kLinNR)) s.acc.resize(size_t(2 * kLinMR * kLinNR));
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
       const int64_t r0 = chunk * kLinChunk, rows = std::min(kLinChunk, m - r0);
       for (int64_t r = 0; r < rows; ++r) {
-        const float* row = x + (r0 + r) * k;
-        if (inv_smooth != nullptr) {
-          for (int64_t i = 0; i < k; ++i) s.smoothed[size_t(i)] = row[i] * inv_smooth[i];
-          row = s.smoothed.data();
+        const float* row = static_cast<const float*>(x) + (r0 + r) * k;
+        if (widen) {
+          widen_row(x, (r0 + r) * k, bf16, inv_smooth, k, s.row32.data());
+          row = s.row32.data();
         }
         const float amax = abs_max(row, k);
         s.sx[r] = amax / 127.0f;
-        quantize_row(row, k, amax > 0.0f ? 127.0f / amax : 0.0f, s.qx.data() + r * kp4, kp4);
 #if defined(EDGEPLAID_ISA_VNNI)
+        // Quantised into one row, then its quads spread into the tile's interleaved layout.
+        int8_t* q = s.qrow.data();
+        quantize_row(row, k, amax > 0.0f ? 127.0f / amax : 0.0f, q, kp4);
         int32_t sum = 0;
-        for (int64_t i = 0; i < kp4; ++i) sum += s.qx[size_t(r * kp4 + i)];
+        for (int64_t i = 0; i < kp4; ++i) sum += q[i];
         s.qsum[size_t(r)] = sum;
+        int8_t* tile = s.qx.data() + (r / kVnniMR) * kp4 * kVnniMR + (r % kVnniMR) * 4;
+        for (int64_t p = 0; p < kq; ++p) std::memcpy(tile + p * 4 * kVnniMR, q + 4 * p, 4);
+#else
+        quantize_row(row, k, amax > 0.0f ? 127.0f / amax : 0.0f, s.qx.data() + r * kp4, kp4);
 #endif
       }
 #if defined(EDGEPLAID_ISA_VNNI)
       const int64_t block_bytes = kq * kLinNR * 4;
-      for (int64_t j = 0; j < n_blocks; j += kVnniNB) {
-        const int64_t nb = std::min<int64_t>(kVnniNB, n_blocks - j);
-        const int64_t col0 = j * kLinNR;
+      // geglu: tile j pairs block j of each half; else tiles of kVnniNB neighbouring blocks.
+      const int64_t half_blocks = n_blocks / 2, step = geglu ? 1 : kVnniNB;
+      const int64_t tiles_n = geglu ? half_blocks : n_blocks;
+      for (int64_t j = 0; j < tiles_n; j += step) {
+        const int64_t nb = geglu ? 2 : std::min<int64_t>(kVnniNB, n_blocks - j);
+        const int64_t col0 = j * kLinNR, other_col = geglu ? col0 + half_blocks * kLinNR : col0 + kLinNR;
+        const int64_t cols = geglu ? kLinNR : std::min(nb * kLinNR, n - col0);
         for (int64_t r = 0; r < rows; r += kVnniMR) {
-          const int64_t tr = std::min<int64_t>(kVnniMR, rows - r), at = (r0 + r) * n + col0;
-          const VnniTileArgs t{s.qx.data() + r * kp4, kp4,   s.qsum.data() + r,         s.sx.data() + r,
-                               packed + j * block_bytes, block_bytes, kq, scales + col0, bias + col0, post,
-                               other ? other + at : nullptr, out + at, n, std::min(nb * kLinNR, n - col0)};
+          const int64_t tr = std::min<int64_t>(kVnniMR, rows - r), at = (r0 + r) * n_out + col0;
+          const VnniTileArgs t{s.qx.data() + r * kp4,  // tile r / kVnniMR: kp4 * kVnniMR bytes on
+                               s.qsum.data() + r,
+                               s.sx.data() + r,
+                               packed + j * block_bytes,
+                               (geglu ? half_blocks : 1) * block_bytes,
+                               kq,
+                               scales + col0,
+                               bias + col0,
+                               scales + other_col,
+                               bias + other_col,
+                               geglu,
+                               post,
+                               bf16,
+                               other ? element(other, at, bf16) : nullptr,
+                               element(out, at, bf16),
+                               n_out,
+                               cols};
           kVnniTiles[size_t(nb - 1)][size_t(tr - 1)](t);
         }
       }
 #else
-      for (int64_t j = 0; j < n_blocks; ++j) {
+      // geglu: block j of each half (the second's sums kept in acc_b), the GELU in scalar code.
+      const int64_t half_blocks = n_blocks / 2, tiles_n = geglu ? half_blocks : n_blocks;
+      for (int64_t j = 0; j < tiles_n; ++j) {
         const int8_t* block = packed + j * kq * kLinNR * 4;
-        const int64_t col0 = j * kLinNR, cols = std::min(kLinNR, n - col0);
+        const int64_t col0 = j * kLinNR, cols = std::min(kLinNR, n_out - col0);
         for (int64_t r = 0; r < rows; r += kLinMR) {
           const int64_t tr = std::min<int64_t>(kLinMR, rows - r);
           const int8_t* qx = s.qx.data() + r * kp4;
+          const auto run = [&](const int8_t* b, int32_t* acc) {
+            switch (tr) {
+              case 4: tile<4>(qx, kp4, b, kq, acc); break;
+              case 3: tile<3>(qx, kp4, b, kq, acc); break;
+              case 2: tile<2>(qx, kp4, b, kq, acc); break;
+              default: tile<1>(qx, kp4, b, kq, acc);
+            }
+          };
           int32_t* acc = s.acc.data();
-          switch (tr) {
-            case 4: tile<4>(qx, kp4, block, kq, acc); break;
-            case 3: tile<3>(qx, kp4, block, kq, acc); break;
-            case 2: tile<2>(qx, kp4, block, kq, acc); break;
-            default: tile<1>(qx, kp4, block, kq, acc);
-          }
+          int32_t* acc_b = acc + kLinMR * kLinNR;
+          run(block, acc);
+          if (geglu) run(block + half_blocks * kq * kLinNR * 4, acc_b);
           for (int64_t t = 0; t < tr; ++t) {
             const int64_t row = r0 + r + t;
-            epilogue(acc + t * kLinNR, s.sx[r + t], scales + col0, bias + col0, post,
-                     other ? other + row * n + col0 : nullptr, out + row * n + col0, cols);
+            const int64_t at = row * n_out + col0;
+            if (geglu) {
+              geglu_epilogue(acc + t * kLinNR, acc_b + t * kLinNR, s.sx[r + t], scales + col0, bias + col0,
+                             scales + col0 + half_blocks * kLinNR, bias + col0 + half_blocks * kLinNR,
+                             element(out, at, bf16), bf16, cols);
+            } else {
+              epilogue(acc + t * kLinNR, s.sx[r + t], scales + col0, bias + col0, post,
+                       other ? element(other, at, bf16) : nullptr, element(out, at, bf16), bf16, cols);
+            }
           }
         }
       }

@@ -216,9 +216,9 @@ struct AttentionArgs {
                           uint8_t* residuals, float* inv_norm, KernelError& err);               \
   int64_t int8_linear_block();                                                                 \
   void int8_linear_pack(const int8_t* qweight, int64_t n, int64_t k, int8_t* packed);         \
-  void int8_linear(const float* x, int64_t m, int64_t k, const float* inv_smooth,              \
+  void int8_linear(const void* x, DType dtype, int64_t m, int64_t k, const float* inv_smooth,  \
                    const int8_t* packed, const float* scales, const float* bias, int64_t n,    \
-                   int post, const float* other, float* out, KernelError& err);                \
+                   int post, const void* other, void* out, KernelError& err);                  \
   void rotary_embed(void* x, DType dtype, int64_t b, int64_t l, int64_t g, int64_t d,          \
                     int64_t sb, int64_t sl, int64_t sg, const float* cos, const float* sin);   \
   void attention(const AttentionArgs& a);                                                      \

@@ -21,15 +21,24 @@ def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
 
 
-@pytest.mark.parametrize("precision", [pytest.param("int8", marks=needs_cpp), "bf16"])
+@pytest.mark.parametrize(
+    ("precision", "dtype"),
+    [
+        pytest.param("int8", "float32", marks=needs_cpp),
+        pytest.param("int8", "bfloat16", marks=needs_cpp),  # int8 layers in a bf16 model
+        ("bf16", None),
+    ],
+)
 @pytest.mark.parametrize("size", ["17m", "32m", "bert"])
-def test_low_precision_tokens_close_to_fp32(model_dirs: dict[str, Path], size: str, precision: str) -> None:
+def test_low_precision_tokens_close_to_fp32(
+    model_dirs: dict[str, Path], size: str, precision: str, dtype: str | None
+) -> None:
     """Per-token cosine to the float32 vectors (the bar of bench_encode.py, on these texts); bf16 is
     emulated by torch on CPUs without AVX512-BF16."""
     fp32 = ColBERT.from_pretrained(model_dirs[size], precision="fp32")
-    low = ColBERT.from_pretrained(model_dirs[size], precision=precision)
+    low = ColBERT.from_pretrained(model_dirs[size], precision=precision, dtype=dtype)
     assert low.precision == precision and fp32.precision == "fp32"
-    assert low.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    assert low.dtype == (torch.float32 if dtype == "float32" else torch.bfloat16)
     t32, l32 = fp32.encode_documents(DOCUMENTS)
     t_low, l_low = low.encode_documents(DOCUMENTS)
     assert torch.equal(l32, l_low) and t_low.dtype == torch.float32
@@ -61,14 +70,18 @@ def test_auto_rule_on_cpu(monkeypatch: pytest.MonkeyPatch, native_bf16: bool, vn
 def test_auto_follows_the_cpu_and_int8_switches_in_place(model_dirs: dict[str, Path]) -> None:
     auto = ColBERT.from_pretrained(model_dirs["17m"])
     assert auto.precision == ("bf16" if _precision.cpu_has_bf16() else "int8")
-    int8 = ColBERT.from_pretrained(model_dirs["17m"], precision="int8")
-    fp32 = ColBERT.from_pretrained(model_dirs["17m"], precision="fp32")
-    t8 = int8.encode_documents(DOCUMENTS[:3])[0]
-    int8.precision = "fp32"  # in place: exactly the float32 model
-    exact = fp32.encode_documents(DOCUMENTS[:3])[0]
-    torch.testing.assert_close(int8.encode_documents(DOCUMENTS[:3])[0], exact)
-    int8.precision = "int8"
-    torch.testing.assert_close(int8.encode_documents(DOCUMENTS[:3])[0], t8, rtol=0, atol=0)
+    # int8 takes the weights' dtype for everything but its linear layers: float32 weights switch
+    # to and from "fp32" in place, bf16 ones to and from "bf16".
+    for dtype, other in (("float32", "fp32"), ("bfloat16", "bf16")):
+        int8 = ColBERT.from_pretrained(model_dirs["17m"], precision="int8", dtype=dtype)
+        plain = ColBERT.from_pretrained(model_dirs["17m"], precision=other)
+        t8 = int8.encode_documents(DOCUMENTS[:3])[0]
+        int8.precision = other  # in place: exactly the plain model
+        want = plain.encode_documents(DOCUMENTS[:3])[0]
+        torch.testing.assert_close(int8.encode_documents(DOCUMENTS[:3])[0], want)
+        int8.precision = "int8"
+        torch.testing.assert_close(int8.encode_documents(DOCUMENTS[:3])[0], t8, rtol=0, atol=0)
+    assert ColBERT.from_pretrained(model_dirs["17m"], precision="int8").dtype == _precision.int8_dtype()
     assert ColBERT.from_pretrained(model_dirs["17m"], dtype="float32").precision == "fp32"
 
 
@@ -124,7 +137,7 @@ def test_int8_calibration_smooths_every_int8_layer(model_dirs: dict[str, Path], 
     assert int8_weights and all(w.inv_smooth is not None for w in int8_weights)
     again = ColBERT.from_pretrained(model_dirs[size], precision="int8").encode_documents(DOCUMENTS)[0]
     torch.testing.assert_close(again, first, rtol=0, atol=0)
-    model.to(torch.float32)  # replaces the parameters: calibrated again
+    model.to(model.dtype)  # may replace the parameters: calibrated again
     assert model._linears.act_amax
     torch.testing.assert_close(model.encode_documents(DOCUMENTS)[0], first, rtol=0, atol=0)
 
@@ -155,6 +168,28 @@ def test_int8_smoothing_cuts_the_error_of_outlier_channels(model_dirs: dict[str,
     plain = _cosines(model.encode_documents(DOCUMENTS)[0], exact)
     got = (float(smoothed.mean()), float(plain.mean()))
     assert float(1 - smoothed.mean()) < 0.7 * float(1 - plain.mean()), got
+
+
+@needs_cpp
+@pytest.mark.skipif(not _precision.vnni_int8(), reason="the fused GEGLU runs with the VNNI kernel")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_fused_geglu_matches_the_two_products(
+    model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, dtype: str
+) -> None:
+    """The MLP input as one int8 call (post "geglu": the same int8 sums, the kernel's GELU; the op
+    tests hold it to the two products to float rounding) keeps the vectors as close to float32
+    as the two calls and torch's GELU: the models differ only where a float rounding flips an
+    int8 rounding in a later layer, which is int8's own noise."""
+    exact = ColBERT.from_pretrained(model_dirs["17m"], precision="fp32").encode_documents(DOCUMENTS)[0]
+    model = ColBERT.from_pretrained(model_dirs["17m"], precision="int8", dtype=dtype)
+    probe = torch.zeros(1, 1, dtype=model.dtype)
+    assert model._linears.fuses_geglu(probe, probe)
+    fused = _cosines(model.encode_documents(DOCUMENTS)[0], exact)
+    monkeypatch.setattr(_modernbert.PackedLinears, "fuses_geglu", lambda self, x, source: False)
+    unfused = _cosines(model.encode_documents(DOCUMENTS)[0], exact)
+    assert float(fused.mean()) >= 0.999 and float(fused.min()) >= 0.99
+    means = (float(fused.mean()), float(unfused.mean()))
+    assert abs(means[0] - means[1]) < 1e-4, means
 
 
 def test_bad_precisions(model_dirs: dict[str, Path]) -> None:

@@ -104,7 +104,7 @@ def test_bad_arguments():
     q = ops.quantize_weight(w, b)
     with pytest.raises(ValueError, match="x: expected a 2-D tensor"):
         ops.int8_linear(x[:, :7], q)
-    with pytest.raises(ValueError, match="x: expected float32"):
+    with pytest.raises(ValueError, match="x: expected float32 or bfloat16"):
         ops.int8_linear(x.double(), q)
     with pytest.raises(ValueError, match="post: expected one of"):
         ops.int8_linear(x, q, "gelu")
@@ -130,7 +130,7 @@ def test_binding_checks_the_packed_weights():
         C.int8_linear(x.numpy(), blocks.numpy(), scale.numpy(), bias.numpy(), 40)
     with pytest.raises(ValueError, match="scales: expected size"):
         C.int8_linear(x.numpy(), blocks.numpy(), scale[:3].contiguous().numpy(), bias.numpy(), 3)
-    with pytest.raises(ValueError, match="post: expected 'none', 'add' or 'mul'"):
+    with pytest.raises(ValueError, match="post: expected 'none', 'add', 'mul' or 'geglu'"):
         C.int8_linear(x.numpy(), blocks.numpy(), scale.numpy(), bias.numpy(), 3, "gelu")
 
 
@@ -200,3 +200,77 @@ def test_binding_checks_inv_smooth():
         C.int8_linear(*args, torch.ones(7).numpy())
     with pytest.raises(ValueError, match="inv_smooth: expected float32"):
         C.int8_linear(*args, torch.ones(8).double().numpy())
+
+
+# ---- bf16 inputs and outputs (a bf16 model's layers) -------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 5), (65, 255, 48), (200, 96, 80)])
+@pytest.mark.parametrize("post", ["none", "add", "mul"])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_bf16_matches_reference(cpp_int8_isa, shape, post, smooth):
+    x, w, b, other = _outlier_inputs(*shape) if smooth else _inputs(*shape)
+    x, other = x.bfloat16(), other.bfloat16()
+    s = ops.smooth_factors(x.float().abs().amax(0), w) if smooth else None
+    q = ops.quantize_weight(w, b, smooth=s)
+    got = ops.int8_linear(x, q, post, other, backend="cpp")
+    want = ops.int8_linear(x, q, post, other, backend="reference")
+    assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape
+    # Same float32 y up to a fused multiply-add, rounded to bf16 once: at most one bf16 step apart.
+    torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-5)
+    wide = ops.int8_linear(x.float(), q, post, other.float(), backend="cpp").bfloat16()
+    assert float((got.float() != wide.float()).float().mean()) < 0.01  # the widened input's, rounded
+
+
+def test_bf16_rounds_to_nearest_even(any_backend):
+    """Exact integer products whose bf16 rounding is a tie: rounded to the even neighbour."""
+    x = torch.tensor([[127.0, 0.0], [127.0, 1.0]])  # scale 1: exact
+    w = torch.tensor([[127.0, 0.0], [127.0, 127.0]])  # scale 1
+    b = torch.tensor([0.5, 0.0])  # 16129.5 -> 16128 (even); 16256 exact
+    y = ops.int8_linear(x.bfloat16(), ops.quantize_weight(w, b), backend=any_backend)
+    assert y.dtype == torch.bfloat16
+    assert y.float().tolist() == [[16128.0, 16128.0], [16128.0, 16256.0]]
+
+
+def test_bf16_bad_arguments():
+    x, w, b, other = _inputs(4, 8, 3)
+    q = ops.quantize_weight(w, b)
+    with pytest.raises(ValueError, match="other: expected a bfloat16 tensor"):
+        ops.int8_linear(x.bfloat16(), q, "add", other)
+    with pytest.raises(ValueError, match="x: expected float32 or bfloat16"):
+        ops.int8_linear(x.half(), q)
+
+
+# ---- geglu: ModernBERT's MLP input, GELU(first half) * second half, in one call -----------------
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 32), (65, 255, 96), (200, 96, 64), (9, 40, 6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_geglu_matches_reference(cpp_int8_isa, shape, dtype):
+    """Halves of whole column blocks in the kernel (32, 96, 64 channels); 6 channels take the
+    unfused path (a product, then GELU * gate in torch)."""
+    x, w, b, _ = _inputs(*shape)
+    q = ops.quantize_weight(w, b, smooth=ops.smooth_factors(x.abs().amax(0), w))
+    got = ops.int8_linear(x.to(dtype), q, "geglu", backend="cpp")
+    want = ops.int8_linear(x.to(dtype), q, "geglu", backend="reference")
+    assert got.shape == (shape[0], shape[2] // 2) and got.dtype == dtype
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-4}
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    if dtype == torch.float32:  # the twin is the product's halves through torch's GELU
+        y = ops.int8_linear(x, q, backend="reference")
+        gelu_b = torch.nn.functional.gelu(y[:, : shape[2] // 2]) * y[:, shape[2] // 2 :]
+        torch.testing.assert_close(want, gelu_b, rtol=0, atol=0)
+
+
+def test_geglu_bad_arguments():
+    x, w, b, _ = _inputs(4, 8, 7)
+    with pytest.raises(ValueError, match="weight: 'geglu' needs an even out_features"):
+        ops.int8_linear(x, ops.quantize_weight(w, b), "geglu")
+
+
+@pytest.mark.skipif(C is None, reason="edgeplaid._C is not built")
+def test_binding_checks_geglu_blocks():
+    x, w, b, _ = _inputs(4, 8, 6)
+    args = (x.numpy(), *(t.numpy() for t in ops.quantize_weight(w, b).packed), 6, "geglu")
+    with pytest.raises(ValueError, match="out_features: 'geglu' takes both halves' column blocks"):
+        C.int8_linear(*args)

@@ -32,6 +32,14 @@ SMOOTH_ALPHA = 0.5  # measured best of 0.3-0.8 on MiniLM (module docstring)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 DTYPE_OF = {"fp32": torch.float32, "int8": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+INT8_DTYPES = (torch.float32, torch.bfloat16)  # int8's linear layers take either; the rest runs in it
+
+
+def int8_dtype() -> torch.dtype:
+    """The weights' dtype for precision "int8" on this CPU: bf16 where the CPU multiplies bf16
+    itself (layer norms, attention, the MLP's output projection in bf16, the int8 layers' inputs
+    and outputs too), else float32."""
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
 def vnni_int8() -> bool:
@@ -73,7 +81,11 @@ def resolve_precision(
         if device.type == "cpu" and C is not None and (own_forward or vnni_int8()):
             return "int8"
         return "fp32"
-    if dtype is not None and DTYPE_OF[precision] != dtype:
+    if (
+        dtype is not None
+        and DTYPE_OF[precision] != dtype
+        and not (precision == "int8" and dtype in INT8_DTYPES)
+    ):
         raise ValueError(f"dtype {dtype} contradicts precision {precision!r}: give one of them")
     if precision == "int8" and device.type != "cpu":
         raise ValueError(
@@ -119,9 +131,10 @@ class QuantizedLinear(nn.Linear):
         return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.calibrating and x.device.type == "cpu" and x.dtype == torch.float32:
+        wide_or_bf16 = x.dtype in (torch.float32, torch.bfloat16)
+        if self.calibrating and x.device.type == "cpu" and wide_or_bf16:
             record_amax(self.__dict__["ranges"], id(self.weight), x)
-        if not (self.int8 and x.device.type == "cpu" and x.dtype == torch.float32):
+        if not (self.int8 and x.device.type == "cpu" and wide_or_bf16 and x.dtype == self.weight.dtype):
             return F.linear(x, self.weight, self.bias)
         y = int8_linear(x.reshape(-1, self.in_features).contiguous(), self._quantized())
         return y.view(*x.shape[:-1], self.out_features)

@@ -21,7 +21,15 @@ from edgeplaid.model._checkpoint import (
     resolve_path,
 )
 from edgeplaid.model._modernbert import PackedLinears, PackedModernBert
-from edgeplaid.model._precision import DTYPE_OF, PRECISIONS, calibrate_int8, resolve_precision, set_int8
+from edgeplaid.model._precision import (
+    DTYPE_OF,
+    INT8_DTYPES,
+    PRECISIONS,
+    calibrate_int8,
+    int8_dtype,
+    resolve_precision,
+    set_int8,
+)
 
 __all__ = ["ColBERT", "NotAModelError"]
 
@@ -148,7 +156,7 @@ class ColBERT(nn.Module):
         self._linears.clear()  # .to() / .half() / ... replace the parameters: drop packed copies
         out = super()._apply(fn, *args, **kwargs)
         int8 = self.__dict__.get("_precision") == "int8"
-        if int8 and self.device.type == "cpu" and self.dtype == torch.float32:
+        if int8 and self.device.type == "cpu" and self.dtype in INT8_DTYPES:
             calibrate_int8(self)  # the calibration was keyed by the replaced parameters
         return out
 
@@ -218,6 +226,8 @@ class ColBERT(nn.Module):
         own = model._packed is not None
         precision = resolve_precision(precision, torch.device(device), explicit, own_forward=own)
         torch_dtype = DTYPE_OF[precision]
+        if precision == "int8":
+            torch_dtype = explicit if explicit is not None else int8_dtype()
         if projection_dim is not None:
             model._fit_pca(projection_dim, projection_texts)  # in float32, whatever the precision
         model = model.to(device=torch.device(device), dtype=torch_dtype)
@@ -270,7 +280,7 @@ class ColBERT(nn.Module):
     def precision(self, value: str) -> None:
         if value not in PRECISIONS or value == "auto":
             raise ValueError(f"precision: expected one of {PRECISIONS[1:]}, got {value!r}")
-        if DTYPE_OF[value] != self.dtype:
+        if DTYPE_OF[value] != self.dtype and not (value == "int8" and self.dtype in INT8_DTYPES):
             raise ValueError(
                 f"precision {value!r} needs {DTYPE_OF[value]} weights, the model's are {self.dtype}: "
                 "load it with ColBERT.from_pretrained(..., precision=...)"

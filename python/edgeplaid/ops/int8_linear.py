@@ -22,12 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from edgeplaid.ops import cpp_backend as cpp
 from edgeplaid.ops import reference
 from edgeplaid.ops.dispatch import register, resolve
 
-POSTS = ("none", "add", "mul")
+POSTS = ("none", "add", "mul", "geglu")
 
 
 @dataclass(frozen=True)
@@ -141,59 +142,76 @@ def int8_linear(
     backend: str | None = None,
 ) -> torch.Tensor:
     """y[m, n] = float32(Σ_k qx[m, k] · qw[n, k]) · (sx[m] · sw[n]) + bias[n], then ``y + other``
-    (post "add") or ``y · other`` (post "mul").
+    (post "add") or ``y · other`` (post "mul"); post "geglu": ``GELU(y[:, :N/2]) · y[:, N/2:]``
+    (ModernBERT's MLP input in one pass; the erf GELU), ``(M, N/2)``.
 
     ``qx, sx`` quantise each row of ``x' = x · inv_smooth`` (``x`` itself without smoothing) to int8
     at call time (``qx = round(x' · 127 / amax_m)``, ``sx = amax_m / 127``); ``qw, sw, bias,
     inv_smooth`` come from :func:`quantize_weight`.
 
+    ``x`` may be bfloat16 (a bf16 model's layer): its rows are widened as they are quantised,
+    ``other`` (bf16 too) widened in the epilogue, and ``y`` rounded to bf16 once.
+
     Args:
-        x: (M, K) float32, K = ``weight.in_features``.
+        x: (M, K) float32 or bfloat16, K = ``weight.in_features``.
         weight: an :class:`Int8Weight`.
         post: "none", "add" or "mul".
-        other: (M, N) float32 for "add" / "mul", N = ``weight.out_features``.
+        other: (M, N) of x's dtype for "add" / "mul", N = ``weight.out_features``.
         backend: "cpp" or "reference"; None picks by device.
 
     Returns:
-        (M, N) float32.
+        (M, N) of x's dtype; (M, N / 2) for "geglu".
     """
     if not isinstance(weight, Int8Weight):
         raise TypeError(f"weight: expected an Int8Weight (quantize_weight), got {type(weight).__name__}")
     if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != weight.in_features:
         got = getattr(x, "shape", type(x).__name__)
         raise ValueError(f"x: expected a 2-D tensor (rows, {weight.in_features}), got {got}")
-    if x.dtype != torch.float32:
-        raise ValueError(f"x: expected float32, got {x.dtype}")
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"x: expected float32 or bfloat16, got {x.dtype}")
     if post not in POSTS:
         raise ValueError(f"post: expected one of {POSTS}, got {post!r}")
-    if post == "none":
+    if post == "geglu" and weight.out_features % 2:
+        n = weight.out_features
+        raise ValueError(f"weight: 'geglu' needs an even out_features (two halves), got {n}")
+    if post in ("none", "geglu"):
         other = None
-    elif other is None or other.shape != (x.shape[0], weight.out_features) or other.dtype != torch.float32:
+    elif other is None or other.shape != (x.shape[0], weight.out_features) or other.dtype != x.dtype:
         raise ValueError(
-            f"other: expected a float32 tensor of shape ({x.shape[0]}, {weight.out_features}) for post "
+            f"other: expected a {str(x.dtype).removeprefix('torch.')} tensor of shape "
+            f"({x.shape[0]}, {weight.out_features}) for post "
             f"{post!r}, got {None if other is None else (tuple(other.shape), other.dtype)}"
         )
     return resolve("int8_linear", x.device, backend)(x, weight, post, other)
 
 
 def _reference(x: torch.Tensor, w: Int8Weight, post: str, other: torch.Tensor | None) -> torch.Tensor:
-    return reference.int8_linear(x, w.qweight, w.scale, w.bias, post, other, w.inv_smooth)
+    wide = None if other is None else other.float()
+    return reference.int8_linear(x, w.qweight, w.scale, w.bias, post, wide, w.inv_smooth).to(x.dtype)
+
+
+def _geglu(y: torch.Tensor) -> torch.Tensor:
+    a, b = y.float().chunk(2, dim=-1)
+    return F.gelu(a) * b
 
 
 def _cpp(x: torch.Tensor, w: Int8Weight, post: str, other: torch.Tensor | None) -> torch.Tensor:
     # Quantised on another device: laid out now (not cached: the bundle is frozen).
     blocks, scale, bias = w.packed if w.packed is not None else _pack(w.qweight, w.scale, w.bias)
+    if post == "geglu" and w.out_features % (2 * blocks.shape[2]):  # the kernel pairs whole blocks
+        return _geglu(_cpp(x, w, "none", None)).to(x.dtype)
     out = cpp.C.int8_linear(
-        x.contiguous().numpy(),
+        cpp.host(x.contiguous()),
         blocks.numpy(),
         scale.numpy(),
         bias.numpy(),
         w.out_features,
         post,
-        None if other is None else other.contiguous().numpy(),
+        None if other is None else cpp.host(other.contiguous()),
         None if w.inv_smooth is None else w.inv_smooth.cpu().contiguous().numpy(),
     )
-    return torch.from_numpy(out)
+    out = torch.from_numpy(out)
+    return out.view(torch.bfloat16) if x.dtype == torch.bfloat16 else out
 
 
 register("int8_linear", "reference", _reference)

@@ -542,7 +542,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     amax = x.abs().amax(dim=1)
     safe = amax.clamp_min(torch.finfo(torch.float32).tiny)
-    inv = torch.where(amax > 0, 127.0 / safe, torch.zeros_like(amax))
+    # A true division, as the kernels' 127.0f / amax: torch's ``127.0 / t`` multiplies by t's
+    # reciprocal, a rounding apart, which moved some bf16-valued rows' elements across a .5.
+    inv = torch.where(amax > 0, torch.full_like(safe, 127.0).div(safe), torch.zeros_like(amax))
     q = torch.round(x * inv[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, amax / 127.0
 
@@ -557,8 +559,8 @@ def int8_linear(
     inv_smooth: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y[m, n] = float32(Σ_k qx[m, k] · qweight[n, k]) · (sx[m] · scale[n]) + bias[n], then ``+ other``
-    (post "add") or ``· other`` (post "mul"); ``qx, sx = quantize_rows(x · inv_smooth)`` (``x``
-    when ``inv_smooth`` is None).
+    (post "add") or ``· other`` (post "mul"), or ``GELU(y[:, :N/2]) · y[:, N/2:]`` (post "geglu",
+    the erf GELU); ``qx, sx = quantize_rows(x · inv_smooth)`` (``x`` when ``inv_smooth`` is None).
 
     x (M, K) float32, qweight (N, K) int8, scale (N,) float32, bias (N,) float32, other (M, N)
     float32, inv_smooth (K,) float32. Returns (M, N) float32. The integer sums are exact (float64
@@ -570,6 +572,9 @@ def int8_linear(
     qx, sx = quantize_rows(x)
     acc = (qx.double() @ qweight.double().T).float()
     y = acc * (sx[:, None] * scale[None, :]) + bias[None, :]
+    if post == "geglu":
+        a, b = y.chunk(2, dim=1)
+        return torch.nn.functional.gelu(a) * b
     if post == "add":
         return y + other
     if post == "mul":
