@@ -973,9 +973,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="the encoder's precision: auto (default: bf16 on CPUs with AVX512-BF16, else int8 for "
-        "ModernBERT models and, with AVX-512 VNNI, others; bf16/fp16 on GPUs), fp32 (PyLate's outputs "
-        "exactly), bf16, fp16, int8 (CPU)",
+        help="the encoder's precision: auto (default: bf16 on CPUs with AMX, int8 on bf16 weights with "
+        "AVX512-BF16 and VNNI, else bf16 with AVX512-BF16; without it int8 for ModernBERT models and, "
+        "with AVX-512 VNNI, others; bf16/fp16 on GPUs), fp32 (PyLate's outputs exactly), bf16, fp16, "
+        "int8 (CPU)",
     )
     on_device = _Parser(add_help=False, parents=[precision])
     on_device.add_argument(

@@ -50,17 +50,24 @@ def test_low_precision_tokens_close_to_fp32(
     assert float(_cosines(q_low[m_low], q32[m32]).mean()) >= 0.999
 
 
+@pytest.mark.parametrize("amx", [True, False])
 @pytest.mark.parametrize("vnni", [True, False])
 @pytest.mark.parametrize("native_bf16", [True, False])
-def test_auto_rule_on_cpu(monkeypatch: pytest.MonkeyPatch, native_bf16: bool, vnni: bool) -> None:
-    """bf16 where the CPU multiplies it (every backbone), else int8 for the own ModernBERT forward
-    (when the C++ kernel is built) and for other backbones where the int8 kernels run VNNI, else
-    fp32; an explicit dtype wins."""
+def test_auto_rule_on_cpu(monkeypatch: pytest.MonkeyPatch, native_bf16: bool, vnni: bool, amx: bool) -> None:
+    """With native bf16: bf16 on AMX CPUs, int8 (on a bf16 model) where the int8 kernels run VNNI,
+    else bf16; without: int8 for the own ModernBERT forward (when the C++ kernel is built) and for
+    other backbones where the int8 kernels run VNNI, else fp32; an explicit dtype wins."""
+    if amx and not native_bf16:
+        pytest.skip("every AMX CPU has AVX512-BF16")
     monkeypatch.setattr(_precision, "cpu_has_bf16", lambda: native_bf16)
     monkeypatch.setattr(_precision, "vnni_int8", lambda: vnni and C is not None)
+    monkeypatch.setattr(_precision, "amx_present", lambda: amx)
     cpu = torch.device("cpu")
-    own = "bf16" if native_bf16 else ("int8" if C is not None else "fp32")
-    other = "bf16" if native_bf16 else ("int8" if vnni and C is not None else "fp32")
+    if native_bf16:
+        own = other = "int8" if vnni and C is not None and not amx else "bf16"
+    else:
+        own = "int8" if C is not None else "fp32"
+        other = "int8" if vnni and C is not None else "fp32"
     assert resolve_precision("auto", cpu, None, own_forward=True) == own
     assert resolve_precision("auto", cpu, None, own_forward=False) == other
     assert resolve_precision("auto", cpu, torch.float32) == "fp32"
@@ -69,7 +76,8 @@ def test_auto_rule_on_cpu(monkeypatch: pytest.MonkeyPatch, native_bf16: bool, vn
 @needs_cpp
 def test_auto_follows_the_cpu_and_int8_switches_in_place(model_dirs: dict[str, Path]) -> None:
     auto = ColBERT.from_pretrained(model_dirs["17m"])
-    assert auto.precision == ("bf16" if _precision.cpu_has_bf16() else "int8")
+    assert auto.precision == resolve_precision("auto", torch.device("cpu"), None)
+    assert auto.precision == "int8" or (auto.precision == "bf16" and _precision.cpu_has_bf16())
     # int8 takes the weights' dtype for everything but its linear layers: float32 weights switch
     # to and from "fp32" in place, bf16 ones to and from "bf16".
     for dtype, other in (("float32", "fp32"), ("bfloat16", "bf16")):

@@ -188,9 +188,10 @@ class ColBERT(nn.Module):
         projection to ``projection_dim`` fitted on ``projection_texts`` or on a built-in
         vocabulary sample). Keyword settings override the checkpoint's, as PyLate's do.
         ``precision``: "auto" (default), "fp32", "bf16", "fp16" or "int8" (see :attr:`precision`);
-        "auto" is bf16 on CPUs that multiply bf16 natively (AVX512-BF16), else int8 for ModernBERT
-        backbones, and for others where the int8 kernels run AVX-512 VNNI (else float32; float32
-        without the C++ extension), and bf16/fp16 on GPUs.
+        "auto" on CPUs: bf16 with AMX; int8 on bf16 weights with AVX512-BF16 and VNNI but no AMX
+        (Zen 4); bf16 with AVX512-BF16 otherwise; without native bf16 int8 for ModernBERT
+        backbones, and for others where the int8 kernels run AVX-512 VNNI, else float32 (float32
+        without the C++ extension); bf16/fp16 on GPUs.
         ``dtype``: float32, float16 or bfloat16 weights and compute, the same as precision
         "fp32"/"fp16"/"bf16". Outputs are float32 whatever the precision.
         """
