@@ -11,6 +11,7 @@ from tests.model._texts import DOCUMENTS, QUERIES
 
 from edgeplaid._native import C
 from edgeplaid.model import ColBERT, _modernbert, _precision
+from edgeplaid.model import colbert as colbert_module
 from edgeplaid.model._precision import QuantizedLinear, resolve_precision
 from edgeplaid.ops.attention import cpp_ready
 
@@ -135,7 +136,7 @@ def test_int8_calibration_smooths_every_int8_layer(model_dirs: dict[str, Path], 
     ranges recorded and is quantised smoothed; deterministic, and again after ``.to()``."""
     model = ColBERT.from_pretrained(model_dirs[size], precision="int8")
     ranges = model._linears.act_amax
-    assert ranges and all(r.ndim == 1 and bool((r > 0).any()) for r in ranges.values())
+    assert ranges and all(r.ndim == 1 and bool((r > 0).any()) for _, r in ranges.values())
     layers = [m for m in model.backbone.modules() if isinstance(m, QuantizedLinear)]
     if size == "bert":  # transformers' forward: its layers share the model's ranges
         assert layers and all(id(m.weight) in ranges and m.__dict__["ranges"] is ranges for m in layers)
@@ -169,7 +170,7 @@ def test_int8_smoothing_cuts_the_error_of_outlier_channels(model_dirs: dict[str,
     model.precision = "int8"  # calibrates on the changed model
     smoothed = _cosines(model.encode_documents(DOCUMENTS)[0], exact)
     model._linears.act_amax.clear()
-    model._linears.drop_int8()
+    model._linears.drop_copies()
     for m in model.backbone.modules():
         if isinstance(m, QuantizedLinear):
             m.__dict__["_q"] = None
@@ -198,6 +199,29 @@ def test_int8_fused_geglu_matches_the_two_products(
     assert float(fused.mean()) >= 0.999 and float(fused.min()) >= 0.99
     means = (float(fused.mean()), float(unfused.mean()))
     assert abs(means[0] - means[1]) < 1e-4, means
+
+
+@needs_cpp
+def test_int8_calibration_edges(model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head is calibrated even where oneDNN does not take its input; ranges belong to the very
+    weight tensor (a new one with a reused id gets none); a failed calibration leaves the model as
+    it was."""
+    monkeypatch.setattr(_modernbert.PackedLinears, "uses_onednn", lambda self, x: False)
+    model = ColBERT.from_pretrained(model_dirs["17m"], precision="int8", dtype="float32")
+    head = model.head[-1].linear.weight
+    assert _precision.input_ranges(model._linears.act_amax, head) is not None
+    ranges = {id(head): (head.detach().clone(), torch.ones(head.shape[1]))}
+    assert _precision.input_ranges(ranges, head) is None
+
+    def broken(model: ColBERT) -> None:
+        raise RuntimeError("calibration failed")
+
+    monkeypatch.setattr(colbert_module, "calibrate_int8", broken)
+    plain = ColBERT.from_pretrained(model_dirs["17m"], precision="fp32")
+    with pytest.raises(RuntimeError, match="calibration failed"):
+        plain.precision = "int8"
+    assert plain.precision == "fp32" and not plain._linears.int8
+    assert not any(m.int8 for m in plain.backbone.modules() if isinstance(m, QuantizedLinear))
 
 
 def test_bad_precisions(model_dirs: dict[str, Path]) -> None:

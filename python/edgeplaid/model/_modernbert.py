@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeplaid._native import C, cpu_has_bf16
-from edgeplaid.model._precision import SMOOTH_ALPHA, record_amax, vnni_int8
+from edgeplaid.model._precision import SMOOTH_ALPHA, input_ranges, record_amax, vnni_int8
 from edgeplaid.ops.attention import amx_present, attention, cpp_ready
 from edgeplaid.ops.int8_linear import int8_linear, quantize_weight, smooth_factors
 from edgeplaid.ops.rotary_embed import rotary_embed
@@ -76,7 +76,7 @@ class PackedLinears:
         # layer's weight (shared with transformers' forward's QuantizedLinear layers, which read
         # the same weights on the same inputs); int8 weights are quantised with smooth_factors of them.
         self.calibrating = False
-        self.act_amax: dict[int, torch.Tensor] = {}
+        self.act_amax: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (weight, ranges)
         self._cache: dict[tuple[int, str], tuple[torch.Tensor, int, Any]] = {}
 
     def uses_onednn(self, x: torch.Tensor) -> bool:
@@ -116,7 +116,7 @@ class PackedLinears:
                 if packed == "int8":
                     # Factors of the whole source weight (derived ones take rows of it): the same as
                     # transformers' forward's QuantizedLinear uses for it.
-                    amax = self.act_amax.get(id(source))
+                    amax = input_ranges(self.act_amax, source)
                     smooth = None if amax is None else smooth_factors(amax, source.detach(), SMOOTH_ALPHA)
                     w = quantize_weight(w, bias, smooth=smooth)
                 elif packed:
@@ -139,7 +139,7 @@ class PackedLinears:
             bias = self.weight(bias, tag, derive)
         calibrate = self.calibrating and not no_int8 and x.device.type == "cpu"
         if calibrate and x.dtype == source.dtype and x.dtype in (torch.float32, torch.bfloat16):
-            record_amax(self.act_amax, id(source), x)
+            record_amax(self.act_amax, source, x)
         if not no_int8 and self.uses_int8(x) and source.dtype == x.dtype:
             q = self.weight(source, tag, derive, packed="int8", bias=bias)
             x2 = x.reshape(-1, x.shape[-1])
@@ -181,9 +181,10 @@ class PackedLinears:
         self._cache.clear()
         self.act_amax.clear()  # keyed by the parameters' ids, which .to() and friends replace
 
-    def drop_int8(self) -> None:
-        """Forgets the int8 weights (re-quantised at next use, e.g. with new smoothing)."""
-        self._cache = {key: v for key, v in self._cache.items() if not key[1].endswith("|int8")}
+    def drop_copies(self) -> None:
+        """Forgets the packed and quantised weight copies (remade at next use, e.g. with new
+        smoothing), keeping the calibration."""
+        self._cache.clear()
 
 
 def _pairs_interleaved(head_dim: int, n_heads: int, hidden: int) -> torch.Tensor:

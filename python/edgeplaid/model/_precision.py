@@ -7,7 +7,8 @@ one layer whose input is the MLP's intermediate activation. Its input (GELU(a) *
 GELU(a) in BERT) is heavy tailed, and per-token int8 loses the most on it.
 
 Smoothing: setting precision "int8" calibrates (:func:`calibrate_int8`): the model encodes
-``CALIBRATION_TEXTS`` documents and as many queries of the shipped Cranfield sample in float32,
+``CALIBRATION_TEXTS`` documents and as many queries of the shipped Cranfield sample in the model's
+dtype (float32, or bf16 for int8 on bf16 weights),
 each int8 layer records its input channels' largest |activation|, and its weight is quantised with
 SmoothQuant's factors of them (:func:`edgeplaid.ops.smooth_factors`, alpha ``SMOOTH_ALPHA``).
 Deterministic (fixed text), once per model (again after ``.to()``). MiniLM's per-token cosine to
@@ -100,17 +101,24 @@ def resolve_precision(
     return precision
 
 
-def record_amax(ranges: dict, key: Any, x: torch.Tensor) -> None:
-    """``ranges[key]`` = the running max over calls of each channel's largest |x| (x: (..., K))."""
+def record_amax(ranges: dict, weight: torch.Tensor, x: torch.Tensor) -> None:
+    """Keeps in ``ranges`` (by ``id(weight)``, with the weight itself: an id can be reused once a
+    tensor is gone) the running max over calls of each input channel's largest |x| (x: (..., K))."""
     amax = x.detach().reshape(-1, x.shape[-1]).abs().amax(0).float().cpu()
-    seen = ranges.get(key)
-    ranges[key] = amax if seen is None else torch.maximum(seen, amax)
+    seen = input_ranges(ranges, weight)
+    ranges[id(weight)] = (weight, amax if seen is None else torch.maximum(seen, amax))
+
+
+def input_ranges(ranges: dict, weight: torch.Tensor) -> torch.Tensor | None:
+    """The channel ranges recorded for this very ``weight`` tensor, or None."""
+    entry = ranges.get(id(weight))
+    return entry[1] if entry is not None and entry[0] is weight else None
 
 
 class QuantizedLinear(nn.Linear):
     """An ``nn.Linear`` (same parameters, same state dict) whose float32 CPU forward runs through
     :func:`edgeplaid.ops.int8_linear` while ``int8`` is set; the weight is quantised at first use
-    (smoothed by ``act_amax`` once calibrated) and again whenever it changes."""
+    (smoothed by the model's calibrated input ranges) and again whenever it changes."""
 
     int8: bool = False
     calibrating: bool = False
@@ -130,7 +138,7 @@ class QuantizedLinear(nn.Linear):
         key = (self.weight.data_ptr(), self.weight._version)
         cached = self.__dict__.get("_q")
         if cached is None or cached[0] != key:
-            amax = self.__dict__["ranges"].get(id(self.weight))
+            amax = input_ranges(self.__dict__["ranges"], self.weight)
             smooth = None if amax is None else smooth_factors(amax, self.weight, SMOOTH_ALPHA)
             cached = (key, quantize_weight(self.weight, self.bias, smooth=smooth))
             self.__dict__["_q"] = cached
@@ -139,7 +147,7 @@ class QuantizedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wide_or_bf16 = x.dtype in (torch.float32, torch.bfloat16)
         if self.calibrating and x.device.type == "cpu" and wide_or_bf16:
-            record_amax(self.__dict__["ranges"], id(self.weight), x)
+            record_amax(self.__dict__["ranges"], self.weight, x)
         if not (self.int8 and x.device.type == "cpu" and wide_or_bf16 and x.dtype == self.weight.dtype):
             return F.linear(x, self.weight, self.bias)
         y = int8_linear(x.reshape(-1, self.in_features).contiguous(), self._quantized())
@@ -159,8 +167,9 @@ def calibration_texts() -> tuple[list[str], list[str]]:
 
 
 def calibrate_int8(model: Any) -> None:
-    """Measures each int8 layer's input channel ranges on :func:`calibration_texts` in float32
-    (``model``: a :class:`~edgeplaid.model.ColBERT` on the CPU) and drops the int8 weights, which
+    """Measures each int8 layer's input channel ranges on :func:`calibration_texts` in the model's
+    dtype with int8 off (``model``: a :class:`~edgeplaid.model.ColBERT` on the CPU) and drops the
+    cached weight copies (the calibration's packed ones are never read under int8): the int8 ones
     are quantised again, smoothed, at their next use."""
     linears = model._linears
     layers = [m for m in model.backbone.modules() if isinstance(m, QuantizedLinear)]
@@ -180,7 +189,7 @@ def calibrate_int8(model: Any) -> None:
         for m, on in zip(layers, int8[1], strict=True):
             m.int8, m.calibrating = on, False
             m.__dict__["_q"] = None
-        linears.drop_int8()
+        linears.drop_copies()
 
 
 def set_int8(backbone: nn.Module, enabled: bool, ranges: dict | None = None) -> None:

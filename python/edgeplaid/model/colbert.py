@@ -271,7 +271,8 @@ class ColBERT(nn.Module):
     def precision(self) -> str:
         """The compute precision: "fp32" (PyLate's outputs to float32 rounding), "int8" (linear
         layers with int8 weights per channel and int8 activations per token, smoothed by factors
-        calibrated on the shipped sample text when set, the MLP's output projection in float32;
+        calibrated on the shipped sample text when set, the MLP's output projection in the
+        weights' dtype;
         CPU only), "bf16" or "fp16" (the weights' dtype). Setting it
         switches between "fp32" and "int8" in place; "bf16"/"fp16" need ``from_pretrained``
         (or ``.to(dtype)``)."""
@@ -291,11 +292,18 @@ class ColBERT(nn.Module):
                 "precision 'int8' runs on the CPU (its kernel is C++); use 'bf16' or 'fp16' on GPUs"
             )
         int8 = value == "int8"
+        previous = self.__dict__.get("_precision", "fp32")
         self._linears.int8 = int8
         set_int8(self.backbone, int8, self._linears.act_amax)
         self.__dict__["_precision"] = value
         if int8:
-            calibrate_int8(self)  # smoothing factors for the int8 layers (_precision.py)
+            try:
+                calibrate_int8(self)  # smoothing factors for the int8 layers (_precision.py)
+            except BaseException:  # not left half-switched: int8 on, uncalibrated
+                self._linears.int8 = previous == "int8"
+                set_int8(self.backbone, previous == "int8", self._linears.act_amax)
+                self.__dict__["_precision"] = previous
+                raise
 
     @property
     def output_dim(self) -> int:
@@ -397,7 +405,9 @@ class ColBERT(nn.Module):
     def _head_layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``layer(x)``, with a Dense layer's products through the oneDNN linears."""
         lin = self._linears
-        if not isinstance(layer, DenseLayer) or not (lin.uses_onednn(x) or lin.uses_int8(x)):
+        # (and through them while calibrating, so that int8 finds the head's input ranges)
+        packed = lin.uses_onednn(x) or lin.uses_int8(x) or lin.calibrating
+        if not isinstance(layer, DenseLayer) or not packed:
             return layer(x)
         y = layer.activation(self._linears.linear(layer.linear, x))
         if layer.use_residual:

@@ -199,7 +199,7 @@ def _cpp(x: torch.Tensor, w: Int8Weight, post: str, other: torch.Tensor | None) 
     # Quantised on another device: laid out now (not cached: the bundle is frozen).
     blocks, scale, bias = w.packed if w.packed is not None else _pack(w.qweight, w.scale, w.bias)
     if post == "geglu" and w.out_features % (2 * blocks.shape[2]):  # the kernel pairs whole blocks
-        return _geglu(_cpp(x, w, "none", None)).to(x.dtype)
+        return _geglu(_cpp(x.float(), w, "none", None)).to(x.dtype)  # rounded once, as the kernel
     out = cpp.C.int8_linear(
         cpp.host(x.contiguous()),
         blocks.numpy(),
