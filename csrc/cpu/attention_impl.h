@@ -117,8 +117,7 @@ void attention(const AttentionArgs& a) {
   // Widest span a block of queries sees: everything, or the window both sides, rounded out.
   const int64_t widest =
       a.window < 0 ? n_keys : std::min(n_keys, (kRows + 2 * a.window + 2 * kSpan) / kSpan * kSpan);
-  const float log2e = 1.4426950408889634f;
-  const __m512 scale = _mm512_set1_ps(a.scale * log2e);  // softmax in base 2
+  const __m512 scale = _mm512_set1_ps(a.scale * kLog2e);  // softmax in base 2
   parallel_for(a.b * a.h, 1, [&](int64_t u0, int64_t u1) {
     configure_tiles();
     std::vector<uint16_t> kp(size_t(n_keys * d)), vp(size_t(n_keys * d));

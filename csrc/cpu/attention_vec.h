@@ -38,7 +38,6 @@ constexpr int64_t kQVecsBlock = (kQBlock + W - 1) / W;
 constexpr int64_t kKBlock = 64;                    // keys per step
 constexpr int kQVecs = W >= 16 ? 3 : 2;            // S^T tile: tile_rows<kQVecs>() keys x kQVecs
 constexpr int kRowsO = W >= 16 ? 6 : 3;            // P V tile: kRowsO queries x 4 value vectors
-constexpr float kLog2e = 1.4426950408889634f;
 
 // x on the lanes whose query (first + lane) lies in [lo, hi], else -inf (exact as floats below 2^24).
 EP_INLINE Vec keep_lanes(Vec x, float first, float lo, float hi) {

@@ -206,7 +206,7 @@ inline __m512 gelu16(__m512 x) {
   poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
   poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
   poly = _mm512_mul_ps(poly, t);
-  const __m512 power = _mm512_max_ps(_mm512_mul_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(-1.4426950408889634f)),
+  const __m512 power = _mm512_max_ps(_mm512_mul_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(-kLog2e)),
                                      _mm512_set1_ps(-126.0f));
   const __m512 half_erfc = _mm512_mul_ps(_mm512_mul_ps(poly, exp2_neg<6>(Vec{power}).v), _mm512_set1_ps(0.5f));
   const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
@@ -301,11 +301,7 @@ void vnni_tile(const VnniTileArgs& t) {
     __m512 y = value(c, shift, scale, bias);
     if (t.post == 1) y = _mm512_add_ps(y, load_other(m, at));
     if (t.post == 2) y = _mm512_mul_ps(y, load_other(m, at));
-    if (t.bf16) {
-      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(t.out) + at, m, round_bf16(y));
-    } else {
-      _mm512_mask_storeu_ps(static_cast<float*>(t.out) + at, m, y);
-    }
+    store(y, m, at);
   };
 #define EP_VNNI_ROW(r)                                                                               \
   if constexpr (R > r) {                                                                             \

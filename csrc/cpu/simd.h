@@ -155,6 +155,8 @@ struct Vec {
 };
 #endif
 
+constexpr float kLog2e = 1.4426950408889634f;  // e^x = 2^(x log2 e)
+
 // 2^x for x in [-126, 0]: n = round(x), 2^(x - n) by its Taylor polynomial of degree kDegree on
 // [-1/2, 1/2] (relative error < 2e-7 at 6, the float32 attention's p; < 5e-5 at 4, enough for p
 // that is rounded to bf16's 4e-3), times 2^n.

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeplaid._native import C, cpu_has_bf16
-from edgeplaid.model._precision import SMOOTH_ALPHA, input_ranges, record_amax, vnni_int8
+from edgeplaid.model._precision import INT8_DTYPES, SMOOTH_ALPHA, input_ranges, record_amax, vnni_int8
 from edgeplaid.ops.attention import amx_present, attention, cpp_ready
 from edgeplaid.ops.int8_linear import int8_linear, quantize_weight, smooth_factors
 from edgeplaid.ops.rotary_embed import rotary_embed
@@ -85,7 +85,7 @@ class PackedLinears:
         return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and self.bf16)
 
     def uses_int8(self, x: torch.Tensor) -> bool:
-        return self.int8 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+        return self.int8 and x.device.type == "cpu" and x.dtype in INT8_DTYPES
 
     def fuses_geglu(self, x: torch.Tensor, source: torch.Tensor) -> bool:
         """GELU(x Wa^T + ba) * (x Wb^T + bb) for ``source = [Wa; Wb]`` in one int8_linear call
@@ -138,7 +138,7 @@ class PackedLinears:
         if bias is not None and derive is not None:
             bias = self.weight(bias, tag, derive)
         calibrate = self.calibrating and not no_int8 and x.device.type == "cpu"
-        if calibrate and x.dtype == source.dtype and x.dtype in (torch.float32, torch.bfloat16):
+        if calibrate and x.dtype == source.dtype and x.dtype in INT8_DTYPES:
             record_amax(self.act_amax, source, x)
         if not no_int8 and self.uses_int8(x) and source.dtype == x.dtype:
             q = self.weight(source, tag, derive, packed="int8", bias=bias)

@@ -145,7 +145,7 @@ class QuantizedLinear(nn.Linear):
         return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wide_or_bf16 = x.dtype in (torch.float32, torch.bfloat16)
+        wide_or_bf16 = x.dtype in INT8_DTYPES
         if self.calibrating and x.device.type == "cpu" and wide_or_bf16:
             record_amax(self.__dict__["ranges"], self.weight, x)
         if not (self.int8 and x.device.type == "cpu" and wide_or_bf16 and x.dtype == self.weight.dtype):

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from edgeplaid.ops import cpp_backend as cpp
 from edgeplaid.ops import reference
@@ -190,16 +189,11 @@ def _reference(x: torch.Tensor, w: Int8Weight, post: str, other: torch.Tensor | 
     return reference.int8_linear(x, w.qweight, w.scale, w.bias, post, wide, w.inv_smooth).to(x.dtype)
 
 
-def _geglu(y: torch.Tensor) -> torch.Tensor:
-    a, b = y.float().chunk(2, dim=-1)
-    return F.gelu(a) * b
-
-
 def _cpp(x: torch.Tensor, w: Int8Weight, post: str, other: torch.Tensor | None) -> torch.Tensor:
     # Quantised on another device: laid out now (not cached: the bundle is frozen).
     blocks, scale, bias = w.packed if w.packed is not None else _pack(w.qweight, w.scale, w.bias)
     if post == "geglu" and w.out_features % (2 * blocks.shape[2]):  # the kernel pairs whole blocks
-        return _geglu(_cpp(x.float(), w, "none", None)).to(x.dtype)  # rounded once, as the kernel
+        return reference.geglu(_cpp(x.float(), w, "none", None)).to(x.dtype)  # rounded once, as the kernel
     out = cpp.C.int8_linear(
         cpp.host(x.contiguous()),
         blocks.numpy(),

@@ -549,6 +549,12 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, amax / 127.0
 
 
+def geglu(y: torch.Tensor) -> torch.Tensor:
+    """``GELU(y[..., :N/2]) · y[..., N/2:]`` (the erf GELU), float32: ModernBERT's MLP input."""
+    a, b = y.float().chunk(2, dim=-1)
+    return torch.nn.functional.gelu(a) * b
+
+
 def int8_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -573,8 +579,7 @@ def int8_linear(
     acc = (qx.double() @ qweight.double().T).float()
     y = acc * (sx[:, None] * scale[None, :]) + bias[None, :]
     if post == "geglu":
-        a, b = y.chunk(2, dim=1)
-        return torch.nn.functional.gelu(a) * b
+        return geglu(y)
     if post == "add":
         return y + other
     if post == "mul":
