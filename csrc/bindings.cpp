@@ -1009,7 +1009,8 @@ py::array_t<int8_t> int8_linear_pack(const py::array& qweight) {
 // x (rows, in_features) and other float32, or both bf16 (uint16 bits): the output takes x's dtype.
 py::array int8_linear(const py::array& x, const py::array& packed, const py::array& scales, const py::array& bias,
                       int64_t out_features, const std::string& post, const py::object& other,
-                      const py::object& inv_smooth) {
+                      const py::object& inv_smooth, const py::object& norm_weight, const py::object& norm_bias,
+                      double norm_eps, int64_t rotate) {
   expect_rank(x, "x", 2, "(rows, in_features)");
   const bool bf16 = has_dtype(x, 'u', 2);
   if (!bf16 && !has_dtype(x, 'f', 4)) fail("x: expected float32 or bfloat16 (given as uint16)");
@@ -1063,6 +1064,27 @@ py::array int8_linear(const py::array& x, const py::array& packed, const py::arr
     expect_dim(smooth_array, "inv_smooth", 0, k, "in_features of x");
     smooth = f32_data(smooth_array, "inv_smooth");
   }
+  // The layer norm applied to x's rows before they are quantised (ops.h: Int8LinearInput).
+  const float* nw = nullptr;
+  const float* nb = nullptr;
+  py::array nw_array, nb_array;  // keep the casts alive while the kernel reads them
+  if (!norm_weight.is_none()) {
+    nw_array = norm_weight.cast<py::array>();
+    expect_rank(nw_array, "norm_weight", 1, "(in_features,)");
+    expect_dim(nw_array, "norm_weight", 0, k, "in_features of x");
+    nw = f32_data(nw_array, "norm_weight");
+    if (!(norm_eps >= 0.0)) fail("norm_eps: expected a non-negative number, got " + std::to_string(norm_eps));
+  }
+  if (!norm_bias.is_none()) {
+    if (nw == nullptr) fail("norm_bias: given without norm_weight");
+    nb_array = norm_bias.cast<py::array>();
+    expect_rank(nb_array, "norm_bias", 1, "(in_features,)");
+    expect_dim(nb_array, "norm_bias", 0, k, "in_features of x");
+    nb = f32_data(nb_array, "norm_bias");
+  }
+  if (rotate != 0 && (rotate < 2 || (rotate & (rotate - 1)) != 0 || k % rotate != 0))
+    fail("rotate: expected 0 or a power of two >= 2 dividing in_features (" + std::to_string(k) + "), got " +
+         std::to_string(rotate));
   const int64_t n_out = code == 3 ? n / 2 : n;  // geglu: GELU(first half) * second half
   py::array out = bf16 ? py::array(py::array_t<uint16_t>(std::vector<py::ssize_t>{m, n_out}))
                        : py::array(py::array_t<float>(std::vector<py::ssize_t>{m, n_out}));
@@ -1073,7 +1095,8 @@ py::array int8_linear(const py::array& x, const py::array& packed, const py::arr
   KernelError err;
   {
     py::gil_scoped_release release;
-    EP_DISPATCH_INT8(int8_linear, xd, dtype, m, k, smooth, pk, sc, bs, n, code, od, o, err);
+    const Int8LinearInput in{xd, dtype, m, k, smooth, nw, nb, float(norm_eps), rotate};
+    EP_DISPATCH_INT8(int8_linear, in, pk, sc, bs, n, code, od, o, err);
   }
   raise_if(err);
   return out;
@@ -1213,7 +1236,8 @@ PYBIND11_MODULE(_C, m) {
         "(out_features, in_features) int8 -> the packed layout int8_linear reads on the active ISA.");
   m.def("int8_linear", &int8_linear, py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("bias"),
         py::arg("out_features"), py::arg("post") = "none", py::arg("other") = py::none(),
-        py::arg("inv_smooth") = py::none());
+        py::arg("inv_smooth") = py::none(), py::arg("norm_weight") = py::none(), py::arg("norm_bias") = py::none(),
+        py::arg("norm_eps") = 1e-5, py::arg("rotate") = 0);
   m.def("bf16_attention_kernel", &bf16_attention_kernel, py::arg("head_dim"),
         "The kernel that takes bf16 heads of this head dim here: 'amx', 'avx512bf16' or 'none'.");
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("key_valid"),

@@ -159,6 +159,23 @@ struct CentroidGroups {
   int64_t dim;
 };
 
+// int8_linear's input rows (int8_linear_impl.h): x (m, k) float32 or bf16, row-major, each row
+// made x' before it is quantised:
+//   x' = (LN(x) * inv_smooth) H,  LN(x) = (x - mean) / sqrt(var + norm_eps) * norm_w + norm_b
+// (mean and the biased var over the row's k elements, in float32), or x * inv_smooth without
+// norm_w (no layer norm); inv_smooth, norm_b null: 1, 0. H: the block-diagonal unnormalised
+// Hadamard matrix of blocks of `rotate` (a power of two dividing k; entries +-1), or 1 (rotate 0).
+struct Int8LinearInput {
+  const void* x;
+  DType dtype;
+  int64_t m, k;
+  const float* inv_smooth;  // (k,) or null
+  const float* norm_w;      // (k,) or null: no layer norm
+  const float* norm_b;      // (k,) or null
+  float norm_eps;
+  int64_t rotate;           // 0, or the Hadamard blocks' size
+};
+
 // Attention (attention_impl.h): for every batch b, head h and position i,
 //   out[b, i, h] = sum_j p_ij v[b, j, h],  p_i = softmax over allowed j of q[b, i, h] . k[b, j, h] * scale,
 // allowed: key_valid[b, j] != 0 (null: every key) and |i - j| <= window (window < 0: every key).
@@ -216,9 +233,9 @@ struct AttentionArgs {
                           uint8_t* residuals, float* inv_norm, KernelError& err);               \
   int64_t int8_linear_block();                                                                 \
   void int8_linear_pack(const int8_t* qweight, int64_t n, int64_t k, int8_t* packed);         \
-  void int8_linear(const void* x, DType dtype, int64_t m, int64_t k, const float* inv_smooth,  \
-                   const int8_t* packed, const float* scales, const float* bias, int64_t n,    \
-                   int post, const void* other, void* out, KernelError& err);                  \
+  void int8_linear(const Int8LinearInput& in, const int8_t* packed, const float* scales,      \
+                   const float* bias, int64_t n, int post, const void* other, void* out,       \
+                   KernelError& err);                                                          \
   void rotary_embed(void* x, DType dtype, int64_t b, int64_t l, int64_t g, int64_t d,          \
                     int64_t sb, int64_t sl, int64_t sg, const float* cos, const float* sin);   \
   void attention(const AttentionArgs& a);                                                      \

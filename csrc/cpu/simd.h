@@ -74,7 +74,9 @@ struct Vec {
   friend EP_INLINE Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
   friend EP_INLINE Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
   friend EP_INLINE Vec min(Vec a, Vec b) { return {_mm512_min_ps(a.v, b.v)}; }
+  friend EP_INLINE Vec abs(Vec a) { return {_mm512_abs_ps(a.v)}; }
   friend EP_INLINE Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
+  friend EP_INLINE Vec operator-(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
   friend EP_INLINE Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
   friend EP_INLINE Vec operator/(Vec a, Vec b) { return {_mm512_div_ps(a.v, b.v)}; }
   // Bit i set where a[i] > b[i].
@@ -104,7 +106,9 @@ struct Vec {
   friend EP_INLINE Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   friend EP_INLINE Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
   friend EP_INLINE Vec min(Vec a, Vec b) { return {_mm256_min_ps(a.v, b.v)}; }
+  friend EP_INLINE Vec abs(Vec a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
   friend EP_INLINE Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
+  friend EP_INLINE Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
   friend EP_INLINE Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
   friend EP_INLINE Vec operator/(Vec a, Vec b) { return {_mm256_div_ps(a.v, b.v)}; }
   friend EP_INLINE uint32_t gt_mask(Vec a, Vec b) {
@@ -147,7 +151,9 @@ struct Vec {
   friend EP_INLINE Vec fmadd(Vec a, Vec b, Vec c) { return {__builtin_fmaf(a.v, b.v, c.v)}; }
   friend EP_INLINE Vec max(Vec a, Vec b) { return {a.v > b.v ? a.v : b.v}; }
   friend EP_INLINE Vec min(Vec a, Vec b) { return {a.v < b.v ? a.v : b.v}; }
+  friend EP_INLINE Vec abs(Vec a) { return {std::fabs(a.v)}; }
   friend EP_INLINE Vec operator+(Vec a, Vec b) { return {a.v + b.v}; }
+  friend EP_INLINE Vec operator-(Vec a, Vec b) { return {a.v - b.v}; }
   friend EP_INLINE Vec operator*(Vec a, Vec b) { return {a.v * b.v}; }
   friend EP_INLINE Vec operator/(Vec a, Vec b) { return {a.v / b.v}; }
   friend EP_INLINE uint32_t gt_mask(Vec a, Vec b) { return a.v > b.v ? 1u : 0u; }

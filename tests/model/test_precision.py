@@ -107,9 +107,11 @@ def test_both_forwards_quantise_the_same_layers(model_dirs: dict[str, Path]) -> 
     exact = ColBERT.from_pretrained(model_dirs["17m"], precision="fp32").encode_documents(DOCUMENTS)[0]
     assert float(_cosines(a, b).min()) > float(_cosines(a, exact).min())
     assert float(_cosines(a, b).mean()) >= 0.9995
-    # The MLP's output projection stays float32 in both; nothing else does.
-    kept = {n for n, m in theirs.backbone.named_modules() if type(m) is torch.nn.Linear}
-    assert kept and all(n.endswith("mlp.Wo") for n in kept), kept
+    # Every linear layer runs int8 in both; the MLP's output projections rotated (blocks of 64).
+    assert not [n for n, m in theirs.backbone.named_modules() if type(m) is torch.nn.Linear]
+    rotated = {n for n, m in theirs.backbone.named_modules() if isinstance(m, QuantizedLinear) and m.rotate}
+    assert rotated and all(n.endswith("mlp.Wo") for n in rotated), rotated
+    assert {m.rotate for m in theirs.backbone.modules() if isinstance(m, QuantizedLinear)} == {0, 64}
     assert all(m.int8 for m in theirs.backbone.modules() if isinstance(m, QuantizedLinear))
 
 
@@ -133,7 +135,8 @@ def test_int8_keeps_the_state_dict_and_follows_weight_changes(model_dirs: dict[s
 @pytest.mark.parametrize("size", ["17m", "bert"])
 def test_int8_calibration_smooths_every_int8_layer(model_dirs: dict[str, Path], size: str) -> None:
     """Setting int8 calibrates on the shipped sample text: every int8 layer's weight has its input
-    ranges recorded and is quantised smoothed; deterministic, and again after ``.to()``."""
+    ranges recorded and is quantised smoothed, but the MLP's output projections, which are rotated
+    instead; deterministic, and again after ``.to()``."""
     model = ColBERT.from_pretrained(model_dirs[size], precision="int8")
     ranges = model._linears.act_amax
     assert ranges and all(r.ndim == 1 and bool((r > 0).any()) for _, r in ranges.values())
@@ -141,9 +144,10 @@ def test_int8_calibration_smooths_every_int8_layer(model_dirs: dict[str, Path], 
     if size == "bert":  # transformers' forward: its layers share the model's ranges
         assert layers and all(id(m.weight) in ranges and m.__dict__["ranges"] is ranges for m in layers)
     first = model.encode_documents(DOCUMENTS)[0]
-    int8_weights = [e[2] for key, e in model._linears._cache.items() if key[1].endswith("|int8")]
+    int8_weights = [e[2] for key, e in model._linears._cache.items() if "|int8|" in key[1]]
     int8_weights += [m._quantized() for m in layers if size == "bert"]
-    assert int8_weights and all(w.inv_smooth is not None for w in int8_weights)
+    assert int8_weights and all((w.inv_smooth is None) == (w.rotate > 0) for w in int8_weights)
+    assert {w.rotate for w in int8_weights} == {0, 64}
     again = ColBERT.from_pretrained(model_dirs[size], precision="int8").encode_documents(DOCUMENTS)[0]
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     model.to(model.dtype)  # may replace the parameters: calibrated again

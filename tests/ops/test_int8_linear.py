@@ -274,3 +274,111 @@ def test_binding_checks_geglu_blocks():
     args = (x.numpy(), *(t.numpy() for t in ops.quantize_weight(w, b).packed), 6, "geglu")
     with pytest.raises(ValueError, match="out_features: 'geglu' takes both halves' column blocks"):
         C.int8_linear(*args)
+
+
+# ---- the fused layer norm and the Hadamard rotation ---------------------------------------------
+
+
+def _one_step(x: torch.Tensor, w: torch.Tensor) -> float:
+    """The most one activation's rounding across a .5 can move an output: sx · amax_w (the twin
+    and the kernel may sum a row's norm or rotation in another order)."""
+    return 2.0 * float(x.abs().amax()) / 127.0 * float(w.abs().amax()) + 1e-5
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 5), (65, 255, 48), (200, 96, 80), (130, 256, 768)])
+@pytest.mark.parametrize("post", ["none", "add", "geglu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("affine", ["weight", "weight+bias"])
+def test_norm_matches_reference(cpp_int8_isa, shape, post, dtype, affine):
+    m, k, n = shape
+    if post == "geglu" and n % 32:
+        n = 32 * max(1, n // 32)
+    x, w, b, other = _inputs(m, k, n)
+    x, other = (x * 3 + 1).to(dtype), other.to(dtype)
+    g = torch.Generator().manual_seed(5)
+    bias = torch.randn(k, generator=g) if affine == "weight+bias" else None
+    norm = (torch.rand(k, generator=g) + 0.5, bias, 1e-5)
+    q = ops.quantize_weight(w, b, smooth=torch.rand(k, generator=g) + 0.5)
+    got = ops.int8_linear(x, q, post, other, norm=norm, backend="cpp").float()
+    want = ops.int8_linear(x, q, post, other, norm=norm, backend="reference").float()
+    normed = torch.nn.functional.layer_norm(x.float(), (k,), *norm)
+    step = _one_step(normed, w) * (4.0 if post == "geglu" else 1.0)
+    torch.testing.assert_close(got, want, rtol=8e-3 if dtype == torch.bfloat16 else 1e-5, atol=step)
+    # The twin is the unfused computation: the layer norm in float32, then the plain op.
+    if dtype == torch.float32:
+        unfused = ops.int8_linear(normed, q, post, other, backend="reference")
+        torch.testing.assert_close(want, unfused, rtol=1e-5, atol=step)
+
+
+def test_norm_is_closer_to_float32_than_a_rounded_bf16_norm(any_backend):
+    """The fused norm is never rounded to bf16: its int8 output is at least as close to the float32
+    layer as int8 on torch's bf16 layer norm output."""
+    x, w, b, _ = _inputs(300, 256, 64, seed=4)
+    x = (x * 2 + 0.5).bfloat16()
+    nw = torch.rand(256, generator=torch.Generator().manual_seed(1)) + 0.5
+    q = ops.quantize_weight(w, b)
+    exact = torch.nn.functional.layer_norm(x.float(), (256,), nw) @ w.T + b
+    fused = ops.int8_linear(x, q, norm=(nw, None, 1e-5), backend=any_backend).float()
+    normed = torch.nn.functional.layer_norm(x, (256,), nw.bfloat16())
+    rounded = ops.int8_linear(normed, q, backend=any_backend).float()
+    assert float((fused - exact).pow(2).mean()) <= float((rounded - exact).pow(2).mean()) * 1.05
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 5), (65, 256, 48), (200, 384, 256), (9, 576, 33)])
+@pytest.mark.parametrize("rotate", [2, 8, 16, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotation_matches_reference(cpp_int8_isa, shape, rotate, dtype):
+    m, k, n = shape
+    x, w, b, other = _outlier_inputs(m, k, n)
+    x, other = x.to(dtype), other.to(dtype)
+    q = ops.quantize_weight(w, b, rotate=rotate)
+    assert q.rotate == rotate
+    got = ops.int8_linear(x, q, "add", other, backend="cpp").float()
+    want = ops.int8_linear(x, q, "add", other, backend="reference").float()
+    step = _one_step(reference.hadamard_blocks(x.float(), rotate), q.qweight.float() * q.scale[:, None])
+    torch.testing.assert_close(got, want, rtol=8e-3 if dtype == torch.bfloat16 else 1e-5, atol=step)
+
+
+def test_rotation_keeps_the_product_and_cuts_the_error(any_backend):
+    """Rotated rows and weights multiply to the same product (H H = b I); on rows with one large
+    element the int8 error falls several-fold (the small elements keep their levels)."""
+    x, w, b, _ = _outlier_inputs(300, 384, 96)
+    x[:, 11] *= 30.0  # a per-token spike, as GELU(a) * b's tail
+    exact = x @ w.T + b
+    plain = ops.int8_linear(x, ops.quantize_weight(w, b), backend=any_backend)
+    rotated = ops.int8_linear(x, ops.quantize_weight(w, b, rotate=64), backend=any_backend)
+    assert float((rotated - exact).pow(2).mean()) < 0.3 * float((plain - exact).pow(2).mean())
+    h = reference.hadamard_blocks(reference.hadamard_blocks(x, 64), 64)
+    torch.testing.assert_close(h, 64 * x, rtol=1e-5, atol=1e-3)
+
+
+def test_bad_norm_and_rotate_arguments():
+    x, w, b, _ = _inputs(4, 64, 8)
+    q = ops.quantize_weight(w, b)
+    for bad in (3, 48, 128, -2, 1, True, 2.0):
+        with pytest.raises(ValueError, match="rotate: expected 0 or a power of two"):
+            ops.quantize_weight(w, b, rotate=bad)
+    with pytest.raises(ValueError, match=r"norm: expected a weight of shape \(64,\)"):
+        ops.int8_linear(x, q, norm=(torch.ones(63), None, 1e-5))
+    with pytest.raises(ValueError, match=r"norm: expected a bias of shape \(64,\)"):
+        ops.int8_linear(x, q, norm=(torch.ones(64), torch.ones(2), 1e-5))
+    with pytest.raises(ValueError, match="norm: expected eps a non-negative number"):
+        ops.int8_linear(x, q, norm=(torch.ones(64), None, -1.0))
+    with pytest.raises(ValueError, match="norm: expected a tuple"):
+        ops.int8_linear(x, q, norm=torch.ones(64))
+
+
+@pytest.mark.skipif(C is None, reason="edgeplaid._C is not built")
+def test_binding_checks_norm_and_rotate():
+    x, w, b, _ = _inputs(4, 8, 3)
+    args = (x.numpy(), *(t.numpy() for t in ops.quantize_weight(w, b).packed), 3, "none", None, None)
+    with pytest.raises(ValueError, match="norm_weight: expected size 8"):
+        C.int8_linear(*args, torch.ones(7).numpy())
+    with pytest.raises(ValueError, match="norm_bias: given without norm_weight"):
+        C.int8_linear(*args, None, torch.ones(8).numpy())
+    with pytest.raises(ValueError, match="norm_eps: expected a non-negative number"):
+        C.int8_linear(*args, torch.ones(8).numpy(), None, -1.0)
+    with pytest.raises(ValueError, match="rotate: expected 0 or a power of two"):
+        C.int8_linear(*args, None, None, 1e-5, 3)
+    with pytest.raises(ValueError, match="rotate: expected 0 or a power of two"):
+        C.int8_linear(*args, None, None, 1e-5, 16)

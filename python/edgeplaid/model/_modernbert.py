@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeplaid._native import C, cpu_has_bf16
-from edgeplaid.model._precision import INT8_DTYPES, SMOOTH_ALPHA, input_ranges, record_amax, vnni_int8
+from edgeplaid.model._precision import (
+    INT8_DTYPES,
+    SMOOTH_ALPHA,
+    input_ranges,
+    record_amax,
+    rotation_block,
+    vnni_int8,
+)
 from edgeplaid.ops.attention import amx_present, attention, cpp_ready
 from edgeplaid.ops.int8_linear import int8_linear, quantize_weight, smooth_factors
 from edgeplaid.ops.rotary_embed import rotary_embed
@@ -102,11 +109,13 @@ class PackedLinears:
         derive: Callable[[torch.Tensor], torch.Tensor] | None = None,
         packed: bool = False,
         bias: torch.Tensor | None = None,
+        rotate: int = 0,
     ) -> Any:
         """``derive(source)`` (or ``source``), oneDNN-packed when ``packed`` (``"int8"``: quantised
-        with ``bias``, an :class:`~edgeplaid.ops.Int8Weight`); cached per source tensor and tag,
-        refreshed when the source changes."""
-        key = (id(source), f"{tag}|{packed}")
+        with ``bias``, an :class:`~edgeplaid.ops.Int8Weight`, rotated by ``rotate``'s Hadamard
+        blocks and then not smoothed); cached per source tensor and tag, refreshed when the
+        source changes."""
+        key = (id(source), f"{tag}|{packed}|{rotate}")
         entry = self._cache.get(key)
         if entry is None or entry[0] is not source or entry[1] != source._version:
             with torch.no_grad():
@@ -116,9 +125,9 @@ class PackedLinears:
                 if packed == "int8":
                     # Factors of the whole source weight (derived ones take rows of it): the same as
                     # transformers' forward's QuantizedLinear uses for it.
-                    amax = input_ranges(self.act_amax, source)
+                    amax = None if rotate else input_ranges(self.act_amax, source)
                     smooth = None if amax is None else smooth_factors(amax, source.detach(), SMOOTH_ALPHA)
-                    w = quantize_weight(w, bias, smooth=smooth)
+                    w = quantize_weight(w, bias, smooth=smooth, rotate=rotate)
                 elif packed:
                     w = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
             entry = (source, source._version, w)
@@ -134,20 +143,36 @@ class PackedLinears:
         derive: Callable[[torch.Tensor], torch.Tensor] | None = None,
         post: str | tuple[str, torch.Tensor] | None = None,
         no_int8: bool = False,
+        norm: nn.Module | None = None,
+        rotate: int = 0,
     ) -> torch.Tensor:
         if bias is not None and derive is not None:
             bias = self.weight(bias, tag, derive)
-        calibrate = self.calibrating and not no_int8 and x.device.type == "cpu"
+        int8 = not no_int8 and self.uses_int8(x) and source.dtype == x.dtype
+        fused_norm = None
+        if norm is not None:
+            # A layer norm in front of an int8 layer is applied by the kernel to the rows it
+            # quantises (int8_linear's norm): no pass of its own and no rounded output (17m's
+            # int8 encoding on 2 Zen 4 cores: torch.layer_norm took 0.09 of 2.0 s for 200 abstracts).
+            if int8 and isinstance(norm, nn.LayerNorm) and norm.weight is not None:
+                fused_norm = (
+                    self.weight(norm.weight, "norm", lambda w: w.float()),
+                    None if norm.bias is None else self.weight(norm.bias, "norm", lambda b: b.float()),
+                    float(norm.eps),
+                )
+            else:
+                x = norm(x)
+        calibrate = self.calibrating and not no_int8 and not rotate and x.device.type == "cpu"
         if calibrate and x.dtype == source.dtype and x.dtype in INT8_DTYPES:
             record_amax(self.act_amax, source, x)
-        if not no_int8 and self.uses_int8(x) and source.dtype == x.dtype:
-            q = self.weight(source, tag, derive, packed="int8", bias=bias)
+        if int8:
+            q = self.weight(source, tag, derive, packed="int8", bias=bias, rotate=rotate)
             x2 = x.reshape(-1, x.shape[-1])
             if post is None or post == "gelu" or post == "geglu":
-                y = int8_linear(x2, q, "geglu" if post == "geglu" else "none")
+                y = int8_linear(x2, q, "geglu" if post == "geglu" else "none", norm=fused_norm)
                 return F.gelu(y) if post == "gelu" else y
             op, other = post
-            return int8_linear(x2, q, op, other.reshape(x2.shape[0], -1).contiguous())
+            return int8_linear(x2, q, op, other.reshape(x2.shape[0], -1).contiguous(), norm=fused_norm)
         # bf16 with a residual add stays addmm below (as fast as oneDNN's binary post-op on a Zen 4,
         # one rounding); bf16 with a product runs the packed GEMM then the product (the binary
         # post-op took 3.6-4.4 ms against 1.7-2.4 for 4,096 rows there).
@@ -354,7 +379,7 @@ class PackedModernBert(nn.Module):
         attn_out = h.new_empty((b, length, nh, hd))
         for layer, lt in zip(m.layers, self.layer_types, strict=True):
             attn = layer.attn
-            qkv = lin(layer.attn_norm(h), attn.Wqkv.weight, attn.Wqkv.bias, "qkv", lambda w: w[order])
+            qkv = lin(h, attn.Wqkv.weight, attn.Wqkv.bias, "qkv", lambda w: w[order], norm=layer.attn_norm)
             qkv = qkv.view(b, length, 3, nh, hd)
             qk = qkv[:, :, :2]
             if rope_cpp:  # a (B, L, 2 * nh, hd) view: the op takes any strides but the last
@@ -383,20 +408,21 @@ class PackedModernBert(nn.Module):
                     attn_out[:, rows] = o.transpose(1, 2)
             h = lin(attn_out.view(b * length, hidden), attn.Wo.weight, attn.Wo.bias, post=("add", h))
             mlp = layer.mlp
-            x = layer.mlp_norm(h)
             wi, bi = mlp.Wi.weight, mlp.Wi.bias
             n = wi.shape[0] // 2
-            if _is_erf_gelu(mlp.act) and lin.fuses_geglu(x, wi):
-                gated = lin(x, wi, bi, post="geglu")
+            if _is_erf_gelu(mlp.act) and lin.fuses_geglu(h, wi):
+                gated = lin(h, wi, bi, post="geglu", norm=layer.mlp_norm)
             elif _is_erf_gelu(mlp.act):
+                x = layer.mlp_norm(h)
                 act = lin(x, wi, bi, "in", lambda w, n=n: w[:n], post="gelu")
                 gated = lin(x, wi, bi, "gate", lambda w, n=n: w[n:], post=("mul", act))
             else:
-                inp, gate = lin(x, wi, bi).chunk(2, dim=-1)
+                inp, gate = lin(layer.mlp_norm(h), wi, bi).chunk(2, dim=-1)
                 gated = mlp.act(inp) * gate
-            # The MLP's output projection stays in the model's dtype under int8: its input (GELU(a)
-            # * b, heavy tailed) loses the most to per-token int8 (the 32m test model's mean cosine
-            # to fp32: 0.99897 with it quantised, 0.99958 without; benchmarks/bench_encode.py).
-            h = lin(gated, mlp.Wo.weight, mlp.Wo.bias, post=("add", h), no_int8=True)
+            # The MLP's output projection: int8 rotated by Hadamard blocks (its input, GELU(a) * b,
+            # is heavy tailed per token: the 32m test model's mean cosine to fp32 was 0.99897 with
+            # it in plain int8, 0.99958 with it in bf16); in the model's dtype where no block fits.
+            rotate = rotation_block(gated.shape[-1])
+            h = lin(gated, mlp.Wo.weight, mlp.Wo.bias, post=("add", h), no_int8=not rotate, rotate=rotate)
         h = m.final_norm(h)
         return h[compute_mask.reshape(-1)]

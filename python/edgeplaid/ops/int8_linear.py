@@ -39,6 +39,7 @@ class Int8Weight:
     C++ kernel's layout with ``scale`` and ``bias`` zero-padded to its column blocks, or None
     (no C++ backend, or another device). ``inv_smooth (K,) float32``: 1 / the smoothing factors
     the weight's columns were multiplied by (``quantize_weight(..., smooth=)``), or None.
+    ``rotate``: the Hadamard blocks' size the weight's rows were rotated by (0: none).
     """
 
     qweight: torch.Tensor
@@ -46,6 +47,7 @@ class Int8Weight:
     bias: torch.Tensor
     packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     inv_smooth: torch.Tensor | None = None
+    rotate: int = 0
 
     @property
     def out_features(self) -> int:
@@ -57,13 +59,22 @@ class Int8Weight:
 
 
 def quantize_weight(
-    weight: torch.Tensor, bias: torch.Tensor | None = None, smooth: torch.Tensor | None = None
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    smooth: torch.Tensor | None = None,
+    rotate: int = 0,
 ) -> Int8Weight:
     """Quantises ``weight (out_features, in_features)`` float per output channel (the rows of
     ``weight``, as :func:`edgeplaid.ops.reference.quantize_rows`), packing it for the C++ kernel
     when the weight is on the CPU and the kernel is built. ``smooth (in_features,)``: positive
     smoothing factors (:func:`smooth_factors`); the rows quantised are ``weight · smooth`` and
-    :func:`int8_linear` divides ``x``'s channels by ``smooth`` before quantising them."""
+    :func:`int8_linear` divides ``x``'s channels by ``smooth`` before quantising them.
+
+    ``rotate``: 0, or a power of two dividing ``in_features``: the rows quantised are then
+    ``(weight · smooth) H / rotate`` and :func:`int8_linear` multiplies ``x``'s rows by ``H``
+    (:func:`~edgeplaid.ops.reference.hadamard_blocks`, ``H H = rotate · I``) before quantising:
+    the product is unchanged, while a row's few large elements are spread over its block (the
+    MLP output projection's heavy-tailed input keeps its small elements; QuaRot's idea)."""
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.numel() == 0:
         raise ValueError(
             f"weight: expected a non-empty 2-D tensor (out_features, in_features), got "
@@ -81,6 +92,14 @@ def quantize_weight(
             )
         w = (w * smooth[None, :]).contiguous()
         inv_smooth = (1.0 / smooth).contiguous()
+    is_int = isinstance(rotate, int) and not isinstance(rotate, bool)
+    block = is_int and rotate >= 2 and not rotate & (rotate - 1) and k % rotate == 0
+    if not is_int or (rotate != 0 and not block):
+        raise ValueError(
+            f"rotate: expected 0 or a power of two >= 2 dividing in_features ({k}), got {rotate!r}"
+        )
+    if rotate:
+        w = (reference.hadamard_blocks(w, rotate) / rotate).contiguous()  # / 2^j: exact
     qweight, scale = reference.quantize_rows(w)
     if bias is None:
         b = torch.zeros(n, dtype=torch.float32, device=w.device)
@@ -89,7 +108,7 @@ def quantize_weight(
             raise ValueError(f"bias: expected shape ({n},), got {tuple(bias.shape)}")
         b = bias.detach().float().contiguous()
     packed = _pack(qweight, scale, b) if cpp.C is not None and w.device.type == "cpu" else None
-    return Int8Weight(qweight, scale, b, packed, inv_smooth)
+    return Int8Weight(qweight, scale, b, packed, inv_smooth, rotate)
 
 
 def smooth_factors(act_amax: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
@@ -138,15 +157,21 @@ def int8_linear(
     weight: Int8Weight,
     post: str = "none",
     other: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, torch.Tensor | None, float] | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """y[m, n] = float32(Σ_k qx[m, k] · qw[n, k]) · (sx[m] · sw[n]) + bias[n], then ``y + other``
     (post "add") or ``y · other`` (post "mul"); post "geglu": ``GELU(y[:, :N/2]) · y[:, N/2:]``
     (ModernBERT's MLP input in one pass; the erf GELU), ``(M, N/2)``.
 
-    ``qx, sx`` quantise each row of ``x' = x · inv_smooth`` (``x`` itself without smoothing) to int8
-    at call time (``qx = round(x' · 127 / amax_m)``, ``sx = amax_m / 127``); ``qw, sw, bias,
-    inv_smooth`` come from :func:`quantize_weight`.
+    ``qx, sx`` quantise each row of ``x' = LN(x) · inv_smooth`` (``LN(x) = x`` without ``norm``, no
+    factor without smoothing) to int8 at call time (``qx = round(x' · 127 / amax_m)``, ``sx = amax_m
+    / 127``); ``qw, sw, bias, inv_smooth`` come from :func:`quantize_weight`.
+
+    ``norm = (weight, bias, eps)``: the layer norm in front of the layer, fused (a transformer's
+    pre-norm): ``LN(x) = (x − mean) / sqrt(var + eps) · weight + bias`` over each row's K elements
+    in float32 (torch.nn.functional.layer_norm's formula; ``bias`` may be None), never rounded to
+    ``x``'s dtype: the norm's own pass over the rows and its output tensor are saved.
 
     ``x`` may be bfloat16 (a bf16 model's layer): its rows are widened as they are quantised,
     ``other`` (bf16 too) widened in the epilogue, and ``y`` rounded to bf16 once.
@@ -156,6 +181,7 @@ def int8_linear(
         weight: an :class:`Int8Weight`.
         post: "none", "add" or "mul".
         other: (M, N) of x's dtype for "add" / "mul", N = ``weight.out_features``.
+        norm: ``(weight (K,), bias (K,) or None, eps)`` float tensors and a float, or None.
         backend: "cpp" or "reference"; None picks by device.
 
     Returns:
@@ -181,19 +207,49 @@ def int8_linear(
             f"({x.shape[0]}, {weight.out_features}) for post "
             f"{post!r}, got {None if other is None else (tuple(other.shape), other.dtype)}"
         )
-    return resolve("int8_linear", x.device, backend)(x, weight, post, other)
+    if norm is not None:
+        norm = _check_norm(norm, weight.in_features)
+    return resolve("int8_linear", x.device, backend)(x, weight, post, other, norm)
 
 
-def _reference(x: torch.Tensor, w: Int8Weight, post: str, other: torch.Tensor | None) -> torch.Tensor:
+def _check_norm(
+    norm: tuple[torch.Tensor, torch.Tensor | None, float], k: int
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """``norm`` as float32 contiguous tensors and a float eps, or a ValueError naming the part."""
+    if not isinstance(norm, tuple) or len(norm) != 3:
+        raise ValueError(f"norm: expected a tuple (weight, bias or None, eps), got {type(norm).__name__}")
+    w, b, eps = norm
+    if not isinstance(w, torch.Tensor) or w.shape != (k,):
+        got = getattr(w, "shape", type(w).__name__)
+        raise ValueError(f"norm: expected a weight of shape ({k},), got {got}")
+    if b is not None and (not isinstance(b, torch.Tensor) or b.shape != (k,)):
+        got = getattr(b, "shape", type(b).__name__)
+        raise ValueError(f"norm: expected a bias of shape ({k},) or None, got {got}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"norm: expected eps a non-negative number, got {eps!r}")
+    w = w.detach().float().contiguous()
+    b = None if b is None else b.detach().float().contiguous()
+    return w, b, float(eps)
+
+
+Norm = tuple[torch.Tensor, torch.Tensor | None, float] | None
+
+
+def _reference(
+    x: torch.Tensor, w: Int8Weight, post: str, other: torch.Tensor | None, norm: Norm
+) -> torch.Tensor:
     wide = None if other is None else other.float()
-    return reference.int8_linear(x, w.qweight, w.scale, w.bias, post, wide, w.inv_smooth).to(x.dtype)
+    y = reference.int8_linear(x, w.qweight, w.scale, w.bias, post, wide, w.inv_smooth, norm, w.rotate)
+    return y.to(x.dtype)
 
 
-def _cpp(x: torch.Tensor, w: Int8Weight, post: str, other: torch.Tensor | None) -> torch.Tensor:
+def _cpp(x: torch.Tensor, w: Int8Weight, post: str, other: torch.Tensor | None, norm: Norm) -> torch.Tensor:
     # Quantised on another device: laid out now (not cached: the bundle is frozen).
     blocks, scale, bias = w.packed if w.packed is not None else _pack(w.qweight, w.scale, w.bias)
     if post == "geglu" and w.out_features % (2 * blocks.shape[2]):  # the kernel pairs whole blocks
-        return reference.geglu(_cpp(x.float(), w, "none", None)).to(x.dtype)  # rounded once, as the kernel
+        # rounded once, as the kernel
+        return reference.geglu(_cpp(x.float(), w, "none", None, norm)).to(x.dtype)
+    nw, nb, eps = (None, None, 1e-5) if norm is None else norm
     out = cpp.C.int8_linear(
         cpp.host(x.contiguous()),
         blocks.numpy(),
@@ -203,6 +259,10 @@ def _cpp(x: torch.Tensor, w: Int8Weight, post: str, other: torch.Tensor | None) 
         post,
         None if other is None else cpp.host(other.contiguous()),
         None if w.inv_smooth is None else w.inv_smooth.cpu().contiguous().numpy(),
+        None if nw is None else nw.cpu().numpy(),
+        None if nb is None else nb.cpu().numpy(),
+        eps,
+        w.rotate,
     )
     out = torch.from_numpy(out)
     return out.view(torch.bfloat16) if x.dtype == torch.bfloat16 else out

@@ -563,18 +563,27 @@ def int8_linear(
     post: str = "none",
     other: torch.Tensor | None = None,
     inv_smooth: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, torch.Tensor | None, float] | None = None,
+    rotate: int = 0,
 ) -> torch.Tensor:
     """y[m, n] = float32(Σ_k qx[m, k] · qweight[n, k]) · (sx[m] · scale[n]) + bias[n], then ``+ other``
     (post "add") or ``· other`` (post "mul"), or ``GELU(y[:, :N/2]) · y[:, N/2:]`` (post "geglu",
-    the erf GELU); ``qx, sx = quantize_rows(x · inv_smooth)`` (``x`` when ``inv_smooth`` is None).
+    the erf GELU); ``qx, sx = quantize_rows(LN(x) · inv_smooth)`` (no factor when ``inv_smooth`` is
+    None; ``LN(x) = x`` without ``norm``, else ``F.layer_norm(x, (K,), *norm)`` in float32), then
+    rotated by :func:`hadamard_blocks` of ``rotate`` (when > 0) before quantising.
 
     x (M, K) float32, qweight (N, K) int8, scale (N,) float32, bias (N,) float32, other (M, N)
-    float32, inv_smooth (K,) float32. Returns (M, N) float32. The integer sums are exact (float64
-    holds them).
+    float32, inv_smooth (K,) float32, norm (weight (K,), bias (K,) or None, eps). Returns (M, N)
+    float32. The integer sums are exact (float64 holds them).
     """
     x = x.float()
+    if norm is not None:
+        nw, nb, eps = norm
+        x = F.layer_norm(x, (x.shape[1],), nw.float(), None if nb is None else nb.float(), eps)
     if inv_smooth is not None:
         x = x * inv_smooth[None, :]
+    if rotate:
+        x = hadamard_blocks(x, rotate)
     qx, sx = quantize_rows(x)
     acc = (qx.double() @ qweight.double().T).float()
     y = acc * (sx[:, None] * scale[None, :]) + bias[None, :]
@@ -585,6 +594,20 @@ def int8_linear(
     if post == "mul":
         return y * other
     return y
+
+
+def hadamard_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x H``: each row's consecutive blocks of ``block`` elements (a power of two dividing the
+    last axis) times the unnormalised Hadamard matrix of that size (Sylvester's: ``H_1 = [1]``,
+    ``H_2n = [[H_n, H_n], [H_n, -H_n]]``; symmetric, ``H H = block · I``).
+
+    x (..., K) float32. Returns (..., K) float32.
+    """
+    h = torch.ones(1, 1, dtype=torch.float32, device=x.device)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    shape = x.shape
+    return (x.float().reshape(*shape[:-1], shape[-1] // block, block) @ h).reshape(shape)
 
 
 def rotary_embed(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
