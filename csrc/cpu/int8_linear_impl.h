@@ -1,7 +1,7 @@
 // int8_linear: a linear layer with int8 weights and int8 activations, quantised per output
 // channel and per row (token), float32 in and out:
 //
-//   x'[m, k] = x[m, k] * inv_smooth[k]  (optional: SmoothQuant's per-channel factors, below)
+//   x'[m, :] = (LN(x[m, :]) * inv_smooth) H  (each optional: ops.h's Int8LinearInput; below)
 //   sx[m] = max_k |x'[m, k]| / 127,     qx[m, k] = round(x'[m, k] / sx[m])    (per row, at call time)
 //   sw[n] = max_k |w[n, k]| / 127,      qw[n, k] = round(w[n, k] / sw[n])     (per channel, packed once)
 //   y[m, n] = float(sum_k qx[m, k] * qw[n, k]) * (sx[m] * sw[n]) + bias[n]
@@ -21,6 +21,10 @@
 // row is quantised; quantize_weight multiplied the weight's columns by the same factors, so the
 // product is unchanged while channels with outlying activations (BERT's) no longer set every
 // token's scale alone (SmoothQuant, Xiao et al. 2023; ops/int8_linear.py: smooth_factors).
+// norm_w (k floats, or null) normalises each row first (the layer norm in front of the layer:
+// prepare_row); rotate (0, or a power of two dividing k) multiplies it by block-diagonal
+// unnormalised Hadamard matrices last (hadamard_blocks), quantize_weight having rotated the
+// weight's rows by the same blocks over rotate: per-token outliers spread over their block.
 //
 // round() is round-half-to-even of x * (127 / amax) (as torch.round); the sums are exact int32
 // (|sum| <= k * 127^2 < 2^31 for every k this op is used with), converted exactly to float32

@@ -65,7 +65,9 @@ class PackedLinears:
 
     ``int8 = True``: float32 and bf16 CPU inputs run through :func:`edgeplaid.ops.int8_linear`
     instead (int8 weights per channel, int8 activations per token, weights quantised once and
-    cached the same way; outputs in the input's dtype), except calls made with ``no_int8=True``.
+    cached the same way; outputs in the input's dtype), except calls made with ``no_int8=True``;
+    ``rotate``: the rows rotated by Hadamard blocks of that size (the MLP's output projection);
+    ``norm``: a layer norm in front of the layer, fused into int8's quantisation (else applied).
 
     ``weight`` may be a transformed copy of a layer's weight (``derive``, cached the same way).
     ``post``: ``"gelu"`` applies the erf GELU; ``("add" | "mul", other)`` adds or multiplies an

@@ -2,9 +2,11 @@
 that run transformers' own forward (BERT, MiniLM; ModernBERT runs edgeplaid's forward, whose
 :class:`~edgeplaid.model._modernbert.PackedLinears` does the same with fused epilogues).
 
-Rule for which layers stay float32 under int8 (both forwards): the MLP's output projection, the
-one layer whose input is the MLP's intermediate activation. Its input (GELU(a) * b in ModernBERT,
-GELU(a) in BERT) is heavy tailed, and per-token int8 loses the most on it.
+The MLP's output projection (both forwards), the one layer whose input is the MLP's intermediate
+activation: its input (GELU(a) * b in ModernBERT, GELU(a) in BERT) is heavy tailed per token, and
+plain per-token int8 loses the most on it; it runs int8 with its rows rotated by Hadamard blocks
+(:func:`rotation_block`, ``int8_linear``'s rotate), and stays in the model's dtype where no block
+of 16 or more divides its width.
 
 Smoothing: setting precision "int8" calibrates (:func:`calibrate_int8`): the model encodes
 ``CALIBRATION_TEXTS`` documents and as many queries of the shipped Cranfield sample in the model's
@@ -55,8 +57,8 @@ INT8_DTYPES = (torch.float32, torch.bfloat16)  # int8's linear layers take eithe
 
 def int8_dtype() -> torch.dtype:
     """The weights' dtype for precision "int8" on this CPU: bf16 where the CPU multiplies bf16
-    itself (layer norms, attention, the MLP's output projection in bf16, the int8 layers' inputs
-    and outputs too), else float32."""
+    itself (attention and the rest in bf16, the int8 layers' inputs and outputs too), else
+    float32."""
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 

@@ -271,9 +271,8 @@ class ColBERT(nn.Module):
     def precision(self) -> str:
         """The compute precision: "fp32" (PyLate's outputs to float32 rounding), "int8" (linear
         layers with int8 weights per channel and int8 activations per token, smoothed by factors
-        calibrated on the shipped sample text when set, the MLP's output projection in the
-        weights' dtype;
-        CPU only), "bf16" or "fp16" (the weights' dtype). Setting it
+        calibrated on the shipped sample text when set, the MLP's output projection's rows
+        rotated by Hadamard blocks instead; CPU only), "bf16" or "fp16" (the weights' dtype). Setting it
         switches between "fp32" and "int8" in place; "bf16"/"fp16" need ``from_pretrained``
         (or ``.to(dtype)``)."""
         return self.__dict__["_precision"]

@@ -15,6 +15,16 @@ weights', which quantise per output channel, absorbs it. :func:`smooth_factors` 
 the channels' largest activations on calibration text (the model's, ``model/_precision.py``).
 MiniLM's per-token cosine to fp32 on 100 SciFact abstracts: 0.99938 without, 0.99982 with
 (calibrated on Cranfield, alpha 0.5; 0.99970 at alpha 0.8).
+
+Rotation (QuaRot, Ashkboos et al. 2024): where the outliers are per token rather than per channel
+(the MLP's output projection's input, GELU(a) * b), smoothing cannot help; ``quantize_weight(...,
+rotate=b)`` multiplies the weight's rows by block-diagonal Hadamard matrices and the op the rows of
+``x`` (a fast Walsh-Hadamard transform as they are quantised): a token's few large elements are
+spread over their block and the small ones keep their levels (only that layer in int8: MiniLM's
+per-token cosine 0.99911 -> 0.99984).
+
+Fused layer norm: ``norm=(weight, bias, eps)`` normalises each row in the kernel as it is read
+for quantisation (a pre-norm transformer's LayerNorm -> Linear in one pass, nothing rounded).
 """
 
 from __future__ import annotations
