@@ -206,6 +206,32 @@ def test_int8_fused_geglu_matches_the_two_products(
 
 
 @needs_cpp
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_fused_layer_norms_match_applying_them(
+    model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, dtype: str
+) -> None:
+    """The layer norms in front of the int8 layers, inside int8_linear's quantisation (never
+    rounded to the model's dtype), keep the vectors as close to float32 as torch's layer norm
+    applied first: the models differ by float rounding flipping an int8 rounding, int8's noise."""
+    exact = ColBERT.from_pretrained(model_dirs["17m"], precision="fp32").encode_documents(DOCUMENTS)[0]
+    model = ColBERT.from_pretrained(model_dirs["17m"], precision="int8", dtype=dtype)
+    calls = []
+    original = _modernbert.int8_linear
+    monkeypatch.setattr(_modernbert, "int8_linear", lambda *a, **kw: calls.append(kw) or original(*a, **kw))
+    fused = _cosines(model.encode_documents(DOCUMENTS)[0], exact)
+    n_norms = sum(kw.get("norm") is not None for kw in calls)
+    layers = len(model.backbone.layers)
+    probe = torch.zeros(1, 1, dtype=model.dtype)
+    mlp_norms = layers if model._linears.fuses_geglu(probe, probe) else 0  # else two calls: applied
+    assert n_norms == layers - 1 + mlp_norms  # every attn_norm but layer 0's (an Identity)
+    monkeypatch.setattr(_modernbert.PackedLinears, "fuse_norms", False)
+    applied = _cosines(model.encode_documents(DOCUMENTS)[0], exact)
+    assert float(fused.mean()) >= 0.999 and float(fused.min()) >= 0.99
+    means = (float(fused.mean()), float(applied.mean()))
+    assert abs(means[0] - means[1]) < 2e-4, means
+
+
+@needs_cpp
 def test_int8_calibration_edges(model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """The head is calibrated even where oneDNN does not take its input; ranges belong to the very
     weight tensor (a new one with a reused id gets none); a failed calibration leaves the model as

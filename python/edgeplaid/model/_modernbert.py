@@ -76,6 +76,8 @@ class PackedLinears:
     the GELU).
     """
 
+    fuse_norms = True  # int8: layer norms in the kernel's quantisation (False: applied first)
+
     def __init__(self) -> None:
         self.enabled = _onednn_linear_available()
         self.bf16 = self.enabled and cpu_has_bf16()
@@ -156,7 +158,7 @@ class PackedLinears:
             # A layer norm in front of an int8 layer is applied by the kernel to the rows it
             # quantises (int8_linear's norm): no pass of its own and no rounded output (17m's
             # int8 encoding on 2 Zen 4 cores: torch.layer_norm took 0.09 of 2.0 s for 200 abstracts).
-            if int8 and isinstance(norm, nn.LayerNorm) and norm.weight is not None:
+            if int8 and self.fuse_norms and isinstance(norm, nn.LayerNorm) and norm.weight is not None:
                 fused_norm = (
                     self.weight(norm.weight, "norm", lambda w: w.float()),
                     None if norm.bias is None else self.weight(norm.bias, "norm", lambda b: b.float()),
