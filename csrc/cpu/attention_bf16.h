@@ -90,7 +90,8 @@ struct Bf16Heads {
   static float score_scale(float qscale) { return qscale; }
 
   // s[j * kQBlock + lane] = <key j, query lane> * scale + bias[j] (band: finish_scores) for keys
-  // [0, n_keys) of kp, query vectors [v0, v0 + QV), NT keys a tile: per pair of dims, QV query vectors loaded and each key's pair
+  // [0, n_keys) of kp, query vectors [v0, v0 + QV), NT keys a tile: per pair of dims, QV query
+  // vectors loaded and each key's pair
   // broadcast (QV * NT accumulators, 24 of the 32 zmm).
   template <int QV, int NT>
   static EP_INLINE void score_tile(const uint16_t* kp, const uint32_t* qt32, int64_t d, int64_t j, int64_t v0,

@@ -14,10 +14,12 @@
 // lie on the vector lanes everywhere: the scores of a key block are S^T (keys x queries), and
 // every softmax reduction (a query's maximum and sum over keys) is a lane-wise max / add down the
 // keys, with no horizontal reduction. For each block of up to kKBlock keys within the band's reach:
-//   1. S^T = K Q^T (Heads::scores): tiles of keys (each key's elements broadcast) x query vectors;
-//   2. the key and band masks, the running maximum m, p = 2^(s * scale - m) (a degree-6
-//      polynomial on [-1/2, 1/2], relative error < 2e-7), the running sum l, and each query's
-//      factor 2^(m_old - m) for what it accumulated so far (softmax_block, shared);
+//   1. S^T = K Q^T (Heads::scores): tiles of keys (each key's elements broadcast) x query vectors,
+//      their epilogue applying the scale, the key and band masks and the block's maximum per
+//      query (finish_scores, shared);
+//   2. the running maximum m, p = 2^(s - m) (a degree-6 polynomial on [-1/2, 1/2], relative error
+//      < 2e-7), the running sum l, and each query's factor 2^(m_old - m) for what it accumulated
+//      so far (softmax_block, shared);
 //   3. O = O * factor + P V (accumulate, shared; Heads' multiply-add) in register tiles of kRowsO
 //      queries x value vectors (each p broadcast).
 // Keys and values are packed once per (batch, head) (Heads::pack). Finally each query's row is

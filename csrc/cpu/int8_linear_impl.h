@@ -27,8 +27,9 @@
 // weight's rows by the same blocks over rotate: per-token outliers spread over their block.
 //
 // round() is round-half-to-even of x * (127 / amax) (as torch.round); the sums are exact int32
-// (|sum| <= k * 127^2 < 2^31 for every k this op is used with), converted exactly to float32
-// while k <= 1040. ops/reference.py's int8_linear is the same arithmetic in torch.
+// (|sum| <= k * 127^2 < 2^31 for every k this op is used with), converted to float32 exactly
+// while k <= 1040 and else rounded to nearest even, as the twin's float64 sums are (the MLP output
+// projections' k reaches 1,536 in MiniLM). ops/reference.py's int8_linear is the same arithmetic.
 //
 // How, on AVX2: one vpmaddubsw (u8 x s8 -> pairs summed into int16) + vpmaddwd with ones (-> int32)
 // per 32 multiply-adds, which Zen 3 issues at one per cycle on two different pipes (measured:
@@ -124,14 +125,16 @@ struct RowTransform {
 
 // row[0 : k] = x' of the row at element `at` of x (float32 or bf16), in float32; returns
 // max_k |x'[k]|. The layer norm's statistics are two passes in float32 (mean, then the mean
-// square of x - mean), as torch's: the fused norm replaced torch.layer_norm's own pass over the
+// square of x - mean; torch's kernel may sum in another order): the fused norm replaced torch.layer_norm's own pass over the
 // bf16 rows and its rounded output (0.09 of the int8 17m's 2.0 s for 200 abstracts on a Zen 4).
 inline float prepare_row(const void* x, int64_t at, bool bf16, const RowTransform& tf, int64_t k, float* row) {
   const float* f = static_cast<const float*>(x) + at;
   const uint16_t* h = static_cast<const uint16_t*>(x) + at;
   constexpr int64_t W = Vec::W;
   const int64_t kw = k / W * W;
-  const auto load = [&](int64_t i) __attribute__((always_inline)) { return bf16 ? Vec::load_bf16(h + i) : Vec::load(f + i); };
+  const auto load = [&](int64_t i) __attribute__((always_inline)) {
+    return bf16 ? Vec::load_bf16(h + i) : Vec::load(f + i);
+  };
   const auto scalar = [&](int64_t i) { return bf16 ? bf16_to_float(h[i]) : f[i]; };
   Vec amax = Vec::zero();
   float amax_tail = 0.0f;
@@ -213,7 +216,7 @@ EP_INLINE Vec butterfly_lanes(Vec x) {
 
 // x[0 : k] <- x H in place, H block-diagonal with unnormalised Hadamard blocks of b (a power of
 // two dividing k): the fast Walsh-Hadamard transform, log2 b butterfly stages a block. Stages
-// within a vector exchange lanes (two cheap shuffles and a multiply-add a vector); the rest pair
+// within a vector exchange lanes (one shuffle and one multiply-add a vector); the rest pair
 // whole vectors. Why: the MLP's output projection's input (GELU(a) * b) has a heavy tail per
 // token, which per-token int8 scales to; rotated, it is spread over the block (QuaRot, Ashkboos
 // et al. 2024): mean per-token cosine to fp32 with only that layer in int8, MiniLM 0.99911 ->
@@ -274,10 +277,10 @@ inline int32_t quantize_spread(const float* row, int64_t k, float inv, int8_t* t
     total = _mm512_add_epi32(total, q);
     const __m128i b = _mm512_cvtepi32_epi8(q);  // |q| <= 127: exact
     int8_t* dst = tile + (i / 4) * stride;
-    _mm_storeu_si32(dst, b);
-    _mm_storeu_si32(dst + stride, _mm_bsrli_si128(b, 4));
-    _mm_storeu_si32(dst + 2 * stride, _mm_bsrli_si128(b, 8));
-    _mm_storeu_si32(dst + 3 * stride, _mm_bsrli_si128(b, 12));
+    // Each quad through a general register (_mm_storeu_si32 needs GCC 11).
+    const int32_t quads[4] = {_mm_cvtsi128_si32(b), _mm_extract_epi32(b, 1), _mm_extract_epi32(b, 2),
+                              _mm_extract_epi32(b, 3)};
+    for (int j = 0; j < 4; ++j) std::memcpy(dst + j * stride, &quads[j], 4);
   }
   int32_t sum = _mm512_reduce_add_epi32(total);
   for (int64_t p = i / 4; p < kq; ++p) {  // the last quads: k's tail, zeros past it

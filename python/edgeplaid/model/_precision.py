@@ -136,7 +136,8 @@ def input_ranges(ranges: dict, weight: torch.Tensor) -> torch.Tensor | None:
 class QuantizedLinear(nn.Linear):
     """An ``nn.Linear`` (same parameters, same state dict) whose float32 CPU forward runs through
     :func:`edgeplaid.ops.int8_linear` while ``int8`` is set; the weight is quantised at first use
-    (smoothed by the model's calibrated input ranges) and again whenever it changes."""
+    (smoothed by the model's calibrated input ranges, or, for an MLP output projection, rotated by
+    Hadamard blocks: ``rotate``) and again whenever it changes."""
 
     int8: bool = False
     calibrating: bool = False
@@ -166,7 +167,8 @@ class QuantizedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wide_or_bf16 = x.dtype in INT8_DTYPES
-        if self.calibrating and x.device.type == "cpu" and wide_or_bf16:
+        rotated = self.__dict__.get("rotate", 0) > 0  # rotated layers are never smoothed
+        if self.calibrating and x.device.type == "cpu" and wide_or_bf16 and not rotated:
             record_amax(self.__dict__["ranges"], self.weight, x)
         if not (self.int8 and x.device.type == "cpu" and wide_or_bf16 and x.dtype == self.weight.dtype):
             return F.linear(x, self.weight, self.bias)

@@ -167,16 +167,17 @@ def int8_linear(
     weight: Int8Weight,
     post: str = "none",
     other: torch.Tensor | None = None,
-    norm: tuple[torch.Tensor, torch.Tensor | None, float] | None = None,
     backend: str | None = None,
+    norm: tuple[torch.Tensor, torch.Tensor | None, float] | None = None,
 ) -> torch.Tensor:
     """y[m, n] = float32(Σ_k qx[m, k] · qw[n, k]) · (sx[m] · sw[n]) + bias[n], then ``y + other``
     (post "add") or ``y · other`` (post "mul"); post "geglu": ``GELU(y[:, :N/2]) · y[:, N/2:]``
     (ModernBERT's MLP input in one pass; the erf GELU), ``(M, N/2)``.
 
-    ``qx, sx`` quantise each row of ``x' = LN(x) · inv_smooth`` (``LN(x) = x`` without ``norm``, no
-    factor without smoothing) to int8 at call time (``qx = round(x' · 127 / amax_m)``, ``sx = amax_m
-    / 127``); ``qw, sw, bias, inv_smooth`` come from :func:`quantize_weight`.
+    ``qx, sx`` quantise each row of ``x' = (LN(x) · inv_smooth) H`` (``LN(x) = x`` without ``norm``,
+    no factor without smoothing, ``H`` the weight's Hadamard blocks or 1) to int8 at call time
+    (``qx = round(x' · 127 / amax_m)``, ``sx = amax_m / 127``); ``qw, sw, bias, inv_smooth`` and
+    the blocks come from :func:`quantize_weight`.
 
     ``norm = (weight, bias, eps)``: the layer norm in front of the layer, fused (a transformer's
     pre-norm): ``LN(x) = (x − mean) / sqrt(var + eps) · weight + bias`` over each row's K elements
@@ -191,8 +192,8 @@ def int8_linear(
         weight: an :class:`Int8Weight`.
         post: "none", "add" or "mul".
         other: (M, N) of x's dtype for "add" / "mul", N = ``weight.out_features``.
-        norm: ``(weight (K,), bias (K,) or None, eps)`` float tensors and a float, or None.
         backend: "cpp" or "reference"; None picks by device.
+        norm: ``(weight (K,), bias (K,) or None, eps)`` float tensors and a float, or None.
 
     Returns:
         (M, N) of x's dtype; (M, N / 2) for "geglu".
