@@ -152,9 +152,28 @@ def test_int8_calibration_smooths_every_int8_layer(model_dirs: dict[str, Path], 
     assert {w.rotate for w in int8_weights} == {0, 64}
     again = ColBERT.from_pretrained(model_dirs[size], precision="int8").encode_documents(DOCUMENTS)[0]
     torch.testing.assert_close(again, first, rtol=0, atol=0)
-    model.to(model.dtype)  # may replace the parameters: calibrated again
+    model.to(model.dtype)  # nothing changes: the calibration is kept
     assert model._linears.act_amax
     torch.testing.assert_close(model.encode_documents(DOCUMENTS)[0], first, rtol=0, atol=0)
+
+
+@needs_cpp
+def test_int8_recalibrates_only_when_to_changes_the_parameters(
+    model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = ColBERT.from_pretrained(model_dirs["17m"], precision="int8", dtype="float32")
+    calls = []
+    original = colbert_module.calibrate_int8
+    monkeypatch.setattr(colbert_module, "calibrate_int8", lambda m: calls.append(1) or original(m))
+    first = model.encode_documents(DOCUMENTS[:2])[0]
+    model.to("cpu")
+    model.float()
+    assert calls == []  # same tensors, same data: the ranges kept, nothing re-run
+    torch.testing.assert_close(model.encode_documents(DOCUMENTS[:2])[0], first, rtol=0, atol=0)
+    with torch.no_grad():
+        model.to(torch.float64).to(torch.float32)  # new tensors each way
+    assert len(calls) == 1  # float64 is not an int8 dtype: only the way back calibrates
+    torch.testing.assert_close(model.encode_documents(DOCUMENTS[:2])[0], first, rtol=0, atol=0)
 
 
 @needs_cpp

@@ -13,7 +13,8 @@ Smoothing: setting precision "int8" calibrates (:func:`calibrate_int8`): the mod
 dtype (float32, or bf16 for int8 on bf16 weights),
 each int8 layer records its input channels' largest |activation|, and its weight is quantised with
 SmoothQuant's factors of them (:func:`edgeplaid.ops.smooth_factors`, alpha ``SMOOTH_ALPHA``).
-Deterministic (fixed text), once per model (again after ``.to()``). MiniLM's per-token cosine to
+Deterministic (fixed text), once per model (again after a ``.to()`` that replaces or changes the
+parameters). MiniLM's per-token cosine to
 fp32 on 100 SciFact abstracts: 0.99938 -> 0.99982 (Cranfield calibrating SciFact: another domain).
 """
 

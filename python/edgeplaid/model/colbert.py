@@ -153,11 +153,22 @@ class ColBERT(nn.Module):
         self.eval()
 
     def _apply(self, fn, *args, **kwargs):
+        def state() -> list[tuple]:
+            return [(p, p.data_ptr(), p.dtype, p.device, p._version) for p in self.parameters()]
+
+        before, ranges = state(), dict(self._linears.act_amax)
         self._linears.clear()  # .to() / .half() / ... replace the parameters: drop packed copies
         out = super()._apply(fn, *args, **kwargs)
         int8 = self.__dict__.get("_precision") == "int8"
         if int8 and self.device.type == "cpu" and self.dtype in INT8_DTYPES:
-            calibrate_int8(self)  # the calibration was keyed by the replaced parameters
+            after = state()
+            same = len(after) == len(before) and all(
+                a[0] is b[0] and a[1:] == b[1:] for a, b in zip(after, before, strict=True)
+            )
+            if same and ranges:  # nothing moved or changed (e.g. .to() the current device)
+                self._linears.act_amax.update(ranges)
+            else:
+                calibrate_int8(self)  # the calibration was keyed by the replaced parameters
         return out
 
     # ------------------------------------------------------------------ loading
