@@ -223,8 +223,7 @@ EP_INLINE Vec butterfly_lanes(Vec x) {
 // 0.99984, the random 32m 0.99951 -> 0.99985 (blocks of 64; 128 to 512 no better).
 inline void hadamard_blocks(float* x, int64_t k, int64_t b) {
   constexpr int64_t W = Vec::W;
-  const int64_t first_cross = b >= W && W > 1 ? W : 1;  // the first stage that pairs whole vectors
-  if (first_cross == W) {
+  if (W > 1 && b >= W) {  // stages below W within vectors, the rest across them
     for (int64_t v = 0; v < k; v += W) {
       Vec y = Vec::load(x + v);
       if constexpr (W > 1) y = butterfly_lanes<1>(y);
@@ -367,16 +366,6 @@ inline __m512 gelu16(__m512 x) {
   return _mm512_mul_ps(x, phi);
 }
 
-// 16 floats rounded to bf16 (nearest even, NaN kept quiet: dtypes.h's float_to_bf16).
-inline __m256i round_bf16(__m512 y) {
-  const __m512i u = _mm512_castps_si512(y);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-  return _mm512_cvtepi32_epi16(r);
-}
-
 // One tile's arguments: R rows of quantised activations against NB column blocks.
 struct VnniTileArgs {
   const int8_t* qx;      // (kq, kVnniMR, 4) the tile's int8 activations, quad p of row r at
@@ -444,7 +433,7 @@ void vnni_tile(const VnniTileArgs& t) {
   };
   const auto store = [&](__m512 y, __mmask16 m, int64_t at) __attribute__((always_inline)) {
     if (t.bf16) {
-      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(t.out) + at, m, round_bf16(y));
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(t.out) + at, m, round_to_bf16(y));  // simd.h
     } else {
       _mm512_mask_storeu_ps(static_cast<float*>(t.out) + at, m, y);
     }

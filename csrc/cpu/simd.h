@@ -163,7 +163,7 @@ struct Vec {
 
 constexpr float kLog2e = 1.4426950408889634f;  // e^x = 2^(x log2 e)
 
-// 2^x for x in [-126, 0]: n = round(x), 2^(x - n) by its Taylor polynomial of degree kDegree on
+// 2^x for x in [-126, 0] (AVX-512: any x <= 0, scalef flushing to 0): n = round(x), 2^(x - n) by its Taylor polynomial of degree kDegree on
 // [-1/2, 1/2] (relative error < 2e-7 at 6, the float32 attention's p; < 5e-5 at 4, enough for p
 // that is rounded to bf16's 4e-3), times 2^n.
 template <int kDegree>
@@ -181,10 +181,7 @@ EP_INLINE Vec exp2_neg(Vec x) {
   Vec p = Vec::set1(c[kDegree]);
   if constexpr (kDegree >= 6) p = fmadd(p, f, Vec::set1(c[5]));
   if constexpr (kDegree >= 5) p = fmadd(p, f, Vec::set1(c[4]));
-  p = fmadd(p, f, Vec::set1(5.5504109e-2f));
-  p = fmadd(p, f, Vec::set1(2.4022651e-1f));
-  p = fmadd(p, f, Vec::set1(6.9314718e-1f));
-  p = fmadd(p, f, Vec::set1(1.0f));
+  for (int i = 3; i >= 0; --i) p = fmadd(p, f, Vec::set1(c[i]));
 #if defined(EDGEPLAID_ISA_AVX512)
   return {_mm512_scalef_ps(p.v, n.v)};
 #elif defined(EDGEPLAID_ISA_AVX2)
@@ -194,6 +191,19 @@ EP_INLINE Vec exp2_neg(Vec x) {
   return {std::ldexp(p.v, int(n.v))};
 #endif
 }
+
+#if defined(EDGEPLAID_ISA_AVX512)
+// 16 floats rounded to bf16 with integer ops (nearest even; NaN kept quiet, as dtypes.h's
+// float_to_bf16): for units without AVX512-BF16's vcvtneps2bf16.
+EP_INLINE __m256i round_to_bf16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+#endif
 
 // Loads W elements of storage type T widened to fp32.
 template <DType T>
@@ -226,12 +236,7 @@ EP_INLINE void narrow_row(const float* src, int64_t n, typename Elem<T>::type* d
     if constexpr (T == DType::f16) {
       h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     } else {
-      const __m512i u = _mm512_castps_si512(x);
-      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-      const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);  // quiet NaN, as float_to_bf16
-      r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-      h = _mm512_cvtepi32_epi16(r);
+      h = round_to_bf16(x);
     }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), h);
   }

@@ -30,16 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeplaid._native import C, cpu_has_bf16
-from edgeplaid.model._precision import (
-    INT8_DTYPES,
-    SMOOTH_ALPHA,
-    input_ranges,
-    record_amax,
-    rotation_block,
-    vnni_int8,
-)
+from edgeplaid.model._precision import INT8_DTYPES, quantize_layer, record_amax, rotation_block, vnni_int8
 from edgeplaid.ops.attention import amx_present, attention, cpp_ready
-from edgeplaid.ops.int8_linear import int8_linear, quantize_weight, smooth_factors
+from edgeplaid.ops.int8_linear import int8_linear
 from edgeplaid.ops.rotary_embed import rotary_embed
 
 AttentionPieces = list[tuple[slice, slice, "torch.Tensor | None"]]
@@ -129,9 +122,7 @@ class PackedLinears:
                 if packed == "int8":
                     # Factors of the whole source weight (derived ones take rows of it): the same as
                     # transformers' forward's QuantizedLinear uses for it.
-                    amax = None if rotate else input_ranges(self.act_amax, source)
-                    smooth = None if amax is None else smooth_factors(amax, source.detach(), SMOOTH_ALPHA)
-                    w = quantize_weight(w, bias, smooth=smooth, rotate=rotate)
+                    w = quantize_layer(source, bias, self.act_amax, rotate, weight=w)
                 elif packed:
                     w = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
             entry = (source, source._version, w)

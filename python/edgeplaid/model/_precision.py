@@ -134,6 +134,21 @@ def input_ranges(ranges: dict, weight: torch.Tensor) -> torch.Tensor | None:
     return entry[1] if entry is not None and entry[0] is weight else None
 
 
+def quantize_layer(
+    source: torch.Tensor,
+    bias: torch.Tensor | None,
+    ranges: dict,
+    rotate: int = 0,
+    weight: torch.Tensor | None = None,
+) -> Int8Weight:
+    """The int8 copy of a layer's weight ``source`` (or of ``weight``, rows derived from it):
+    rotated by Hadamard blocks of ``rotate``, else smoothed by the factors of ``source``'s
+    calibrated input ranges in ``ranges`` where they were recorded (both forwards use this)."""
+    amax = None if rotate else input_ranges(ranges, source)
+    smooth = None if amax is None else smooth_factors(amax, source.detach(), SMOOTH_ALPHA)
+    return quantize_weight(source if weight is None else weight, bias, smooth=smooth, rotate=rotate)
+
+
 class QuantizedLinear(nn.Linear):
     """An ``nn.Linear`` (same parameters, same state dict) whose float32 CPU forward runs through
     :func:`edgeplaid.ops.int8_linear` while ``int8`` is set; the weight is quantised at first use
@@ -160,9 +175,7 @@ class QuantizedLinear(nn.Linear):
         cached = self.__dict__.get("_q")
         if cached is None or cached[0] != key:
             rotate = self.__dict__.get("rotate", 0)
-            amax = None if rotate else input_ranges(self.__dict__["ranges"], self.weight)
-            smooth = None if amax is None else smooth_factors(amax, self.weight, SMOOTH_ALPHA)
-            cached = (key, quantize_weight(self.weight, self.bias, smooth=smooth, rotate=rotate))
+            cached = (key, quantize_layer(self.weight, self.bias, self.__dict__["ranges"], rotate))
             self.__dict__["_q"] = cached
         return cached[1]
 
